@@ -1,0 +1,22 @@
+"""Real local servers (mosquitto, victoria-metrics) and a fault-injecting TCP proxy for tests, bench and demo."""
+
+from devservers.mosquitto import Listener, Mosquitto, MosquittoError, find_mosquitto
+from devservers.ports import PortWaitError, free_port, wait_for_port
+from devservers.tcpproxy import ProxyStats, TcpProxy
+from devservers.victoria import ExportedSeries, VictoriaError, VictoriaMetrics, find_victoria_metrics
+
+__all__ = [
+    "ExportedSeries",
+    "Listener",
+    "Mosquitto",
+    "MosquittoError",
+    "PortWaitError",
+    "ProxyStats",
+    "TcpProxy",
+    "VictoriaError",
+    "VictoriaMetrics",
+    "find_mosquitto",
+    "find_victoria_metrics",
+    "free_port",
+    "wait_for_port",
+]

@@ -1,0 +1,142 @@
+"""Encode and decode messages: orjson for the bytes, msgspec for the types and validation.
+
+`decode*` functions raise only DecodeError (its `field` is a JSON path, its message says why),
+so a consumer needs one `except` to route a bad payload to its dead-letter place.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+import orjson
+
+from schemas.errors import DecodeError, TopicError
+from schemas.messages import (
+    Alert,
+    Command,
+    CommandAck,
+    Envelope,
+    EscalationReply,
+    EscalationRequest,
+    Input,
+    Message,
+    Result,
+    Sample,
+    Status,
+    Telemetry,
+    schema_name,
+)
+from schemas.topics import AlertsTopic, Channel, DeviceTopic, Topics
+
+M = TypeVar("M", bound=Envelope)
+
+KIB = 1024
+DEFAULT_MAX_BYTES = 64 * KIB
+# Messages that carry a tensor may be larger; anything bigger than these is refused before parsing.
+MAX_BYTES: dict[type[Envelope], int] = {
+    Sample: 1024 * KIB,
+    Input: 1024 * KIB,
+    EscalationRequest: 1024 * KIB,
+    Telemetry: 256 * KIB,
+}
+LARGEST_MESSAGE = max(MAX_BYTES.values())
+
+CHANNEL_TYPES: dict[Channel, type[Envelope]] = {
+    Channel.STATUS: Status,
+    Channel.TELEMETRY: Telemetry,
+    Channel.SAMPLES: Sample,
+    Channel.RESULTS: Result,
+    Channel.INPUT: Input,
+    Channel.ESCALATE: EscalationRequest,
+    Channel.ESCALATE_REPLY: EscalationReply,
+    Channel.CMD: Command,
+    Channel.CMD_ACK: CommandAck,
+}
+
+_AT_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+
+
+def max_bytes_for(message_type: type[Envelope]) -> int:
+    return MAX_BYTES.get(message_type, DEFAULT_MAX_BYTES)
+
+
+def encode(message: Envelope) -> bytes:
+    """Serialise a message to compact JSON bytes (the `schema` tag included)."""
+    return orjson.dumps(msgspec.to_builtins(message))
+
+
+def to_builtins(message: Envelope) -> dict[str, Any]:
+    """The message as plain dicts/lists (for the registry, logs or a dead-letter row)."""
+    out = msgspec.to_builtins(message)
+    assert isinstance(out, dict)
+    return out
+
+
+def _loads(data: bytes | bytearray | memoryview | str, limit: int, expected: str | None) -> Any:
+    if len(data) > limit:
+        raise DecodeError(f"payload is {len(data)} bytes, the limit is {limit}", schema=expected)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}", schema=expected) from None
+
+
+def _convert(obj: Any, message_type: Any, expected: str | None) -> Any:
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", schema=expected)
+    try:
+        return msgspec.convert(obj, message_type, strict=True)
+    except msgspec.ValidationError as exc:
+        match = _AT_PATH.match(str(exc))
+        assert match is not None
+        raise DecodeError(match["reason"], field=match["path"] or "$", schema=expected) from None
+
+
+def decode(
+    data: bytes | bytearray | memoryview | str, message_type: type[M], *, max_bytes: int | None = None
+) -> M:
+    """Decode and validate one message of a known type (and schema version)."""
+    expected = schema_name(message_type)
+    obj = _loads(data, max_bytes or max_bytes_for(message_type), expected)
+    result: M = _convert(obj, message_type, expected)
+    return result
+
+
+def decode_any(data: bytes | bytearray | memoryview | str, *, max_bytes: int = LARGEST_MESSAGE) -> Message:
+    """Decode a message of any known type, chosen by its `schema` field."""
+    obj = _loads(data, max_bytes, None)
+    result: Message = _convert(obj, Message, None)
+    return result
+
+
+def decode_for_topic(topics: Topics, topic: str, data: bytes | bytearray | memoryview | str) -> Message:
+    """Decode a payload received on `topic`: the type follows the topic's channel, and the payload's
+    fleet_id/device_id must be the topic's (a device may not speak for another one)."""
+    try:
+        where = topics.parse(topic)
+    except TopicError as exc:
+        raise DecodeError(str(exc), field="topic") from None
+    message_type: type[Envelope] = Alert if isinstance(where, AlertsTopic) else CHANNEL_TYPES[where.channel]
+    message: Message = decode(data, message_type)  # type: ignore[assignment]
+    if message.fleet_id != where.fleet_id:
+        raise DecodeError(
+            f"fleet_id {message.fleet_id!r} does not match topic fleet {where.fleet_id!r}",
+            field="$.fleet_id",
+            schema=schema_name(message_type),
+        )
+    if isinstance(where, DeviceTopic) and message.device_id != where.device_id:
+        raise DecodeError(
+            f"device_id {message.device_id!r} does not match topic device {where.device_id!r}",
+            field="$.device_id",
+            schema=schema_name(message_type),
+        )
+    return message
+
+
+def canonical_bytes(command: Command) -> bytes:
+    """The bytes a command's Ed25519 signature covers: every field but `signature`, keys sorted."""
+    body = to_builtins(command)
+    body.pop("signature", None)
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)

@@ -1,0 +1,88 @@
+"""Valid example messages of every type, for contract and integration tests."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from schemas import (
+    Alert,
+    Command,
+    CommandAck,
+    ConfidenceStats,
+    EntropyStats,
+    Envelope,
+    EscalationCounts,
+    EscalationReply,
+    EscalationRequest,
+    FeatureStats,
+    Input,
+    LatencyStats,
+    ModelRef,
+    ModelUpdate,
+    OutboxStats,
+    Providers,
+    Resources,
+    Result,
+    Sample,
+    SampleCounts,
+    Status,
+    Telemetry,
+    TopK,
+    encode_tensor,
+    new_msg_id,
+)
+
+MODEL = ModelRef(name="digits-edge", version="1.0.0", sha256="ab" * 32)
+CLOUD = ModelRef(name="digits-cloud", version="1.0.0", sha256="cd" * 32)
+
+
+def envelope(fleet_id: str = "f1", device_id: str = "dev-1") -> dict[str, object]:
+    return {"msg_id": new_msg_id(), "fleet_id": fleet_id, "device_id": device_id, "ts": time.time()}
+
+
+def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
+    """One fully populated message of each type."""
+    now = time.time()
+    x = encode_tensor(np.arange(64, dtype=np.float32).reshape(1, 64) % 17)
+    topk = [TopK(label="3", index=3, prob=0.55), TopK(label="8", index=8, prob=0.40)]
+
+    def env() -> dict[str, object]:
+        return envelope(fleet_id, device_id)
+
+    cmd_id = new_msg_id()
+    return [
+        Status(**env(), state="online", reason="connected", model=MODEL, providers=["CPUExecutionProvider"],
+               software="0.1.0", started_at=now - 5, protocol="mqtt5"),
+        Telemetry(
+            **env(), model=MODEL, window_start=now - 10, window_end=now, window_seq=7, count=100, rejected=2,
+            rejected_reasons={"shape": 1, "nonfinite": 1},
+            latency_ms=LatencyStats(p50=0.1, p95=0.3, p99=0.5, max=1.2, mean=0.15),
+            confidence=ConfidenceStats(mean=0.93, p05=0.61, min=0.31),
+            entropy=EntropyStats(mean=0.2, p95=0.9, max=1.4),
+            class_counts={"3": 40, "8": 60}, paths={"edge": 90, "cloud": 8, "edge_fallback": 2},
+            escalations=EscalationCounts(sent=10, answered=8, timed_out=2, agreed=6),
+            samples=SampleCounts(sent=3, skipped_budget=1),
+            outbox=OutboxStats(depth=5, bytes=1000, evicted={"samples": 1}),
+            resources=Resources(cpu_percent=12.5, rss_mb=70.1),
+            providers=Providers(requested=["CPUExecutionProvider"], active=["CPUExecutionProvider"], fallback=False),
+            features=FeatureStats(n=100, dims=64, mean=[0.5] * 64, std=[0.1] * 64),
+        ),
+        Sample(**env(), model=MODEL, inference_id="inf-1", input=x, predicted="3", topk=topk, entropy=0.8,
+               margin=0.15, reasons=["margin"], source_ref="replay:12", truth="8"),
+        Input(**env(), input_id="in-1", tensor=x, truth="3"),
+        EscalationRequest(**env(), request_id="inf-1", model=MODEL, input=x, edge_topk=topk, deadline=now + 2,
+                          reply_to=f"fleet/{fleet_id}/{device_id}/escalate/reply"),
+        EscalationReply(**env(), request_id="inf-1", model=CLOUD, label="8", index=8, confidence=0.97,
+                        topk=[TopK(label="8", index=8, prob=0.97)], latency_ms=3.2),
+        Result(**env(), inference_id="inf-1", model=MODEL, label="8", index=8, confidence=0.97, path="cloud",
+               edge_label="3", cloud_label="8", latency_ms=12.0, source_ref="replay:12", truth="8"),
+        Command(**env(), cmd_id=cmd_id, action="model_update", issued_at=now, expires_at=now + 3600, key_id="k1",
+                signature="c2ln", rollout_id="r1", stage=1,
+                update=ModelUpdate(model=CLOUD, size=20000, chunk_size=65536, chunks=1,
+                                   chunk_topic="fleet/f1/_models/" + "cd" * 32)),
+        CommandAck(**env(), cmd_id=cmd_id, state="downloading", progress=0.5, model=CLOUD, active_slot="A"),
+        Alert(**env(), alert_id="a1", kind="prediction_drift", state="firing", model=MODEL, score=0.4,
+              threshold=0.25, window_start=now - 60, window_end=now, detail="PSI 0.40 over 6 windows"),
+    ]
