@@ -1,0 +1,113 @@
+"""Pytest fixtures for the real local servers of devservers/: mosquitto, victoria-metrics, a TCP proxy.
+
+Every server runs in the test's tmp dir on a free port and is stopped at teardown even when the test
+failed. A broker whose log says it dropped queued messages (LIMITS.md trap 1) fails the test that used
+it, unless the test asked for drops on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from devservers import Mosquitto, TcpProxy, VictoriaMetrics
+
+
+class MosquittoFactory(Protocol):
+    def __call__(self, *, start: bool = True, expect_drops: bool = False, **options: Any) -> Mosquitto:
+        """A new broker (options: see `Mosquitto.__init__`), started unless `start=False`."""
+        ...
+
+
+class TcpProxyFactory(Protocol):
+    def __call__(self, target_host: str, target_port: int) -> TcpProxy:
+        """A started proxy forwarding to target_host:target_port."""
+        ...
+
+
+@dataclass
+class _Brokers:
+    root: Path
+    brokers: list[tuple[Mosquitto, bool]] = field(default_factory=list)
+
+    def make(self, *, start: bool = True, expect_drops: bool = False, **options: Any) -> Mosquitto:
+        name = options.pop("name", f"mosquitto{len(self.brokers)}")
+        broker = Mosquitto(self.root / name, name=name, **options)
+        self.brokers.append((broker, expect_drops))
+        if start:
+            broker.start()
+        return broker
+
+    def teardown(self) -> None:
+        # ExitStack stops every broker even if stopping one of them raises.
+        with contextlib.ExitStack() as stack:
+            for broker, _ in self.brokers:
+                stack.callback(broker.stop)
+        dropped = [b for b, expected in self.brokers if not expected and b.dropped_messages_logged()]
+        if dropped:
+            pytest.fail(
+                "broker dropped queued messages (LIMITS.md trap 1): "
+                + ", ".join(f"{b.name} log {b.log_path}" for b in dropped)
+            )
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[MosquittoFactory]:
+    """Start several brokers (e.g. two to bridge); all stopped and checked for drops at teardown."""
+    brokers = _Brokers(tmp_path / "brokers")
+    try:
+        yield brokers.make
+    finally:
+        brokers.teardown()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: MosquittoFactory) -> Mosquitto:
+    """A started broker on 127.0.0.1:<free port>, its files under the test's tmp dir."""
+    return mosquitto_factory(name="mosquitto")
+
+
+@pytest.fixture
+def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    """A started victoria-metrics with an empty data dir, for this test only."""
+    server = VictoriaMetrics(tmp_path / "victoria")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def victoria_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    """One victoria-metrics for the session: tests sharing it must use their own measurement names."""
+    server = VictoriaMetrics(tmp_path_factory.mktemp("victoria_session"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[TcpProxyFactory]:
+    """`tcp_proxy(host, port)` starts a fault-injecting proxy to host:port; all stopped at teardown."""
+    proxies: list[TcpProxy] = []
+
+    def make(target_host: str, target_port: int) -> TcpProxy:
+        proxy = TcpProxy(target_host, target_port)
+        proxies.append(proxy)
+        proxy.start()
+        return proxy
+
+    try:
+        yield make
+    finally:
+        with contextlib.ExitStack() as stack:
+            for proxy in proxies:
+                stack.callback(proxy.stop)
