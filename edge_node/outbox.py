@@ -1,0 +1,899 @@
+"""Durable SQLite outbox: every outbound message of the edge node is committed here first.
+
+A message leaves the outbox only when the broker acknowledged it (the link calls `ack`), so a broker
+outage, a cut link or `kill -9` loses nothing that `put` had returned for.
+
+Design, and why the stdlib `sqlite3` in one dedicated writer thread rather than aiosqlite:
+
+* Group commit (LIMITS trap 4). Operations (inserts, acked deletes, evictions, fetches) made during
+  one event-loop iteration are handed to the writer thread as one list; the thread takes everything
+  that queued up while its previous transaction ran (up to `max_batch` rows) and commits it as ONE
+  transaction, then wakes every waiting `put` with a single `call_soon_threadsafe`. The batch size
+  adapts to the load by itself: an idle outbox commits a row at once (no artificial linger), a busy
+  one hundreds per commit. aiosqlite would cost a thread hop each way per awaited call (≈ 60 µs) and
+  hide the queue we need to batch over.
+* The index lives on the event loop. Which rows are pending, which are in flight, their byte sizes
+  and expiry times are kept in memory (ordered per priority class), so `take`, `ack`, eviction and
+  the stats never wait for SQLite; the thread only does I/O. `take` fetches the payloads of a whole
+  batch with one query. Memory is metadata only (≈ 100 B per row), bounded like the file by
+  `max_bytes`.
+* Row ids are assigned on the loop, in put order, so acks, evictions and inserts can be queued to
+  the single writer in order without waiting for `lastrowid`. A row becomes visible to `take` only
+  once its transaction committed (`_committed_upto`): nothing is ever sent that a crash could forget.
+* WAL mode. `synchronous="NORMAL"` survives a process crash (`kill -9`) because every commit is in
+  the OS page cache before `put` returns; `"FULL"` also fsyncs each group commit and survives power
+  loss. The counters of evicted/expired/rejected rows live in the same file and are updated in the
+  same transaction as the deletes, so they persist across restarts.
+
+Bounded by `max_bytes` (topic + payload bytes of the stored rows). A put that would exceed it evicts
+pending rows of its own class or a lower one (SAMPLES first, oldest first), never a row in flight,
+never a CONTROL row, never a row of a higher class than the new message: a sample must not push out
+an escalation. If that cannot make room the put raises `OutboxFullError` (counted in `rejected`);
+it never blocks, so inference never waits for the uplink. Escalation requests carry their deadline
+as `expires_at`: an expired row is dropped (counted in `expired`), never sent.
+
+On open: parent dirs are created, `PRAGMA quick_check` runs (the O(n) page check without the much
+slower index cross-check of `integrity_check`, which matters on SD cards), WAL is switched on and a
+write transaction is opened, so a read-only path fails at open with `OutboxUnavailableError`.
+
+Thread safety: every public method must be called from the event loop thread that opened the
+outbox; only the writer thread touches the sqlite3 connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+SynchronousMode = Literal["NORMAL", "FULL"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    priority INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    msg_id TEXT NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    expires_at REAL,
+    user_properties TEXT,
+    response_topic TEXT,
+    correlation_data BLOB,
+    content_type TEXT,
+    nbytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    kind TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (kind, priority)
+);
+"""
+_INSERT = (
+    "INSERT INTO outbox (id, priority, topic, payload, msg_id, qos, retain, expires_at, user_properties,"
+    " response_topic, correlation_data, content_type, nbytes, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_COLUMNS = (
+    "id, priority, topic, payload, msg_id, qos, retain, expires_at, user_properties, response_topic,"
+    " correlation_data, content_type"
+)
+_COUNT = (
+    "INSERT INTO counters (kind, priority, n) VALUES (?, ?, ?)"
+    " ON CONFLICT (kind, priority) DO UPDATE SET n = n + excluded.n"
+)
+# SQLite's default limit on bound parameters is 32766 since 3.32; stay far below it.
+_FETCH_CHUNK = 500
+
+_KIND_EVICTED = "evicted"
+_KIND_EXPIRED = "expired"
+_KIND_REJECTED = "rejected"
+
+
+class Priority(IntEnum):
+    """Replay order of the outbox: lower value first, oldest first within a class."""
+
+    CONTROL = 0
+    ESCALATION = 1
+    TELEMETRY = 2
+    RESULTS = 3
+    SAMPLES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """One outbound MQTT message. `expires_at` is unix seconds: past it the row is dropped, not sent."""
+
+    topic: str
+    payload: bytes
+    priority: Priority
+    msg_id: str
+    qos: int = 1
+    retain: bool = False
+    expires_at: float | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A row handed out by `Outbox.take`: ack it with `row_id` once the broker acknowledged it."""
+
+    row_id: int
+    msg: OutMessage
+
+
+class OutboxError(Exception):
+    """Base class of every error raised by the outbox."""
+
+
+class OutboxFullError(OutboxError):
+    """The message cannot be stored without evicting rows of a higher priority (or CONTROL rows)."""
+
+
+class OutboxUnavailableError(OutboxError):
+    """The outbox file cannot be opened or written (read-only path, disk full, I/O error)."""
+
+
+class OutboxCorruptError(OutboxError):
+    """The outbox file failed its integrity check."""
+
+
+class OutboxClosedError(OutboxError):
+    """The outbox was closed."""
+
+
+@dataclass(slots=True)
+class _Meta:
+    priority: Priority
+    nbytes: int
+    expires_at: float | None
+
+
+@dataclass(slots=True)
+class _Insert:
+    rows: list[tuple[Any, ...]]
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Delete:
+    ids: list[int]
+    counts: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Fetch:
+    ids: list[int]
+    future: asyncio.Future[list[Stored]]
+
+
+@dataclass(slots=True)
+class _Close:
+    future: asyncio.Future[None]
+
+
+_Op = _Insert | _Delete | _Fetch | _Close
+
+
+@dataclass(slots=True)
+class _BatchOutcome:
+    """What the writer thread reports back to the loop after one group commit."""
+
+    committed_upto: int = 0
+    failed_ids: list[int] = field(default_factory=list)
+    write_error: OutboxUnavailableError | None = None
+    # (future, result, error): Any because the futures carry different result types.
+    resolutions: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Loaded:
+    conn: sqlite3.Connection
+    rows: list[tuple[int, int, int, float | None]]
+    counters: list[tuple[str, int, int]]
+
+
+def _unavailable(path: Path, action: str, err: BaseException) -> OutboxUnavailableError:
+    name = getattr(err, "sqlite_errorname", type(err).__name__)
+    if name == "SQLITE_FULL" or "disk is full" in str(err):
+        fix = "free disk space on that filesystem or lower the outbox max_bytes"
+    else:
+        fix = (
+            "make the directory and file writable by this process (uid/permissions, read-only mount)"
+            " or configure another outbox path"
+        )
+    return OutboxUnavailableError(f"outbox {path}: cannot {action}: {name}: {err}{_diagnose(path)}; fix: {fix}")
+
+
+def _diagnose(path: Path) -> str:
+    """Why the path is not writable, when the filesystem can tell (read-only mount, permissions)."""
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f" ({probe} is not a directory)"
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            return f" ({probe} is on a filesystem mounted read-only)"
+    except OSError:
+        return ""
+    if not os.access(probe, os.W_OK):
+        return f" ({probe} is not writable by uid {os.geteuid()})"
+    return ""
+
+
+def _open_db(path: Path, synchronous: SynchronousMode) -> _Loaded:
+    """Create/open the file, switch to WAL, check integrity and load the index (runs in a thread)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unavailable(path, "create its directory", err) from err
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as err:
+        raise _unavailable(path, "open", err) from err
+    try:
+        return _prepare(conn, path, synchronous)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode) -> _Loaded:
+    try:
+        check = conn.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as err:
+        if getattr(err, "sqlite_errorname", "") == "SQLITE_NOTADB":
+            raise OutboxCorruptError(
+                f"outbox {path}: not an SQLite database ({err}); fix: move the file aside and restart"
+            ) from err
+        raise _unavailable(path, "read", err) from err
+    if check is None or check[0] != "ok":
+        raise OutboxCorruptError(
+            f"outbox {path}: integrity check failed ({check}); fix: move the file aside and restart"
+        )
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OutboxUnavailableError(
+                f"outbox {path}: journal_mode is {mode!r}, WAL is required;"
+                " fix: put the outbox on a local filesystem that supports shared memory"
+            )
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        # BEGIN IMMEDIATE takes the write lock: a read-only file or mount fails here, at open,
+        # rather than at the first put.
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("COMMIT")
+        rows = conn.execute("SELECT id, priority, nbytes, expires_at FROM outbox ORDER BY id").fetchall()
+        counters = conn.execute("SELECT kind, priority, n FROM counters").fetchall()
+    except sqlite3.Error as err:
+        raise _unavailable(path, "write", err) from err
+    return _Loaded(conn=conn, rows=rows, counters=counters)
+
+
+def _encode_row(row_id: int, msg: OutMessage, nbytes: int, now: float) -> tuple[object, ...]:
+    props = json.dumps(msg.user_properties) if msg.user_properties else None
+    return (
+        row_id,
+        int(msg.priority),
+        msg.topic,
+        msg.payload,
+        msg.msg_id,
+        msg.qos,
+        int(msg.retain),
+        msg.expires_at,
+        props,
+        msg.response_topic,
+        msg.correlation_data,
+        msg.content_type,
+        nbytes,
+        now,
+    )
+
+
+def _decode_row(row: tuple[Any, ...]) -> Stored:
+    (row_id, prio, topic, payload, msg_id, qos, retain, expires_at, props, resp, corr, ctype) = row
+    user_props = tuple((str(k), str(v)) for k, v in json.loads(props)) if props else ()
+    msg = OutMessage(
+        topic=topic,
+        payload=bytes(payload),
+        priority=Priority(prio),
+        msg_id=msg_id,
+        qos=qos,
+        retain=bool(retain),
+        expires_at=expires_at,
+        user_properties=user_props,
+        response_topic=resp,
+        correlation_data=None if corr is None else bytes(corr),
+        content_type=ctype,
+    )
+    return Stored(row_id=row_id, msg=msg)
+
+
+def _message_size(msg: OutMessage) -> int:
+    return len(msg.topic.encode()) + len(msg.payload)
+
+
+class _Writer:
+    """The dedicated thread that owns the sqlite3 connection and group-commits queued operations."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        loop: asyncio.AbstractEventLoop,
+        deliver: _Deliver,
+        max_batch: int,
+    ) -> None:
+        self._conn = conn
+        self._path = path
+        self._loop = loop
+        self._deliver = deliver
+        self._max_batch = max_batch
+        # The loop hands over lists of operations (one list per loop iteration, see Outbox._submit).
+        self.queue: queue.SimpleQueue[list[_Op]] = queue.SimpleQueue()
+        self._retry: list[_Delete] = []
+        self.thread = threading.Thread(target=self._run, name=f"outbox-writer:{path.name}", daemon=True)
+
+    def _run(self) -> None:
+        closing: _Close | None = None
+        while closing is None:
+            ops = self.queue.get()
+            rows = sum(len(op.rows) for op in ops if isinstance(op, _Insert))
+            while rows < self._max_batch:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                ops.extend(more)
+                rows += sum(len(op.rows) for op in more if isinstance(op, _Insert))
+            try:
+                closing = self._process(ops)
+            except Exception as err:
+                # A bug here must not leave puts waiting forever: fail what this batch carried.
+                log.exception("outbox writer failed path=%s", self._path)
+                closing = self._fail_all(ops, err)
+        try:
+            self._conn.close()
+        except sqlite3.Error as err:
+            log.error("outbox close failed path=%s error=%s", self._path, err)
+        self._post(_BatchOutcome(resolutions=[(closing.future, None, None)]))
+
+    def _fail_all(self, ops: list[_Op], err: Exception) -> _Close | None:
+        self._rollback()
+        error = OutboxUnavailableError(f"outbox {self._path}: internal error: {err!r}")
+        outcome = _BatchOutcome(write_error=error)
+        closing: _Close | None = None
+        for op in ops:
+            if isinstance(op, _Insert):
+                outcome.failed_ids.extend(int(r[0]) for r in op.rows)
+                outcome.resolutions.append((op.future, None, error))
+            elif isinstance(op, _Fetch):
+                outcome.resolutions.append((op.future, None, error))
+            elif isinstance(op, _Close):
+                closing = op
+        self._post(outcome)
+        return closing
+
+    def _process(self, ops: list[_Op]) -> _Close | None:
+        inserts = [op for op in ops if isinstance(op, _Insert)]
+        deletes = self._retry + [op for op in ops if isinstance(op, _Delete)]
+        self._retry = []
+        outcome = _BatchOutcome()
+        if inserts or deletes:
+            self._write(inserts, deletes, outcome)
+        for op in ops:
+            if isinstance(op, _Fetch):
+                self._fetch(op, outcome)
+        self._post(outcome)
+        closes = [op for op in ops if isinstance(op, _Close)]
+        return closes[0] if closes else None
+
+    def _write(self, inserts: list[_Insert], deletes: list[_Delete], outcome: _BatchOutcome) -> None:
+        try:
+            self._transaction(inserts, deletes)
+        except sqlite3.Error as err:
+            self._rollback()
+            error = _unavailable(self._path, "commit", err)
+            log.error("outbox commit failed path=%s rows=%d error=%s", self._path, len(inserts), err)
+            outcome.write_error = error
+            for op in inserts:
+                outcome.failed_ids.extend(int(r[0]) for r in op.rows)
+                outcome.resolutions.append((op.future, None, error))
+            self._retry_deletes(deletes)
+            return
+        if inserts:
+            outcome.committed_upto = max(int(op.rows[-1][0]) for op in inserts)
+        outcome.resolutions.extend((op.future, None, None) for op in inserts)
+
+    def _transaction(self, inserts: list[_Insert], deletes: list[_Delete]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        for ins in inserts:
+            conn.executemany(_INSERT, ins.rows)
+        counts: dict[tuple[str, int], int] = {}
+        for d in deletes:
+            if d.ids:
+                conn.executemany("DELETE FROM outbox WHERE id = ?", ((i,) for i in d.ids))
+            for key, n in d.counts.items():
+                counts[key] = counts.get(key, 0) + n
+        if counts:
+            conn.executemany(_COUNT, ((k, p, n) for (k, p), n in counts.items()))
+        conn.execute("COMMIT")
+
+    def _retry_deletes(self, deletes: list[_Delete]) -> None:
+        # Deleting frees space, so on a full disk try the deletes alone before giving up on them.
+        if not deletes:
+            return
+        try:
+            self._transaction([], deletes)
+        except sqlite3.Error as err:
+            self._rollback()
+            log.error("outbox delete failed, retried next batch path=%s error=%s", self._path, err)
+            self._retry = deletes
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as err:
+                log.error("outbox rollback failed path=%s error=%s", self._path, err)
+
+    def _fetch(self, op: _Fetch, outcome: _BatchOutcome) -> None:
+        found: dict[int, Stored] = {}
+        try:
+            for start in range(0, len(op.ids), _FETCH_CHUNK):
+                chunk = op.ids[start : start + _FETCH_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT {_SELECT_COLUMNS} FROM outbox WHERE id IN ({marks})"
+                for row in self._conn.execute(sql, chunk):
+                    stored = _decode_row(row)
+                    found[stored.row_id] = stored
+        except sqlite3.Error as err:
+            outcome.resolutions.append((op.future, None, _unavailable(self._path, "read", err)))
+            return
+        result = [found[i] for i in op.ids if i in found]
+        outcome.resolutions.append((op.future, result, None))
+
+    def _post(self, outcome: _BatchOutcome) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, outcome)
+        except RuntimeError:
+            # The loop is closed: nobody is left to wake, the data is already committed.
+            log.warning("outbox loop closed before a batch outcome was delivered path=%s", self._path)
+
+
+class _Deliver:
+    """Callable handed to the writer: applies a batch outcome on the event loop."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    def __call__(self, outcome: _BatchOutcome) -> None:
+        self._outbox._apply_outcome(outcome)
+
+
+class Outbox:
+    """Durable, bounded, priority-ordered outbox over one SQLite file in WAL mode.
+
+    Use `await Outbox.open(path, max_bytes)`; see the module docstring for the design.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, loaded: _Loaded, max_batch: int) -> None:
+        self._path = path
+        self._max_bytes = max_bytes
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[Priority, OrderedDict[int, _Meta]] = {p: OrderedDict() for p in Priority}
+        self._pending_bytes: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._inflight: dict[int, _Meta] = {}
+        self._bytes = 0
+        self._next_id = 1
+        self._committed_upto = 0
+        self._counters: dict[str, dict[Priority, int]] = {
+            k: dict.fromkeys(Priority, 0) for k in (_KIND_EVICTED, _KIND_EXPIRED, _KIND_REJECTED)
+        }
+        self._available = asyncio.Event()
+        self._staged: list[_Op] = []
+        self._closed = False
+        self._healthy = True
+        self._load(loaded)
+        self._writer = _Writer(loaded.conn, path, self._loop, _Deliver(self), max_batch)
+        self._writer.thread.start()
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        max_bytes: int,
+        *,
+        synchronous: SynchronousMode = "NORMAL",
+        max_batch: int = 2048,
+    ) -> Outbox:
+        """Open (creating if needed) the outbox file; unacked rows of a previous run are pending again."""
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        p = Path(path)
+        loaded = await asyncio.to_thread(_open_db, p, synchronous)
+        outbox = cls(p, max_bytes, loaded, max_batch)
+        dropped = outbox.drop_expired(time.time())
+        log.info(
+            "outbox opened path=%s depth=%d bytes=%d expired_on_open=%d synchronous=%s",
+            p,
+            outbox.depth,
+            outbox.bytes,
+            dropped,
+            synchronous,
+        )
+        return outbox
+
+    def _load(self, loaded: _Loaded) -> None:
+        for row_id, prio, nbytes, expires_at in loaded.rows:
+            p = Priority(prio)
+            self._pending[p][row_id] = _Meta(p, nbytes, expires_at)
+            self._pending_bytes[p] += nbytes
+            self._bytes += nbytes
+            self._next_id = row_id + 1
+            self._committed_upto = row_id
+        for kind, prio, n in loaded.counters:
+            if kind in self._counters:
+                self._counters[kind][Priority(prio)] = n
+        if loaded.rows:
+            self._available.set()
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def depth(self) -> int:
+        """Rows stored and not acked yet (pending and in flight)."""
+        return len(self._inflight) + sum(len(d) for d in self._pending.values())
+
+    @property
+    def bytes(self) -> int:
+        """Sum of topic + payload bytes of the rows counted in `depth`."""
+        return self._bytes
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def available(self) -> bool:
+        """False after a failed commit (disk full, I/O error) until a later commit succeeds."""
+        return self._healthy and not self._closed
+
+    @property
+    def evicted(self) -> dict[Priority, int]:
+        """Rows evicted to make room, by class (persisted in the file: totals since it was created)."""
+        return dict(self._counters[_KIND_EVICTED])
+
+    @property
+    def expired(self) -> dict[Priority, int]:
+        """Rows dropped unsent because their `expires_at` passed, by class (persisted)."""
+        return dict(self._counters[_KIND_EXPIRED])
+
+    @property
+    def rejected(self) -> dict[Priority, int]:
+        """Puts refused with OutboxFullError, by class (persisted)."""
+        return dict(self._counters[_KIND_REJECTED])
+
+    # ---- producing ---------------------------------------------------------------------------
+
+    async def put(self, msg: OutMessage) -> None:
+        """Store one message; returns once its row is committed (durable accept)."""
+        await self.put_many((msg,))
+
+    async def put_many(self, msgs: Iterable[OutMessage]) -> None:
+        """Store several messages in one commit.
+
+        Raises OutboxFullError if some could not be stored (after committing the others), and
+        OutboxUnavailableError if the commit failed (none of them is stored then).
+        """
+        self._check_open()
+        now = time.time()
+        rows: list[tuple[object, ...]] = []
+        rejected: list[str] = []
+        for msg in msgs:
+            row = self._admit(msg, now, rejected)
+            if row is not None:
+                rows.append(row)
+        if rows:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._submit(_Insert(rows, fut))
+            await fut
+        if rejected:
+            raise OutboxFullError("; ".join(rejected))
+
+    def _admit(self, msg: OutMessage, now: float, rejected: list[str]) -> tuple[object, ...] | None:
+        if msg.qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {msg.qos}")
+        prio = Priority(msg.priority)
+        nbytes = _message_size(msg)
+        reason = self._make_room(prio, nbytes)
+        if reason is not None:
+            self._count(_KIND_REJECTED, {prio: 1}, [])
+            log.warning(
+                "outbox full, message rejected path=%s priority=%s msg_id=%s nbytes=%d bytes=%d max_bytes=%d",
+                self._path,
+                prio.name,
+                msg.msg_id,
+                nbytes,
+                self._bytes,
+                self._max_bytes,
+            )
+            rejected.append(f"outbox {self._path} full: {prio.name} message {msg.msg_id}: {reason}")
+            return None
+        row_id = self._next_id
+        self._next_id += 1
+        self._pending[prio][row_id] = _Meta(prio, nbytes, msg.expires_at)
+        self._pending_bytes[prio] += nbytes
+        self._bytes += nbytes
+        return _encode_row(row_id, msg, nbytes, now)
+
+    def _make_room(self, prio: Priority, nbytes: int) -> str | None:
+        """Evict lower-or-equal priority rows, oldest first, until `nbytes` fits; else say why not.
+
+        A message never evicts a row of a higher priority than its own, CONTROL rows are never
+        evicted, and in-flight rows are never evicted (they may be acked any moment).
+        """
+        need = self._bytes + nbytes - self._max_bytes
+        if need <= 0:
+            return None
+        victims_prios = [p for p in reversed(Priority) if p >= prio and p != Priority.CONTROL]
+        evictable = sum(self._pending_bytes[p] for p in victims_prios)
+        if evictable < need:
+            return (
+                f"needs {nbytes} B, {self._max_bytes - self._bytes} B free of {self._max_bytes} B and only"
+                f" {evictable} B evictable (pending rows of priority {prio.name} or lower, never CONTROL)"
+            )
+        ids: list[int] = []
+        counts: dict[Priority, int] = {}
+        for p in victims_prios:
+            pend = self._pending[p]
+            while need > 0 and pend:
+                row_id, meta = pend.popitem(last=False)
+                self._pending_bytes[p] -= meta.nbytes
+                self._bytes -= meta.nbytes
+                need -= meta.nbytes
+                ids.append(row_id)
+                counts[p] = counts.get(p, 0) + 1
+            if need <= 0:
+                break
+        log.info("outbox evicted rows path=%s counts=%s", self._path, {p.name: n for p, n in counts.items()})
+        self._count(_KIND_EVICTED, counts, ids)
+        return None
+
+    def _count(self, kind: str, counts: dict[Priority, int], ids: list[int]) -> None:
+        for p, n in counts.items():
+            self._counters[kind][p] += n
+        self._submit(_Delete(ids, {(kind, int(p)): n for p, n in counts.items()}))
+
+    # ---- consuming ---------------------------------------------------------------------------
+
+    async def take(self, limit: int, *, max_priority: Priority = Priority.SAMPLES, wait: bool = True) -> list[Stored]:
+        """Wait until rows are pending, then hand out up to `limit`, by priority then age.
+
+        Only classes up to `max_priority` (numerically) are considered. With `wait=False` an empty
+        list is returned at once when nothing is pending. Rows handed out are in flight: not
+        handed out again until `ack`ed (deleted) or `release_inflight()` puts them back (e.g.
+        after a disconnect). A take cancelled while it fetches puts its rows back itself.
+        """
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        while True:
+            self._check_open()
+            ids = self._select(limit, max_priority, time.time())
+            if ids:
+                rows = await self._fetch(ids)
+                if rows:
+                    return rows
+                continue
+            if not wait:
+                return []
+            self._available.clear()
+            await self._available.wait()
+
+    def _select(self, limit: int, max_priority: Priority, now: float) -> list[int]:
+        chosen: list[int] = []
+        expired: dict[Priority, int] = {}
+        expired_ids: list[int] = []
+        for prio in Priority:
+            if prio > max_priority:
+                break
+            pend = self._pending[prio]
+            while pend and len(chosen) < limit:
+                row_id = next(iter(pend))
+                if row_id > self._committed_upto:
+                    break
+                meta = pend.pop(row_id)
+                self._pending_bytes[prio] -= meta.nbytes
+                if meta.expires_at is not None and meta.expires_at <= now:
+                    self._bytes -= meta.nbytes
+                    expired_ids.append(row_id)
+                    expired[prio] = expired.get(prio, 0) + 1
+                    continue
+                self._inflight[row_id] = meta
+                chosen.append(row_id)
+            if len(chosen) >= limit:
+                break
+        if expired_ids:
+            self._count(_KIND_EXPIRED, expired, expired_ids)
+        return chosen
+
+    async def _fetch(self, ids: list[int]) -> list[Stored]:
+        fut: asyncio.Future[list[Stored]] = self._loop.create_future()
+        self._submit(_Fetch(ids, fut))
+        try:
+            rows = await fut
+        except BaseException:
+            # Cancelled (or failed) between choosing and fetching: put the rows back so that
+            # they are not stuck in flight with nobody to ack them.
+            self._return_to_pending(ids)
+            raise
+        if len(rows) != len(ids):
+            found = {r.row_id for r in rows}
+            missing = [i for i in ids if i not in found]
+            log.error("outbox rows vanished from the file path=%s ids=%s", self._path, missing[:10])
+            for i in missing:
+                meta = self._inflight.pop(i, None)
+                if meta is not None:
+                    self._bytes -= meta.nbytes
+        return rows
+
+    def ack(self, row_ids: Iterable[int]) -> None:
+        """The broker acknowledged these rows: delete them (batched, durable with the next commit).
+
+        A crash before that commit re-sends them, which `msg_id` makes recognisable downstream.
+        """
+        ids: list[int] = []
+        for row_id in row_ids:
+            meta = self._inflight.pop(row_id, None) or self._pop_pending(row_id)
+            if meta is None:
+                continue
+            self._bytes -= meta.nbytes
+            ids.append(row_id)
+        if ids and not self._closed:
+            self._submit(_Delete(ids))
+
+    def release_inflight(self) -> int:
+        """Make every in-flight row pending again (e.g. the link disconnected); returns how many."""
+        return self._return_to_pending(list(self._inflight))
+
+    def _return_to_pending(self, ids: list[int]) -> int:
+        touched: set[Priority] = set()
+        moved = 0
+        for row_id in ids:
+            meta = self._inflight.pop(row_id, None)
+            if meta is None:
+                continue
+            moved += 1
+            self._pending[meta.priority][row_id] = meta
+            self._pending_bytes[meta.priority] += meta.nbytes
+            touched.add(meta.priority)
+        for prio in touched:
+            # Re-sort by row id (age): returned rows are older than the rows still pending.
+            self._pending[prio] = OrderedDict(sorted(self._pending[prio].items()))
+        if touched:
+            self._available.set()
+        return moved
+
+    def drop_expired(self, now: float) -> int:
+        """Delete pending rows whose `expires_at` is past (counted in `expired`); returns how many."""
+        counts: dict[Priority, int] = {}
+        ids: list[int] = []
+        for prio, pend in self._pending.items():
+            dead = [i for i, m in pend.items() if m.expires_at is not None and m.expires_at <= now]
+            for row_id in dead:
+                meta = pend.pop(row_id)
+                self._pending_bytes[prio] -= meta.nbytes
+                self._bytes -= meta.nbytes
+            if dead:
+                counts[prio] = len(dead)
+                ids.extend(dead)
+        if ids:
+            log.info(
+                "outbox dropped expired rows path=%s counts=%s",
+                self._path,
+                {p.name: n for p, n in counts.items()},
+            )
+            self._count(_KIND_EXPIRED, counts, ids)
+        return len(ids)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit everything queued (puts, acks, counters), then close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._available.set()  # wake takers: they raise OutboxClosedError
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._submit(_Close(fut))
+        self._flush_staged()
+        await fut
+        await asyncio.to_thread(self._writer.thread.join)
+        log.info("outbox closed path=%s depth=%d bytes=%d", self._path, self.depth, self._bytes)
+
+    def _submit(self, op: _Op) -> None:
+        """Stage an operation; everything staged in one loop iteration reaches the writer together.
+
+        One hand-over per iteration instead of one per put: waking the writer thread costs a GIL
+        switch each time. Staging keeps the order of operations (an eviction's delete must follow
+        the insert of the row it deletes).
+        """
+        self._staged.append(op)
+        if len(self._staged) == 1:
+            self._loop.call_soon(self._flush_staged)
+
+    def _flush_staged(self) -> None:
+        if self._staged:
+            staged, self._staged = self._staged, []
+            self._writer.queue.put(staged)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutboxClosedError(f"outbox {self._path} is closed")
+
+    def _apply_outcome(self, outcome: _BatchOutcome) -> None:
+        if outcome.failed_ids:
+            self._forget(outcome.failed_ids)
+        if outcome.write_error is not None:
+            self._healthy = False
+        elif outcome.committed_upto:
+            self._healthy = True
+        if outcome.committed_upto > self._committed_upto:
+            self._committed_upto = outcome.committed_upto
+            self._available.set()
+        for fut, result, error in outcome.resolutions:
+            if fut.done():
+                continue  # the awaiting put was cancelled; its rows are committed anyway
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+    def _forget(self, ids: list[int]) -> None:
+        """Drop index entries of rows whose insert failed (they are not in the file)."""
+        for row_id in ids:
+            meta = self._pop_pending(row_id)
+            if meta is not None:
+                self._bytes -= meta.nbytes
+
+    def _pop_pending(self, row_id: int) -> _Meta | None:
+        for prio, pend in self._pending.items():
+            meta = pend.pop(row_id, None)
+            if meta is not None:
+                self._pending_bytes[prio] -= meta.nbytes
+                return meta
+        return None
