@@ -1,0 +1,304 @@
+"""The edge node end to end: a real broker, real ONNX models, real SQLite outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from devservers import Mosquitto
+from edge_node.dataset import DigitsSplit
+from edge_node.demo_models import DemoModel
+from edge_node.model import Classifier
+from edge_node.routing import decide
+from schemas import Input, Result, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
+from tests.edge_harness import CloudResponder, RunningNode, edge_config, wait_connected
+from tests.mqtt_collector import Collector
+
+TOPICS = Topics()
+INPUT_TOPIC = "fleet/f1/dev-1/input"
+
+
+def _input(x: np.ndarray, input_id: str, truth: str | None = None) -> bytes:
+    return encode(
+        Input(
+            msg_id=new_msg_id(),
+            fleet_id="f1",
+            device_id="dev-1",
+            ts=time.time(),
+            input_id=input_id,
+            tensor=encode_tensor(x),
+            truth=truth,
+        )
+    )
+
+
+def _results(c: Collector) -> list[Result]:
+    out = [r.message() for r in c.on("results")]
+    assert all(isinstance(m, Result) for m in out)
+    return out  # type: ignore[return-value]
+
+
+def _telemetry(c: Collector) -> list[Telemetry]:
+    return [m for m in (r.message() for r in c.on("telemetry")) if isinstance(m, Telemetry)]
+
+
+def _expected_confident(model: DemoModel, X: np.ndarray, threshold: float) -> np.ndarray:
+    probs = Classifier.load(model.path).predict(X.astype(np.float32))
+    return decide(probs, threshold).confident
+
+
+@pytest.mark.parametrize("threshold", [0.7, 0.95])
+async def test_routing_follows_the_model_probabilities(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path, threshold: float
+) -> None:
+    X = digits.X_test[:120]
+    confident = _expected_confident(demo_models["edge"], X, threshold)
+    config = edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        routing={"confidence_threshold": threshold, "escalation_timeout_s": 0.3},
+    )
+    with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            for i, x in enumerate(X):
+                c.publish(INPUT_TOPIC, _input(x, f"in-{i}"))
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+        results = {r.inference_id: r for r in _results(c)}
+    assert len(results) == len(X)
+    for i in range(len(X)):
+        r = results[f"in-{i}"]
+        if confident[i]:
+            assert r.path == "edge" and r.confidence >= threshold
+        else:
+            # Nobody answers escalations here: the local answer is final after the timeout.
+            assert (r.path, r.fallback_reason) == ("edge_fallback", "timeout")
+            assert r.latency_ms >= 300 * 0.9
+    assert sum(1 for r in results.values() if r.path == "edge") == int(confident.sum())
+
+
+async def test_escalations_answered_by_the_cloud_model_improve_accuracy(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    X, y = digits.X_test[:300], digits.y_test[:300]
+    config = edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        routing={"confidence_threshold": 0.9, "escalation_timeout_s": 5.0, "max_outstanding": 512},
+    )
+    with (
+        CloudResponder(mosquitto.host, mosquitto.port, demo_models["cloud"].path) as cloud,
+        Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c,
+    ):
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            for i, x in enumerate(X):
+                c.publish(INPUT_TOPIC, _input(x, f"in-{i}", digits.labels[int(y[i])]))
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
+        results = _results(c)
+        telemetry = _telemetry(c)
+    escalated = [r for r in results if r.path == "cloud"]
+    assert escalated, "some inputs must be unsure at threshold 0.9"
+    assert cloud.answered == len(escalated)
+    assert all(r.cloud_label == r.label and r.fallback_reason is None for r in escalated)
+    edge_right = sum(r.edge_label == r.truth for r in results)
+    final_right = sum(r.label == r.truth for r in results)
+    assert final_right > edge_right
+    tele = telemetry[-1]
+    assert tele.count == len(X)
+    assert tele.escalations.sent == tele.escalations.answered == len(escalated)
+    assert tele.escalations.agreed == sum(r.edge_label == r.cloud_label for r in escalated)
+    fallbacks = [(r.inference_id, r.fallback_reason) for r in results if r.path == "edge_fallback"]
+    assert tele.paths == {"edge": len(X) - len(escalated), "cloud": len(escalated)}, (
+        fallbacks,
+        mosquitto.log_text()[-2000:],
+    )
+
+
+async def test_bad_inputs_are_rejected_and_counted_while_good_ones_go_through(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    config = edge_config(tmp_path, mosquitto.port, demo_models["edge"].path, routing={"escalate": False})
+    good = digits.X_test[:10]
+    nan = good[0].copy()
+    nan[3] = np.nan
+    wrong_shape = np.zeros(63, np.float32)
+    bad_tensor = orjson.loads(_input(good[0], "x"))
+    bad_tensor["tensor"]["data"] = base64.b64encode(b"short").decode()
+    payloads = [
+        _input(good[0], "g0"),
+        _input(nan, "nan"),
+        _input(good[1], "g1"),
+        _input(wrong_shape, "shape"),
+        b"{not json",
+        _input(good[2], "g2"),
+        orjson.dumps(bad_tensor),
+        _input(np.ones(64, bool), "bool"),
+        _input(good[3], "g3"),
+    ]
+    with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            for p in payloads:
+                c.publish(INPUT_TOPIC, p)
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= 4)
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
+        results = _results(c)
+        (tele,) = _telemetry(c)
+    assert sorted(r.inference_id for r in results) == ["g0", "g1", "g2", "g3"]
+    assert tele.count == 4
+    assert tele.rejected == 5
+    assert tele.rejected_reasons == {"nonfinite": 1, "shape": 1, "undecodable": 2, "dtype": 1}
+
+
+async def test_sampling_respects_the_budget_and_counts_what_it_skips(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    X = digits.X_test[:300]
+    probs = Classifier.load(demo_models["edge"].path).predict(X)
+    d = decide(probs, 0.8)
+    candidates = int(((d.entropy >= 0.5) | (d.margin <= 0.3)).sum())
+    assert candidates > 5
+    config = edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        routing={"escalate": False},
+        sampling={"max_per_minute": 5, "entropy_threshold": 0.5, "margin_threshold": 0.3},
+    )
+    with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            for i, x in enumerate(X):
+                c.publish(INPUT_TOPIC, _input(x, f"in-{i}", digits.labels[int(digits.y_test[i])]))
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
+        samples = [r.message() for r in c.on("samples")]
+        (tele,) = _telemetry(c)
+    assert len(samples) == 5
+    assert tele.samples.sent == 5 and tele.samples.skipped_budget == candidates - 5
+    for s in samples:
+        assert isinstance(s, Sample)
+        assert s.reasons and (s.entropy >= 0.5 or s.margin <= 0.3)
+        assert s.topk[0].label == s.predicted and s.truth is not None
+        assert s.input.shape == [64]
+
+
+async def test_telemetry_numbers_match_a_known_sequence(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    X = digits.X_test[:200]
+    probs = Classifier.load(demo_models["edge"].path).predict(X)
+    d = decide(probs, 0.8)
+    config = edge_config(
+        tmp_path, mosquitto.port, demo_models["edge"].path, routing={"escalate": False}, telemetry={"max_features": 16}
+    )
+    with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            for i, x in enumerate(X):
+                c.publish(INPUT_TOPIC, _input(x, f"in-{i}"))
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
+        (tele,) = _telemetry(c)
+        statuses = [r.message() for r in c.on("status")]
+    labels = demo_models["edge"].labels
+    expected = {}
+    for i in d.top1:
+        expected[labels[i]] = expected.get(labels[i], 0) + 1
+    assert tele.count == 200 and tele.class_counts == expected
+    assert tele.confidence is not None and tele.entropy is not None and tele.latency_ms is not None
+    assert tele.confidence.mean == pytest.approx(float(d.confidence.mean()), abs=1e-5)
+    assert tele.confidence.min == pytest.approx(float(d.confidence.min()), abs=1e-5)
+    assert tele.entropy.mean == pytest.approx(float(d.entropy.mean()), abs=1e-4)
+    assert tele.latency_ms.p50 <= tele.latency_ms.p95 <= tele.latency_ms.p99 <= tele.latency_ms.max
+    assert tele.features is not None and tele.features.dims == 64 and len(tele.features.mean) == 16
+    pooled = X.reshape(200, 16, 4).mean(axis=2)
+    assert np.allclose(tele.features.mean, pooled.mean(axis=0), atol=1e-4)
+    assert np.allclose(tele.features.std, pooled.std(axis=0), atol=1e-3)
+    assert tele.providers is not None and tele.providers.active == ["CPUExecutionProvider"]
+    assert tele.resources is not None and tele.resources.rss_mb > 10
+    assert [s.state for s in statuses if isinstance(s, Status)][-1] == "offline"
+
+
+async def test_offline_falls_back_locally_and_delivers_after_the_broker_returns(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], tmp_path: Path
+) -> None:
+    mosquitto.stop()
+    config = edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        source={"kind": "replay", "rate_hz": 500.0, "limit": 80, "loop": False},
+    )
+    async with RunningNode(config) as node:
+        async with asyncio.timeout(20):
+            # The node has no "N processed" event to wait on; a bounded poll of its window is enough here.
+            while node.window is None or node.window.count < 80:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert node.outbox is not None and node.outbox.depth >= 80
+        mosquitto.start()
+        with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= 80)
+            results = _results(c)
+    assert len({r.inference_id for r in results}) == 80
+    unsure = [r for r in results if r.path != "edge"]
+    assert unsure and all((r.path, r.fallback_reason) == ("edge_fallback", "offline") for r in unsure)
+
+
+def test_sigterm_drains_and_exits_zero(mosquitto: Mosquitto, demo_models: dict[str, DemoModel], tmp_path: Path) -> None:
+    config_file = tmp_path / "edge.toml"
+    config_file.write_text(f"""
+[mqtt]
+port = {mosquitto.port}
+[device]
+fleet_id = "f1"
+device_id = "dev-1"
+[model]
+path = "{demo_models["edge"].path}"
+[routing]
+escalation_timeout_s = 0.5
+[outbox]
+path = "outbox.sqlite"
+[telemetry]
+interval_s = 60
+[source]
+kind = "replay"
+rate_hz = 200
+""")
+    with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config_file)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            c.wait_for(lambda c: len(c.on("results")) >= 100)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        c.wait_for(lambda c: any(r.message().state == "offline" for r in c.on("status")))  # type: ignore[attr-defined]
+        results = _results(c)
+        (tele,) = _telemetry(c)
+    # Every input the node accepted reached the broker: ids are boot-seq numbered without gaps.
+    seqs = sorted(int(r.inference_id.rsplit("-", 1)[1]) for r in results)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert tele.count == len(results)
+    assert "edge node stopped" in err
