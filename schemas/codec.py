@@ -94,9 +94,7 @@ def _convert(obj: Any, message_type: Any, expected: str | None) -> Any:
         raise DecodeError(match["reason"], field=match["path"] or "$", schema=expected) from None
 
 
-def decode(
-    data: bytes | bytearray | memoryview | str, message_type: type[M], *, max_bytes: int | None = None
-) -> M:
+def decode(data: bytes | bytearray | memoryview | str, message_type: type[M], *, max_bytes: int | None = None) -> M:
     """Decode and validate one message of a known type (and schema version)."""
     expected = schema_name(message_type)
     obj = _loads(data, max_bytes or max_bytes_for(message_type), expected)

@@ -41,9 +41,7 @@ def rendered() -> dict[str, bytes]:
     for message_type in ALL_MESSAGES:
         out[file_name(message_type)] = orjson.dumps(schema_document(message_type), option=orjson.OPT_INDENT_2)
     for part in (Tensor, ModelRef):
-        out[f"{part.__name__.lower()}.schema.json"] = orjson.dumps(
-            schema_document(part), option=orjson.OPT_INDENT_2
-        )
+        out[f"{part.__name__.lower()}.schema.json"] = orjson.dumps(schema_document(part), option=orjson.OPT_INDENT_2)
     return {name: data + b"\n" for name, data in out.items()}
 
 

@@ -321,16 +321,7 @@ class Alert(Envelope, kw_only=True, tag="alert/1"):
 
 
 Message = (
-    Status
-    | Telemetry
-    | Sample
-    | Input
-    | EscalationRequest
-    | EscalationReply
-    | Result
-    | Command
-    | CommandAck
-    | Alert
+    Status | Telemetry | Sample | Input | EscalationRequest | EscalationReply | Result | Command | CommandAck | Alert
 )
 ALL_MESSAGES: tuple[type[Envelope], ...] = (
     Status,

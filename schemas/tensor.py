@@ -30,9 +30,7 @@ def encode_tensor(array: npt.ArrayLike) -> Tensor:
     return Tensor(dtype=dtype, shape=list(arr.shape), data=base64.b64encode(data).decode("ascii"))
 
 
-def decode_tensor(
-    tensor: Tensor, *, field: str = "$.input", allow_nonfinite: bool = False
-) -> npt.NDArray[Any]:
+def decode_tensor(tensor: Tensor, *, field: str = "$.input", allow_nonfinite: bool = False) -> npt.NDArray[Any]:
     """Unpack a wire tensor; raise TensorError naming the field if bytes, shape and dtype disagree.
 
     Floating-point tensors holding NaN or inf are refused unless `allow_nonfinite`: a model fed

@@ -42,8 +42,15 @@ def test_reserved_characters_are_named() -> None:
 
 
 @pytest.mark.parametrize(
-    "topic", ["other/f1/d1/status", "fleet/f1", "fleet/f1/d1/nope", "fleet/f1/d1", "fleet/f+/d1/status",
-              "fleet/f1/d1/cmd/ack/x"],
+    "topic",
+    [
+        "other/f1/d1/status",
+        "fleet/f1",
+        "fleet/f1/d1/nope",
+        "fleet/f1/d1",
+        "fleet/f+/d1/status",
+        "fleet/f1/d1/cmd/ack/x",
+    ],
 )
 def test_parse_rejects_foreign_topics(topic: str) -> None:
     with pytest.raises(TopicError):

@@ -1,0 +1,120 @@
+"""The demo's observer: subscribes to the whole fleet, keeps score, renders the live view and summary."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from schemas import DecodeError, Result, Sample, Status, Telemetry, Topics, decode_for_topic
+
+
+@dataclass
+class DeviceView:
+    state: str = "?"
+    model: str = "?"
+    results: int = 0
+    edge_right: int = 0
+    final_right: int = 0
+    with_truth: int = 0
+    escalated: int = 0
+    fallbacks: int = 0
+    samples: int = 0
+    telemetry_count: int = 0
+    last_p95_ms: float = 0.0
+    last_conf: float = 0.0
+    outbox_depth: int = 0
+    windows: list[tuple[float, float, float]] = field(default_factory=list)  # (ts, conf mean, esc rate)
+    result_ids: set[str] = field(default_factory=set)
+    recent: list[float] = field(default_factory=list)
+
+
+class FleetWatch:
+    def __init__(self, host: str, port: int, topics: Topics) -> None:
+        self.topics = topics
+        self.devices: dict[str, DeviceView] = defaultdict(DeviceView)
+        self.invalid = 0
+        self.duplicates = 0
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-watch", protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *a: c.subscribe(f"{topics.prefix}/#", 1)
+        self.client.on_message = self._on_message
+        self.host, self.port = host, port
+
+    def start(self) -> None:
+        self.client.connect(self.host, self.port)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/escalate") or msg.topic.endswith("/reply") or msg.topic.endswith("/alerts"):
+            return
+        try:
+            message = decode_for_topic(self.topics, msg.topic, msg.payload)
+        except DecodeError:
+            self.invalid += 1
+            return
+        with self._lock:
+            if message.msg_id in self._seen:
+                self.duplicates += 1
+                return
+            self._seen.add(message.msg_id)
+            dev = self.devices[message.device_id]
+            if isinstance(message, Status):
+                dev.state = message.state
+                if message.model is not None:
+                    dev.model = f"{message.model.name}:{message.model.version}"
+            elif isinstance(message, Result):
+                self._result(dev, message)
+            elif isinstance(message, Sample):
+                dev.samples += 1
+            elif isinstance(message, Telemetry):
+                dev.telemetry_count += message.count
+                dev.outbox_depth = message.outbox.depth
+                if message.latency_ms is not None:
+                    dev.last_p95_ms = message.latency_ms.p95
+                if message.confidence is not None and message.count:
+                    dev.last_conf = message.confidence.mean
+                    rate = message.escalations.sent / message.count
+                    dev.windows.append((message.window_end, message.confidence.mean, rate))
+
+    @staticmethod
+    def _result(dev: DeviceView, r: Result) -> None:
+        dev.results += 1
+        dev.result_ids.add(r.inference_id)
+        dev.recent.append(time.monotonic())
+        dev.escalated += r.path == "cloud"
+        dev.fallbacks += r.path == "edge_fallback"
+        if r.truth is not None:
+            dev.with_truth += 1
+            dev.edge_right += r.edge_label == r.truth
+            dev.final_right += r.label == r.truth
+
+    def render(self, elapsed: float, total: float) -> str:
+        now = time.monotonic()
+        lines = [
+            f"fleet view  t={elapsed:5.1f}s/{total:.0f}s  (invalid={self.invalid} duplicates={self.duplicates})",
+            f"{'device':<10}{'state':<9}{'model':<22}{'inf/s':>7}{'acc edge':>10}{'acc final':>10}"
+            f"{'escal':>7}{'fallbk':>7}{'samples':>8}{'p95 ms':>8}{'conf':>6}{'outbox':>7}",
+        ]
+        with self._lock:
+            for name in sorted(self.devices):
+                d = self.devices[name]
+                d.recent = [t for t in d.recent if now - t < 5.0]
+                acc_e = d.edge_right / d.with_truth if d.with_truth else 0.0
+                acc_f = d.final_right / d.with_truth if d.with_truth else 0.0
+                lines.append(
+                    f"{name:<10}{d.state:<9}{d.model:<22}{len(d.recent) / 5.0:>7.1f}{acc_e:>10.3f}{acc_f:>10.3f}"
+                    f"{d.escalated:>7}{d.fallbacks:>7}{d.samples:>8}{d.last_p95_ms:>8.2f}{d.last_conf:>6.2f}"
+                    f"{d.outbox_depth:>7}"
+                )
+        return "\n".join(lines)
