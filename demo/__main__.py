@@ -55,6 +55,7 @@ seed = {hash(device) % 1000}
 def _cloud_command(workdir: Path, port: int, cloud_model: Path) -> list[str]:
     config = workdir / "cloud.toml"
     config.write_text(f"""
+state_dir = "{workdir / "bridge-state"}"
 [mqtt]
 port = {port}
 [escalation]

@@ -1,0 +1,45 @@
+"""`cloud-bridge run --config FILE`: the cloud side of the fleet (ingestion, escalation answers, TSDB)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from cloud_bridge.app import run_bridge
+from cloud_bridge.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloud-bridge",
+        description="Ingest fleet MQTT traffic into a registry and InfluxDB, and answer escalations "
+        "with the cloud model. Every config key can be overridden with CLOUD_BRIDGE_<SECTION>__<KEY>.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the bridge until SIGTERM/SIGINT (then drain and exit 0)")
+    run.add_argument("--config", type=Path, default=None, help="TOML config file (see cloud_bridge/config.py)")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"cloud-bridge: config error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run_bridge(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Bridge configuration: a TOML file, then environment overrides, validated into frozen dataclasses.
+
+Every key can be overridden with `CLOUD_BRIDGE_<SECTION>__<KEY>` (e.g. `CLOUD_BRIDGE_MQTT__HOST=broker`),
+so a container can change one value without templating the file. Errors name the key and say how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from schemas.errors import TopicError
+from schemas.topics import Topics, validate_id
+
+ENV_PREFIX = "CLOUD_BRIDGE_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid: the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "cloud-bridge"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    keepalive: int = 30
+    protocol: Literal["mqtt5", "mqtt311"] = "mqtt5"
+    # Messages the broker may send before we ack (MQTT 5 Receive Maximum): bounds memory and the
+    # redelivery after a crash.
+    receive_maximum: int = 2000
+    session_expiry_s: int = 3600
+    publish_window: int = 256
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    prefix: str = "fleet"
+    share_group: str = "bridges"
+    shared: bool = True
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    url: str | None = None
+    org: str = "edgefleet"
+    bucket: str = "edgefleet"
+    token: str = ""
+    batch_lines: int = 5000
+    flush_interval_s: float = 0.5
+    buffer_max_lines: int = 100_000
+    retry_max_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class EscalationConfig:
+    model: str | None = None
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    max_concurrency: int = 2
+    max_batch: int = 64
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    dead_letter_max_bytes: int = 4096
+    batch_max: int = 1000
+    dedup_cache: int = 100_000
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    state_dir: str = "./bridge-state"
+    status_interval_s: float = 10.0
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    influx: InfluxConfig = field(default_factory=InfluxConfig)
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+    @property
+    def registry_url(self) -> str:
+        return self.registry.url or f"sqlite+aiosqlite:///{Path(self.state_dir).resolve() / 'registry.db'}"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.fleet.prefix)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "mqtt": MqttConfig,
+    "fleet": FleetConfig,
+    "registry": RegistryConfig,
+    "influx": InfluxConfig,
+    "escalation": EscalationConfig,
+    "ingest": IngestConfig,
+}
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> BridgeConfig:
+    """Read `path` (optional), apply `CLOUD_BRIDGE_*` overrides from `env` (default os.environ), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist: pass an existing file to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _apply_env(raw, os.environ if env is None else env)
+    config = _build(raw)
+    _validate(config)
+    return config
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if "__" in key:
+            section, sub = key.split("__", 1)
+            target = raw.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment variable {name} overrides [{section}], which is not a table")
+            target[sub] = value
+        else:
+            raw[key] = value
+
+
+def _build(raw: dict[str, Any]) -> BridgeConfig:
+    top_hints = get_type_hints(BridgeConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
+            kwargs[key] = _build_section(key, _SECTIONS[key], value)
+        elif key in top_hints and key not in _SECTIONS:
+            kwargs[key] = _coerce(key, top_hints[key], value)
+        else:
+            known = ", ".join(sorted([*_SECTIONS, "state_dir", "status_interval_s"]))
+            raise ConfigError(f"unknown key {key!r}: known top-level keys and sections are {known}")
+    return BridgeConfig(**kwargs)
+
+
+def _build_section(section: str, cls: type[Any], values: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        # `[escalation] model path` is spelled `model` or `model_path`.
+        name = "model" if (section, key) == ("escalation", "model_path") else key
+        if name not in names:
+            raise ConfigError(f"unknown key [{section}] {key!r}: known keys are {', '.join(sorted(names))}")
+        kwargs[name] = _coerce(f"[{section}] {key}", hints[name], value)
+    return cls(**kwargs)
+
+
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """Convert TOML or environment-string values to the declared type, or raise naming the key."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value == "" and type(None) in get_args(hint)):
+            return None
+        return _coerce(where, args[0], value)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where} = {value!r} is not allowed: use one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where} must be a list of strings (or a comma-separated string), got {value!r}")
+        return tuple(items)
+    return _coerce_scalar(where, hint, value)
+
+
+def _coerce_scalar(where: str, hint: Any, value: Any) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int or hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint!r}")
+
+
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where} = {value} must be greater than 0")
+
+
+def _validate(config: BridgeConfig) -> None:
+    mqtt = config.mqtt
+    if not 1 <= mqtt.port <= 65535:
+        raise ConfigError(f"[mqtt] port = {mqtt.port} must be between 1 and 65535")
+    if not mqtt.client_id:
+        raise ConfigError("[mqtt] client_id must not be empty: give each bridge instance its own id")
+    if mqtt.tls_ca is not None and not Path(mqtt.tls_ca).is_file():
+        raise ConfigError(f"[mqtt] tls_ca = {mqtt.tls_ca!r} is not a readable file: point it at the CA bundle")
+    for where, value in (
+        ("[mqtt] keepalive", mqtt.keepalive),
+        ("[mqtt] receive_maximum", mqtt.receive_maximum),
+        ("[mqtt] publish_window", mqtt.publish_window),
+        ("[escalation] max_concurrency", config.escalation.max_concurrency),
+        ("[escalation] max_batch", config.escalation.max_batch),
+        ("[ingest] dead_letter_max_bytes", config.ingest.dead_letter_max_bytes),
+        ("[ingest] batch_max", config.ingest.batch_max),
+        ("[influx] batch_lines", config.influx.batch_lines),
+        ("[influx] buffer_max_lines", config.influx.buffer_max_lines),
+        ("status_interval_s", config.status_interval_s),
+    ):
+        _positive(where, value)
+    if mqtt.receive_maximum > 65535:
+        raise ConfigError(f"[mqtt] receive_maximum = {mqtt.receive_maximum} must be at most 65535 (MQTT 5 limit)")
+    try:
+        Topics(config.fleet.prefix)
+        validate_id("[fleet] share_group", config.fleet.share_group)
+    except TopicError as exc:
+        raise ConfigError(f"[fleet]: {exc}") from None
+    if config.escalation.model is not None and not Path(config.escalation.model).is_file():
+        raise ConfigError(
+            f"[escalation] model = {config.escalation.model!r} does not exist: point it at the cloud .onnx file "
+            "or remove the key to run without escalation answers"
+        )
+    if not config.registry_url.split(":", 1)[0].startswith(("sqlite", "postgresql")):
+        raise ConfigError(
+            f"[registry] url = {config.registry.url!r}: use sqlite+aiosqlite:///PATH or postgresql+asyncpg://..."
+        )
+    if config.influx.url is not None and not config.influx.url.startswith(("http://", "https://")):
+        raise ConfigError(f"[influx] url = {config.influx.url!r} must start with http:// or https://")

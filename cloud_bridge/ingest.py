@@ -1,0 +1,292 @@
+"""Ingestion: device messages -> registry (and TSDB lines), acknowledged only once durably stored.
+
+Messages arrive from the MQTT callback into an in-memory queue (bounded by the broker's Receive
+Maximum, since nothing is acked before it is stored). One writer task takes whatever has accumulated
+(up to `batch_max`), decodes each message against its topic, drops duplicates, writes the batch in one
+transaction (group commit), hands the telemetry lines to the TSDB writer and only then PUBACKs the
+whole batch. Invalid payloads become dead-letter rows in the same transaction and are acked too:
+redelivering them would never make them valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from cloud_bridge.config import IngestConfig
+from cloud_bridge.mqtt import Incoming
+from cloud_bridge.registry import (
+    AlertRow,
+    Batch,
+    CommandAckRow,
+    Registry,
+    ResultRow,
+    SampleRow,
+    TelemetryRow,
+)
+from cloud_bridge.tsdb import TsdbWriter, status_line, telemetry_lines
+from schemas.codec import decode_for_topic, to_builtins
+from schemas.errors import DecodeError
+from schemas.messages import Alert, CommandAck, Envelope, Result, Sample, Status, Telemetry
+from schemas.tensor import decode_tensor
+from schemas.topics import Channel, Topics
+
+log = logging.getLogger(__name__)
+
+_RETRY_MIN_S = 0.1
+_RETRY_MAX_S = 5.0
+
+INGEST_CHANNELS = (Channel.STATUS, Channel.TELEMETRY, Channel.SAMPLES, Channel.RESULTS, Channel.CMD_ACK)
+
+
+def ingest_filters(topics: Topics, share_group: str, shared: bool) -> list[str]:
+    """The subscription filters of ingestion (shared among bridges when `shared`)."""
+    filters = [topics.filter(ch) for ch in INGEST_CHANNELS] + [topics.alerts_filter()]
+    return [Topics.shared(share_group, f) if shared else f for f in filters]
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    commit_failures: int = 0
+
+
+class RecentIds:
+    """A bounded set of recently committed msg_ids (the registry's unique key is the backstop)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._ids
+
+    def add(self, msg_id: str) -> None:
+        self._ids[msg_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+
+class Ingestor:
+    """Decodes, dedups and stores device messages in group-committed batches."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        registry: Registry,
+        config: IngestConfig,
+        ack: Callable[[Incoming], bool],
+        tsdb: TsdbWriter | None = None,
+    ) -> None:
+        self._topics = topics
+        self._registry = registry
+        self._config = config
+        self._ack = ack
+        self._tsdb = tsdb
+        self._queue: deque[Incoming] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._recent = RecentIds(config.dedup_cache)
+        self._progress = asyncio.Condition()
+        self.stats = IngestStats()
+
+    def submit(self, message: Incoming) -> None:
+        """Called from the MQTT callback: cheap, never blocks."""
+        self._queue.append(message)
+        self.stats.received += 1
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    async def close(self) -> None:
+        """Stop after storing what has already arrived."""
+        self._closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            taken = [self._queue.popleft() for _ in range(min(len(self._queue), self._config.batch_max))]
+            await self._handle(taken)
+
+    async def _handle(self, taken: list[Incoming]) -> None:
+        batch, lines, new_ids, dups = await self._build(taken)
+        delay = _RETRY_MIN_S
+        while True:
+            try:
+                await self._registry.commit_batch(batch)
+                break
+            except SQLAlchemyError as exc:
+                self.stats.commit_failures += 1
+                log.error("registry commit failed messages=%d error=%s retry_s=%.1f", len(taken), exc, delay)
+                if self._closing:
+                    # Not acked: the broker redelivers these to the next session.
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+        for msg_id in new_ids:
+            self._recent.add(msg_id)
+        if self._tsdb is not None and lines:
+            self._tsdb.add(lines)
+        self.stats.batches += 1
+        self.stats.stored += len(new_ids)
+        self.stats.duplicates += dups
+        self.stats.dead_letters += len(batch.dead_letters)
+        for message in taken:
+            self._ack(message)
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def wait_for(self, predicate: Callable[[IngestStats], bool]) -> None:
+        """Wait until `predicate(stats)` holds after some batch (for tests, benches and drains)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: predicate(self.stats))
+
+    async def _build(self, taken: list[Incoming]) -> tuple[Batch, list[str], list[str], int]:
+        now = time.time()
+        batch = Batch()
+        decoded: list[Envelope] = []
+        for incoming in taken:
+            try:
+                message = decode_for_topic(self._topics, incoming.topic, incoming.payload)
+                if isinstance(message, Sample):
+                    # The archive keeps raw tensor bytes: refuse one whose bytes, shape and dtype disagree.
+                    decode_tensor(message.input, allow_nonfinite=True)
+                decoded.append(message)
+            except DecodeError as exc:
+                batch.dead_letters.append(self._dead_letter(incoming, exc, now))
+        fresh = [m for m in decoded if m.msg_id not in self._recent]
+        known = await self._registry.known_ids([m.msg_id for m in fresh]) if fresh else set()
+        lines: list[str] = []
+        new_ids: list[str] = []
+        in_batch: set[str] = set()
+        for item in fresh:
+            if item.msg_id in known or item.msg_id in in_batch:
+                continue
+            in_batch.add(item.msg_id)
+            new_ids.append(item.msg_id)
+            batch.seen.append({"msg_id": item.msg_id, "received_at": now})
+            self._add_message(batch, lines, item)
+        dups = len(decoded) - len(new_ids)
+        return batch, lines, new_ids, dups
+
+    def _dead_letter(self, incoming: Incoming, exc: DecodeError, now: float) -> dict[str, object]:
+        limit = self._config.dead_letter_max_bytes
+        log.info("dead letter topic=%s field=%s reason=%s", incoming.topic, exc.field, exc.reason[:200])
+        return {
+            "topic": incoming.topic[:1024],
+            "reason": exc.reason[:2048],
+            "field": exc.field[:256],
+            "raw": bytes(incoming.payload[:limit]),
+            "raw_size": len(incoming.payload),
+            "received_at": now,
+        }
+
+    def _add_message(self, batch: Batch, lines: list[str], message: Envelope) -> None:
+        delta = batch.device(message.fleet_id, message.device_id)
+        delta.messages += 1
+        delta.last_seen = max(delta.last_seen, message.ts)
+        base = {"msg_id": message.msg_id, "fleet_id": message.fleet_id, "device_id": message.device_id}
+        if isinstance(message, Telemetry):
+            delta.telemetry_windows += 1
+            delta.model = (message.model.name, message.model.version, message.model.sha256)
+            delta.online = True
+            batch.add_row(TelemetryRow, _telemetry_row(base, message))
+            lines.extend(telemetry_lines(message))
+        elif isinstance(message, Status):
+            delta.online = message.state == "online"
+            model, version = "", ""
+            if message.model is not None:
+                delta.model = (message.model.name, message.model.version, message.model.sha256)
+                model, version = message.model.name, message.model.version
+            lines.append(status_line(message.fleet_id, message.device_id, delta.online, message.ts, model, version))
+        elif isinstance(message, Sample):
+            delta.samples += 1
+            batch.add_row(SampleRow, _sample_row(base, message))
+        elif isinstance(message, Result):
+            delta.results += 1
+            batch.add_row(ResultRow, _result_row(base, message))
+        elif isinstance(message, CommandAck):
+            batch.add_row(
+                CommandAckRow,
+                {**base, "cmd_id": message.cmd_id, "state": message.state, "reason": message.reason, "ts": message.ts},
+            )
+        elif isinstance(message, Alert):
+            batch.add_row(AlertRow, _alert_row(base, message))
+
+
+def _telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
+    return {
+        **base,
+        "model_name": m.model.name,
+        "model_version": m.model.version,
+        "window_start": m.window_start,
+        "window_end": m.window_end,
+        "count": m.count,
+        "body": to_builtins(m),
+    }
+
+
+def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
+    return {
+        **base,
+        "model_name": m.model.name,
+        "model_version": m.model.version,
+        "inference_id": m.inference_id,
+        "dtype": m.input.dtype,
+        "shape": list(m.input.shape),
+        # Already checked by decode_tensor in _build.
+        "tensor": base64.b64decode(m.input.data),
+        "topk": [{"label": t.label, "index": t.index, "prob": t.prob} for t in m.topk],
+        "entropy": m.entropy,
+        "margin": m.margin,
+        "reasons": list(m.reasons),
+        "predicted": m.predicted,
+        "truth": m.truth,
+        "ts": m.ts,
+    }
+
+
+def _result_row(base: dict[str, str], m: Result) -> dict[str, object]:
+    return {
+        **base,
+        "inference_id": m.inference_id,
+        "model_version": m.model.version,
+        "label": m.label,
+        "path": m.path,
+        "confidence": m.confidence,
+        "truth": m.truth,
+        "ts": m.ts,
+    }
+
+
+def _alert_row(base: dict[str, str], m: Alert) -> dict[str, object]:
+    return {
+        **base,
+        "alert_id": m.alert_id,
+        "kind": m.kind,
+        "state": m.state,
+        "model_version": m.model.version,
+        "score": m.score,
+        "threshold": m.threshold,
+        "detail": m.detail,
+        "ts": m.ts,
+    }

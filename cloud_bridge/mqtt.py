@@ -1,0 +1,316 @@
+"""An MQTT connection for the bridge: paho-mqtt 2.x driven from the asyncio event loop.
+
+Why paho directly and not aiomqtt: the bridge must acknowledge a QoS 1 message only after it is
+durably handled (registry commit), which needs paho's `manual_ack=True` + `client.ack(mid, qos)`;
+aiomqtt 2.5.1 (the installed version) has no manual-ack option and acknowledges on receipt. Driving
+paho from the loop (add_reader/add_writer calling loop_read/loop_write, a timer calling loop_misc)
+also avoids aiomqtt's per-publish future and thread hops (LIMITS.md trap 3), and keeps every paho
+callback on the event-loop thread, so no locks are needed.
+
+The TCP connect itself (`client.connect`) is a blocking call on the loop; it happens only at start and
+on reconnect and is bounded by paho's connect timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cloud_bridge.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+_MISC_INTERVAL_S = 0.5
+_RECONNECT_MIN_S = 0.2
+_RECONNECT_MAX_S = 10.0
+
+
+class MqttError(RuntimeError):
+    """The broker refused us, or a publish/subscribe could not be sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One received message; `generation` is the connection it arrived on (acks are per connection)."""
+
+    topic: str
+    payload: bytes | bytearray
+    qos: int
+    mid: int
+    generation: int
+    response_topic: str | None
+    correlation_data: bytes | None
+
+
+MessageHandler = Callable[[Incoming], None]
+
+
+class MqttConnection:
+    """One paho client on the running event loop, reconnecting with backoff until `close()`."""
+
+    def __init__(self, config: MqttConfig, subscriptions: list[tuple[str, int]], on_message: MessageHandler) -> None:
+        self._config = config
+        self._subscriptions = subscriptions
+        self._on_message_cb = on_message
+        self._loop = asyncio.get_running_loop()
+        self._v5 = config.protocol == "mqtt5"
+        self._client = self._make_client()
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._closing = False
+        self._generation = 0
+        self._pending_publishes: dict[int, asyncio.Future[None]] = {}
+        self._pending_sub_mid: int | None = None
+        self._window = asyncio.Semaphore(config.publish_window)
+        self._connect_error: str | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self._session_ready = asyncio.Condition()
+        self._ready_generation = 0
+        self._sock: socket.socket | None = None
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        cfg = self._config
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else False,
+            manual_ack=True,
+        )
+        # paho's own queues must never drop or block: the broker's Receive Maximum and our publish
+        # window are the bounds.
+        client.max_inflight_messages_set(max(20, cfg.publish_window))
+        client.max_queued_messages_set(0)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls_ca is not None:
+            client.tls_set_context(ssl.create_default_context(cafile=cfg.tls_ca))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Connect, subscribe, and keep reconnecting until `close()`; sets `ready` once subscribed."""
+        self._misc_task = asyncio.create_task(self._misc_loop())
+        delay = _RECONNECT_MIN_S
+        try:
+            while not self._closing:
+                try:
+                    await self._connect_once()
+                except (OSError, MqttError) as exc:
+                    log.warning(
+                        "mqtt connect failed host=%s port=%d error=%s retry_s=%.1f",
+                        self._config.host,
+                        self._config.port,
+                        exc,
+                        delay,
+                    )
+                    await self._sleep_unless_closing(delay)
+                    delay = min(delay * 2, _RECONNECT_MAX_S)
+                    continue
+                delay = _RECONNECT_MIN_S
+                if ready is not None:
+                    ready.set()
+                await self._disconnected.wait()
+                if not self._closing:
+                    await self._sleep_unless_closing(delay)
+        finally:
+            self._misc_task.cancel()
+
+    async def _sleep_unless_closing(self, delay: float) -> None:
+        # Waiting on the disconnected event doubles as a close() wake-up.
+        self._disconnected.clear()
+        if self._closing:
+            return
+        try:
+            await asyncio.wait_for(self._disconnected.wait(), delay)
+        except TimeoutError:
+            return
+
+    async def _connect_once(self) -> None:
+        cfg = self._config
+        self._connected.clear()
+        self._disconnected.clear()
+        self._subscribed.clear()
+        self._connect_error = None
+        props: Properties | None = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            props.ReceiveMaximum = cfg.receive_maximum
+            self._client.connect(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
+        else:
+            self._client.connect(cfg.host, cfg.port, cfg.keepalive)
+        await self._wait_either(self._connected, cfg.keepalive)
+        if self._connect_error is not None:
+            raise MqttError(self._connect_error)
+        if self._subscriptions:
+            result, mid = self._client.subscribe(self._subscriptions)
+            if result != paho.MQTT_ERR_SUCCESS:
+                raise MqttError(f"subscribe failed: {paho.error_string(result)}")
+            self._pending_sub_mid = mid
+            await self._wait_either(self._subscribed, cfg.keepalive)
+            if not self._subscribed.is_set():
+                raise MqttError("broker did not acknowledge the subscription")
+        async with self._session_ready:
+            self._ready_generation = self._generation
+            self._session_ready.notify_all()
+        log.info(
+            "mqtt connected host=%s port=%d client_id=%s generation=%d subscriptions=%d",
+            cfg.host,
+            cfg.port,
+            cfg.client_id,
+            self._generation,
+            len(self._subscriptions),
+        )
+
+    async def _wait_either(self, event: asyncio.Event, limit_s: float) -> None:
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._disconnected.wait())}
+        done, pending = await asyncio.wait(waiters, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if not done:
+            raise MqttError(f"no answer from the broker within {limit_s}s")
+        if self._disconnected.is_set() and not event.is_set():
+            raise MqttError(self._connect_error or "connection closed by the broker")
+
+    async def wait_subscribed(self, generation: int) -> None:
+        """Wait until connection number `generation` (1 = first) is up and subscribed."""
+        async with self._session_ready:
+            await self._session_ready.wait_for(lambda: self._ready_generation >= generation)
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_MISC_INTERVAL_S)
+            if self._sock is not None:
+                self._client.loop_misc()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (pending acks are lost: the broker redelivers them to the next session)."""
+        self._closing = True
+        if self._connected.is_set():
+            self._client.disconnect()
+        self._disconnected.set()
+
+    # -- publish / ack -----------------------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, correlation_data: bytes | None = None) -> None:
+        """Publish and wait for the PUBACK (QoS 1); the window bounds how many are in flight at once."""
+        async with self._window:
+            if not self._connected.is_set():
+                raise MqttError(f"not connected: cannot publish to {topic}")
+            props: Properties | None = None
+            if self._v5 and correlation_data is not None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = correlation_data
+            info = self._client.publish(topic, payload, qos=qos, properties=props)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            if qos == 0:
+                return
+            future: asyncio.Future[None] = self._loop.create_future()
+            self._pending_publishes[info.mid] = future
+            await future
+
+    def ack(self, message: Incoming) -> bool:
+        """PUBACK a message if it came on the current connection (else the broker redelivers it)."""
+        if message.qos == 0:
+            return True
+        if message.generation != self._generation or not self._connected.is_set():
+            return False
+        self._client.ack(message.mid, message.qos)
+        return True
+
+    # -- paho callbacks (all run on the event-loop thread) -----------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._connect_error = f"broker refused the connection: {reason}"
+            self._disconnected.set()
+            return
+        self._generation += 1
+        self._connected.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._disconnected.set()
+        for future in self._pending_publishes.values():
+            if not future.done():
+                future.set_exception(MqttError(f"connection lost before PUBACK: {reason}"))
+        self._pending_publishes.clear()
+        if was_connected and not self._closing:
+            log.warning("mqtt disconnected reason=%s", reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        response_topic: str | None = None
+        correlation: bytes | None = None
+        props = getattr(msg, "properties", None)
+        if props is not None:
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+        self._on_message_cb(
+            Incoming(msg.topic, msg.payload, msg.qos, msg.mid, self._generation, response_topic, correlation)
+        )
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        future = self._pending_publishes.pop(mid, None)
+        if future is None or future.done():
+            return
+        if getattr(reason, "is_failure", False):
+            future.set_exception(MqttError(f"broker rejected publish: {reason}"))
+        else:
+            future.set_result(None)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if mid != self._pending_sub_mid:
+            return
+        failed = [r for r in reasons if getattr(r, "is_failure", False)]
+        if failed:
+            self._connect_error = f"subscription refused: {failed}"
+            log.error("mqtt subscription refused reasons=%s", failed)
+            return
+        self._subscribed.set()
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._sock = sock
+        self._loop.add_reader(sock, client.loop_read)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._sock = None
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.add_writer(sock, client.loop_write)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.remove_writer(sock)

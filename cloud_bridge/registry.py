@@ -1,0 +1,310 @@
+"""The bridge's registry: SQLAlchemy 2 async, SQLite (WAL, via aiosqlite) by default, PostgreSQL by URL.
+
+Tables are declared with the ORM; the hot path writes with Core bulk statements (one executemany per
+table per batch, one transaction per batch: group commit, LIMITS.md trap 4). Per-row ORM objects
+would cost more Python time per message than the whole budget of the bridge.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+log = logging.getLogger(__name__)
+
+_IN_CHUNK = 500  # SQLite's bound-parameter limit is far above this; keeps IN lists cheap to plan.
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+    model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    messages: Mapped[int] = mapped_column(BigInteger, default=0)
+    telemetry_windows: Mapped[int] = mapped_column(BigInteger, default=0)
+    samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    results: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SeenMessage(Base):
+    __tablename__ = "seen_messages"
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(1024))
+    reason: Mapped[str] = mapped_column(String(2048))
+    field: Mapped[str] = mapped_column(String(256))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    raw_size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class SampleRow(Base):
+    __tablename__ = "samples"
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    inference_id: Mapped[str] = mapped_column(String(128))
+    dtype: Mapped[str] = mapped_column(String(16))
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    tensor: Mapped[bytes] = mapped_column(LargeBinary)
+    topk: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    entropy: Mapped[float] = mapped_column(Float)
+    margin: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[list[str]] = mapped_column(JSON)
+    predicted: Mapped[str] = mapped_column(String(64))
+    truth: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class ResultRow(Base):
+    __tablename__ = "results"
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    inference_id: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(16))
+    confidence: Mapped[float] = mapped_column(Float)
+    truth: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class TelemetryRow(Base):
+    __tablename__ = "telemetry"
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[float] = mapped_column(Float)
+    window_end: Mapped[float] = mapped_column(Float, index=True)
+    count: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class CommandAckRow(Base):
+    __tablename__ = "command_acks"
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64))
+    cmd_id: Mapped[str] = mapped_column(String(36), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class AlertRow(Base):
+    __tablename__ = "alerts"
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64))
+    alert_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(String(1024))
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class Agreement(Base):
+    __tablename__ = "escalation_agreement"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    answered: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreed: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+@dataclass
+class DeviceDelta:
+    """What one batch changes on one device row."""
+
+    last_seen: float = 0.0
+    messages: int = 0
+    telemetry_windows: int = 0
+    samples: int = 0
+    results: int = 0
+    online: bool | None = None
+    model: tuple[str, str, str] | None = None
+
+
+@dataclass
+class Batch:
+    """Everything one group commit writes."""
+
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    rows: dict[type[Base], list[dict[str, Any]]] = field(default_factory=dict)
+    devices: dict[tuple[str, str], DeviceDelta] = field(default_factory=dict)
+
+    def add_row(self, table: type[Base], row: dict[str, Any]) -> None:
+        self.rows.setdefault(table, []).append(row)
+
+    def device(self, fleet_id: str, device_id: str) -> DeviceDelta:
+        key = (fleet_id, device_id)
+        delta = self.devices.get(key)
+        if delta is None:
+            delta = self.devices[key] = DeviceDelta()
+        return delta
+
+    def __len__(self) -> int:
+        return len(self.seen) + len(self.dead_letters)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL + NORMAL: a commit survives a process crash; group commit makes the fsync cost per batch.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+class Registry:
+    """Async access to the registry database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite"):
+            db_path = url.split(":///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: AsyncEngine = create_async_engine(url)
+        self._dialect = self.engine.dialect.name
+        if self._dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def create(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+
+    async def known_ids(self, msg_ids: Sequence[str]) -> set[str]:
+        """Which of `msg_ids` were already stored (a redelivery after a restart)."""
+        found: set[str] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(msg_ids), _IN_CHUNK):
+                chunk = msg_ids[start : start + _IN_CHUNK]
+                result = await conn.execute(select(SeenMessage.msg_id).where(SeenMessage.msg_id.in_(chunk)))
+                found.update(result.scalars())
+        return found
+
+    async def commit_batch(self, batch: Batch) -> None:
+        """Write a whole batch in one transaction."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self._write_batch_sync, batch)
+
+    def _write_batch_sync(self, conn: Connection, batch: Batch) -> None:
+        # One thread hop for the whole batch: every statement runs in the driver's thread.
+        if batch.seen:
+            conn.execute(self._insert(SeenMessage).on_conflict_do_nothing(), batch.seen)
+        if batch.dead_letters:
+            conn.execute(insert(DeadLetter), batch.dead_letters)
+        for table, rows in batch.rows.items():
+            conn.execute(self._insert(table).on_conflict_do_nothing(), rows)
+        for (fleet_id, device_id), delta in batch.devices.items():
+            self._upsert_device(conn, fleet_id, device_id, delta)
+
+    def _upsert_device(self, conn: Connection, fleet_id: str, device_id: str, delta: DeviceDelta) -> None:
+        values: dict[str, Any] = {
+            "fleet_id": fleet_id,
+            "device_id": device_id,
+            "last_seen": delta.last_seen,
+            "messages": delta.messages,
+            "telemetry_windows": delta.telemetry_windows,
+            "samples": delta.samples,
+            "results": delta.results,
+            "online": bool(delta.online),
+        }
+        table = Device.__table__
+        updates: dict[str, Any] = {
+            "last_seen": func.max(table.c.last_seen, delta.last_seen)
+            if self._dialect == "sqlite"
+            else func.greatest(table.c.last_seen, delta.last_seen),
+            "messages": table.c.messages + delta.messages,
+            "telemetry_windows": table.c.telemetry_windows + delta.telemetry_windows,
+            "samples": table.c.samples + delta.samples,
+            "results": table.c.results + delta.results,
+        }
+        if delta.online is not None:
+            updates["online"] = delta.online
+        if delta.model is not None:
+            name, version, sha = delta.model
+            values.update(model_name=name, model_version=version, model_sha256=sha)
+            updates.update(model_name=name, model_version=version, model_sha256=sha)
+        stmt = self._insert(Device).values(**values)
+        conn.execute(stmt.on_conflict_do_update(index_elements=["fleet_id", "device_id"], set_=updates))
+
+    async def add_agreement(self, counts: Iterable[tuple[tuple[str, str, str], tuple[int, int]]]) -> None:
+        """Add (answered, agreed) escalation counts per (fleet, device, edge model version)."""
+        async with self.engine.begin() as conn:
+            for (fleet_id, device_id, version), (answered, agreed) in counts:
+                table = Agreement.__table__
+                stmt = self._insert(Agreement).values(
+                    fleet_id=fleet_id, device_id=device_id, model_version=version, answered=answered, agreed=agreed
+                )
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["fleet_id", "device_id", "model_version"],
+                        set_={"answered": table.c.answered + answered, "agreed": table.c.agreed + agreed},
+                    )
+                )
+
+    async def count(self, table: type[Base]) -> int:
+        async with self.engine.connect() as conn:
+            result = await conn.execute(select(func.count()).select_from(table))
+            return int(result.scalar_one())
+
+    async def rows(self, table: type[Base]) -> list[dict[str, Any]]:
+        """All rows of a table as dicts (for tests and operators; not for the hot path)."""
+        async with self.engine.connect() as conn:
+            return await _all_rows(conn, table)
+
+
+async def _all_rows(conn: AsyncConnection, table: type[Base]) -> list[dict[str, Any]]:
+    result = await conn.execute(select(table.__table__))
+    return [dict(row._mapping) for row in result]

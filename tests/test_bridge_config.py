@@ -1,0 +1,93 @@
+"""Bridge config: TOML, CLOUD_BRIDGE_* overrides, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloud_bridge.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cloud.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    config = load_config(None, env={"CLOUD_BRIDGE_STATE_DIR": str(tmp_path)})
+    assert config.mqtt.protocol == "mqtt5"
+    assert config.fleet.prefix == "fleet" and config.fleet.share_group == "bridges" and config.fleet.shared
+    assert config.registry_url == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'registry.db'}"
+    assert config.influx.url is None
+    assert config.escalation.model is None
+
+
+def test_toml_then_env_overrides(tmp_path: Path) -> None:
+    model = tmp_path / "cloud.onnx"
+    model.write_bytes(b"x")
+    path = write(
+        tmp_path,
+        f"""
+[mqtt]
+host = "broker.example"
+port = 8883
+keepalive = 15
+[fleet]
+prefix = "acme/fleet"
+shared = false
+[escalation]
+model_path = "{model}"
+providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+max_batch = 8
+[influx]
+url = "http://tsdb:8086"
+bucket = "b1"
+""",
+    )
+    env = {
+        "CLOUD_BRIDGE_MQTT__HOST": "other-broker",
+        "CLOUD_BRIDGE_MQTT__PORT": "1884",
+        "CLOUD_BRIDGE_FLEET__SHARED": "true",
+        "CLOUD_BRIDGE_ESCALATION__PROVIDERS": "CPUExecutionProvider",
+        "CLOUD_BRIDGE_INGEST__DEAD_LETTER_MAX_BYTES": "512",
+        "UNRELATED": "ignored",
+    }
+    config = load_config(path, env=env)
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.keepalive) == ("other-broker", 1884, 15)
+    assert config.fleet.prefix == "acme/fleet" and config.fleet.shared is True
+    assert config.escalation.model == str(model)
+    assert config.escalation.providers == ("CPUExecutionProvider",)
+    assert config.escalation.max_batch == 8
+    assert config.influx.url == "http://tsdb:8086" and config.influx.bucket == "b1"
+    assert config.ingest.dead_letter_max_bytes == 512
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ("[mqtt]\nport = 0\n", {}, "[mqtt] port = 0 must be between 1 and 65535"),
+        ("[mqtt]\nport = 'x'\n", {}, "[mqtt] port must be an integer"),
+        ("", {"CLOUD_BRIDGE_MQTT__KEEPALIVE": "soon"}, "[mqtt] keepalive must be an integer"),
+        ("[mqtt]\nprotocol = 'mqtt4'\n", {}, "[mqtt] protocol = 'mqtt4' is not allowed: use one of"),
+        ("[mqtt]\nhots = 'a'\n", {}, "unknown key [mqtt] 'hots'"),
+        ("[fleet]\nshare_group = 'a/b'\n", {}, "[fleet]"),
+        ("[fleet]\nshared = 'maybe'\n", {}, "[fleet] shared must be true or false"),
+        ("[escalation]\nmodel = '/nonexistent.onnx'\n", {}, "[escalation] model = '/nonexistent.onnx' does not exist"),
+        ("[escalation]\nmax_concurrency = 0\n", {}, "[escalation] max_concurrency = 0 must be greater than 0"),
+        ("[registry]\nurl = 'mysql://x'\n", {}, "[registry] url = 'mysql://x'"),
+        ("[influx]\nurl = 'tsdb:8086'\n", {}, "[influx] url = 'tsdb:8086' must start with http://"),
+        ("[mqtt\n", {}, "is not valid TOML"),
+        ("colour = 1\n", {}, "unknown key 'colour'"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert needle in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})

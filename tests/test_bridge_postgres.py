@@ -1,0 +1,135 @@
+"""The registry on a real, private PostgreSQL server (started here as user `postgres` on a free port)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from cloud_bridge.app import running_bridge
+from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, RegistryConfig
+from cloud_bridge.registry import Agreement, Device, Registry, SampleRow, SeenMessage, TelemetryRow
+from devservers import Mosquitto
+from devservers.ports import free_port, wait_for_port
+from schemas import Alert, CommandAck, Envelope, Result, Sample, Status, Telemetry, encode
+from schemas.topics import Channel, Topics
+from tests.factories import examples
+
+pytest.importorskip("asyncpg", reason="asyncpg is needed for PostgreSQL: pip install asyncpg")
+pytestmark = pytest.mark.timeout(90)
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+TOPICS = Topics()
+CHANNEL_OF: dict[type[Envelope], Channel] = {
+    Status: Channel.STATUS,
+    Telemetry: Channel.TELEMETRY,
+    Sample: Channel.SAMPLES,
+    Result: Channel.RESULTS,
+    CommandAck: Channel.CMD_ACK,
+}
+
+
+def _as_postgres(*argv: str) -> list[str]:
+    # PostgreSQL refuses to run as root; tests here run as root (see LIMITS.md), so drop to `postgres`.
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN}")
+    work = Path(tempfile.mkdtemp(prefix="bridge-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(work, "postgres", "postgres")
+    data, port = work / "data", free_port()
+    subprocess.run(
+        _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "bridge", "--no-sync"),
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    log = (work / "pg.log").open("wb")
+    proc = subprocess.Popen(
+        _as_postgres(
+            str(PG_BIN / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(work),
+            "-h",
+            "127.0.0.1",
+            "-c",
+            "fsync=off",
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 30, name="postgres", process=proc, log_path=work / "pg.log")
+        subprocess.run(
+            _as_postgres(
+                str(PG_BIN.parent / "bin" / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "bridge", "registry"
+            ),
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        yield f"postgresql+asyncpg://bridge@127.0.0.1:{port}/registry"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def topic_for(message: Envelope) -> str:
+    if isinstance(message, Alert):
+        return TOPICS.alerts(message.fleet_id)
+    return TOPICS.device(message.fleet_id, message.device_id, CHANNEL_OF[type(message)])
+
+
+async def test_ingest_and_dedup_on_postgresql(tmp_path: Path, mosquitto: Mosquitto, postgres_url: str) -> None:
+    messages = [m for m in examples("f1", "pg-1") if isinstance(m, (*CHANNEL_OF, Alert))]
+    items = [(topic_for(m), encode(m)) for m in messages]
+    config = BridgeConfig(
+        state_dir=str(tmp_path / "state"),
+        mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="bridge-pg"),
+        fleet=FleetConfig(shared=True),
+        registry=RegistryConfig(url=postgres_url),
+    )
+    for run in range(2):
+        async with running_bridge(config) as bridge:
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+                for topic, payload in items:
+                    await client.publish(topic, payload, qos=1)
+            assert bridge.ingestor is not None
+            await bridge.ingestor.wait_for(lambda s: s.stored + s.duplicates >= len(items))
+            # The second run has a fresh cache: PostgreSQL's unique msg_id drops every copy.
+            assert bridge.ingestor.stats.duplicates == (0 if run == 0 else len(items))
+    registry = Registry(postgres_url)
+    try:
+        assert await registry.count(SeenMessage) == len(items)
+        assert await registry.count(TelemetryRow) == 1 and await registry.count(SampleRow) == 1
+        (device,) = await registry.rows(Device)
+        assert device["messages"] == len(items)  # duplicates are not counted
+        assert device["online"] is True and device["model_version"] == "1.0.0"
+        await registry.add_agreement([(("f1", "pg-1", "1.0.0"), (4, 3))])
+        await registry.add_agreement([(("f1", "pg-1", "1.0.0"), (2, 2))])
+        assert await registry.rows(Agreement) == [
+            {"fleet_id": "f1", "device_id": "pg-1", "model_version": "1.0.0", "answered": 6, "agreed": 5}
+        ]
+    finally:
+        await registry.close()
