@@ -10,6 +10,7 @@ schemas/json/ (`python -m schemas.export` rewrites them; a test keeps them in st
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 import msgspec
@@ -337,8 +338,9 @@ ALL_MESSAGES: tuple[type[Envelope], ...] = (
 )
 
 
+@functools.cache
 def schema_name(message_type: type[Envelope]) -> str:
-    """The `schema` tag of a message type, e.g. "telemetry/1"."""
+    """The `schema` tag of a message type, e.g. "telemetry/1" (cached: introspection costs ~300 us)."""
     tag = msgspec.inspect.type_info(message_type).tag  # type: ignore[attr-defined]
     assert isinstance(tag, str)
     return tag
