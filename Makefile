@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 setup:
 	@scripts/setup.sh
 
-demo: setup
+# The demo needs only Mosquitto; the tests also need victoria-metrics and a PostgreSQL server binary.
+demo:
+	@WITH_TEST_SERVERS=0 scripts/setup.sh
 	$(PY) -m demo
 
 test: setup lint

@@ -27,6 +27,7 @@ from schemas.topics import Channel
 log = logging.getLogger(__name__)
 
 _DRAIN_TIMEOUT_S = 20.0
+_PRUNE_INTERVAL_S = 3600.0
 _ESCALATE_SUFFIX = "/" + Channel.ESCALATE.value
 
 
@@ -147,10 +148,21 @@ class Bridge:
             self.tsdb.add(agreement_line(f, d, v, agreed, answered, now) for (f, d, v), (answered, agreed) in counts)
 
     async def _status_loop(self) -> None:
+        next_prune = 0.0
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             await self.flush_agreement()
+            if time.monotonic() >= next_prune:
+                await self.prune()
+                next_prune = time.monotonic() + _PRUNE_INTERVAL_S
             self.log_status()
+
+    async def prune(self) -> int:
+        """Drop dedup ids older than `[ingest] seen_retention_s`."""
+        pruned = await self.registry.prune_seen(time.time() - self.config.ingest.seen_retention_s)
+        if pruned:
+            log.info("pruned seen message ids count=%d", pruned)
+        return pruned
 
     def log_status(self) -> None:
         now = time.monotonic()

@@ -79,6 +79,9 @@ class IngestConfig:
     dead_letter_max_bytes: int = 4096
     batch_max: int = 1000
     dedup_cache: int = 100_000
+    # How long a msg_id stays in the registry for dedup: must exceed how long a message can be
+    # redelivered (the bridge's session expiry plus device outbox retries).
+    seen_retention_s: float = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,7 @@ def _validate(config: BridgeConfig) -> None:
         ("[escalation] max_batch", config.escalation.max_batch),
         ("[ingest] dead_letter_max_bytes", config.ingest.dead_letter_max_bytes),
         ("[ingest] batch_max", config.ingest.batch_max),
+        ("[ingest] seen_retention_s", config.ingest.seen_retention_s),
         ("[influx] batch_lines", config.influx.batch_lines),
         ("[influx] buffer_max_lines", config.influx.buffer_max_lines),
         ("status_interval_s", config.status_interval_s),

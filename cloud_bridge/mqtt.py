@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from cloud_bridge.config import MqttConfig
 log = logging.getLogger(__name__)
 
 _MISC_INTERVAL_S = 0.5
+_READS_PER_WAKEUP = 256
 _RECONNECT_MIN_S = 0.2
 _RECONNECT_MAX_S = 10.0
 
@@ -302,7 +304,26 @@ class MqttConnection:
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._sock = sock
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._read_ready)
+
+    def _read_ready(self) -> None:
+        """Read every packet already available, not one per event-loop turn (paho reads one per call).
+
+        TLS matters here too: bytes decrypted into the SSL object's buffer do not make the socket
+        readable again, so without draining `pending()` they would wait for the next TCP segment.
+        """
+        for _ in range(_READS_PER_WAKEUP):
+            if self._client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                return
+            sock = self._sock
+            if sock is None:
+                return
+            pending = getattr(sock, "pending", None)
+            if pending is not None and pending() > 0:
+                continue
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._loop.remove_reader(sock)

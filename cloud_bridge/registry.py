@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    delete,
     event,
     func,
     insert,
@@ -58,7 +59,7 @@ class Device(Base):
 class SeenMessage(Base):
     __tablename__ = "seen_messages"
     msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    received_at: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class DeadLetter(Base):
@@ -293,6 +294,12 @@ class Registry:
                         set_={"answered": table.c.answered + answered, "agreed": table.c.agreed + agreed},
                     )
                 )
+
+    async def prune_seen(self, before: float) -> int:
+        """Forget msg_ids received before `before`: past the broker's redelivery window they cannot recur."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(SeenMessage).where(SeenMessage.received_at < before))
+            return int(result.rowcount)
 
     async def count(self, table: type[Base]) -> int:
         async with self.engine.connect() as conn:

@@ -9,7 +9,9 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 NEED_PKGS=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || NEED_PKGS+=(mosquitto)
-if [ "${WITH_TSDB:-1}" = 1 ]; then
+if [ "${WITH_TEST_SERVERS:-1}" = 1 ]; then
+  # The registry tests start a private PostgreSQL server (never the one on :5432).
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || NEED_PKGS+=(postgresql)
   command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] || NEED_PKGS+=(victoria-metrics)
 fi
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from pathlib import Path
 
 import aiomqtt
@@ -157,6 +158,10 @@ async def test_duplicate_msg_ids_are_dropped_also_after_a_restart(tmp_path: Path
         assert await bridge.registry.count(TelemetryRow) == 1
         (device,) = await bridge.registry.rows(Device)
         assert device["messages"] == len(items)
+        # Ids older than the retention are forgotten; fresh ones are kept.
+        assert await bridge.registry.prune_seen(time.time() - 3600) == 0
+        assert await bridge.registry.prune_seen(time.time() + 1) == len(items)
+        assert await bridge.registry.count(SeenMessage) == 0
 
 
 async def test_messages_sent_while_bridge_is_down_arrive_via_persistent_session(

@@ -25,7 +25,12 @@ from tests.factories import examples
 pytest.importorskip("asyncpg", reason="asyncpg is needed for PostgreSQL: pip install asyncpg")
 pytestmark = pytest.mark.timeout(90)
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian puts the server binaries in a versioned folder, not on PATH; take the newest installed.
+PG_BIN = max(
+    Path("/usr/lib/postgresql").glob("*/bin"),
+    default=Path("/usr/lib/postgresql/15/bin"),
+    key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+)
 TOPICS = Topics()
 CHANNEL_OF: dict[type[Envelope], Channel] = {
     Status: Channel.STATUS,
