@@ -1,0 +1,378 @@
+"""Edge pipeline vs raw ONNX Runtime, side by side in one run.
+
+Measured on the demo edge model (digits held-out inputs, cycled):
+
+* raw `InferenceSession.run` at batch 1 (the classifier's own session, so same options);
+* the full pipeline (queue -> check -> inference -> routing -> sampling -> telemetry window ->
+  result encoding -> SQLite outbox commit) with one input in flight at a time ("batch 1");
+* the same pipeline with the queue kept full, so it micro-batches up to `max_batch`.
+
+Then the batch-1 comparison again on a wide MLP whose `run` costs about 1 ms, to show what the
+daemon costs a real model. The last line is the headline: micro-batched pipeline throughput over
+raw batch-1 `run` throughput on the demo edge model (target >= 1.0).
+
+Escalation is off (`routing.escalate = false`): it needs a cloud to answer. Sampling keeps its
+default budget and results are published (encoded and committed to the outbox, which nothing
+drains: bench/outbox.py measures the MQTT side).
+
+Run: `.venv/bin/python bench/edge_pipeline.py` (about 30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_node.config import EdgeConfig, validate
+from edge_node.demo_models import build_demo_models, load_split
+from edge_node.escalation import Escalations
+from edge_node.model import Classifier
+from edge_node.outbox import Outbox
+from edge_node.pipeline import Pipeline
+from edge_node.sampling import UncertaintySampler
+from edge_node.sources import InputItem
+from edge_node.telemetry import Window
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MAX_BYTES = 1 << 30  # large enough that no run evicts: eviction is not what is measured
+WIDE_TARGET_MS = 1.0
+WIDE_CANDIDATES = (1024, 1536, 2048, 2560, 3072, 4096)
+QUEUE_BOUND_BATCHES = 4  # the daemon's queue holds 4 * max_batch inputs (edge_node/app.py)
+
+Inputs = Sequence[npt.NDArray[np.float32]]
+
+
+# ---- results ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """`n` inputs handled in `seconds`, with each input's latency."""
+
+    name: str
+    n: int
+    seconds: float
+    latencies_s: npt.NDArray[np.float64]
+
+    @property
+    def throughput(self) -> float:
+        return self.n / self.seconds
+
+    def percentile_us(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) * 1e6
+
+    @staticmethod
+    def combine(parts: Sequence[Measurement]) -> Measurement:
+        """Rounds of the same measurement, pooled (rounds interleave with their baseline)."""
+        return Measurement(
+            parts[0].name,
+            sum(p.n for p in parts),
+            sum(p.seconds for p in parts),
+            np.concatenate([p.latencies_s for p in parts]),
+        )
+
+
+# ---- raw ONNX Runtime ------------------------------------------------------------------------
+def raw_batch1(classifier: Classifier, rows: Inputs, n: int, name: str = "raw run, batch 1") -> Measurement:
+    """`session.run` on one input at a time, timed per call; no softmax, no checks."""
+    session = classifier.session
+    feed_name = classifier.info.input_name
+    output = [session.get_outputs()[0].name]
+    latencies = np.empty(n, dtype=np.float64)
+    clock = time.perf_counter
+    start = clock()
+    for i in range(n):
+        t0 = clock()
+        session.run(output, {feed_name: rows[i % len(rows)]})
+        latencies[i] = clock() - t0
+    return Measurement(name, n, clock() - start, latencies)
+
+
+# ---- the pipeline ----------------------------------------------------------------------------
+def bench_config(model: Path, outbox_path: Path) -> EdgeConfig:
+    """Default settings except: escalation off, no eviction; validated like a config file."""
+    base = EdgeConfig()
+    config = dataclasses.replace(
+        base,
+        device=dataclasses.replace(base.device, fleet_id="bench", device_id="edge-1"),
+        model=dataclasses.replace(base.model, path=model),
+        routing=dataclasses.replace(base.routing, escalate=False, publish_results=True),
+        outbox=dataclasses.replace(base.outbox, path=outbox_path, max_bytes=OUTBOX_MAX_BYTES),
+    )
+    validate(config)
+    return config
+
+
+@dataclass
+class PipelineRig:
+    """A running Pipeline over a real outbox, fed through its queue like a source would."""
+
+    pipeline: Pipeline
+    queue: asyncio.Queue[InputItem]
+    window: Window
+    sampler: UncertaintySampler
+    outbox: Outbox
+
+
+@asynccontextmanager
+async def running_pipeline(config: EdgeConfig, classifier: Classifier) -> AsyncIterator[PipelineRig]:
+    outbox = await Outbox.open(config.outbox.path, config.outbox.max_bytes, synchronous=config.outbox.synchronous)
+    s = config.sampling
+    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, s.max_per_minute)
+    window = Window(config.telemetry.max_features, time.time())
+    escalations = Escalations(config.routing.max_outstanding)
+    pipeline = Pipeline(config, classifier, outbox, escalations, sampler, lambda: window, lambda: False)
+    queue: asyncio.Queue[InputItem] = asyncio.Queue(maxsize=QUEUE_BOUND_BATCHES * config.model.max_batch)
+    task = asyncio.create_task(pipeline.run(queue), name="pipeline")
+    try:
+        yield PipelineRig(pipeline, queue, window, sampler, outbox)
+    finally:
+        task.cancel()  # how the pipeline is stopped: its CancelledError is expected
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await outbox.close()
+
+
+class Completion:
+    """Records when each input's `on_done` fired, and wakes a waiter at a target count."""
+
+    def __init__(self, n: int) -> None:
+        self.ends = np.zeros(n, dtype=np.float64)
+        self.failed = 0
+        self.count = 0
+        self.target = n
+        self.reached = asyncio.Event()
+
+    def __call__(self, item: InputItem, ok: bool) -> None:
+        self.ends[int(item.input_id)] = time.perf_counter()
+        self.failed += not ok
+        self.count += 1
+        if self.count >= self.target:
+            self.reached.set()
+
+
+def _items(rows: Inputs, n: int, done: Completion, loop: asyncio.AbstractEventLoop) -> Iterator[InputItem]:
+    for i in range(n):
+        yield InputItem(str(i), rows[i % len(rows)], loop.time(), truth=None, source_ref=f"bench:{i}", on_done=done)
+
+
+async def pipeline_batch1(rig: PipelineRig, rows: Inputs, n: int, name: str = "pipeline, batch 1") -> Measurement:
+    """One input in flight: put it, wait until the pipeline is done with it, put the next."""
+    loop = asyncio.get_running_loop()
+    done = Completion(n)
+    starts = np.zeros(n, dtype=np.float64)
+    begin = time.perf_counter()
+    for i, item in enumerate(_items(rows, n, done, loop)):
+        done.target = i + 1
+        done.reached.clear()
+        starts[i] = time.perf_counter()
+        rig.queue.put_nowait(item)
+        await asyncio.wait_for(done.reached.wait(), timeout=10)
+    return _finish(name, done, starts, begin)
+
+
+async def pipeline_micro(rig: PipelineRig, rows: Inputs, n: int) -> Measurement:
+    """The queue kept full (a source faster than the model): the pipeline batches what waits."""
+    loop = asyncio.get_running_loop()
+    done = Completion(n)
+    starts = np.zeros(n, dtype=np.float64)
+    begin = time.perf_counter()
+    for i, item in enumerate(_items(rows, n, done, loop)):
+        await rig.queue.put(item)
+        starts[i] = time.perf_counter()  # latency counts from entering the queue, like accepted_at
+    await asyncio.wait_for(done.reached.wait(), timeout=60)
+    return _finish(f"pipeline, micro-batched (max_batch={rig.pipeline.config.model.max_batch})", done, starts, begin)
+
+
+def _finish(name: str, done: Completion, starts: npt.NDArray[np.float64], begin: float) -> Measurement:
+    if done.failed:
+        raise RuntimeError(f"{name}: {done.failed} input(s) were rejected by the pipeline")
+    return Measurement(name, len(starts), float(done.ends.max()) - begin, done.ends - starts)
+
+
+# ---- the 1 ms model --------------------------------------------------------------------------
+def wide_mlp(path: Path, hidden: int, features: int = 64, classes: int = 10, seed: int = 0) -> Path:
+    """A 64 -> hidden -> hidden -> 10 ReLU MLP with random weights, logits out, digits labels."""
+    rng = np.random.default_rng(seed)
+    dims = [features, hidden, hidden, classes]
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    x = "input"
+    for k, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+        w = (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{k}"), numpy_helper.from_array(np.zeros(d_out, np.float32), f"b{k}")]
+        last = k == len(dims) - 2
+        gemm_out = "logits" if last else f"g{k}"
+        nodes.append(helper.make_node("Gemm", [x, f"W{k}", f"b{k}"], [gemm_out]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [gemm_out], [f"h{k}"]))
+            x = f"h{k}"
+    graph = helper.make_graph(
+        nodes,
+        f"wide_mlp_{hidden}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(
+        model,
+        {
+            "labels": json.dumps([str(i) for i in range(classes)]),
+            "output_kind": "logits",
+            "model_name": f"bench-wide-{hidden}",
+            "model_version": "1",
+        },
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def median_run_ms(classifier: Classifier, rows: Inputs, runs: int) -> float:
+    raw_batch1(classifier, rows, max(3, runs // 10))  # warm-up
+    return raw_batch1(classifier, rows, runs).percentile_us(50) / 1000
+
+
+def pick_wide_model(work: Path, rows: Inputs) -> tuple[Classifier, float]:
+    """The first width whose batch-1 `run` reaches about WIDE_TARGET_MS here (or the widest)."""
+    for hidden in WIDE_CANDIDATES:
+        classifier = Classifier.load(wide_mlp(work / f"wide-{hidden}.onnx", hidden))
+        cost = median_run_ms(classifier, rows, 100)
+        if cost >= 0.9 * WIDE_TARGET_MS or hidden == WIDE_CANDIDATES[-1]:
+            return classifier, cost
+    raise AssertionError("unreachable: the loop returns on its last candidate")
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    raw: int
+    batch1: int
+    micro: int
+    wide_rounds: int
+    wide_per_round: int
+
+
+async def demo_model_runs(
+    config: EdgeConfig, classifier: Classifier, feeds: Inputs, items: Inputs, sizes: Sizes
+) -> tuple[list[Measurement], dict[str, int]]:
+    raw_batch1(classifier, feeds, sizes.raw // 10)  # warm-up
+    raw = raw_batch1(classifier, feeds, sizes.raw)
+    async with running_pipeline(config, classifier) as rig:
+        await pipeline_batch1(rig, items, 200)  # warm-up: allocations, SQLite pages
+        b1 = await pipeline_batch1(rig, items, sizes.batch1)
+        micro = await pipeline_micro(rig, items, sizes.micro)
+        counts = {
+            "processed": rig.pipeline.processed,
+            "outbox_rows": rig.outbox.depth,
+            "samples_sent": rig.sampler.sent,
+            "samples_skipped_budget": rig.sampler.skipped_budget,
+        }
+    return [raw, b1, micro], counts
+
+
+async def wide_model_runs(
+    config: EdgeConfig, classifier: Classifier, feeds: Inputs, items: Inputs, sizes: Sizes
+) -> tuple[Measurement, Measurement]:
+    """Raw and pipeline batch 1, interleaved in rounds so background load hits both alike."""
+    raws: list[Measurement] = []
+    pipes: list[Measurement] = []
+    async with running_pipeline(config, classifier) as rig:
+        await pipeline_batch1(rig, items, 50)
+        raw_batch1(classifier, feeds, 50)
+        for _ in range(sizes.wide_rounds):
+            raws.append(raw_batch1(classifier, feeds, sizes.wide_per_round, "raw run, batch 1"))
+            pipes.append(await pipeline_batch1(rig, items, sizes.wide_per_round, "pipeline, batch 1"))
+    return Measurement.combine(raws), Measurement.combine(pipes)
+
+
+# ---- report ----------------------------------------------------------------------------------
+def table(rows: Sequence[tuple[str, Measurement]]) -> str:
+    head = f"{'model':<14} {'measurement':<38} {'n':>7} {'inferences/s':>13} {'p50 µs':>9} {'p99 µs':>9}"
+    lines = [head, "-" * len(head)]
+    for model, m in rows:
+        lines.append(
+            f"{model:<14} {m.name:<38} {m.n:>7} {m.throughput:>13,.0f} "
+            f"{m.percentile_us(50):>9.1f} {m.percentile_us(99):>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--models", type=Path, default=Path("build/models"), help="where the demo models are built")
+    parser.add_argument("--quick", action="store_true", help="fewer inputs (a smoke run, numbers are noisier)")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> str:
+    sizes = Sizes(20_000, 3_000, 30_000, 5, 200)
+    if args.quick:
+        sizes = Sizes(2_000, 300, 3_000, 2, 50)
+    demo = build_demo_models(args.models)["edge"]
+    split = load_split()
+    x_test = np.ascontiguousarray(split.X_test, dtype=np.float32)
+    feeds = [x_test[i : i + 1] for i in range(len(x_test))]  # [1, 64] feeds for raw run
+    items = list(x_test)  # [64] inputs, as a source hands them to the pipeline
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
+        work = Path(tmp)
+        edge = Classifier.load(demo.path)
+        edge_config = bench_config(demo.path, work / "edge.sqlite")
+        measured, counts = await demo_model_runs(edge_config, edge, feeds, items, sizes)
+        wide, wide_ms = pick_wide_model(work, feeds)
+        wide_config = bench_config(wide.info.path, work / "wide.sqlite")
+        wide_raw, wide_pipe = await wide_model_runs(wide_config, wide, feeds, items, sizes)
+    raw, b1, micro = measured
+    wide_name = f"wide MLP {wide.info.feature_shape[0]}-{wide.info.ref.name.rsplit('-', 1)[-1]}x2-10"
+    return "\n".join(
+        [
+            f"edge pipeline benchmark: demo edge model {demo.path.name}, digits X_test ({len(items)} inputs, cycled)",
+            "settings: routing.escalate = false (escalation needs a cloud), sampling default budget "
+            f"({counts['samples_sent']} samples sent, {counts['samples_skipped_budget']} over budget), "
+            f"publish_results = true, SQLite outbox (synchronous=NORMAL, not drained, {counts['outbox_rows']} rows)",
+            f"1 ms model: {wide_name}, batch-1 run median {wide_ms:.3f} ms",
+            "",
+            table(
+                [
+                    ("demo edge", raw),
+                    ("demo edge", b1),
+                    ("demo edge", micro),
+                    ("1 ms model", wide_raw),
+                    ("1 ms model", wide_pipe),
+                ]
+            ),
+            "",
+            f"batch-1 added latency per inference (pipeline p50 - raw p50): "
+            f"{b1.percentile_us(50) - raw.percentile_us(50):.1f} µs",
+            f"1 ms model batch-1 ratio pipeline/raw: {wide_pipe.throughput / wide_raw.throughput:.2f} (target >= 0.95)",
+            "headline target: micro-batched pipeline / raw batch-1 run >= 1.0",
+            f"ratio {micro.throughput / raw.throughput:.2f} pipeline-microbatched/raw-batch1",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    print(asyncio.run(run(parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
