@@ -37,6 +37,7 @@ from schemas import (
     encode,
     encode_tensor,
     new_msg_id,
+    new_msg_ids,
 )
 from schemas.messages import FallbackReason, Path
 
@@ -258,40 +259,43 @@ class Pipeline:
         """Count final answers in the window and build their result messages."""
         if not finals:
             return []
-        info = self.classifier.info
-        window = self._window()
+        labels, ref = self.classifier.info.labels, self.classifier.info.ref
+        fleet_id, device_id = self.config.device.fleet_id, self.config.device.device_id
+        publish = self.config.routing.publish_results
+        topic = self._topic[Channel.RESULTS]
+        ids = new_msg_ids(len(finals)) if publish else []
         by_path: dict[str, list[tuple[str, float]]] = {}
         out: list[OutMessage] = []
-        dev = self.config.device
         now = time.time()
-        for final in finals:
-            row, path, reply = final.row, final.path, final.reply
-            latency_ms = (now_loop - row.item.accepted_at) * 1000.0
-            edge_label = info.labels[row.index]
+        for n, final in enumerate(finals):
+            row, reply = final.row, final.reply
+            latency_ms = max((now_loop - row.item.accepted_at) * 1000.0, 0.0)
+            edge_label = labels[row.index]
             label, index, confidence, cloud_label = edge_label, row.index, row.confidence, None
             if reply is not None and reply.label is not None and reply.index is not None:
                 label, index, confidence, cloud_label = reply.label, reply.index, reply.confidence or 0.0, reply.label
-            by_path.setdefault(path, []).append((label, latency_ms))
-            if self.config.routing.publish_results:
+            by_path.setdefault(final.path, []).append((label, latency_ms))
+            if publish:
                 result = Result(
-                    msg_id=new_msg_id(),
-                    fleet_id=dev.fleet_id,
-                    device_id=dev.device_id,
+                    msg_id=ids[n],
+                    fleet_id=fleet_id,
+                    device_id=device_id,
                     ts=now,
                     inference_id=row.item.input_id,
-                    model=info.ref,
+                    model=ref,
                     label=label,
                     index=index,
                     confidence=min(max(confidence, 0.0), 1.0),
-                    path=path,
+                    path=final.path,
                     fallback_reason=final.reason,
                     edge_label=edge_label,
                     cloud_label=cloud_label,
-                    latency_ms=max(latency_ms, 0.0),
+                    latency_ms=latency_ms,
                     source_ref=row.item.source_ref,
                     truth=row.item.truth,
                 )
-                out.append(self._message(Channel.RESULTS, Priority.RESULTS, result.msg_id, encode(result)))
+                out.append(OutMessage(topic, encode(result), Priority.RESULTS, ids[n]))
+        window = self._window()
         for path_name, rows in by_path.items():
             latencies = np.fromiter((r[1] for r in rows), np.float64, len(rows))
             window.add_final([r[0] for r in rows], path_name, latencies)

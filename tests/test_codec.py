@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import jsonschema
@@ -36,9 +38,11 @@ from schemas import (
     encode_tensor,
     msg_id_time,
     new_msg_id,
+    new_msg_ids,
     schema_name,
 )
 from schemas.export import JSON_DIR, file_name
+from schemas.msgid import MSG_ID_PATTERN
 from tests.factories import examples
 
 
@@ -145,6 +149,10 @@ def test_msg_ids_are_unique_and_time_ordered() -> None:
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert math.isclose(msg_id_time(ids[0]), 1_700_000_000.0)
+    batch = new_msg_ids(500)
+    assert len(set(batch) | set(ids)) == len(ids) + 500
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in batch)
+    assert all(re.match(MSG_ID_PATTERN, i) for i in batch)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int64", "uint8", "bool"])
