@@ -29,6 +29,8 @@ from schemas.messages import (
     Input,
     LatencyStats,
     Message,
+    ModelChunk,
+    ModelChunkRequest,
     ModelRef,
     ModelUpdate,
     OutboxStats,
@@ -45,7 +47,7 @@ from schemas.messages import (
 )
 from schemas.msgid import msg_id_time, new_msg_id, new_msg_ids
 from schemas.tensor import decode_tensor, encode_tensor
-from schemas.topics import AlertsTopic, Channel, DeviceTopic, Topics, validate_id
+from schemas.topics import AlertsTopic, Channel, DeviceTopic, ModelTopic, Topics, validate_id
 
 __all__ = [
     "ALL_MESSAGES",
@@ -68,7 +70,10 @@ __all__ = [
     "Input",
     "LatencyStats",
     "Message",
+    "ModelChunk",
+    "ModelChunkRequest",
     "ModelRef",
+    "ModelTopic",
     "ModelUpdate",
     "OutboxStats",
     "Providers",

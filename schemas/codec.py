@@ -22,13 +22,15 @@ from schemas.messages import (
     EscalationRequest,
     Input,
     Message,
+    ModelChunk,
+    ModelChunkRequest,
     Result,
     Sample,
     Status,
     Telemetry,
     schema_name,
 )
-from schemas.topics import AlertsTopic, Channel, DeviceTopic, Topics
+from schemas.topics import AlertsTopic, Channel, DeviceTopic, ModelTopic, Topics
 
 M = TypeVar("M", bound=Envelope)
 
@@ -40,6 +42,7 @@ MAX_BYTES: dict[type[Envelope], int] = {
     Input: 1024 * KIB,
     EscalationRequest: 1024 * KIB,
     Telemetry: 256 * KIB,
+    ModelChunk: 2048 * KIB + KIB,
 }
 LARGEST_MESSAGE = max(MAX_BYTES.values())
 
@@ -53,6 +56,7 @@ CHANNEL_TYPES: dict[Channel, type[Envelope]] = {
     Channel.ESCALATE_REPLY: EscalationReply,
     Channel.CMD: Command,
     Channel.CMD_ACK: CommandAck,
+    Channel.MODEL_REQUEST: ModelChunkRequest,
 }
 
 _AT_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
@@ -116,12 +120,24 @@ def decode_for_topic(topics: Topics, topic: str, data: bytes | bytearray | memor
         where = topics.parse(topic)
     except TopicError as exc:
         raise DecodeError(str(exc), field="topic") from None
-    message_type: type[Envelope] = Alert if isinstance(where, AlertsTopic) else CHANNEL_TYPES[where.channel]
+    message_type: type[Envelope]
+    if isinstance(where, AlertsTopic):
+        message_type = Alert
+    elif isinstance(where, ModelTopic):
+        message_type = ModelChunk
+    else:
+        message_type = CHANNEL_TYPES[where.channel]
     message: Message = decode(data, message_type)  # type: ignore[assignment]
     if message.fleet_id != where.fleet_id:
         raise DecodeError(
             f"fleet_id {message.fleet_id!r} does not match topic fleet {where.fleet_id!r}",
             field="$.fleet_id",
+            schema=schema_name(message_type),
+        )
+    if isinstance(where, ModelTopic) and isinstance(message, ModelChunk) and message.sha256 != where.sha256:
+        raise DecodeError(
+            f"chunk of model {message.sha256} arrived on the topic of model {where.sha256}",
+            field="$.sha256",
             schema=schema_name(message_type),
         )
     if isinstance(where, DeviceTopic) and message.device_id != where.device_id:

@@ -306,6 +306,30 @@ class CommandAck(Envelope, kw_only=True, tag="cmd_ack/1"):
     rollout_id: RefId | None = None
 
 
+# ---- model delivery ----------------------------------------------------------------------------
+ChunkIndex = Annotated[int, Meta(ge=0, le=1 << 20)]
+
+
+class ModelChunkRequest(Envelope, kw_only=True, tag="model_request/1"):
+    """A device asks for the chunks of a model it still lacks (all of them at first, the missing ones
+    after a cut). On .../model/request; the chunks come back on {prefix}/{fleet}/models/{sha256}."""
+
+    cmd_id: MsgId
+    sha256: Sha256
+    chunks: Annotated[list[ChunkIndex], Meta(min_length=1, max_length=4096)]
+
+
+class ModelChunk(Envelope, kw_only=True, tag="model_chunk/1"):
+    """One chunk of a model artifact; `device_id` is the device whose request it answers, but any
+    device downloading the same `sha256` may keep it. `data` must hash to `chunk_sha256`."""
+
+    sha256: Sha256
+    index: ChunkIndex
+    chunks: Annotated[int, Meta(ge=1, le=1 << 20)]
+    chunk_sha256: Sha256
+    data: Annotated[str, Meta(max_length=2 * 1024 * 1024, description="standard base64, padded")]
+
+
 # ---- alerts ------------------------------------------------------------------------------------
 class Alert(Envelope, kw_only=True, tag="alert/1"):
     """A drift or latency alert about one device and model version, on {prefix}/{fleet}/alerts."""
@@ -322,7 +346,18 @@ class Alert(Envelope, kw_only=True, tag="alert/1"):
 
 
 Message = (
-    Status | Telemetry | Sample | Input | EscalationRequest | EscalationReply | Result | Command | CommandAck | Alert
+    Status
+    | Telemetry
+    | Sample
+    | Input
+    | EscalationRequest
+    | EscalationReply
+    | Result
+    | Command
+    | CommandAck
+    | ModelChunkRequest
+    | ModelChunk
+    | Alert
 )
 ALL_MESSAGES: tuple[type[Envelope], ...] = (
     Status,
@@ -334,6 +369,8 @@ ALL_MESSAGES: tuple[type[Envelope], ...] = (
     Result,
     Command,
     CommandAck,
+    ModelChunkRequest,
+    ModelChunk,
     Alert,
 )
 

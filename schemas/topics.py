@@ -9,7 +9,13 @@
     {prefix}/{fleet_id}/{device_id}/escalate/reply  escalation reply, cloud -> device
     {prefix}/{fleet_id}/{device_id}/cmd             commands, cloud -> device (QoS 1, persistent session)
     {prefix}/{fleet_id}/{device_id}/cmd/ack         command progress and outcome, device -> cloud
+    {prefix}/{fleet_id}/{device_id}/model/request   which chunks of a model a device still needs
     {prefix}/{fleet_id}/alerts                      drift and latency alerts, cloud -> anyone
+    {prefix}/{fleet_id}/models/{sha256}             chunks of one model artifact, cloud -> devices
+
+Model chunks travel on a per-model topic so that every device downloading the same artifact
+(through the same gateway) can use every chunk; a device subscribes to it only while it downloads.
+"models" is therefore reserved and cannot be a device id.
 
 The escalation reply topic is the same under MQTT 5 and 3.1.1: over MQTT 5 the request also
 carries it as Response Topic with the request id as Correlation Data; over 3.1.1 (a gateway that
@@ -41,9 +47,12 @@ class Channel(enum.StrEnum):
     ESCALATE_REPLY = "escalate/reply"
     CMD = "cmd"
     CMD_ACK = "cmd/ack"
+    MODEL_REQUEST = "model/request"
 
 
 ALERTS = "alerts"
+MODELS = "models"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHANNELS = {c.value: c for c in Channel}
 
 
@@ -60,6 +69,13 @@ def validate_id(kind: str, value: str) -> str:
             "starting with a letter or digit"
         )
     return value
+
+
+def _validate_device(device_id: str) -> str:
+    validate_id("device_id", device_id)
+    if device_id == MODELS:
+        raise TopicError(f"device_id {MODELS!r} is reserved for the model chunk topics; choose another id")
+    return device_id
 
 
 def _validate_prefix(prefix: str) -> str:
@@ -88,6 +104,20 @@ class AlertsTopic:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelTopic:
+    """A parsed per-model chunk topic."""
+
+    fleet_id: str
+    sha256: str
+
+
+def _validate_sha256(value: str) -> str:
+    if not _SHA256_RE.match(value):
+        raise TopicError(f"model sha256 {value!r} must be 64 lowercase hex characters")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
 class Topics:
     """Builds and parses every topic of one deployment (`prefix` defaults to "fleet")."""
 
@@ -98,8 +128,17 @@ class Topics:
 
     def device(self, fleet_id: str, device_id: str, channel: Channel) -> str:
         validate_id("fleet_id", fleet_id)
-        validate_id("device_id", device_id)
+        _validate_device(device_id)
         return f"{self.prefix}/{fleet_id}/{device_id}/{channel.value}"
+
+    def model_chunks(self, fleet_id: str, sha256: str) -> str:
+        validate_id("fleet_id", fleet_id)
+        return f"{self.prefix}/{fleet_id}/{MODELS}/{_validate_sha256(sha256)}"
+
+    def model_chunks_filter(self, fleet_id: str = "+") -> str:
+        if fleet_id != "+":
+            validate_id("fleet_id", fleet_id)
+        return f"{self.prefix}/{fleet_id}/{MODELS}/+"
 
     def alerts(self, fleet_id: str) -> str:
         validate_id("fleet_id", fleet_id)
@@ -110,7 +149,7 @@ class Topics:
         if fleet_id != "+":
             validate_id("fleet_id", fleet_id)
         if device_id != "+":
-            validate_id("device_id", device_id)
+            _validate_device(device_id)
         return f"{self.prefix}/{fleet_id}/{device_id}/{channel.value}"
 
     def alerts_filter(self, fleet_id: str = "+") -> str:
@@ -124,7 +163,7 @@ class Topics:
         validate_id("share group", group)
         return f"$share/{group}/{topic_filter}"
 
-    def parse(self, topic: str) -> DeviceTopic | AlertsTopic:
+    def parse(self, topic: str) -> DeviceTopic | AlertsTopic | ModelTopic:
         """Parse a concrete topic; raise TopicError if it is not part of this layout."""
         head = self.prefix + "/"
         if not topic.startswith(head):
@@ -132,13 +171,15 @@ class Topics:
         parts = topic[len(head) :].split("/")
         if len(parts) == 2 and parts[1] == ALERTS:
             return AlertsTopic(validate_id("fleet_id", parts[0]))
+        if len(parts) == 3 and parts[1] == MODELS:
+            return ModelTopic(validate_id("fleet_id", parts[0]), _validate_sha256(parts[2]))
         if len(parts) < 3:
             raise TopicError(f"topic {topic!r} has no channel: expected {head}FLEET/DEVICE/CHANNEL")
         channel = _CHANNELS.get("/".join(parts[2:]))
         if channel is None:
             known = ", ".join(sorted(_CHANNELS))
             raise TopicError(f"topic {topic!r} has unknown channel {'/'.join(parts[2:])!r} (known: {known})")
-        return DeviceTopic(validate_id("fleet_id", parts[0]), validate_id("device_id", parts[1]), channel)
+        return DeviceTopic(validate_id("fleet_id", parts[0]), _validate_device(parts[1]), channel)
 
     def parse_device(self, topic: str) -> DeviceTopic:
         parsed = self.parse(topic)

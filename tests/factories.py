@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -19,6 +20,8 @@ from schemas import (
     FeatureStats,
     Input,
     LatencyStats,
+    ModelChunk,
+    ModelChunkRequest,
     ModelRef,
     ModelUpdate,
     OutboxStats,
@@ -142,10 +145,14 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             rollout_id="r1",
             stage=1,
             update=ModelUpdate(
-                model=CLOUD, size=20000, chunk_size=65536, chunks=1, chunk_topic="fleet/f1/_models/" + "cd" * 32
+                model=CLOUD, size=20000, chunk_size=65536, chunks=1, chunk_topic="fleet/f1/models/" + "cd" * 32
             ),
         ),
         CommandAck(**env(), cmd_id=cmd_id, state="downloading", progress=0.5, model=CLOUD, active_slot="A"),
+        ModelChunkRequest(**env(), cmd_id=cmd_id, sha256="cd" * 32, chunks=[0, 2, 3]),
+        ModelChunk(
+            **env(), sha256="cd" * 32, index=2, chunks=4, chunk_sha256=hashlib.sha256(b"abc").hexdigest(), data="YWJj"
+        ),
         Alert(
             **env(),
             alert_id="a1",

@@ -74,3 +74,17 @@ def test_parse_never_raises_anything_but_topic_error(topic: str) -> None:
         assert Topics().device(parsed.fleet_id, parsed.device_id, parsed.channel) == topic
     else:
         assert Topics().alerts(parsed.fleet_id) == topic
+
+
+def test_model_chunk_topics_round_trip_and_reserve_models() -> None:
+    from schemas import ModelTopic
+
+    topics = Topics()
+    sha = "ab" * 32
+    assert topics.parse(topics.model_chunks("f1", sha)) == ModelTopic("f1", sha)
+    assert topics.model_chunks_filter() == "fleet/+/models/+"
+    assert topics.parse("fleet/f1/dev-1/model/request").channel == Channel.MODEL_REQUEST  # type: ignore[union-attr]
+    with pytest.raises(TopicError, match="reserved"):
+        topics.device("f1", "models", Channel.STATUS)
+    with pytest.raises(TopicError, match="sha256"):
+        topics.model_chunks("f1", "XYZ")
