@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from demo.report import write_report
 from demo.watch import FleetWatch
 from devservers import Mosquitto
 from edge_node.demo_models import build_demo_models
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(watch: FleetWatch, codes: list[int | None], workdir: Path) -> int:
-    print("\n==== summary ====")
+    lines: list[str] = []
+    out = lines.append  # the summary goes to the terminal and into the report
     lost_total = 0
     for name, d in sorted(watch.devices.items()):
         lost = d.telemetry_count - len(d.result_ids)
@@ -152,7 +154,7 @@ def _summary(watch: FleetWatch, codes: list[int | None], workdir: Path) -> int:
         acc_e = d.edge_right / d.with_truth if d.with_truth else 0.0
         acc_f = d.final_right / d.with_truth if d.with_truth else 0.0
         esc = d.escalated / d.results if d.results else 0.0
-        print(
+        out(
             f"{name}: {d.results} results, accuracy edge-only {acc_e:.3f} -> with escalation {acc_f:.3f}, "
             f"escalated {esc:.1%}, samples sent {d.samples}, lost {lost}"
         )
@@ -160,11 +162,16 @@ def _summary(watch: FleetWatch, codes: list[int | None], workdir: Path) -> int:
             half = len(d.windows) // 2
             before = sum(w[1] for w in d.windows[:half]) / half
             after = sum(w[1] for w in d.windows[half:]) / (len(d.windows) - half)
-            print(f"    mean confidence first half {before:.3f}, second half {after:.3f}")
-    print(f"messages lost: {lost_total} (inferences counted in telemetry minus results received)")
-    print(f"exit codes (edge nodes..., cloud): {codes}; logs and state in {workdir}")
+            out(f"    mean confidence first half {before:.3f}, second half {after:.3f}")
+    out(f"messages lost: {lost_total} (inferences counted in telemetry minus results received)")
+    out(f"exit codes (edge nodes..., cloud): {codes}; logs and state in {workdir}")
     ok = lost_total == 0 and all(c == 0 for c in codes)
-    print("demo OK" if ok else "demo FAILED: see above")
+    out("demo OK" if ok else "demo FAILED: see above")
+    report = write_report(watch, lines, workdir / "report")
+    print("\n==== summary ====")
+    print("\n".join(lines[:-1]))
+    print(f"report with plots: {report}")
+    print(lines[-1])
     return 0 if ok else 1
 
 

@@ -11,7 +11,50 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from schemas import DecodeError, Result, Sample, Status, Telemetry, Topics, decode_for_topic
+from schemas import (
+    Alert,
+    CommandAck,
+    DecodeError,
+    Result,
+    Sample,
+    Status,
+    Telemetry,
+    Topics,
+    decode_for_topic,
+)
+
+BUCKET_S = 2.0
+
+
+@dataclass
+class Bucket:
+    """Results of one device in one BUCKET_S slice of the run (for the report's time series)."""
+
+    results: int = 0
+    with_truth: int = 0
+    edge_right: int = 0
+    final_right: int = 0
+    escalated: int = 0
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    at: float
+    device: str
+    kind: str
+    state: str
+    score: float
+    threshold: float
+    model: str
+
+
+@dataclass(frozen=True)
+class AckEvent:
+    at: float
+    device: str
+    state: str
+    model: str
+    reason: str
 
 
 @dataclass
@@ -32,6 +75,8 @@ class DeviceView:
     windows: list[tuple[float, float, float]] = field(default_factory=list)  # (ts, conf mean, esc rate)
     result_ids: set[str] = field(default_factory=set)
     recent: list[float] = field(default_factory=list)
+    buckets: dict[int, Bucket] = field(default_factory=lambda: defaultdict(Bucket))
+    models_seen: dict[str, int] = field(default_factory=dict)  # model version -> results
 
 
 class FleetWatch:
@@ -42,6 +87,9 @@ class FleetWatch:
         self.duplicates = 0
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+        self.started = time.time()
+        self.alerts: list[AlertEvent] = []
+        self.acks: list[AckEvent] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-watch", protocol=mqtt.MQTTv5)
         self.client.on_connect = lambda c, *a: c.subscribe(f"{topics.prefix}/#", 1)
         self.client.on_message = self._on_message
@@ -56,7 +104,7 @@ class FleetWatch:
         self.client.loop_stop()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.endswith("/escalate") or msg.topic.endswith("/reply") or msg.topic.endswith("/alerts"):
+        if msg.topic.endswith(("/escalate", "/reply", "/model/request")) or "/models/" in msg.topic:
             return
         try:
             message = decode_for_topic(self.topics, msg.topic, msg.payload)
@@ -68,8 +116,26 @@ class FleetWatch:
                 self.duplicates += 1
                 return
             self._seen.add(message.msg_id)
+            if isinstance(message, Alert):
+                self.alerts.append(
+                    AlertEvent(
+                        message.ts - self.started,
+                        message.device_id,
+                        message.kind,
+                        message.state,
+                        message.score,
+                        message.threshold,
+                        message.model.version,
+                    )
+                )
+                return
             dev = self.devices[message.device_id]
-            if isinstance(message, Status):
+            if isinstance(message, CommandAck):
+                model = message.model.version if message.model is not None else ""
+                self.acks.append(
+                    AckEvent(message.ts - self.started, message.device_id, message.state, model, message.reason or "")
+                )
+            elif isinstance(message, Status):
                 dev.state = message.state
                 if message.model is not None:
                     dev.model = f"{message.model.name}:{message.model.version}"
@@ -87,8 +153,15 @@ class FleetWatch:
                     rate = message.escalations.sent / message.count
                     dev.windows.append((message.window_end, message.confidence.mean, rate))
 
-    @staticmethod
-    def _result(dev: DeviceView, r: Result) -> None:
+    def _result(self, dev: DeviceView, r: Result) -> None:
+        bucket = dev.buckets[int((r.ts - self.started) // BUCKET_S)]
+        bucket.results += 1
+        bucket.escalated += r.path == "cloud"
+        dev.models_seen[r.model.version] = dev.models_seen.get(r.model.version, 0) + 1
+        if r.truth is not None:
+            bucket.with_truth += 1
+            bucket.edge_right += r.edge_label == r.truth
+            bucket.final_right += r.label == r.truth
         dev.results += 1
         dev.result_ids.add(r.inference_id)
         dev.recent.append(time.monotonic())
@@ -117,4 +190,11 @@ class FleetWatch:
                     f"{d.escalated:>7}{d.fallbacks:>7}{d.samples:>8}{d.last_p95_ms:>8.2f}{d.last_conf:>6.2f}"
                     f"{d.outbox_depth:>7}"
                 )
+            for alert in self.alerts[-4:]:
+                lines.append(
+                    f"alert t={alert.at:5.1f}s {alert.device} {alert.kind} {alert.state} "
+                    f"score {alert.score:.2f} (threshold {alert.threshold:.2f}) model {alert.model}"
+                )
+            for ack in self.acks[-3:]:
+                lines.append(f"cmd   t={ack.at:5.1f}s {ack.device} {ack.state} {ack.model} {ack.reason}")
         return "\n".join(lines)
