@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +74,9 @@ class Mosquitto:
     - `listeners` / `add_listener()`: more listeners, each followed by its own lines (TLS files,
       `protocol websockets`, per-listener auth when `per_listener_settings` is true). The main listener
       on `host:port` gets `allow_anonymous` right after its `listener` line.
+    - `config_renderer`: instead of the generated config, write what it returns for this broker (e.g. a
+      shipped config file with test paths and ports, see devservers/mosquitto_conf.py). It must keep
+      a listener on `host:port` and log to `log_path`, which `start()` waits on.
     """
 
     def __init__(
@@ -92,8 +96,10 @@ class Mosquitto:
         listeners: tuple[Listener, ...] = (),
         binary: Path | None = None,
         name: str = "mosquitto",
+        config_renderer: Callable[[Mosquitto], str] | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
+        self.config_renderer = config_renderer
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.max_queued_messages = max_queued_messages
@@ -149,6 +155,8 @@ class Mosquitto:
         return chosen
 
     def render_config(self) -> str:
+        if self.config_renderer is not None:
+            return self.config_renderer(self)
         lines = [
             f"per_listener_settings {_bool(self.per_listener_settings)}",
             # Started as root, mosquitto switches to user `mosquitto`, which cannot write our work dir

@@ -1,0 +1,231 @@
+"""The shipped production brokers (mosquitto/cloud.conf, mosquitto/gateway.conf) started for tests.
+
+Credentials come from the shipped generator (scripts/gen-certs.sh) into the test's tmp dir; the configs
+are rendered by devservers.mosquitto_conf with only paths, ports and the bridge address changed.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from devservers import Mosquitto, free_port
+from devservers.mosquitto_conf import ShippedConfig
+from tests.plugin_servers import MosquittoFactory
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO_DIR = REPO / "mosquitto"
+GEN_CERTS = REPO / "scripts" / "gen-certs.sh"
+GATEWAY = "gateway-01"
+BRIDGE = "cloud-bridge"
+SHIPPED_CLOUD_ADDRESS = "cloud-broker.example.net:8884"
+
+
+@dataclass(frozen=True)
+class Pki:
+    """What scripts/gen-certs.sh wrote: CA, server cert, gateway client certs, passwords by account."""
+
+    dir: Path
+    passwords: dict[str, str]
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def password(self, account: str) -> str:
+        return self.passwords[account]
+
+
+def env_name(account: str) -> str:
+    """The credentials.env variable of an account, as gen-certs.sh names it."""
+    return "".join(c if c.isalnum() else "_" for c in account.upper()) + "_MQTT_PASSWORD"
+
+
+def make_pki(out: Path, devices: list[str]) -> Pki:
+    """Run the shipped generator; return its outputs."""
+    subprocess.run(
+        ["bash", str(GEN_CERTS), "-o", str(out), "-d", ",".join(devices), "-g", GATEWAY, "-b", BRIDGE],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    values = dict(
+        line.split("=", 1) for line in (out / "credentials.env").read_text(encoding="utf-8").splitlines() if line
+    )
+    passwords = {account: values[env_name(account)] for account in [BRIDGE, *devices]}
+    return Pki(out, passwords)
+
+
+@dataclass
+class CloudBroker:
+    broker: Mosquitto
+    tls_port: int
+    gateway_port: int
+
+    @property
+    def loopback_port(self) -> int:
+        return self.broker.port
+
+
+def start_cloud(factory: MosquittoFactory, pki: Pki, name: str = "cloud") -> CloudBroker:
+    tls_port, gateway_port = free_port(), free_port()
+    rendered = ShippedConfig(
+        MOSQUITTO_DIR / "cloud.conf",
+        files={
+            "/mosquitto/certs/ca.crt": pki.ca,
+            "/mosquitto/certs/server.crt": pki.dir / "server.crt",
+            "/mosquitto/certs/server.key": pki.dir / "server.key",
+            "/mosquitto/certs/passwd": pki.dir / "passwd",
+            "/mosquitto/config/acl": MOSQUITTO_DIR / "acl",
+        },
+        main_port=1883,
+        ports={8883: tls_port, 8884: gateway_port},
+    )
+    return CloudBroker(factory(name=name, config_renderer=rendered), tls_port, gateway_port)
+
+
+def start_gateway(
+    factory: MosquittoFactory,
+    pki: Pki,
+    cloud_address: str,
+    name: str = "gateway",
+    source: Path = MOSQUITTO_DIR / "gateway.conf",
+) -> Mosquitto:
+    """The gateway broker; `source` replaces the shipped file only for a test of a rejected alternative."""
+    rendered = ShippedConfig(
+        source,
+        files={
+            "/mosquitto/certs/ca.crt": pki.ca,
+            "/mosquitto/certs/gateway.crt": pki.dir / "gateways" / f"{GATEWAY}.crt",
+            "/mosquitto/certs/gateway.key": pki.dir / "gateways" / f"{GATEWAY}.key",
+            "/mosquitto/certs/passwd": pki.dir / "passwd",
+            "/mosquitto/config/acl": MOSQUITTO_DIR / "acl",
+        },
+        main_port=1883,
+        addresses={SHIPPED_CLOUD_ADDRESS: cloud_address},
+    )
+    return factory(name=name, config_renderer=rendered)
+
+
+@dataclass
+class Client:
+    """A paho MQTT 5 client that records CONNACK, SUBACK and messages; blocking helpers with timeouts."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    ca: Path | None = None
+    client_id: str = ""
+    clean_start: bool = True
+    # > 0 with clean_start False: a persistent MQTT 5 session the broker keeps while the client is away.
+    session_expiry_s: int = 0
+    messages: list[tuple[str, bytes]] = field(default_factory=list)
+    connack: ReasonCode | None = None
+    suback: list[ReasonCode] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        if self.username is not None:
+            self.client.username_pw_set(self.username, self.password)
+        if self.ca is not None:
+            self.client.tls_set_context(ssl.create_default_context(cafile=str(self.ca)))
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self._closed = False
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self.connack = rc
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: list[ReasonCode], props: Any) -> None:
+        with self._cond:
+            self.suback = list(rcs)
+            self._cond.notify_all()
+
+    def connect(self, timeout: float = 10.0) -> ReasonCode:
+        """Connect and wait for CONNACK; return its reason code.
+
+        Raises OSError/SSLError when the socket or TLS handshake fails, ConnectionError when the broker
+        closes the connection without a CONNACK (e.g. plain MQTT sent to a TLS port).
+        """
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self.session_expiry_s:
+            props.SessionExpiryInterval = self.session_expiry_s
+        with self._cond:
+            self.connack = None
+            self._closed = False
+        self.client.connect(self.host, self.port, keepalive=30, clean_start=self.clean_start, properties=props)
+        self.client.loop_start()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.connack is not None or self._closed, timeout):
+                raise AssertionError(f"no CONNACK from {self.host}:{self.port} in {timeout} s")
+            if self.connack is None:
+                raise ConnectionError(f"{self.host}:{self.port} closed the connection without a CONNACK")
+            return self.connack
+
+    def subscribe(self, topic: str, timeout: float = 10.0) -> list[ReasonCode]:
+        with self._cond:
+            self.suback = []
+        self.client.subscribe(topic, qos=1)
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self.suback), timeout):
+                raise AssertionError(f"no SUBACK for {topic}")
+            return list(self.suback)
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout)
+        assert info.is_published(), f"no PUBACK for {topic} in {timeout} s"
+
+    def wait_for(self, predicate: Callable[[list[tuple[str, bytes]]], bool], timeout: float = 10.0) -> None:
+        """Block until `predicate(messages so far)` holds; AssertionError after `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.messages), timeout):
+                raise AssertionError(f"condition not met in {timeout} s; received {self.messages[:5]}")
+
+    def wait_messages(self, count: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise AssertionError(f"got {len(self.messages)} messages, expected {count}: {self.messages[:5]}")
+            return list(self.messages)
+
+    def received(self) -> list[tuple[str, bytes]]:
+        """A snapshot of (topic, payload) received so far."""
+        with self._cond:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
