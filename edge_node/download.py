@@ -1,0 +1,416 @@
+"""Resumable, verified model download over MQTT chunks (the device side of cloud_bridge/delivery.py).
+
+    state_dir/models/{sha256}.onnx        the content store: only whole, verified files ever land here
+    state_dir/staging/{sha256}.part       chunks written at their offsets as they arrive
+    state_dir/staging/{sha256}.bitmap     which chunks of .part are durably written (JSON, atomic)
+
+A download subscribes to the model's chunk topic, asks (through the outbox, so the request survives
+a cut) for every chunk its bitmap lacks, writes each chunk whose sha256 matches, and records it in the
+bitmap only after the data is fsynced: after a cut or a restart it asks only for what is missing.
+Without progress for `chunk_timeout_s` it asks again, backing off to `chunk_timeout_max_s`. At the end
+the whole file must have the announced size and sha256, or it is thrown away: a partial or forged
+file is never trusted. A file already in the content store is not downloaded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from edge_node.outbox import OutMessage, Priority
+from schemas.codec import decode_for_topic, encode
+from schemas.errors import DecodeError
+from schemas.messages import Command, ModelChunk, ModelChunkRequest, ModelUpdate
+from schemas.msgid import new_msg_id
+from schemas.topics import Channel, Topics
+
+log = logging.getLogger(__name__)
+
+MAX_INDEXES_PER_REQUEST = 4096  # the schema's limit on ModelChunkRequest.chunks
+_QUEUE_LIMIT = 4096
+_PROGRESS_STEP = 0.1
+
+
+class ChunkSubscriptions(Protocol):
+    """What the downloader needs from the MQTT link (edge_node/link.py Link)."""
+
+    def add_subscription(self, topic: str, qos: int = 1) -> None: ...
+
+    def remove_subscription(self, topic: str) -> None: ...
+
+
+class Outbound(Protocol):
+    async def put(self, msg: OutMessage) -> None: ...
+
+
+# (command, progress 0..1) -> sends a "downloading" ack
+Progress = Callable[[Command, float], Awaitable[None]]
+
+
+class DownloadError(Exception):
+    """A download cannot succeed as asked; `code` goes into the failure ack's reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class DownloadStats:
+    downloads: int = 0
+    reused: int = 0
+    resumed: int = 0
+    chunks_received: int = 0
+    chunks_written: int = 0
+    duplicate_chunks: int = 0
+    bad_chunks: int = 0
+    stray_chunks: int = 0
+    dropped_chunks: int = 0
+    requests: int = 0
+    rerequests: int = 0
+    verify_failures: int = 0
+    # The chunk indexes of every request sent (for operators' logs and tests).
+    requested: list[list[int]] = field(default_factory=list)
+
+
+def expected_chunks(update: ModelUpdate) -> int:
+    return max(1, math.ceil(update.size / update.chunk_size))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Staging:
+    """The part file and its bitmap for one artifact. Blocking I/O: call from a worker thread."""
+
+    def __init__(self, directory: Path, update: ModelUpdate) -> None:
+        sha = update.model.sha256
+        self.update = update
+        self.chunks = expected_chunks(update)
+        self.part = directory / f"{sha}.part"
+        self.bitmap_path = directory / f"{sha}.bitmap"
+        self.have = bytearray((self.chunks + 7) // 8)
+        self._header = {"sha256": sha, "size": update.size, "chunk_size": update.chunk_size, "chunks": self.chunks}
+
+    def load(self) -> int:
+        """Resume from a bitmap that describes this same artifact; returns how many chunks it holds."""
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        resumed = False
+        try:
+            saved = json.loads(self.bitmap_path.read_text(encoding="utf-8"))
+            have = base64.b64decode(saved["have"])
+            same = {k: saved.get(k) for k in self._header} == self._header and len(have) == len(self.have)
+            if same and self.part.exists():
+                self.have[:] = have
+                resumed = True
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            log.warning("unreadable download bitmap %s (%s): starting that model again", self.bitmap_path, exc)
+        if not resumed:
+            # Bytes without a bitmap vouching for them are not trusted: start from an empty file.
+            self.have[:] = bytes(len(self.have))
+            self.part.write_bytes(b"")
+            self.bitmap_path.unlink(missing_ok=True)
+        return self.count()
+
+    def holds(self, index: int) -> bool:
+        return bool(self.have[index >> 3] & (1 << (index & 7)))
+
+    def count(self) -> int:
+        return sum(bin(b).count("1") for b in self.have)
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.chunks) if not self.holds(i)]
+
+    def write(self, chunks: list[tuple[int, bytes]]) -> None:
+        """Write chunks at their offsets, fsync, then record them (a bit never covers unsynced data)."""
+        fd = os.open(self.part, os.O_WRONLY)
+        try:
+            for index, data in chunks:
+                os.pwrite(fd, data, index * self.update.chunk_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for index, _ in chunks:
+            self.have[index >> 3] |= 1 << (index & 7)
+        body = {**self._header, "have": base64.b64encode(bytes(self.have)).decode()}
+        _write_atomic(self.bitmap_path, json.dumps(body).encode())
+
+    def finish(self, dest: Path) -> str | None:
+        """Verify size and sha256, then move into the content store; else discard and say why."""
+        size = self.part.stat().st_size
+        if size != self.update.size:
+            self.discard()
+            return f"assembled {size} bytes, the command announced {self.update.size}"
+        digest = file_sha256(self.part)
+        if digest != self.update.model.sha256:
+            self.discard()
+            return f"assembled file has sha256 {digest}, the command announced {self.update.model.sha256}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.part, dest)
+        _fsync_dir(dest.parent)
+        self.bitmap_path.unlink(missing_ok=True)
+        return None
+
+    def discard(self) -> None:
+        self.part.unlink(missing_ok=True)
+        self.bitmap_path.unlink(missing_ok=True)
+
+
+def _check_update(topics: Topics, fleet_id: str, update: ModelUpdate) -> None:
+    if update.chunks != expected_chunks(update):
+        raise DownloadError(
+            "bad_update",
+            f"{update.chunks} chunks cannot hold {update.size} bytes of {update.chunk_size}-byte chunks",
+        )
+    expected_topic = topics.model_chunks(fleet_id, update.model.sha256)
+    if update.chunk_topic != expected_topic:
+        raise DownloadError("bad_update", f"chunk_topic {update.chunk_topic!r} is not {expected_topic!r}")
+
+
+@dataclass
+class _Active:
+    command: Command
+    update: ModelUpdate
+    queue: asyncio.Queue[ModelChunk]
+
+
+class Downloader:
+    """Fetches verified model files into `state_dir/models`; one download at a time."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        topics: Topics,
+        fleet_id: str,
+        device_id: str,
+        outbox: Outbound,
+        subscriptions: ChunkSubscriptions,
+        progress: Progress,
+        chunk_timeout_s: float,
+        chunk_timeout_max_s: float,
+    ) -> None:
+        self.store_dir = Path(state_dir) / "models"
+        self.staging_dir = Path(state_dir) / "staging"
+        self._topics = topics
+        self._fleet_id = fleet_id
+        self._device_id = device_id
+        self._outbox = outbox
+        self._subs = subscriptions
+        self._progress = progress
+        self._timeout_s = chunk_timeout_s
+        self._timeout_max_s = chunk_timeout_max_s
+        self._active: _Active | None = None
+        self.stats = DownloadStats()
+
+    def content_path(self, sha256: str) -> Path:
+        return self.store_dir / f"{sha256}.onnx"
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """A message on a chunk topic (from the MQTT callback): queue it for the active download."""
+        self.stats.chunks_received += 1
+        try:
+            chunk = decode_for_topic(self._topics, topic, payload)
+        except DecodeError as exc:
+            self.stats.bad_chunks += 1
+            log.warning("undecodable model chunk topic=%s error=%s", topic, exc)
+            return
+        active = self._active
+        if not isinstance(chunk, ModelChunk) or active is None or chunk.sha256 != active.update.model.sha256:
+            # A chunk of another device's download, or one redelivered after ours finished.
+            self.stats.stray_chunks += 1
+            return
+        try:
+            active.queue.put_nowait(chunk)
+        except asyncio.QueueFull:
+            self.stats.dropped_chunks += 1  # asked for again after the chunk timeout
+
+    async def fetch(self, command: Command) -> Path:
+        """The verified file of `command.update` in the content store, downloading what is missing."""
+        update = command.update
+        if update is None:
+            raise DownloadError("bad_update", f"command {command.cmd_id} ({command.action}) carries no update")
+        _check_update(self._topics, self._fleet_id, update)
+        dest = self.content_path(update.model.sha256)
+        if await asyncio.to_thread(self._already_have, dest, update.model.sha256):
+            self.stats.reused += 1
+            log.info("model %s already in the content store: not downloading", update.model.sha256[:12])
+            return dest
+        staging = Staging(self.staging_dir, update)
+        held = await asyncio.to_thread(staging.load)
+        if held:
+            self.stats.resumed += 1
+        log.info(
+            "model download start sha256=%s size=%d chunks=%d held=%d",
+            update.model.sha256[:12],
+            update.size,
+            staging.chunks,
+            held,
+        )
+        self._active = _Active(command, update, asyncio.Queue(_QUEUE_LIMIT))
+        self._subs.add_subscription(update.chunk_topic, 1)
+        try:
+            await self._receive(self._active, staging)
+            failure = await asyncio.to_thread(staging.finish, dest)
+        finally:
+            self._active = None
+            self._subs.remove_subscription(update.chunk_topic)
+        if failure is not None:
+            self.stats.verify_failures += 1
+            raise DownloadError("verify_failed", failure)
+        self.stats.downloads += 1
+        log.info("model download verified sha256=%s path=%s", update.model.sha256[:12], dest)
+        return dest
+
+    @staticmethod
+    def _already_have(dest: Path, sha256: str) -> bool:
+        if not dest.exists():
+            return False
+        if file_sha256(dest) == sha256:
+            return True
+        log.error("content store file %s does not match its name: removing it and downloading again", dest)
+        dest.unlink()
+        return False
+
+    async def _receive(self, active: _Active, staging: Staging) -> None:
+        timeout = self._timeout_s
+        next_report = (staging.count() / staging.chunks // _PROGRESS_STEP + 1) * _PROGRESS_STEP
+        missing = staging.missing()
+        if missing:
+            await self._request(active.command, missing)
+        while missing:
+            try:
+                async with asyncio.timeout(timeout):
+                    first = await active.queue.get()
+            except TimeoutError:
+                timeout = min(timeout * 2, self._timeout_max_s)
+                self.stats.rerequests += 1
+                log.info("no model chunk for %.1fs: asking again for %d missing chunks", timeout / 2, len(missing))
+                await self._request(active.command, missing)
+                continue
+            batch = [first]
+            while not active.queue.empty():
+                batch.append(active.queue.get_nowait())
+            accepted = self._accept(staging, batch)
+            if not accepted:
+                continue
+            await asyncio.to_thread(staging.write, accepted)
+            self.stats.chunks_written += len(accepted)
+            timeout = self._timeout_s
+            missing = staging.missing()
+            done = 1.0 - len(missing) / staging.chunks
+            if done >= next_report and missing:
+                next_report = (done // _PROGRESS_STEP + 1) * _PROGRESS_STEP
+                await self._progress(active.command, round(done, 3))
+
+    def _accept(self, staging: Staging, batch: list[ModelChunk]) -> list[tuple[int, bytes]]:
+        """The chunks of `batch` that are new and verify; bad ones are counted and dropped."""
+        accepted: dict[int, bytes] = {}
+        update = staging.update
+        for chunk in batch:
+            if staging.holds(chunk.index) or chunk.index in accepted:
+                self.stats.duplicate_chunks += 1
+                continue
+            reason = _chunk_problem(chunk, staging.chunks)
+            data = b""
+            if reason is None:
+                try:
+                    data = base64.b64decode(chunk.data, validate=True)
+                except (binascii.Error, ValueError):
+                    reason = "data is not valid base64"
+            if reason is None:
+                if hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
+                    reason = "data does not hash to chunk_sha256"
+                elif len(data) != _chunk_length(update, chunk.index):
+                    reason = f"{len(data)} bytes, expected {_chunk_length(update, chunk.index)}"
+            if reason is not None:
+                self.stats.bad_chunks += 1
+                log.warning("model chunk %d of %s refused: %s", chunk.index, update.model.sha256[:12], reason)
+                continue
+            accepted[chunk.index] = data
+        return sorted(accepted.items())
+
+    async def _request(self, command: Command, missing: list[int]) -> None:
+        topic = self._topics.device(self._fleet_id, self._device_id, Channel.MODEL_REQUEST)
+        assert command.update is not None
+        for start in range(0, len(missing), MAX_INDEXES_PER_REQUEST):
+            indexes = missing[start : start + MAX_INDEXES_PER_REQUEST]
+            request = ModelChunkRequest(
+                msg_id=new_msg_id(),
+                fleet_id=self._fleet_id,
+                device_id=self._device_id,
+                ts=time.time(),
+                cmd_id=command.cmd_id,
+                sha256=command.update.model.sha256,
+                chunks=indexes,
+            )
+            await self._outbox.put(
+                OutMessage(
+                    topic=topic,
+                    payload=encode(request),
+                    priority=Priority.CONTROL,
+                    msg_id=request.msg_id,
+                    # A request outliving the backoff would only duplicate a newer one.
+                    expires_at=time.time() + self._timeout_max_s,
+                )
+            )
+            self.stats.requests += 1
+            self.stats.requested.append(indexes)
+
+    def discard_staging(self, sha256: str) -> None:
+        """Forget a partial download (e.g. superseded by a newer model)."""
+        for suffix in (".part", ".bitmap"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.staging_dir / f"{sha256}{suffix}").unlink()
+
+
+def _chunk_problem(chunk: ModelChunk, chunks: int) -> str | None:
+    if chunk.chunks != chunks:
+        return f"says the model has {chunk.chunks} chunks, the command says {chunks}"
+    if chunk.index >= chunks:
+        return f"index {chunk.index} is past the last chunk {chunks - 1}"
+    return None
+
+
+def _chunk_length(update: ModelUpdate, index: int) -> int:
+    return min(update.chunk_size, update.size - index * update.chunk_size)
