@@ -12,15 +12,24 @@ import contextlib
 import logging
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud_bridge.alerts import AlertPublisher
+from cloud_bridge.commands import CommandSender
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
+from cloud_bridge.drift_store import DriftStore, load_reference_mixes
 from cloud_bridge.escalation import CloudModel, Escalator, escalation_filter
 from cloud_bridge.ingest import Ingestor, ingest_filters
+from cloud_bridge.keys import load_signer
+from cloud_bridge.models import ModelStore
 from cloud_bridge.mqtt import Incoming, MqttConnection
 from cloud_bridge.registry import Registry
+from cloud_bridge.rollout import RolloutDriver
+from cloud_bridge.samples import prune_samples
 from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, agreement_line
 from schemas.topics import Channel
 
@@ -45,9 +54,17 @@ class Bridge:
         self.topics = config.topics
         self.registry = Registry(config.registry_url)
         self.tsdb: TsdbWriter | None = None
+        self.drift: DriftStore | None = None
+        self.alerts: AlertPublisher | None = None
+        self._alerts_task: asyncio.Task[None] | None = None
         self.escalator: Escalator | None = None
         self.ingestor: Ingestor | None = None
         self.mqtt: MqttConnection | None = None
+        self.models = ModelStore(config.model_store_dir, self.registry)
+        self.chunks: ChunkServer | None = None
+        # None when no [ota] signing_key is configured: OTA commands are disabled.
+        self.commands: CommandSender | None = None
+        self.rollouts: RolloutDriver | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._rates = _Rates(time.monotonic(), 0)
@@ -78,8 +95,24 @@ class Bridge:
         if cfg.escalation.model is not None:
             model = await asyncio.to_thread(CloudModel, Path(cfg.escalation.model), cfg.escalation.providers)
             subscriptions.append((escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
+        subscriptions.append((delivery_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
         self.mqtt = MqttConnection(cfg.mqtt, subscriptions, self._dispatch)
-        self.ingestor = Ingestor(self.topics, self.registry, cfg.ingest, self.mqtt.ack, self.tsdb)
+        self._setup_ota(self.mqtt)
+        if cfg.rollout.enabled:
+            # The owner id is per process: a restarted bridge re-claims only after its old lease expires
+            # (or at once, since a clean stop releases its leases).
+            owner = f"{cfg.mqtt.client_id}:{uuid.uuid4().hex[:8]}"
+            self.rollouts = RolloutDriver(self.registry, self.models, self.commands, cfg.rollout, owner, self.tsdb)
+        await self._setup_drift()
+        self.ingestor = Ingestor(
+            self.topics,
+            self.registry,
+            cfg.ingest,
+            self.mqtt.ack,
+            self.tsdb,
+            drift=self.drift,
+            on_alerts=self.alerts.submit if self.alerts is not None else None,
+        )
         if model is not None:
             self.escalator = Escalator(self.topics, model, cfg.escalation, self._publish, self.mqtt.ack)
             log.info(
@@ -93,8 +126,14 @@ class Bridge:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.mqtt.run(self.ready))
                 workers = [tg.create_task(self.ingestor.run())]
+                if self.alerts is not None:
+                    self._alerts_task = tg.create_task(self.alerts.run(), name="alerts")
+                if self.chunks is not None:
+                    workers.append(tg.create_task(self.chunks.run()))
                 if self.escalator is not None:
                     workers.append(tg.create_task(self.escalator.run()))
+                if self.rollouts is not None:
+                    workers.append(tg.create_task(self.rollouts.run(self.ready), name="rollouts"))
                 tsdb_task = tg.create_task(self.tsdb.run()) if self.tsdb is not None else None
                 status_task = tg.create_task(self._status_loop())
                 await self._stop.wait()
@@ -110,9 +149,61 @@ class Bridge:
         assert self.mqtt is not None
         await self.mqtt.publish(topic, payload, qos, correlation)
 
+    async def _setup_drift(self) -> None:
+        drift = self.config.drift
+        if not drift.enabled:
+            log.info("drift detection disabled: [drift] enabled = false")
+            return
+        mixes = await asyncio.to_thread(load_reference_mixes, drift.reference_models)
+        self.drift = DriftStore(drift, self.registry.engine.dialect.name, mixes)
+        self.alerts = AlertPublisher(self.topics, self.registry, self._publish_alert)
+        log.info("drift detection enabled reference_models=%d", len(mixes))
+
+    async def _publish_alert(self, topic: str, payload: bytes, qos: int) -> None:
+        assert self.mqtt is not None
+        await self.mqtt.publish(topic, payload, qos)
+
+    async def _drain_alerts(self) -> None:
+        # After ingestion stopped (it may still have raised alerts), before the connection closes.
+        if self.alerts is None or self._alerts_task is None:
+            return
+        await self.alerts.close()
+        _done, pending = await asyncio.wait({self._alerts_task}, timeout=_DRAIN_TIMEOUT_S)
+        for task in pending:
+            log.warning("alerts unpublished at shutdown count=%d (published at the next start)", self.alerts.pending)
+            task.cancel()
+
+    def _setup_ota(self, mqtt: MqttConnection) -> None:
+        ota = self.config.ota
+        self.chunks = ChunkServer(self.topics, self.models, ota, self._publish_chunk, mqtt.ack)
+        if ota.signing_key is None:
+            log.info("ota commands disabled: no [ota] signing_key configured (chunks are still served)")
+            return
+        signer = load_signer(Path(ota.signing_key), ota.key_id)
+        self.commands = CommandSender(
+            self.topics,
+            signer.key,
+            signer.key_id,
+            self._publish_command,
+            ota.chunk_size,
+            ota.command_ttl_s,
+            registry=self.registry,
+        )
+        log.info("ota commands enabled key_id=%s model_store=%s", signer.key_id, self.models.root)
+
+    async def _publish_chunk(self, topic: str, payload: bytes, qos: int) -> None:
+        assert self.mqtt is not None
+        await self.mqtt.publish(topic, payload, qos)
+
+    async def _publish_command(self, topic: str, payload: bytes, qos: int, expiry_s: int | None) -> None:
+        assert self.mqtt is not None
+        await self.mqtt.publish(topic, payload, qos, message_expiry_s=expiry_s)
+
     def _dispatch(self, incoming: Incoming) -> None:
         if incoming.topic.endswith(_ESCALATE_SUFFIX) and self.escalator is not None:
             self.escalator.submit(incoming)
+        elif incoming.topic.endswith(MODEL_REQUEST_SUFFIX) and self.chunks is not None:
+            self.chunks.submit(incoming)
         elif self.ingestor is not None:
             self.ingestor.submit(incoming)
 
@@ -122,10 +213,15 @@ class Bridge:
         await self.ingestor.close()
         if self.escalator is not None:
             await self.escalator.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
+        if self.chunks is not None:
+            await self.chunks.close()
         _done, pending = await asyncio.wait(workers, timeout=_DRAIN_TIMEOUT_S)
         for task in pending:
             log.warning("drain timed out, cancelling worker task=%s", task.get_name())
             task.cancel()
+        await self._drain_alerts()
         await self.flush_agreement()
         if self.tsdb is not None and tsdb_task is not None:
             await self.tsdb.close()
@@ -158,10 +254,19 @@ class Bridge:
             self.log_status()
 
     async def prune(self) -> int:
-        """Drop dedup ids older than `[ingest] seen_retention_s`."""
+        """Drop dedup ids older than `[ingest] seen_retention_s` (returns how many), and bound the samples
+        archive by `[samples] max_rows` / `max_age_days`."""
         pruned = await self.registry.prune_seen(time.time() - self.config.ingest.seen_retention_s)
         if pruned:
             log.info("pruned seen message ids count=%d", pruned)
+        samples = await prune_samples(self.registry, self.config.samples, time.time())
+        if samples:
+            log.info(
+                "pruned archived samples count=%d max_rows=%d max_age_days=%g",
+                samples,
+                self.config.samples.max_rows,
+                self.config.samples.max_age_days,
+            )
         return pruned
 
     def log_status(self) -> None:

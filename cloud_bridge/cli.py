@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cloud_bridge import commands, keys, models, quantize, rollout_cli, samples
 from cloud_bridge.app import run_bridge
 from cloud_bridge.config import ConfigError, load_config
 
@@ -22,11 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the bridge until SIGTERM/SIGINT (then drain and exit 0)")
     run.add_argument("--config", type=Path, default=None, help="TOML config file (see cloud_bridge/config.py)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    for ota_module in (keys, models, commands):  # OTA: keys generate, models add|list, cmd update|rollback|ping
+        ota_module.add_subparsers(sub)
+    samples.add_subparsers(sub)  # samples export|tail (labelers)
+    for rollout_module in (quantize, rollout_cli):  # models quantize (after models), rollout start|status|abort
+        rollout_module.add_subparsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        try:
+            code: int = handler(args)
+        except ConfigError as exc:
+            print(f"cloud-bridge: config error: {exc}", file=sys.stderr)
+            return 2
+        return code
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from cloud_bridge.drift import DriftSettings
 from schemas.errors import TopicError
 from schemas.topics import Topics, validate_id
 
@@ -85,6 +86,63 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """Model OTA (cloud_bridge/models.py, commands.py, delivery.py). Without `signing_key` the bridge
+    still serves chunks but sends no commands (logged once at start)."""
+
+    model_store: str | None = None  # default: {state_dir}/models
+    signing_key: str | None = None  # Ed25519 PKCS#8 PEM from `cloud-bridge keys generate`
+    key_id: str | None = None  # default: the key's fingerprint (schemas.signing.key_id_of)
+    # Must equal what commands announce: a device checks every chunk's length against it.
+    chunk_size: int = 65536
+    command_ttl_s: float = 3600.0
+    max_chunks_in_flight: int = 8
+    max_chunks_per_s: float = 0.0  # 0 = no rate limit beyond the in-flight bound
+    # A request for a chunk sent this recently is answered by that send (devices behind one gateway).
+    coalesce_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """The archive of uncertain samples for labelers (cloud_bridge/samples.py), pruned hourly."""
+
+    max_rows: int = 1_000_000  # oldest-archived rows beyond this are deleted; 0 = no row bound
+    max_age_days: float = 90.0  # rows archived longer ago are deleted; 0 = no age bound
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Canary rollouts (cloud_bridge/rollout.py). The thresholds are the defaults of every stage;
+    `cloud-bridge rollout start --thresholds` overrides them per rollout or per stage."""
+
+    enabled: bool = True
+    tick_s: float = 5.0
+    # A bridge that stops renewing its lease for this long hands its rollouts to another bridge.
+    lease_s: float = 60.0
+    window_s: float = 600.0
+    install_timeout_s: float = 1800.0
+    min_inferences: int = 200
+    min_answered: int = 20
+    max_escalation_rate_increase: float = 0.10
+    max_agreement_drop: float = 0.10
+    max_confidence_drop: float = 0.05
+    max_rejection_rate_increase: float = 0.02
+    max_latency_p95_ratio: float = 2.0
+    latency_p95_slack_ms: float = 5.0
+    max_install_failure_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class DriftConfig(DriftSettings):
+    """Drift detection (cloud_bridge/drift.py; thresholds documented there). The baseline class mix is
+    the model's reference mix when the bridge knows the model (the files in `reference_models`, or the
+    registry's model store by sha256), else that of the first `baseline_windows` windows."""
+
+    enabled: bool = True
+    reference_models: tuple[str, ...] = ()  # .onnx files or directories of them
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     state_dir: str = "./bridge-state"
     status_interval_s: float = 10.0
@@ -94,6 +152,14 @@ class BridgeConfig:
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+    @property
+    def model_store_dir(self) -> Path:
+        return Path(self.ota.model_store) if self.ota.model_store else Path(self.state_dir) / "models"
 
     @property
     def registry_url(self) -> str:
@@ -111,6 +177,10 @@ _SECTIONS: dict[str, type[Any]] = {
     "influx": InfluxConfig,
     "escalation": EscalationConfig,
     "ingest": IngestConfig,
+    "drift": DriftConfig,
+    "samples": SamplesConfig,
+    "ota": OtaConfig,
+    "rollout": RolloutConfig,
 }
 
 
@@ -241,8 +311,21 @@ def _validate(config: BridgeConfig) -> None:
         ("[influx] batch_lines", config.influx.batch_lines),
         ("[influx] buffer_max_lines", config.influx.buffer_max_lines),
         ("status_interval_s", config.status_interval_s),
+        ("[ota] command_ttl_s", config.ota.command_ttl_s),
+        ("[ota] max_chunks_in_flight", config.ota.max_chunks_in_flight),
+        ("[rollout] tick_s", config.rollout.tick_s),
+        ("[rollout] window_s", config.rollout.window_s),
+        ("[rollout] install_timeout_s", config.rollout.install_timeout_s),
     ):
         _positive(where, value)
+    if config.samples.max_rows < 0 or config.samples.max_age_days < 0:
+        raise ConfigError("[samples] max_rows and max_age_days must be >= 0 (0 turns that bound off)")
+    if config.rollout.lease_s <= 2 * config.rollout.tick_s:
+        raise ConfigError(
+            f"[rollout] lease_s = {config.rollout.lease_s} must exceed 2 x tick_s ({config.rollout.tick_s}): "
+            "a bridge renews its lease every tick"
+        )
+    _validate_drift(config.drift)
     if mqtt.receive_maximum > 65535:
         raise ConfigError(f"[mqtt] receive_maximum = {mqtt.receive_maximum} must be at most 65535 (MQTT 5 limit)")
     try:
@@ -259,5 +342,36 @@ def _validate(config: BridgeConfig) -> None:
         raise ConfigError(
             f"[registry] url = {config.registry.url!r}: use sqlite+aiosqlite:///PATH or postgresql+asyncpg://..."
         )
+    if not 1024 <= config.ota.chunk_size <= 1 << 20:
+        raise ConfigError(f"[ota] chunk_size = {config.ota.chunk_size} must be between 1024 and 1048576 bytes")
+    if config.ota.signing_key is not None and not Path(config.ota.signing_key).is_file():
+        raise ConfigError(
+            f"[ota] signing_key = {config.ota.signing_key!r} does not exist: create one with "
+            "`cloud-bridge keys generate --out DIR` or remove the key to run without OTA commands"
+        )
     if config.influx.url is not None and not config.influx.url.startswith(("http://", "https://")):
         raise ConfigError(f"[influx] url = {config.influx.url!r} must start with http:// or https://")
+
+
+def _validate_drift(drift: DriftConfig) -> None:
+    for name in ("baseline_windows", "recent_windows", "min_samples", "fire_after", "resolve_after"):
+        if getattr(drift, name) < 1:
+            raise ConfigError(f"[drift] {name} = {getattr(drift, name)} must be at least 1")
+    for name in ("psi_pseudocount", "latency_budget_ms", "feature_z"):
+        _positive(f"[drift] {name}", getattr(drift, name))
+    if drift.cooldown_s < 0 or drift.latency_floor_ms < 0:
+        raise ConfigError("[drift] cooldown_s and latency_floor_ms must be >= 0")
+    for low, high in (
+        ("psi_low", "psi_high"),
+        ("confidence_drop_low", "confidence_drop_high"),
+        ("feature_fraction_low", "feature_fraction_high"),
+        ("latency_ratio_low", "latency_ratio_high"),
+    ):
+        if getattr(drift, low) > getattr(drift, high):
+            raise ConfigError(
+                f"[drift] {low} = {getattr(drift, low)} must not exceed {high} = {getattr(drift, high)}: "
+                "an alert resolves below the low threshold and fires above the high one"
+            )
+    for path in drift.reference_models:
+        if not Path(path).exists():
+            raise ConfigError(f"[drift] reference_models: {path!r} does not exist; list .onnx files or directories")

@@ -15,12 +15,13 @@ import base64
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_bridge.config import IngestConfig
+from cloud_bridge.drift_store import DriftRun, DriftStore, PendingAlert
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.registry import (
     AlertRow,
@@ -47,9 +48,16 @@ INGEST_CHANNELS = (Channel.STATUS, Channel.TELEMETRY, Channel.SAMPLES, Channel.R
 
 
 def ingest_filters(topics: Topics, share_group: str, shared: bool) -> list[str]:
-    """The subscription filters of ingestion (shared among bridges when `shared`)."""
+    """The subscription filters of ingestion (shared among bridges when `shared`).
+
+    Status is never shared: brokers do not deliver retained messages to shared subscriptions
+    (MQTT 5 spec 4.8.2), so a bridge started after the devices would never learn who is online.
+    Every bridge takes every status message instead; they are few, and the msg_id dedup makes
+    the copies harmless.
+    """
     filters = [topics.filter(ch) for ch in INGEST_CHANNELS] + [topics.alerts_filter()]
-    return [Topics.shared(share_group, f) if shared else f for f in filters]
+    status = topics.filter(Channel.STATUS)
+    return [Topics.shared(share_group, f) if shared and f != status else f for f in filters]
 
 
 @dataclass
@@ -88,7 +96,11 @@ class Ingestor:
         config: IngestConfig,
         ack: Callable[[Incoming], bool],
         tsdb: TsdbWriter | None = None,
+        drift: DriftStore | None = None,
+        on_alerts: Callable[[Sequence[PendingAlert]], None] | None = None,
     ) -> None:
+        self._drift = drift
+        self._on_alerts = on_alerts
         self._topics = topics
         self._registry = registry
         self._config = config
@@ -129,6 +141,8 @@ class Ingestor:
 
     async def _handle(self, taken: list[Incoming]) -> None:
         batch, lines, new_ids, dups = await self._build(taken)
+        # Drift is scored inside the same transaction, from the windows this batch stores.
+        drift = self._drift.start(batch) if self._drift is not None else None
         delay = _RETRY_MIN_S
         while True:
             try:
@@ -144,6 +158,9 @@ class Ingestor:
                 delay = min(delay * 2, _RETRY_MAX_S)
         for msg_id in new_ids:
             self._recent.add(msg_id)
+        if drift is not None:
+            lines.extend(drift.lines)
+            self._after_drift(drift)
         if self._tsdb is not None and lines:
             self._tsdb.add(lines)
         self.stats.batches += 1
@@ -154,6 +171,13 @@ class Ingestor:
             self._ack(message)
         async with self._progress:
             self._progress.notify_all()
+
+    def _after_drift(self, drift: DriftRun) -> None:
+        for pending in drift.alerts:
+            # Our own alert comes back on the alerts topic: its row is already stored.
+            self._recent.add(pending.alert.msg_id)
+        if drift.alerts and self._on_alerts is not None:
+            self._on_alerts(drift.alerts)
 
     async def wait_for(self, predicate: Callable[[IngestStats], bool]) -> None:
         """Wait until `predicate(stats)` holds after some batch (for tests, benches and drains)."""
@@ -262,6 +286,9 @@ def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
         "predicted": m.predicted,
         "truth": m.truth,
         "ts": m.ts,
+        "model_sha256": m.model.sha256,
+        "source_ref": m.source_ref,
+        "received_at": time.time(),
     }
 
 

@@ -224,15 +224,27 @@ class MqttConnection:
 
     # -- publish / ack -----------------------------------------------------------------------------
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, correlation_data: bytes | None = None) -> None:
-        """Publish and wait for the PUBACK (QoS 1); the window bounds how many are in flight at once."""
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+        *,
+        message_expiry_s: int | None = None,
+    ) -> None:
+        """Publish and wait for the PUBACK (QoS 1); the window bounds how many are in flight at once.
+        `message_expiry_s` (MQTT 5 only) lets the broker drop a command nobody fetched in time."""
         async with self._window:
             if not self._connected.is_set():
                 raise MqttError(f"not connected: cannot publish to {topic}")
             props: Properties | None = None
-            if self._v5 and correlation_data is not None:
+            if self._v5 and (correlation_data is not None or message_expiry_s is not None):
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.CorrelationData = correlation_data
+                if correlation_data is not None:
+                    props.CorrelationData = correlation_data
+                if message_expiry_s is not None:
+                    props.MessageExpiryInterval = max(1, message_expiry_s)
             info = self._client.publish(topic, payload, qos=qos, properties=props)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")

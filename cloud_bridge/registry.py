@@ -8,7 +8,7 @@ would cost more Python time per message than the whole budget of the bridge.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     delete,
     event,
     func,
@@ -91,6 +92,12 @@ class SampleRow(Base):
     predicted: Mapped[str] = mapped_column(String(64))
     truth: Mapped[str | None] = mapped_column(String(64), nullable=True)
     ts: Mapped[float] = mapped_column(Float)
+    # For labelers' exports (cloud_bridge/samples.py): which exact model answered, where the input
+    # came from, and when the bridge archived it (the export cursor and the archive's age bound use
+    # arrival time, so a device that was offline for hours is not skipped).
+    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    source_ref: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    received_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
 
 class ResultRow(Base):
@@ -155,6 +162,123 @@ class Agreement(Base):
     agreed: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class ModelRow(Base):
+    """A registered model artifact (cloud_bridge/models.py); the bytes live at `path`, named by sha256."""
+
+    __tablename__ = "models"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(String(1024))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    input_shape: Mapped[list[int]] = mapped_column(JSON)
+    reference_mix: Mapped[dict[str, float]] = mapped_column(JSON)
+    added_at: Mapped[float] = mapped_column(Float)
+
+
+class CommandRow(Base):
+    """A signed command the cloud sent (cloud_bridge/commands.py); join with command_acks on cmd_id."""
+
+    __tablename__ = "commands"
+    cmd_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rollout_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sent_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class RolloutRow(Base):
+    """A canary rollout (cloud_bridge/rollout.py); `owner`/`lease_until` let one bridge drive it at a time."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    stages: Mapped[list[int]] = mapped_column(JSON)
+    stage: Mapped[int] = mapped_column(Integer, default=0)
+    phase: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    thresholds: Mapped[dict[str, dict[str, float]]] = mapped_column(JSON)
+    window_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    stage_started_at: Mapped[float] = mapped_column(Float)
+    watch_from: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    rollback_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_eval: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class RolloutDeviceRow(Base):
+    """One device of a rollout: the stage that took it, what it ran before, its update and rollback."""
+
+    __tablename__ = "rollout_devices"
+    rollout_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet_id: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[int] = mapped_column(Integer)
+    previous_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cmd_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    rollback_cmd_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class DriftStateRow(Base):
+    """All drift state of one (device, model version) in one row (cloud_bridge/drift_store.py): the
+    baseline, the windows it is scored on, and each kind's hysteresis. It is also the row an evaluation
+    locks, so one row read and one row write per device and batch."""
+
+    __tablename__ = "drift_states"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    class_mix: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    class_samples: Mapped[int] = mapped_column(Integer, default=0)
+    baseline: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON text of the pooled baseline
+    # JSON text of the windows: every one so far until the baseline is frozen, then the newest few.
+    windows: Mapped[str] = mapped_column(Text, default="[]")
+    kinds: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_window_end: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class DriftEpisodeRow(Base):
+    """One alert transition; the primary key is the dedup key: one firing and one resolved per episode."""
+
+    __tablename__ = "drift_episodes"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    episode: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    alert_msg_id: Mapped[str] = mapped_column(String(36), unique=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 @dataclass
 class DeviceDelta:
     """What one batch changes on one device row."""
@@ -176,6 +300,9 @@ class Batch:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     rows: dict[type[Base], list[dict[str, Any]]] = field(default_factory=dict)
     devices: dict[tuple[str, str], DeviceDelta] = field(default_factory=dict)
+    # Run last inside the batch's transaction (drift scoring reads what the batch just wrote); a
+    # retried commit runs them again, so they must reset whatever they produce.
+    hooks: list[Callable[[Connection], None]] = field(default_factory=list)
 
     def add_row(self, table: type[Base], row: dict[str, Any]) -> None:
         self.rows.setdefault(table, []).append(row)
@@ -249,6 +376,8 @@ class Registry:
             conn.execute(self._insert(table).on_conflict_do_nothing(), rows)
         for (fleet_id, device_id), delta in batch.devices.items():
             self._upsert_device(conn, fleet_id, device_id, delta)
+        for hook in batch.hooks:
+            hook(conn)
 
     def _upsert_device(self, conn: Connection, fleet_id: str, device_id: str, delta: DeviceDelta) -> None:
         values: dict[str, Any] = {

@@ -22,7 +22,7 @@ from influxdb_client.client.influxdb_client import InfluxDBClient
 from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.domain.write_precision import WritePrecision
 
-from schemas.messages import Telemetry
+from schemas.messages import Alert, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,41 @@ def agreement_line(fleet_id: str, device_id: str, version: str, agreed: int, ans
     tags = {"fleet": fleet_id, "device": device_id, "model_version": version}
     fields: dict[str, FieldValue] = {"agreement": agreed / answered if answered else 0.0, "answered": answered}
     return line("escalation", tags, fields, round(ts * 1000))
+
+
+def drift_line(
+    fleet_id: str,
+    device_id: str,
+    model: str,
+    version: str,
+    metric: str,
+    score: float,
+    threshold: float,
+    firing: bool,
+    ts: float,
+) -> str:
+    """One drift evaluation: `metric` is the kind (prediction_drift, ...), at the evaluated window's end."""
+    tags = {"fleet": fleet_id, "device": device_id, "model": model, "version": version, "metric": metric}
+    fields: dict[str, FieldValue] = {"score": float(score), "threshold": float(threshold), "firing": int(firing)}
+    return line("drift", tags, fields, round(ts * 1000))
+
+
+def alert_line(alert: Alert) -> str:
+    """An alert transition, for Grafana annotations (state "firing" or "resolved")."""
+    tags = {
+        "fleet": alert.fleet_id,
+        "device": alert.device_id,
+        "model": alert.model.name,
+        "version": alert.model.version,
+        "kind": alert.kind,
+    }
+    fields: dict[str, FieldValue] = {
+        "state": alert.state,
+        "score": float(alert.score),
+        "threshold": float(alert.threshold),
+        "detail": alert.detail,
+    }
+    return line("alert", tags, fields, round(alert.window_end * 1000))
 
 
 @dataclass(frozen=True)
