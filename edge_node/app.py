@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from edge_node import __version__
+from edge_node.commands import Installer, OtaAgent, build_agent
 from edge_node.config import EdgeConfig
 from edge_node.escalation import Escalations
 from edge_node.link import IncomingMessage, Link, LinkConfig
@@ -26,12 +29,14 @@ from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
 from edge_node.pipeline import Pipeline
 from edge_node.sampling import UncertaintySampler
+from edge_node.slots import Boot, CommandAcks, InstallPolicy, SlotManager, SlotStore, boot_slots
 from edge_node.sources import DirectorySource, InputIds, InputItem, MqttInputSource, ReplaySource, Source, describe
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
 from schemas import (
     Channel,
     DecodeError,
     EscalationReply,
+    ModelTopic,
     OutboxStats,
     Providers,
     Status,
@@ -68,6 +73,13 @@ class EdgeNode:
         self.window: Window | None = None
         self.ready = asyncio.Event()
         self._drops = _Deltas()
+        # Defaults to the node's SlotManager (edge_node/slots.py); set before run() to replace it.
+        self.installer: Installer | None = None
+        self.ota: OtaAgent | None = None
+        # A/B model slots (edge_node/slots.py): the default installer; the model to start with.
+        self.slots: SlotManager | None = None
+        self._slot_store = SlotStore(config.ota_state_dir / "slots")
+        self._boot: Boot | None = None
 
     def stop(self) -> None:
         """Ask the node to drain and exit (safe to call from a signal handler)."""
@@ -76,9 +88,11 @@ class EdgeNode:
     # ---- wiring ------------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.config
-        self.classifier = await asyncio.to_thread(
-            Classifier.load, cfg.model.path, cfg.model.providers, cfg.model.intra_op_threads
+        # The persisted active slot, else the factory model ([model] path); see edge_node/slots.py.
+        self._boot = await asyncio.to_thread(
+            boot_slots, self._slot_store, cfg.model.path, self._load_model, cfg.ota.crash_loop_limit
         )
+        self.classifier = self._boot.classifier
         info = self.classifier.info
         log.info(
             "model loaded name=%s version=%s sha256=%s labels=%d input=%s providers=%s",
@@ -122,6 +136,19 @@ class EdgeNode:
         pipeline = Pipeline(
             cfg, classifier, outbox, escalations, sampler, self._current_window, lambda: link.is_connected
         )
+        assert self._boot is not None
+        self.slots = slots = SlotManager(
+            self._slot_store,
+            self._boot,
+            pipeline,
+            CommandAcks(outbox, self.topics, dev.fleet_id, dev.device_id),
+            self._load_model,
+            InstallPolicy.from_config(cfg.ota),
+            on_switch=self._model_switched,
+        )
+        if self.installer is None:
+            self.installer = slots
+        self.ota = build_agent(cfg, outbox, link, self.installer)
         probe = ResourceProbe()
         ctx = TelemetryContext(
             dev.fleet_id,
@@ -145,13 +172,18 @@ class EdgeNode:
             pipe_task = tg.create_task(pipeline.run(queue), name="pipeline")
             tele_task = tg.create_task(self._telemetry_loop(ctx, probe, sampler), name="telemetry")
             src_task = tg.create_task(source.run(), name="source")
+            ota_task = tg.create_task(self.ota.run(), name="ota")
+            slots_task = tg.create_task(slots.run(), name="slots")
             self.ready.set()
             await self._stop.wait()
             log.info("stopping: draining queued inputs and outstanding escalations")
             src_task.cancel()
+            ota_task.cancel()  # an unfinished download resumes from its bitmap on the next run
             await queue.join()
             await escalations.wait_idle()
             pipe_task.cancel()
+            await slots.close()  # a clean stop does not count toward the crash-loop limit
+            slots_task.cancel()
             tele_task.cancel()
             with suppress(asyncio.CancelledError):
                 await tele_task
@@ -167,6 +199,21 @@ class EdgeNode:
         assert self.link is not None
         self.link.will = self._status("offline", "connection_lost")
         return self._status("online", "connected")
+
+    def _load_model(self, path: Path) -> Classifier:
+        m = self.config.model
+        return Classifier.load(path, m.providers, m.intra_op_threads)
+
+    async def _model_switched(self, classifier: Classifier) -> None:
+        """An OTA switch: status and telemetry name the new model from now on; the retained
+        status is refreshed so the cloud sees the switch without waiting for a reconnect."""
+        self.classifier = classifier
+        assert self.outbox is not None
+        try:
+            await self.outbox.put(self._status("online", "connected"))
+        except OutboxError as exc:
+            self.stats.outbox_errors += 1
+            log.error("status after the model switch not stored: %s", exc)
 
     def _current_window(self) -> Window:
         assert self.window is not None
@@ -202,7 +249,10 @@ class EdgeNode:
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         dev = self.config.device
-        subs = [(self.topics.device(dev.fleet_id, dev.device_id, Channel.ESCALATE_REPLY), 1)]
+        subs = [
+            (self.topics.device(dev.fleet_id, dev.device_id, Channel.ESCALATE_REPLY), 1),
+            (self.topics.device(dev.fleet_id, dev.device_id, Channel.CMD), 1),
+        ]
         if self.config.source.kind == "mqtt":
             subs.append((self.topics.device(dev.fleet_id, dev.device_id, Channel.INPUT), 1))
         return subs
@@ -233,22 +283,31 @@ class EdgeNode:
         )
 
     # ---- inbound -----------------------------------------------------------------------------
-    def _on_message(self, message: IncomingMessage) -> None:
+    def _on_message(self, message: IncomingMessage) -> Awaitable[None] | None:
         try:
+            parsed = self.topics.parse(message.topic)
+            if isinstance(parsed, ModelTopic):
+                if self.ota is not None:
+                    self.ota.on_chunk(message)
+                return None
             where = self.topics.parse_device(message.topic)
         except ValueError as exc:
             log.warning("message on unexpected topic=%s dropped: %s", message.topic, exc)
-            return
+            return None
         if where.channel is Channel.ESCALATE_REPLY:
             try:
                 reply = decode(message.payload, EscalationReply)
             except DecodeError as exc:
                 log.warning("bad escalation reply topic=%s error=%s", message.topic, exc)
-                return
+                return None
             if not self._escalations.resolve(reply):
                 self.stats.late_replies += 1
         elif where.channel is Channel.INPUT and self._mqtt_source is not None:
             self._mqtt_source.offer(message.payload, message.topic)
+        elif where.channel is Channel.CMD and self.ota is not None:
+            # The link acks the MQTT message once this finished: a crash before leaves it redelivered.
+            return self.ota.on_command(message)
+        return None
 
     # ---- telemetry ---------------------------------------------------------------------------
     async def _telemetry_loop(self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler) -> None:

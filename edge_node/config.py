@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from edge_node.errors import ConfigError
 from schemas import TopicError, Topics, validate_id
+from schemas.signing import SignatureError, parse_public_key
 
 ENV_PREFIX = "EDGE_NODE__"
 
@@ -103,6 +104,33 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """Model OTA: which keys may sign commands, where downloads and the replay record live."""
+
+    state_dir: Path | None = None  # default: an "ota" dir next to the outbox file
+    # key id -> base64 Ed25519 public key; env: EDGE_NODE__OTA__TRUSTED_KEYS="id=b64,id2=b64"
+    trusted_keys: dict[str, str] = field(default_factory=dict)
+    chunk_timeout_s: float = 10.0  # no new chunk for this long: ask again for the missing ones
+    chunk_timeout_max_s: float = 120.0  # the backoff of those re-requests stops growing here
+    max_clock_skew_s: float = 300.0  # tolerance on a command's issued_at / expires_at
+    # A command issued this much earlier than the newest accepted one is refused as a replay.
+    replay_window_s: float = 7 * 24 * 3600.0
+    # Install (edge_node/slots.py). After a switch the new model is on probation this long: an
+    # exception in its run, a higher error/rejection rate or a lower mean confidence than the old
+    # model's (beyond the allowances below) switches back. Rates are compared only past
+    # probation_min_inferences inputs.
+    health_probation_s: float = 60.0
+    probation_min_inferences: int = 50
+    probation_max_confidence_drop: float = 0.10
+    probation_max_error_rate_increase: float = 0.05
+    # This many starts while a new model is still on probation (it keeps crashing the node) and
+    # the node starts on the previous slot instead.
+    crash_loop_limit: int = 3
+    health_latency_runs: int = 50  # batch-1 runs timed by the health check for the p95
+    health_max_latency_budget_ms: float = 0.0  # > 0: caps the command's latency_budget_ms
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -112,10 +140,15 @@ class EdgeConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
     @property
     def topics(self) -> Topics:
         return Topics(self.mqtt.topic_prefix)
+
+    @property
+    def ota_state_dir(self) -> Path:
+        return self.ota.state_dir or self.outbox.path.parent / "ota"
 
 
 def _coerce(key: str, value: Any, hint: Any, base: Path) -> Any:
@@ -129,6 +162,8 @@ def _coerce(key: str, value: Any, hint: Any, base: Path) -> Any:
         if value not in args:
             raise ConfigError(f"{key} = {value!r} is not allowed: use one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        return _coerce_str_map(key, value)
     if origin is tuple:
         if isinstance(value, str):
             value = [value]
@@ -157,6 +192,18 @@ def _coerce(key: str, value: Any, hint: Any, base: Path) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")  # a bug in this module, not in the file
+
+
+def _coerce_str_map(key: str, value: Any) -> dict[str, str]:
+    """A TOML table of strings, or "k=v,k2=v2" from the environment (a value may contain '=')."""
+    if isinstance(value, str):
+        pairs = [item.strip().partition("=") for item in value.split(",") if item.strip()]
+        if any(not k.strip() or not sep for k, sep, _ in pairs):
+            raise ConfigError(f'{key} must be a table or "id=value,id2=value2", got {value!r}')
+        return {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f'{key} must be a table of strings, e.g. {key.split()[-1]} = {{"id" = "base64"}}')
+    return {str(k): v for k, v in value.items()}
 
 
 def _build(cls: type[Any], section: str, values: Mapping[str, Any], base: Path) -> Any:
@@ -266,5 +313,34 @@ def validate(config: EdgeConfig) -> None:
         (config.source.limit >= 0, "[source] limit must be >= 0 (0 means no limit)"),
     ]
     for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    _validate_ota(config.ota)
+
+
+def _validate_ota(ota: OtaConfig) -> None:
+    for key_id, text in ota.trusted_keys.items():
+        try:
+            parse_public_key(text)
+        except SignatureError as exc:
+            raise ConfigError(
+                f"[ota] trusted_keys {key_id!r}: {exc}; paste the base64 printed by `cloud-bridge keys generate`"
+            ) from None
+    for ok, message in (
+        (ota.chunk_timeout_s > 0, "[ota] chunk_timeout_s must be > 0"),
+        (ota.chunk_timeout_max_s >= ota.chunk_timeout_s, "[ota] chunk_timeout_max_s must be >= chunk_timeout_s"),
+        (ota.max_clock_skew_s >= 0, "[ota] max_clock_skew_s must be >= 0"),
+        (ota.replay_window_s > 0, "[ota] replay_window_s must be > 0"),
+        (ota.health_probation_s >= 0, "[ota] health_probation_s must be >= 0"),
+        (ota.probation_min_inferences >= 1, "[ota] probation_min_inferences must be at least 1"),
+        (0 <= ota.probation_max_confidence_drop <= 1, "[ota] probation_max_confidence_drop must be in [0, 1]"),
+        (
+            0 <= ota.probation_max_error_rate_increase <= 1,
+            "[ota] probation_max_error_rate_increase must be in [0, 1]",
+        ),
+        (ota.crash_loop_limit >= 1, "[ota] crash_loop_limit must be at least 1"),
+        (ota.health_latency_runs >= 1, "[ota] health_latency_runs must be at least 1"),
+        (ota.health_max_latency_budget_ms >= 0, "[ota] health_max_latency_budget_ms must be >= 0 (0: no cap)"),
+    ):
         if not ok:
             raise ConfigError(message)

@@ -12,6 +12,10 @@ training split is folded into the first layer's weights, so callers never scale 
 carries metadata_props describing its labels, input, output kind and held-out accuracy, the last one
 measured by running the exported file in ONNX Runtime (so the export itself is verified).
 
+Each file also ships ``health_reference`` metadata: a few held-out inputs and the probabilities
+the exported file gives them, which an edge node installing the model over the air re-runs as its
+health check (edge_node/health.py) before switching to it.
+
 Builds are deterministic (same seed → byte-identical files) and cached: a file whose recorded
 training configuration matches is reused rather than retrained. Edge variants for OTA and rollout
 tests (a better v1.1.0, a deliberately bad model) come from :func:`build_edge_model`.
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when training or export changes in a way that alters the files, so cached files are rebuilt.
-BUILDER_REVISION = 1
+BUILDER_REVISION = 2
 OPSET = 17
 # IR 8 is the revision that introduced opset 17; every onnxruntime >= 1.12 loads it.
 IR_VERSION = 8
@@ -58,6 +62,8 @@ CLOUD_NAME = "digits-cloud"
 DEFAULT_VERSION = "1.0.0"
 EDGE_HIDDEN: tuple[int, ...] = (12,)
 CLOUD_HIDDEN: tuple[int, ...] = (256, 128)
+# Held-out rows shipped as the OTA health-check reference (spread over the test split).
+HEALTH_REFERENCE_ROWS = 8
 # Few enough epochs that the small edge model stays modest (≈95 %) and the build stays fast.
 EDGE_MAX_ITER = 200
 CLOUD_MAX_ITER = 200
@@ -192,6 +198,7 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
     predictions = _predict(model.SerializeToString(), split.X_test)
     accuracy = float(np.mean(predictions == split.y_test))
     _set_metadata(model, config, split.labels, accuracy, _class_mix(predictions, split.labels))
+    _set_health_reference(model, config.output_kind, split)
     data = model.SerializeToString()
     _write_atomically(path, data)
     _verify_file(path, split, accuracy)
@@ -395,6 +402,23 @@ def _set_metadata(
         "seed": str(config.seed),
         "train_config": config.to_json(),
     }
+    helper.set_model_props(model, dict(sorted(props.items())))
+
+
+def _set_health_reference(model: onnx.ModelProto, output_kind: OutputKind, split: DigitsSplit) -> None:
+    """Add `health_reference`: held-out inputs and the probabilities this very graph gives them."""
+    from onnx import helper
+
+    step = max(1, len(split.X_test) // HEALTH_REFERENCE_ROWS)
+    inputs = np.ascontiguousarray(split.X_test[::step][:HEALTH_REFERENCE_ROWS], dtype=np.float32)
+    (scores,) = _session(model.SerializeToString()).run(None, {INPUT_NAME: inputs})
+    scores = np.asarray(scores, dtype=np.float64)
+    if output_kind == "logits":
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores /= scores.sum(axis=1, keepdims=True)
+    reference = {"inputs": inputs.tolist(), "probabilities": np.round(scores, 6).tolist()}
+    props = {p.key: p.value for p in model.metadata_props}
+    props["health_reference"] = json.dumps(reference)
     helper.set_model_props(model, dict(sorted(props.items())))
 
 
