@@ -77,6 +77,7 @@ class DeviceView:
     recent: list[float] = field(default_factory=list)
     buckets: dict[int, Bucket] = field(default_factory=lambda: defaultdict(Bucket))
     models_seen: dict[str, int] = field(default_factory=dict)  # model version -> results
+    first_result_at: float | None = None  # seconds since the watch started
 
 
 class FleetWatch:
@@ -158,6 +159,8 @@ class FleetWatch:
         bucket.results += 1
         bucket.escalated += r.path == "cloud"
         dev.models_seen[r.model.version] = dev.models_seen.get(r.model.version, 0) + 1
+        if dev.first_result_at is None:
+            dev.first_result_at = r.ts - self.started
         if r.truth is not None:
             bucket.with_truth += 1
             bucket.edge_right += r.edge_label == r.truth
