@@ -91,3 +91,12 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], nee
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def test_the_example_config_documents_the_defaults() -> None:
+    """examples/cloud.toml lists every section with its defaults: it must load to exactly the defaults,
+    so the documentation cannot drift from the code."""
+    from cloud_bridge.config import BridgeConfig
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "cloud.toml"
+    assert load_config(example, env={}) == BridgeConfig()
