@@ -303,8 +303,14 @@ class _Connection:
         finally:
             closed.cancel()
         if not self.connack.done():
-            # Closed before any CONNACK: what a 3.1.1-only broker may do to an MQTT 5 CONNECT.
-            raise ConnectFailure("closed", f"connection closed before CONNACK ({self.disconnect_reason})")
+            # Closed before any CONNACK: a proxy or gateway whose upstream is down, a broker
+            # restarting, or a non-conforming 3.1.1-only broker that drops MQTT 5 CONNECTs silently.
+            raise ConnectFailure(
+                "closed",
+                f"connection closed before CONNACK ({self.disconnect_reason}); retried with backoff."
+                " If this broker only speaks MQTT 3.1.1 and closes MQTT 5 connections without a"
+                ' CONNACK, set [mqtt] protocol = "mqtt311"',
+            )
         ack = self.connack.result()
         if ack.reason.is_failure:
             raise _connack_failure(ack.reason)
@@ -512,6 +518,10 @@ class _Connection:
         else:
             self.client.subscribe(subscriptions)
 
+    def unsubscribe(self, topics: list[str]) -> None:
+        if topics:
+            self.client.unsubscribe(topics)
+
     def disconnect(self) -> None:
         """Clean DISCONNECT (reason 0): the broker discards the will."""
         self.client.disconnect()
@@ -572,6 +582,7 @@ class Link:
             "auto": None,
         }[config.protocol]
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stale_subscriptions: list[str] = []
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -588,6 +599,23 @@ class Link:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def add_subscription(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and on every later connect (e.g. a model's chunk topic)."""
+        if (topic, qos) in self.subscriptions:
+            return
+        self.subscriptions.append((topic, qos))
+        if self._conn is not None and not self._conn.closed.is_set():
+            self._conn.subscribe([(topic, qos)])
+
+    def remove_subscription(self, topic: str) -> None:
+        """Unsubscribe now (if connected) and stop subscribing on later connects."""
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        if self._conn is not None and not self._conn.closed.is_set():
+            self._conn.unsubscribe([topic])
+        else:
+            # A persistent session keeps the subscription at the broker: drop it on the next connect.
+            self._stale_subscriptions.append(topic)
 
     def drop_connection(self) -> None:
         """Cut the TCP connection without DISCONNECT, as a dead link would (the will fires)."""
@@ -641,7 +669,11 @@ class Link:
         """protocol=auto: an MQTT 5 CONNECT refused as a protocol error → use 3.1.1 from now on."""
         if self.config.protocol != "auto" or protocol != MQTTProtocolVersion.MQTTv5:
             return False
-        if failure.kind not in ("protocol", "closed"):
+        # Only an explicit refusal (CONNACK 0x01 under 3.1.1 framing, which paho reports as 0x84,
+        # or 0x84 itself) proves the broker lacks MQTT 5. A connection closed before any CONNACK is
+        # what a TCP proxy or a gateway with its upstream down does too: downgrading on that would
+        # stick to 3.1.1 for the rest of the process and skip the backoff.
+        if failure.kind != "protocol":
             return False
         log.warning(
             "mqtt broker refused MQTT 5, falling back to 3.1.1 host=%s port=%d detail=%s",
@@ -683,6 +715,8 @@ class Link:
         self.stats.window = conn.window
         self._backoff.reset()
         conn.subscribe(self.subscriptions)
+        stale, self._stale_subscriptions = self._stale_subscriptions, []
+        conn.unsubscribe([t for t in stale if t not in {s for s, _ in self.subscriptions}])
         log.info(
             "mqtt connected host=%s port=%d client_id=%s protocol=%s session_present=%s window=%d",
             self.config.host,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import shutil
 import subprocess
 import threading
@@ -311,6 +313,34 @@ async def test_auto_falls_back_to_mqtt311(tmp_path: Path, mosquitto: Mosquitto) 
                 await asyncio.to_thread(sub.wait, lambda s: len(s.got) >= 2)
         server.close()
     assert rig.link.stats.connect_failures == 0
+
+
+async def test_closed_before_connack_keeps_mqtt5_and_backs_off(
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, tcp_proxy: TcpProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway whose upstream is down accepts TCP, then resets before any CONNACK: that is an
+    outage, not a broker refusing MQTT 5, so `auto` must not downgrade and must keep its backoff."""
+    broker = mosquitto_factory(start=False)  # the upstream: its port is known, nothing listens yet
+    proxy = tcp_proxy(broker.host, broker.port)
+    attempts, min_s = 4, 0.3
+    caplog.set_level(logging.WARNING, logger="edge_node.link")
+    async with running_link(tmp_path, proxy.host, proxy.port, protocol="auto", reconnect_min_s=min_s) as rig:
+        await eventually(lambda: rig.link.stats.connect_failures >= attempts, what="failed attempts")
+        # The proxy accepted each attempt (reset before CONNACK), it did not refuse the TCP connect.
+        assert proxy.connections_total >= attempts
+        error = rig.link.stats.last_error or ""
+        assert error.startswith(("closed:", "network:")), error
+        assert not rig.link.is_connected
+        await asyncio.to_thread(broker.start)
+        await asyncio.wait_for(rig.link.wait_connected(), WAIT)
+        assert rig.link.stats.protocol == "mqtt5"
+    records = [r for r in caplog.records if r.name == "edge_node.link"]
+    assert not [r.getMessage() for r in records if "falling back" in r.getMessage()]
+    # Each failure is logged just before its backoff sleep starts: consecutive failures are at
+    # least reconnect_min_s apart (full jitter draws from [min, cap]); a load spike only widens them.
+    failed = [r.created for r in records if r.getMessage().startswith("mqtt connect failed")]
+    gaps = [b - a for a, b in itertools.pairwise(failed)]
+    assert len(gaps) >= attempts - 1 and min(gaps) >= min_s, gaps
 
 
 async def test_auto_uses_mqtt5_when_the_broker_speaks_it(tmp_path: Path, mosquitto: Mosquitto) -> None:
