@@ -59,7 +59,7 @@ WAIT_S = 60.0  # bound on every wait for PUBACKs; a stuck run fails instead of h
 POLL_S = 0.002  # the link has no "all acked" event; its counters are polled on this period
 SIZES = ((200, 20_000), (20_000, 2_000))  # (payload bytes, messages)
 RSS_COUNTS = (1_000, 1_000_000)
-RSS_BUDGET_S = 30.0
+RSS_BUDGET_S = 240.0  # a loaded 2-core machine needs far more than the ~15 s of an idle one
 ROUNDS = 3
 
 

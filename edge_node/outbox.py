@@ -12,14 +12,20 @@ Design, and why the stdlib `sqlite3` in one dedicated writer thread rather than 
   adapts to the load by itself: an idle outbox commits a row at once (no artificial linger), a busy
   one hundreds per commit. aiosqlite would cost a thread hop each way per awaited call (≈ 60 µs) and
   hide the queue we need to batch over.
-* The index lives on the event loop. Which rows are pending, which are in flight, their byte sizes
-  and expiry times are kept in memory (ordered per priority class), so `take`, `ack`, eviction and
-  the stats never wait for SQLite; the thread only does I/O. `take` fetches the payloads of a whole
-  batch with one query. Memory is metadata only (≈ 100 B per row), bounded like the file by
-  `max_bytes`.
+* Memory stays flat however deep the queue gets: the rows live in the file, the loop keeps only
+  counters (rows and bytes per priority class), the rows in flight (bounded by the link's window)
+  and, per class, a bounded *page* of the oldest pending rows' ids, sizes and expiry times. A page
+  is read from SQLite (one indexed range query on `(priority, id)`) when a class's page runs low,
+  so `take`, `ack` and the stats never wait for SQLite in the steady state. Per class, every
+  pending row with an id up to the page's `cursor` is in the page; the rows above it exist only in
+  the file until paged in. A put appends to its class's page directly while nothing of that class
+  waits in the file (the common, shallow case), else it goes to the file only. Eviction needs the
+  oldest rows of the victim classes: when a victim's page is exhausted the put awaits the next
+  page (puts are serialised for that, under a lock that costs nothing when uncontended).
 * Row ids are assigned on the loop, in put order, so acks, evictions and inserts can be queued to
   the single writer in order without waiting for `lastrowid`. A row becomes visible to `take` only
-  once its transaction committed (`_committed_upto`): nothing is ever sent that a crash could forget.
+  once its transaction committed (`_committed_upto`, or read back by a page query): nothing is
+  ever sent that a crash could forget.
 * WAL mode. `synchronous="NORMAL"` survives a process crash (`kill -9`) because every commit is in
   the OS page cache before `put` returns; `"FULL"` also fsyncs each group commit and survives power
   loss. The counters of evicted/expired/rejected rows live in the same file and are updated in the
@@ -29,12 +35,16 @@ Bounded by `max_bytes` (topic + payload bytes of the stored rows). A put that wo
 pending rows of its own class or a lower one (SAMPLES first, oldest first), never a row in flight,
 never a CONTROL row, never a row of a higher class than the new message: a sample must not push out
 an escalation. If that cannot make room the put raises `OutboxFullError` (counted in `rejected`);
-it never blocks, so inference never waits for the uplink. Escalation requests carry their deadline
-as `expires_at`: an expired row is dropped (counted in `expired`), never sent.
+it never waits for the uplink (at most for one page read from the file), so inference never does.
+Escalation requests carry their deadline as `expires_at`: an expired row is dropped (counted in
+`expired`), never sent: `take` checks every row it hands out, `open` deletes the expired rows of
+the whole file in SQL, and `drop_expired` drops those in the in-memory pages (rows still only in
+the file are dropped when paged in, or at the next open).
 
 On open: parent dirs are created, `PRAGMA quick_check` runs (the O(n) page check without the much
 slower index cross-check of `integrity_check`, which matters on SD cards), WAL is switched on and a
 write transaction is opened, so a read-only path fails at open with `OutboxUnavailableError`.
+The per-class totals are then summed over the `(priority, id)` index: nothing per row is loaded.
 
 Thread safety: every public method must be called from the event loop thread that opened the
 outbox; only the writer thread touches the sqlite3 connection.
@@ -84,7 +94,9 @@ CREATE TABLE IF NOT EXISTS counters (
     n INTEGER NOT NULL,
     PRIMARY KEY (kind, priority)
 );
+CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox (priority, id, nbytes, expires_at);
 """
+# The index covers what a page and the totals at open need, so neither reads the payloads.
 _INSERT = (
     "INSERT INTO outbox (id, priority, topic, payload, msg_id, qos, retain, expires_at, user_properties,"
     " response_topic, correlation_data, content_type, nbytes, created_at)"
@@ -94,12 +106,19 @@ _SELECT_COLUMNS = (
     "id, priority, topic, payload, msg_id, qos, retain, expires_at, user_properties, response_topic,"
     " correlation_data, content_type"
 )
+_SELECT_PAGE = (
+    "SELECT id, nbytes, expires_at FROM outbox INDEXED BY outbox_by_class"
+    " WHERE priority = ? AND id > ? ORDER BY id LIMIT ?"
+)
 _COUNT = (
     "INSERT INTO counters (kind, priority, n) VALUES (?, ?, ?)"
     " ON CONFLICT (kind, priority) DO UPDATE SET n = n + excluded.n"
 )
 # SQLite's default limit on bound parameters is 32766 since 3.32; stay far below it.
 _FETCH_CHUNK = 500
+# Rows per page read from the file, per class. 5 classes x 512 rows x ~150 B is the whole index
+# the loop keeps beyond the rows in flight; a page is one indexed range read (~0.5 ms).
+DEFAULT_PAGE_ROWS = 512
 
 _KIND_EVICTED = "evicted"
 _KIND_EXPIRED = "expired"
@@ -116,9 +135,20 @@ class Priority(IntEnum):
     SAMPLES = 4
 
 
-@dataclass(frozen=True, slots=True)
+# Who may be evicted for a message of each class: its own class or lower, SAMPLES first, never CONTROL.
+_VICTIMS: dict[Priority, tuple[Priority, ...]] = {
+    prio: tuple(p for p in reversed(Priority) if p >= prio and p != Priority.CONTROL) for prio in Priority
+}
+
+
+@dataclass(slots=True)
 class OutMessage:
-    """One outbound MQTT message. `expires_at` is unix seconds: past it the row is dropped, not sent."""
+    """One outbound MQTT message. `expires_at` is unix seconds: past it the row is dropped, not sent.
+
+    Treat it as immutable (use `dataclasses.replace`). It is not declared frozen because a frozen
+    dataclass sets each field through `object.__setattr__`: ~6x the construction cost, paid for
+    every result, sample and telemetry message on the pipeline's hot path.
+    """
 
     topic: str
     payload: bytes
@@ -169,6 +199,33 @@ class _Meta:
 
 
 @dataclass(slots=True)
+class _Class:
+    """The pending rows of one priority class: totals, and the page of the oldest ones in memory.
+
+    Invariant: every pending row of the class with id <= `cursor` is in `page` (in id order); the
+    rows above it are only in the file. `count`/`nbytes` cover both.
+    """
+
+    priority: Priority
+    page: OrderedDict[int, _Meta] = field(default_factory=OrderedDict)
+    cursor: int = 0
+    count: int = 0
+    nbytes: int = 0
+    paging: asyncio.Future[int] | None = None  # the page read in flight, at most one per class
+
+    @property
+    def in_file_only(self) -> int:
+        return self.count - len(self.page)
+
+
+@dataclass(slots=True)
+class _NeedPage:
+    """`_admit` cannot decide before the next page of this class is read (eviction past its page)."""
+
+    priority: Priority
+
+
+@dataclass(slots=True)
 class _Insert:
     rows: list[tuple[Any, ...]]
     future: asyncio.Future[None]
@@ -187,11 +244,20 @@ class _Fetch:
 
 
 @dataclass(slots=True)
+class _Page:
+    priority: Priority
+    after: int
+    limit: int
+    future: asyncio.Future[int]
+
+
+@dataclass(slots=True)
 class _Close:
     future: asyncio.Future[None]
 
 
-_Op = _Insert | _Delete | _Fetch | _Close
+_Op = _Insert | _Delete | _Fetch | _Page | _Close
+_PageRow = tuple[int, int, float | None]  # id, nbytes, expires_at
 
 
 @dataclass(slots=True)
@@ -199,17 +265,22 @@ class _BatchOutcome:
     """What the writer thread reports back to the loop after one group commit."""
 
     committed_upto: int = 0
-    failed_ids: list[int] = field(default_factory=list)
+    failed: list[tuple[int, int, int]] = field(default_factory=list)  # (id, priority, nbytes)
     write_error: OutboxUnavailableError | None = None
+    pages: list[tuple[_Page, list[_PageRow]]] = field(default_factory=list)
     # (future, result, error): Any because the futures carry different result types.
     resolutions: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Loaded:
+    """What open found in the file: totals per class, the highest id, counters, what expired."""
+
     conn: sqlite3.Connection
-    rows: list[tuple[int, int, int, float | None]]
+    classes: list[tuple[int, int, int]]  # (priority, rows, bytes)
+    max_id: int
     counters: list[tuple[str, int, int]]
+    expired: dict[Priority, int]
 
 
 def _unavailable(path: Path, action: str, err: BaseException) -> OutboxUnavailableError:
@@ -241,8 +312,11 @@ def _diagnose(path: Path) -> str:
     return ""
 
 
-def _open_db(path: Path, synchronous: SynchronousMode) -> _Loaded:
-    """Create/open the file, switch to WAL, check integrity and load the index (runs in a thread)."""
+def _open_db(path: Path, synchronous: SynchronousMode, now: float) -> _Loaded:
+    """Create/open the file, switch to WAL, check integrity, drop expired rows, read the totals.
+
+    Runs in a thread.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -252,13 +326,13 @@ def _open_db(path: Path, synchronous: SynchronousMode) -> _Loaded:
     except sqlite3.Error as err:
         raise _unavailable(path, "open", err) from err
     try:
-        return _prepare(conn, path, synchronous)
+        return _prepare(conn, path, synchronous, now)
     except BaseException:
         conn.close()
         raise
 
 
-def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode) -> _Loaded:
+def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode, now: float) -> _Loaded:
     try:
         check = conn.execute("PRAGMA quick_check").fetchone()
     except sqlite3.DatabaseError as err:
@@ -285,12 +359,36 @@ def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode)
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        expired = _drop_expired_rows(conn, now)
         conn.execute("COMMIT")
-        rows = conn.execute("SELECT id, priority, nbytes, expires_at FROM outbox ORDER BY id").fetchall()
+        # Totals, not rows: what makes a reopen with a million queued rows cost no memory.
+        classes = conn.execute(
+            "SELECT priority, COUNT(*), TOTAL(nbytes) FROM outbox INDEXED BY outbox_by_class GROUP BY priority"
+        ).fetchall()
+        max_id = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0] or 0
         counters = conn.execute("SELECT kind, priority, n FROM counters").fetchall()
     except sqlite3.Error as err:
         raise _unavailable(path, "write", err) from err
-    return _Loaded(conn=conn, rows=rows, counters=counters)
+    return _Loaded(
+        conn=conn,
+        classes=[(int(p), int(n), int(b)) for p, n, b in classes],
+        max_id=int(max_id),
+        counters=counters,
+        expired=expired,
+    )
+
+
+def _drop_expired_rows(conn: sqlite3.Connection, now: float) -> dict[Priority, int]:
+    """Delete the rows whose `expires_at` passed and count them (inside open's transaction)."""
+    where = "expires_at IS NOT NULL AND expires_at <= ?"
+    counts = {
+        Priority(p): int(n)
+        for p, n in conn.execute(f"SELECT priority, COUNT(*) FROM outbox WHERE {where} GROUP BY priority", (now,))
+    }
+    if counts:
+        conn.execute(f"DELETE FROM outbox WHERE {where}", (now,))
+        conn.executemany(_COUNT, ((_KIND_EXPIRED, int(p), n) for p, n in counts.items()))
+    return counts
 
 
 def _encode_row(row_id: int, msg: OutMessage, nbytes: int, now: float) -> tuple[object, ...]:
@@ -334,6 +432,17 @@ def _decode_row(row: tuple[Any, ...]) -> Stored:
 
 def _message_size(msg: OutMessage) -> int:
     return len(msg.topic.encode()) + len(msg.payload)
+
+
+def _failed_rows(op: _Insert) -> list[tuple[int, int, int]]:
+    return [(int(r[0]), int(r[1]), int(r[12])) for r in op.rows]
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # A future nobody awaits (a prefetch, a failed put's earlier commits) must not end as
+    # "exception was never retrieved": the error is logged where it happened.
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _Writer:
@@ -388,9 +497,11 @@ class _Writer:
         closing: _Close | None = None
         for op in ops:
             if isinstance(op, _Insert):
-                outcome.failed_ids.extend(int(r[0]) for r in op.rows)
+                outcome.failed.extend(_failed_rows(op))
                 outcome.resolutions.append((op.future, None, error))
-            elif isinstance(op, _Fetch):
+            elif isinstance(op, _Fetch | _Page):
+                if isinstance(op, _Page):
+                    outcome.pages.append((op, []))
                 outcome.resolutions.append((op.future, None, error))
             elif isinstance(op, _Close):
                 closing = op
@@ -404,9 +515,12 @@ class _Writer:
         outcome = _BatchOutcome()
         if inserts or deletes:
             self._write(inserts, deletes, outcome)
+        # Reads after the writes: a page or fetch sees every row put before it was asked for.
         for op in ops:
             if isinstance(op, _Fetch):
                 self._fetch(op, outcome)
+            elif isinstance(op, _Page):
+                self._page(op, outcome)
         self._post(outcome)
         closes = [op for op in ops if isinstance(op, _Close)]
         return closes[0] if closes else None
@@ -420,7 +534,7 @@ class _Writer:
             log.error("outbox commit failed path=%s rows=%d error=%s", self._path, len(inserts), err)
             outcome.write_error = error
             for op in inserts:
-                outcome.failed_ids.extend(int(r[0]) for r in op.rows)
+                outcome.failed.extend(_failed_rows(op))
                 outcome.resolutions.append((op.future, None, error))
             self._retry_deletes(deletes)
             return
@@ -477,6 +591,17 @@ class _Writer:
         result = [found[i] for i in op.ids if i in found]
         outcome.resolutions.append((op.future, result, None))
 
+    def _page(self, op: _Page, outcome: _BatchOutcome) -> None:
+        try:
+            rows: list[_PageRow] = self._conn.execute(_SELECT_PAGE, (int(op.priority), op.after, op.limit)).fetchall()
+        except sqlite3.Error as err:
+            log.error("outbox page read failed path=%s priority=%s error=%s", self._path, op.priority.name, err)
+            outcome.pages.append((op, []))
+            outcome.resolutions.append((op.future, None, _unavailable(self._path, "read", err)))
+            return
+        outcome.pages.append((op, rows))
+        outcome.resolutions.append((op.future, len(rows), None))
+
     def _post(self, outcome: _BatchOutcome) -> None:
         try:
             self._loop.call_soon_threadsafe(self._deliver, outcome)
@@ -501,20 +626,25 @@ class Outbox:
     Use `await Outbox.open(path, max_bytes)`; see the module docstring for the design.
     """
 
-    def __init__(self, path: Path, max_bytes: int, loaded: _Loaded, max_batch: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, loaded: _Loaded, max_batch: int, page_rows: int) -> None:
         self._path = path
         self._max_bytes = max_bytes
+        self._page_rows = page_rows
+        self._low_water = max(1, page_rows // 4)
         self._loop = asyncio.get_running_loop()
-        self._pending: dict[Priority, OrderedDict[int, _Meta]] = {p: OrderedDict() for p in Priority}
-        self._pending_bytes: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._classes: dict[Priority, _Class] = {p: _Class(p) for p in Priority}
         self._inflight: dict[int, _Meta] = {}
         self._bytes = 0
         self._next_id = 1
         self._committed_upto = 0
+        self._commits = 0  # bumped with every commit of new rows: lets `take` tell if it missed one
         self._counters: dict[str, dict[Priority, int]] = {
             k: dict.fromkeys(Priority, 0) for k in (_KIND_EVICTED, _KIND_EXPIRED, _KIND_REJECTED)
         }
         self._available = asyncio.Event()
+        # Held by a put only while it waits for a page (eviction past a page): keeps ids, pages
+        # and evictions of concurrent puts in order. Uncontended, entering it does not yield.
+        self._admission = asyncio.Lock()
         self._staged: list[_Op] = []
         self._closed = False
         self._healthy = True
@@ -530,38 +660,48 @@ class Outbox:
         *,
         synchronous: SynchronousMode = "NORMAL",
         max_batch: int = 2048,
+        page_rows: int = DEFAULT_PAGE_ROWS,
     ) -> Outbox:
-        """Open (creating if needed) the outbox file; unacked rows of a previous run are pending again."""
+        """Open (creating if needed) the outbox file; unacked rows of a previous run are pending again.
+
+        `page_rows` bounds the rows per priority class whose index the loop keeps in memory.
+        """
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        if page_rows < 1:
+            raise ValueError(f"page_rows must be >= 1, got {page_rows}")
         p = Path(path)
-        loaded = await asyncio.to_thread(_open_db, p, synchronous)
-        outbox = cls(p, max_bytes, loaded, max_batch)
-        dropped = outbox.drop_expired(time.time())
+        loaded = await asyncio.to_thread(_open_db, p, synchronous, time.time())
+        outbox = cls(p, max_bytes, loaded, max_batch, page_rows)
+        if loaded.expired:
+            log.info(
+                "outbox dropped expired rows path=%s counts=%s",
+                p,
+                {prio.name: n for prio, n in loaded.expired.items()},
+            )
         log.info(
             "outbox opened path=%s depth=%d bytes=%d expired_on_open=%d synchronous=%s",
             p,
             outbox.depth,
             outbox.bytes,
-            dropped,
+            sum(loaded.expired.values()),
             synchronous,
         )
         return outbox
 
     def _load(self, loaded: _Loaded) -> None:
-        for row_id, prio, nbytes, expires_at in loaded.rows:
-            p = Priority(prio)
-            self._pending[p][row_id] = _Meta(p, nbytes, expires_at)
-            self._pending_bytes[p] += nbytes
+        for prio, count, nbytes in loaded.classes:
+            cls = self._classes[Priority(prio)]
+            cls.count, cls.nbytes = count, nbytes  # all in the file only: cursor 0, empty page
             self._bytes += nbytes
-            self._next_id = row_id + 1
-            self._committed_upto = row_id
+        self._next_id = loaded.max_id + 1
+        self._committed_upto = loaded.max_id
         for kind, prio, n in loaded.counters:
             if kind in self._counters:
                 self._counters[kind][Priority(prio)] = n
-        if loaded.rows:
+        if loaded.max_id:
             self._available.set()
 
     # ---- stats -------------------------------------------------------------------------------
@@ -577,7 +717,7 @@ class Outbox:
     @property
     def depth(self) -> int:
         """Rows stored and not acked yet (pending and in flight)."""
-        return len(self._inflight) + sum(len(d) for d in self._pending.values())
+        return len(self._inflight) + sum(c.count for c in self._classes.values())
 
     @property
     def bytes(self) -> int:
@@ -587,6 +727,11 @@ class Outbox:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def indexed_rows(self) -> int:
+        """Rows whose index entry is held in memory (pages + in flight): bounded, not the depth."""
+        return len(self._inflight) + sum(len(c.page) for c in self._classes.values())
 
     @property
     def available(self) -> bool:
@@ -624,80 +769,164 @@ class Outbox:
         now = time.time()
         rows: list[tuple[object, ...]] = []
         rejected: list[str] = []
-        for msg in msgs:
-            row = self._admit(msg, now, rejected)
-            if row is not None:
-                rows.append(row)
+        commits: list[asyncio.Future[None]] = []
+        try:
+            async with self._admission:
+                for msg in msgs:
+                    verdict = self._admit(msg, now, rejected)
+                    empty_reads = 0
+                    while isinstance(verdict, _NeedPage):
+                        # Hand over what is admitted so far first: the page must see those rows.
+                        if rows:
+                            commits.append(self._insert(rows))
+                            rows = []
+                        empty_reads = 0 if await self._page_in(verdict.priority) else empty_reads + 1
+                        if empty_reads > 1:
+                            raise OutboxUnavailableError(
+                                f"outbox {self._path}: {verdict.priority.name} rows counted as pending are"
+                                " missing from the file; fix: restart the node (open re-reads the totals)"
+                            )
+                        verdict = self._admit(msg, now, rejected)
+                    if verdict is not None:
+                        rows.append(verdict)
+        except BaseException:
+            for fut in commits:
+                fut.add_done_callback(_retrieve)  # rows handed over are committed (or logged) anyway
+            raise
         if rows:
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._submit(_Insert(rows, fut))
+            commits.append(self._insert(rows))
+        for fut in commits:
             await fut
         if rejected:
             raise OutboxFullError("; ".join(rejected))
 
-    def _admit(self, msg: OutMessage, now: float, rejected: list[str]) -> tuple[object, ...] | None:
+    def _insert(self, rows: list[tuple[object, ...]]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._submit(_Insert(rows, fut))
+        return fut
+
+    def _admit(self, msg: OutMessage, now: float, rejected: list[str]) -> tuple[object, ...] | _NeedPage | None:
         if msg.qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {msg.qos}")
-        prio = Priority(msg.priority)
+        prio = msg.priority
+        if prio.__class__ is not Priority:  # an int from a caller: the enum call costs ~1 µs, skip it
+            prio = Priority(prio)
         nbytes = _message_size(msg)
-        reason = self._make_room(prio, nbytes)
-        if reason is not None:
-            self._count(_KIND_REJECTED, {prio: 1}, [])
-            log.warning(
-                "outbox full, message rejected path=%s priority=%s msg_id=%s nbytes=%d bytes=%d max_bytes=%d",
-                self._path,
-                prio.name,
-                msg.msg_id,
-                nbytes,
-                self._bytes,
-                self._max_bytes,
-            )
-            rejected.append(f"outbox {self._path} full: {prio.name} message {msg.msg_id}: {reason}")
-            return None
+        if self._bytes + nbytes > self._max_bytes:
+            verdict = self._make_room(prio, nbytes)
+            if isinstance(verdict, _NeedPage):
+                return verdict
+            if verdict is not None:
+                self._reject(msg, prio, nbytes, verdict, rejected)
+                return None
         row_id = self._next_id
         self._next_id += 1
-        self._pending[prio][row_id] = _Meta(prio, nbytes, msg.expires_at)
-        self._pending_bytes[prio] += nbytes
+        cls = self._classes[prio]
+        if cls.count == len(cls.page) and cls.paging is None and len(cls.page) < self._page_rows:
+            # Nothing of this class waits in the file only: the page stays a true prefix.
+            cls.page[row_id] = _Meta(prio, nbytes, msg.expires_at)
+            cls.cursor = row_id
+        cls.count += 1
+        cls.nbytes += nbytes
         self._bytes += nbytes
         return _encode_row(row_id, msg, nbytes, now)
 
-    def _make_room(self, prio: Priority, nbytes: int) -> str | None:
+    def _reject(self, msg: OutMessage, prio: Priority, nbytes: int, reason: str, rejected: list[str]) -> None:
+        self._count(_KIND_REJECTED, {prio: 1}, [])
+        log.warning(
+            "outbox full, message rejected path=%s priority=%s msg_id=%s nbytes=%d bytes=%d max_bytes=%d",
+            self._path,
+            prio.name,
+            msg.msg_id,
+            nbytes,
+            self._bytes,
+            self._max_bytes,
+        )
+        rejected.append(f"outbox {self._path} full: {prio.name} message {msg.msg_id}: {reason}")
+
+    def _make_room(self, prio: Priority, nbytes: int) -> str | _NeedPage | None:
         """Evict lower-or-equal priority rows, oldest first, until `nbytes` fits; else say why not.
 
         A message never evicts a row of a higher priority than its own, CONTROL rows are never
-        evicted, and in-flight rows are never evicted (they may be acked any moment).
+        evicted, and in-flight rows are never evicted (they may be acked any moment). Returns
+        `_NeedPage` (having evicted nothing) when the victims run past a class's in-memory page.
         """
         need = self._bytes + nbytes - self._max_bytes
-        if need <= 0:
-            return None
-        victims_prios = [p for p in reversed(Priority) if p >= prio and p != Priority.CONTROL]
-        evictable = sum(self._pending_bytes[p] for p in victims_prios)
+        victims = [self._classes[p] for p in _VICTIMS[prio]]
+        evictable = sum(c.nbytes for c in victims)
         if evictable < need:
             return (
                 f"needs {nbytes} B, {self._max_bytes - self._bytes} B free of {self._max_bytes} B and only"
                 f" {evictable} B evictable (pending rows of priority {prio.name} or lower, never CONTROL)"
             )
+        shortfall = self._plan(victims, need)
+        if shortfall is not None:
+            return shortfall
         ids: list[int] = []
         counts: dict[Priority, int] = {}
-        for p in victims_prios:
-            pend = self._pending[p]
-            while need > 0 and pend:
-                row_id, meta = pend.popitem(last=False)
-                self._pending_bytes[p] -= meta.nbytes
+        for cls in victims:
+            page = cls.page
+            while need > 0 and page:
+                row_id, meta = page.popitem(last=False)
+                cls.count -= 1
+                cls.nbytes -= meta.nbytes
                 self._bytes -= meta.nbytes
                 need -= meta.nbytes
                 ids.append(row_id)
-                counts[p] = counts.get(p, 0) + 1
+                counts[cls.priority] = counts.get(cls.priority, 0) + 1
             if need <= 0:
                 break
         log.info("outbox evicted rows path=%s counts=%s", self._path, {p.name: n for p, n in counts.items()})
         self._count(_KIND_EVICTED, counts, ids)
         return None
 
+    @staticmethod
+    def _plan(victims: list[_Class], need: int) -> _NeedPage | None:
+        """Whether the in-memory pages hold enough victims; else the class whose next page is needed."""
+        for cls in victims:
+            for meta in cls.page.values():
+                need -= meta.nbytes
+                if need <= 0:
+                    return None
+            if cls.in_file_only:
+                return _NeedPage(cls.priority)
+        return None  # unreachable while the totals are right: evictable >= need was checked
+
     def _count(self, kind: str, counts: dict[Priority, int], ids: list[int]) -> None:
         for p, n in counts.items():
             self._counters[kind][p] += n
         self._submit(_Delete(ids, {(kind, int(p)): n for p, n in counts.items()}))
+
+    # ---- paging ------------------------------------------------------------------------------
+
+    def _request_page(self, cls: _Class) -> asyncio.Future[int]:
+        """Ask the writer for the next page of `cls` (one read in flight per class at most)."""
+        if cls.paging is not None:
+            return cls.paging
+        self._check_open()
+        fut: asyncio.Future[int] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)
+        cls.paging = fut
+        self._submit(_Page(cls.priority, cls.cursor, self._page_rows, fut))
+        return fut
+
+    async def _page_in(self, prio: Priority) -> int:
+        """Read the next page of `prio` into memory; returns how many rows it brought."""
+        # Shielded: a cancelled taker must not cancel a read that others may be waiting on too.
+        return await asyncio.shield(self._request_page(self._classes[prio]))
+
+    def _apply_page(self, op: _Page, rows: list[_PageRow]) -> None:
+        cls = self._classes[op.priority]
+        if cls.paging is op.future:
+            cls.paging = None
+        page = cls.page
+        prio = cls.priority
+        for row_id, nbytes, expires_at in rows:
+            if row_id > cls.cursor:  # rows at or below the cursor are known already
+                page[row_id] = _Meta(prio, nbytes, expires_at)
+                cls.cursor = row_id
+        if rows:
+            self._available.set()
 
     # ---- consuming ---------------------------------------------------------------------------
 
@@ -713,43 +942,62 @@ class Outbox:
             raise ValueError(f"limit must be positive, got {limit}")
         while True:
             self._check_open()
-            ids = self._select(limit, max_priority, time.time())
+            ids, short = self._select(limit, max_priority, time.time())
             if ids:
                 rows = await self._fetch(ids)
                 if rows:
                     return rows
                 continue
+            if short is not None:
+                commits = self._commits
+                if await self._page_in(short) or self._commits != commits:
+                    continue
+                # The rows of that class are not committed yet: their commit wakes us below.
             if not wait:
                 return []
             self._available.clear()
             await self._available.wait()
 
-    def _select(self, limit: int, max_priority: Priority, now: float) -> list[int]:
+    def _select(self, limit: int, max_priority: Priority, now: float) -> tuple[list[int], Priority | None]:
+        """Move up to `limit` committed rows from the pages to in-flight, by priority then age.
+
+        Also returns the class whose page ran out while more of it waits in the file: no lower
+        class may be served before it, so the caller reads its next page first.
+        """
         chosen: list[int] = []
         expired: dict[Priority, int] = {}
         expired_ids: list[int] = []
-        for prio in Priority:
-            if prio > max_priority:
+        short: Priority | None = None
+        committed = self._committed_upto
+        inflight = self._inflight
+        for cls in self._classes.values():
+            if cls.priority > max_priority:
                 break
-            pend = self._pending[prio]
-            while pend and len(chosen) < limit:
-                row_id = next(iter(pend))
-                if row_id > self._committed_upto:
+            page = cls.page
+            while page and len(chosen) < limit:
+                row_id = next(iter(page))
+                if row_id > committed:
                     break
-                meta = pend.pop(row_id)
-                self._pending_bytes[prio] -= meta.nbytes
+                meta = page.pop(row_id)
+                cls.count -= 1
+                cls.nbytes -= meta.nbytes
                 if meta.expires_at is not None and meta.expires_at <= now:
                     self._bytes -= meta.nbytes
                     expired_ids.append(row_id)
-                    expired[prio] = expired.get(prio, 0) + 1
+                    expired[cls.priority] = expired.get(cls.priority, 0) + 1
                     continue
-                self._inflight[row_id] = meta
+                inflight[row_id] = meta
                 chosen.append(row_id)
+            if len(page) < self._low_water and cls.in_file_only:
+                self._request_page(cls)  # read ahead, so the drain rarely waits for a page
+                if not page:
+                    short = cls.priority
+                    break
             if len(chosen) >= limit:
                 break
         if expired_ids:
             self._count(_KIND_EXPIRED, expired, expired_ids)
-        return chosen
+        return chosen, short
 
     async def _fetch(self, ids: list[int]) -> list[Stored]:
         fut: asyncio.Future[list[Stored]] = self._loop.create_future()
@@ -798,25 +1046,34 @@ class Outbox:
             if meta is None:
                 continue
             moved += 1
-            self._pending[meta.priority][row_id] = meta
-            self._pending_bytes[meta.priority] += meta.nbytes
+            # Back into the page: its id is below the cursor (it came from the page).
+            cls = self._classes[meta.priority]
+            cls.page[row_id] = meta
+            cls.count += 1
+            cls.nbytes += meta.nbytes
             touched.add(meta.priority)
         for prio in touched:
             # Re-sort by row id (age): returned rows are older than the rows still pending.
-            self._pending[prio] = OrderedDict(sorted(self._pending[prio].items()))
+            cls = self._classes[prio]
+            cls.page = OrderedDict(sorted(cls.page.items()))
         if touched:
             self._available.set()
         return moved
 
     def drop_expired(self, now: float) -> int:
-        """Delete pending rows whose `expires_at` is past (counted in `expired`); returns how many."""
+        """Delete pending rows in memory whose `expires_at` is past (counted in `expired`).
+
+        Returns how many. Rows still only in the file are checked when paged in and at open.
+        """
         counts: dict[Priority, int] = {}
         ids: list[int] = []
-        for prio, pend in self._pending.items():
-            dead = [i for i, m in pend.items() if m.expires_at is not None and m.expires_at <= now]
+        for prio, cls in self._classes.items():
+            page = cls.page
+            dead = [i for i, m in page.items() if m.expires_at is not None and m.expires_at <= now]
             for row_id in dead:
-                meta = pend.pop(row_id)
-                self._pending_bytes[prio] -= meta.nbytes
+                meta = page.pop(row_id)
+                cls.count -= 1
+                cls.nbytes -= meta.nbytes
                 self._bytes -= meta.nbytes
             if dead:
                 counts[prio] = len(dead)
@@ -866,15 +1123,18 @@ class Outbox:
             raise OutboxClosedError(f"outbox {self._path} is closed")
 
     def _apply_outcome(self, outcome: _BatchOutcome) -> None:
-        if outcome.failed_ids:
-            self._forget(outcome.failed_ids)
+        if outcome.failed:
+            self._forget(outcome.failed)
         if outcome.write_error is not None:
             self._healthy = False
         elif outcome.committed_upto:
             self._healthy = True
         if outcome.committed_upto > self._committed_upto:
             self._committed_upto = outcome.committed_upto
+            self._commits += 1
             self._available.set()
+        for op, rows in outcome.pages:
+            self._apply_page(op, rows)
         for fut, result, error in outcome.resolutions:
             if fut.done():
                 continue  # the awaiting put was cancelled; its rows are committed anyway
@@ -883,17 +1143,22 @@ class Outbox:
             else:
                 fut.set_result(result)
 
-    def _forget(self, ids: list[int]) -> None:
-        """Drop index entries of rows whose insert failed (they are not in the file)."""
-        for row_id in ids:
-            meta = self._pop_pending(row_id)
-            if meta is not None:
-                self._bytes -= meta.nbytes
+    def _forget(self, failed: list[tuple[int, int, int]]) -> None:
+        """Drop the bookkeeping of rows whose insert failed (they are not in the file)."""
+        for row_id, prio, nbytes in failed:
+            cls = self._classes[Priority(prio)]
+            meta = cls.page.pop(row_id, None)
+            if meta is None and row_id <= cls.cursor:
+                continue  # it was in the page and is gone already (evicted): nothing is counted
+            cls.count -= 1
+            cls.nbytes -= nbytes
+            self._bytes -= nbytes
 
     def _pop_pending(self, row_id: int) -> _Meta | None:
-        for prio, pend in self._pending.items():
-            meta = pend.pop(row_id, None)
+        for cls in self._classes.values():
+            meta = cls.page.pop(row_id, None)
             if meta is not None:
-                self._pending_bytes[prio] -= meta.nbytes
+                cls.count -= 1
+                cls.nbytes -= meta.nbytes
                 return meta
         return None

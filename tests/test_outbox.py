@@ -358,3 +358,133 @@ async def test_disk_full_fails_the_put_then_recovers(tmpfs: tuple[Path, list[str
         assert [r.msg.msg_id for r in rows] == [f"m{i}" for i in range(accepted)] + ["mafter"]
     finally:
         await ob.close()
+
+
+# ---- paging: the queue lives in the file, memory holds a bounded page per class ----------------
+
+
+def _expected_order(ids: list[int]) -> list[str]:
+    """Replay order of msg(i, Priority(i % 5)): by class, then put order."""
+    return [f"m{i}" for i in sorted(ids, key=lambda i: (i % 5, i))]
+
+
+async def test_memory_bookkeeping_is_bounded_by_the_page_not_the_depth(tmp_path: Path) -> None:
+    page = 16
+    bound = len(Priority) * 2 * page  # a page per class, plus one read ahead at its low-water mark
+    ob = await Outbox.open(tmp_path / "ob.db", 10**9, page_rows=page)
+    n = 3000
+    try:
+        for first in range(0, n, 250):
+            await ob.put_many([msg(i, Priority(i % 5)) for i in range(first, first + 250)])
+            assert ob.indexed_rows <= bound, "index entries grow with the depth"
+        assert ob.depth == n and ob.bytes == n * 11
+        got: list[str] = []
+        acked: set[str] = set()
+        for _ in range(60):  # takes of up to 37 rows cross many page boundaries of every class
+            rows = await asyncio.wait_for(ob.take(37), WAIT)
+            assert ob.indexed_rows - ob.inflight <= bound
+            got += [r.msg.msg_id for r in rows]
+            ob.ack([r.row_id for r in rows[::2]])  # ack half, leave half in flight
+            acked |= {r.msg.msg_id for r in rows[::2]}
+        assert got == _expected_order(list(range(n)))[: len(got)]
+        assert ob.depth == n - len(acked)
+    finally:
+        await ob.close()
+    # Reopen: totals come from the file, no row is indexed until a take needs it.
+    ob = await Outbox.open(tmp_path / "ob.db", 10**9, page_rows=page)
+    try:
+        assert ob.indexed_rows == 0 and ob.depth == n - len(acked)
+        rest = [r.msg.msg_id for r in await take_all(ob, limit=53)]
+        assert ob.inflight == len(rest) and ob.indexed_rows == len(rest)
+        assert rest == [m for m in _expected_order(list(range(n))) if m not in acked]
+    finally:
+        await ob.close()
+
+
+async def test_python_heap_stays_flat_while_the_queue_grows(tmp_path: Path) -> None:
+    import tracemalloc
+
+    ob = await Outbox.open(tmp_path / "ob.db", 10**9)
+    tracemalloc.start()
+    try:
+        await ob.put_many([msg(i, Priority(i % 5), size=200) for i in range(5000)])
+        shallow, _ = tracemalloc.get_traced_memory()
+        for first in range(5000, 25_000, 1000):
+            await ob.put_many([msg(i, Priority(i % 5), size=200) for i in range(first, first + 1000)])
+        deep, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await ob.close()
+    # 20,000 more rows: an in-memory index of them costs ~86 B each on the Python heap alone
+    # (1.7 MB, measured with the previous design). Allow noise, not growth.
+    assert deep - shallow < 300_000, f"Python heap grew {deep - shallow} B for 20,000 more queued rows"
+
+
+async def test_eviction_pages_in_victims_beyond_the_page(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "ob.db", 440, page_rows=4)  # 40 rows of 11 B
+    try:
+        await ob.put_many([msg(i, Priority.SAMPLES) for i in range(40)])
+        assert ob.indexed_rows == 4 and ob.bytes == 440
+        await ob.put(msg("big", Priority.RESULTS, size=219))  # 220 B: the 20 oldest samples go
+        assert ob.evicted[Priority.SAMPLES] == 20 and sum(ob.evicted.values()) == 20
+        assert ob.bytes == 440 and ob.depth == 21
+        with pytest.raises(OutboxFullError, match="SAMPLES"):
+            await ob.put(msg("x", Priority.SAMPLES, size=300))  # cannot evict the RESULTS row
+        ids = [r.msg.msg_id for r in await take_all(ob, limit=7)]
+        assert ids == ["mbig"] + [f"m{i}" for i in range(20, 40)]
+    finally:
+        await ob.close()
+
+
+async def test_concurrent_producers_evicting_past_the_page_keep_exact_counts(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "ob.db", 1100, page_rows=8)  # 100 rows of 11 B
+    try:
+        await ob.put_many([msg(i, Priority.SAMPLES) for i in range(100)])
+
+        async def producer(k: int) -> None:
+            for j in range(30):
+                await ob.put(msg(f"r{k}-{j}", Priority.RESULTS, size=10 + (j % 3) * 11))
+
+        await asyncio.gather(*(producer(k) for k in range(4)))
+        # 120 RESULTS rows of 11/22/33 B (2640 B) into 1100 B: every sample goes, then old results.
+        assert ob.bytes <= 1100
+        rows = await take_all(ob, limit=9)
+        assert ob.depth == len(rows) and sum(len(r.msg.topic) + len(r.msg.payload) for r in rows) == ob.bytes
+        evicted = ob.evicted
+        assert evicted[Priority.SAMPLES] == 100
+        assert evicted[Priority.RESULTS] == 120 - len(rows)
+        for k in range(4):  # what is left of each producer is its newest messages, in order
+            left = [int(r.msg.msg_id.split("-")[1]) for r in rows if r.msg.msg_id.startswith(f"mr{k}-")]
+            assert left == list(range(30 - len(left), 30))
+    finally:
+        await ob.close()
+
+
+async def test_released_rows_go_back_ahead_of_the_paged_ones(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "ob.db", 10**6, page_rows=4)
+    try:
+        await ob.put_many([msg(i) for i in range(20)])
+        taken: list[Stored] = []
+        while len(taken) < 9:  # across page boundaries (a take stops at the end of a page)
+            taken += await asyncio.wait_for(ob.take(9 - len(taken)), WAIT)
+        assert [r.msg.msg_id for r in taken] == [f"m{i}" for i in range(9)]
+        ob.ack([taken[0].row_id])
+        assert ob.release_inflight() == 8
+        assert [r.msg.msg_id for r in await take_all(ob, limit=5)] == [f"m{i}" for i in range(1, 20)]
+    finally:
+        await ob.close()
+
+
+async def test_expired_rows_paged_in_from_the_file_are_dropped_not_sent(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "ob.db", 10**6, page_rows=2)
+    try:
+        now = time.time()
+        # Already expired when put (stored like any row): most of them wait in the file, not the page.
+        deadlines = [now + 3600 if i % 3 else now - 1 for i in range(12)]
+        await ob.put_many([msg(i, Priority.ESCALATION, expires_at=deadlines[i]) for i in range(12)])
+        assert ob.indexed_rows == 2
+        ids = [r.msg.msg_id for r in await take_all(ob, limit=3)]
+        assert ids == [f"m{i}" for i in range(12) if i % 3]
+        assert ob.expired[Priority.ESCALATION] == 4 and ob.depth == 8
+    finally:
+        await ob.close()
