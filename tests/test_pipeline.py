@@ -1,0 +1,144 @@
+"""Inputs through a real edge node: the directory source end to end (real broker, model, outbox)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from devservers import Mosquitto
+from edge_node.dataset import DigitsSplit
+from edge_node.demo_models import DemoModel
+from edge_node.escalation import Escalations
+from edge_node.model import Classifier
+from edge_node.outbox import Outbox
+from edge_node.pipeline import Pipeline
+from edge_node.runcost import RunCost
+from edge_node.sampling import UncertaintySampler
+from edge_node.sources import InputItem
+from edge_node.telemetry import Window
+from schemas import Result, Telemetry
+from tests.edge_harness import RunningNode, edge_config, wait_connected
+from tests.mqtt_collector import Collector
+
+WAIT_S = 20.0
+
+
+async def _until(predicate: Callable[[], bool], what: str, within: float = WAIT_S) -> None:
+    """Bounded wait for file-system state, which has no event to wait on."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _names(d: Path, suffix: str = "") -> set[str]:
+    return {p.name for p in d.iterdir() if p.name.endswith(suffix)} if d.exists() else set()
+
+
+async def test_directory_source_processes_each_file_once_and_files_it_by_outcome(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    good = {f"good-{i}.npy": digits.X_test[i].astype(np.float32) for i in range(5)}
+    for name, x in good.items():
+        np.save(inbox / name, x)
+    nan = digits.X_test[5].astype(np.float32).copy()
+    nan[7] = np.nan
+    np.save(inbox / "nan.npy", nan)
+    np.save(inbox / "shape.npy", np.zeros(63, np.float32))
+    (inbox / "corrupt.npy").write_bytes(b"\x93NUMPY but not really")
+    (inbox / "notes.txt").write_text("not a tensor")
+    np.save(inbox / ".partial.npy", digits.X_test[6].astype(np.float32))  # still being written
+    bad = {"nan.npy": "nonfinite", "shape.npy": "shape", "corrupt.npy": "undecodable", "notes.txt": "undecodable"}
+    done, failed = inbox / "done", inbox / "failed"
+
+    config = edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        routing={"escalate": False},
+        source={"kind": "directory", "path": inbox, "poll_s": 0.05},
+    )
+    with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            await _until(lambda: _names(done) == set(good), "the good files in done/")
+            await _until(lambda: _names(failed, ".npy") | _names(failed, ".txt") >= set(bad), "bad files in failed/")
+            # A file dropped while the node runs is picked up too, once.
+            late = digits.X_test[7].astype(np.float32)
+            np.save(inbox / ".late.npy", late)
+            (inbox / ".late.npy").rename(inbox / "late.npy")  # the atomic drop a writer should do
+            await _until(lambda: "late.npy" in _names(done), "the late file in done/")
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(good) + 1)
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
+        results = [r.message() for r in c.on("results")]
+        telemetry = [m for m in (r.message() for r in c.on("telemetry")) if isinstance(m, Telemetry)]
+
+    assert all(isinstance(r, Result) for r in results)
+    refs = sorted(r.source_ref or "" for r in results if isinstance(r, Result))
+    assert refs == sorted(f"file:{name}" for name in [*good, "late.npy"])  # each exactly once
+    assert _names(inbox) == {"done", "failed", ".partial.npy"}  # nothing left but the hidden file
+    for name, reason in bad.items():
+        assert reason in (failed / f"{name}.reason.txt").read_text()
+    (tele,) = telemetry
+    assert tele.count == len(good) + 1
+    assert tele.rejected_reasons == {"nonfinite": 1, "shape": 1, "undecodable": 2}
+
+
+# ---- the pipeline over a real outbox, without a broker -----------------------------------------
+
+
+def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
+    cost = RunCost(budget_s=100e-6).for_model("model-a")
+    assert not cost.inline(1)  # never measured: the worker thread first
+    cost.record(1, 10e-6)
+    assert cost.inline(1) and not cost.inline(64)  # another bucket is still unknown
+    cost.record(64, 30e-6)
+    assert cost.inline(100)  # the same power-of-two bucket as 64 (64..127)
+    for _ in range(20):  # the model turned slow (a throttled CPU): back to the worker
+        cost.record(1, 500e-6)
+    assert not cost.inline(1)
+    assert cost.for_model("model-b").estimate(64) is None  # a switched model is measured afresh
+
+
+async def test_queue_join_means_every_answer_is_committed(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """The SIGTERM drain awaits `queue.join()`: with commits overlapping the next batches, an input
+    must still count as done only once its result is in the file."""
+    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
+    outbox = await Outbox.open(tmp_path / "outbox.sqlite", 10**8)
+    s = config.sampling
+    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, s.max_per_minute)
+    window = Window(config.telemetry.max_features, time.time())
+    classifier = Classifier.load(demo_models["edge"].path)
+    pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
+    queue: asyncio.Queue[InputItem] = asyncio.Queue(maxsize=4 * config.model.max_batch)
+    answered: list[str] = []
+    n = 1000
+    task = asyncio.create_task(pipeline.run(queue))
+    try:
+        loop = asyncio.get_running_loop()
+        for i in range(n):  # fast enough to fill the queue: micro-batches, several commits in flight
+            x = digits.X_test[i % len(digits.X_test)].astype(np.float32)
+            await queue.put(
+                InputItem(f"in-{i}", x, loop.time(), on_done=lambda item, ok: answered.append(item.input_id))
+            )
+        await asyncio.wait_for(queue.join(), WAIT_S)
+        # Read with a second connection, as a restarted node would: only committed rows are visible.
+        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
+            (stored,) = db.execute("SELECT COUNT(*) FROM outbox WHERE topic LIKE '%/results'").fetchone()
+        assert stored == n and len(answered) == n and pipeline.processed == n
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await outbox.close()
