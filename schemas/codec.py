@@ -66,9 +66,15 @@ def max_bytes_for(message_type: type[Envelope]) -> int:
     return MAX_BYTES.get(message_type, DEFAULT_MAX_BYTES)
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
 def encode(message: Envelope) -> bytes:
-    """Serialise a message to compact JSON bytes (the `schema` tag included)."""
-    return orjson.dumps(msgspec.to_builtins(message))
+    """Serialise a message to compact JSON bytes (the `schema` tag included).
+
+    msgspec's encoder writes the struct directly: the same bytes as orjson over `to_builtins`
+    (a test checks it) at less than half the cost, and the edge pipeline encodes one per inference."""
+    return _ENCODER.encode(message)
 
 
 def to_builtins(message: Envelope) -> dict[str, Any]:

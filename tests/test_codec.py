@@ -222,3 +222,12 @@ def test_an_empty_telemetry_window_is_small_and_valid() -> None:
     assert b"latency_ms" not in data  # no stats for an empty window, rather than NaN
     assert decode(data, Telemetry) == message
     jsonschema.validate(orjson.loads(data), _json_schema(Telemetry))
+
+
+def test_encode_writes_the_same_bytes_as_orjson_over_builtins() -> None:
+    import orjson
+
+    from schemas import to_builtins
+
+    for message in examples():
+        assert encode(message) == orjson.dumps(to_builtins(message)), type(message).__name__
