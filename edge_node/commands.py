@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -29,6 +27,7 @@ from typing import Literal, Protocol
 
 from edge_node.config import EdgeConfig
 from edge_node.download import ChunkSubscriptions, Downloader, DownloadError
+from edge_node.files import write_atomic
 from edge_node.link import IncomingMessage
 from edge_node.outbox import OutboxError, OutMessage, Priority
 from schemas.codec import decode, encode
@@ -69,16 +68,7 @@ def trusted_keys(config: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
 
 def _write_json_atomic(path: Path, body: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(body).encode())
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from edge_node.dataset import DATASET_LICENCE, DATASET_NAME, NUM_FEATURES, PIXEL_MAX, DigitsSplit
+from edge_node.files import write_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -200,7 +201,7 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
     _set_metadata(model, config, split.labels, accuracy, _class_mix(predictions, split.labels))
     _set_health_reference(model, config.output_kind, split)
     data = model.SerializeToString()
-    _write_atomically(path, data)
+    write_atomic(path, data)  # a reader (or a cache check) never sees a half-written model
     _verify_file(path, split, accuracy)
     logger.info(
         "built model name=%s version=%s accuracy=%.4f seconds=%.2f path=%s",
@@ -440,13 +441,6 @@ def _session(model_bytes: bytes) -> Any:
 def _predict(model_bytes: bytes, features: NDArray[np.float32]) -> NDArray[np.int64]:
     (scores,) = _session(model_bytes).run(None, {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)})
     return np.asarray(np.argmax(scores, axis=1), dtype=np.int64)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # A reader (or a cache check) never sees a half-written model.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
 
 
 def _verify_file(path: Path, split: DigitsSplit, expected_accuracy: float) -> None:

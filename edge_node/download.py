@@ -23,13 +23,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from edge_node.files import file_sha256, fsync_dir, write_atomic
 from edge_node.outbox import OutMessage, Priority
 from schemas.codec import decode_for_topic, encode
 from schemas.errors import DecodeError
@@ -90,35 +90,6 @@ def expected_chunks(update: ModelUpdate) -> int:
     return max(1, math.ceil(update.size / update.chunk_size))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Staging:
     """The part file and its bitmap for one artifact. Blocking I/O: call from a worker thread."""
 
@@ -174,7 +145,7 @@ class Staging:
         for index, _ in chunks:
             self.have[index >> 3] |= 1 << (index & 7)
         body = {**self._header, "have": base64.b64encode(bytes(self.have)).decode()}
-        _write_atomic(self.bitmap_path, json.dumps(body).encode())
+        write_atomic(self.bitmap_path, json.dumps(body).encode())
 
     def finish(self, dest: Path) -> str | None:
         """Verify size and sha256, then move into the content store; else discard and say why."""
@@ -188,7 +159,7 @@ class Staging:
             return f"assembled file has sha256 {digest}, the command announced {self.update.model.sha256}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         self.bitmap_path.unlink(missing_ok=True)
         return None
 

@@ -7,7 +7,6 @@ the output is logits or probabilities, and the input shape and dtype every input
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from edge_node.errors import InputRejected, ModelLoadError
+from edge_node.files import file_sha256
 from schemas import ModelRef
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,6 @@ class ProviderReport:
         """True when a requested accelerator is not what runs the model."""
         wanted = [p for p in self.requested if p != CPU]
         return bool(wanted) and not any(p in self.active for p in wanted)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:

@@ -43,6 +43,7 @@ import msgspec
 
 from edge_node.config import OtaConfig
 from edge_node.errors import EdgeError, ModelLoadError
+from edge_node.files import file_sha256, fsync_dir, write_atomic
 from edge_node.health import (
     Baseline,
     HealthPolicy,
@@ -52,7 +53,7 @@ from edge_node.health import (
     check_health,
     probation_verdict,
 )
-from edge_node.model import Classifier, file_sha256
+from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
 from edge_node.pipeline import Pipeline
 from schemas import Channel, Command, CommandAck, ModelRef, ModelUpdate, Topics, encode, new_msg_id
@@ -134,12 +135,12 @@ class SlotStore:
     def save(self, state: SlotState) -> None:
         """Replace the state file atomically and durably."""
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_durably(self.state_path, msgspec.json.encode(state))
+        write_atomic(self.state_path, msgspec.json.encode(state))
 
     def clear(self) -> None:
         with suppress(FileNotFoundError):
             self.state_path.unlink()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def path(self, record: SlotRecord) -> Path:
         return self.root / record.file
@@ -163,7 +164,7 @@ class SlotStore:
                 with partial.open("rb") as fh:
                     os.fsync(fh.fileno())
             partial.replace(dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         return SlotRecord(model=model, file=rel, installed_at=time.time())
 
     def prune(self, state: SlotState | None) -> None:
@@ -177,24 +178,6 @@ class SlotStore:
                 if path not in keep:
                     log.info("removing unused slot file %s", path)
                     path.unlink()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    partial.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_slot(store: SlotStore, record: SlotRecord, load: Loader) -> Classifier:

@@ -18,7 +18,8 @@ from paho.mqtt.properties import Properties
 
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeConfig, validate
-from edge_node.model import file_sha256, softmax
+from edge_node.files import file_sha256
+from edge_node.model import softmax
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, decode_tensor, encode, new_msg_id
 
 

@@ -33,8 +33,9 @@ from devservers import Mosquitto
 from edge_node.config import EdgeConfig, load_config
 from edge_node.demo_models import DemoModel, build_edge_model, load_split
 from edge_node.errors import ConfigError
+from edge_node.files import file_sha256
 from edge_node.health import HealthPolicy, check_health
-from edge_node.model import Classifier, file_sha256
+from edge_node.model import Classifier
 from edge_node.slots import STATE_FILE, SlotManager, SlotState, SlotStore, boot_slots
 from schemas import (
     Channel,
@@ -184,10 +185,11 @@ def _derived(better: Path, out: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def models(request: pytest.FixtureRequest) -> Models:
-    # Trained models are cached across runs (build_model rebuilds a file whose recorded training
-    # configuration differs); the broken variants are derived afresh every time.
-    out = request.config.cache.mkdir("ota_install_models")
+def models() -> Models:
+    # Trained models are cached across runs in the repo's build dir (build_model rebuilds a file whose
+    # recorded training configuration differs); the broken variants are derived afresh every time.
+    out = Path(__file__).resolve().parents[1] / "build" / "test-models" / "ota_install"
+    out.mkdir(parents=True, exist_ok=True)
     base = build_edge_model(out, "1.0.0")
     better = build_edge_model(out, "1.1.0", hidden=(32,))
     bad = build_edge_model(out, "0.9.0-bad", shuffle_labels=True)
