@@ -28,7 +28,6 @@ batch with telemetry adds two statements (read and lock, write back) for all its
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import JSON, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -72,7 +72,7 @@ from cloud_bridge.registry import (
     SeenMessage,
     TelemetryRow,
 )
-from cloud_bridge.tsdb import alert_line, drift_line
+from cloud_bridge.tsdb import alert_line, drift_line_for, drift_tags
 from schemas import Alert, ModelRef, encode, new_msg_id
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class WindowCodec:
             fragment = self._text_of.get(id(w))
             if fragment is None or self._by_text.get(fragment) is not w:
                 row = {"start": w.window_start, "end": w.window_end, "count": w.count, **window_to_json(w)}
-                fragment = json.dumps(row, separators=(",", ":"))
+                fragment = orjson.dumps(row).decode()
                 self._remember(fragment, w)
             fragments.append(fragment)
         return "[" + ",\n".join(fragments) + "]" if fragments else "[]"
@@ -379,12 +379,13 @@ class DriftRun:
         assert st.baseline is not None
         out: list[Transition] = []
         self.store.stats.evaluations += 1
+        tags = drift_tags(*key)
         for score in score_all(self.store.settings, st.baseline, recent):
             kind_state = st.kinds.setdefault(score.kind, KindState())
             transition = step(self.store.settings, kind_state, score, recent)
             threshold = score.low if kind_state.firing else score.high
             self.lines.append(
-                drift_line(*key, score.kind, _finite(score.score), threshold, kind_state.firing, recent.window_end)
+                drift_line_for(tags, score.kind, _finite(score.score), threshold, kind_state.firing, recent.window_end)
             )
             if transition is not None:
                 out.append(transition)
@@ -532,7 +533,8 @@ def _state_values(key: Key, st: _KeyState, now: float, codec: WindowCodec) -> di
     if ready and st.baseline_text is None:
         assert base is not None and base.stats is not None
         st.baseline_text = json.dumps(pool_to_json(base.stats), separators=(",", ":"))
-    kinds = {kind: {**dataclasses.asdict(ks), "score": _finite(ks.score)} for kind, ks in sorted(st.kinds.items())}
+    # vars(): KindState holds only numbers and bools, so no deep copy (dataclasses.asdict) is needed.
+    kinds = {kind: {**vars(ks), "score": _finite(ks.score)} for kind, ks in sorted(st.kinds.items())}
     return {
         **_key_binds(key),
         "v_source": base.source if base is not None else st.source,

@@ -6,6 +6,11 @@ Maximum, since nothing is acked before it is stored). One writer task takes what
 transaction (group commit), hands the telemetry lines to the TSDB writer and only then PUBACKs the
 whole batch. Invalid payloads become dead-letter rows in the same transaction and are acked too:
 redelivering them would never make them valid.
+
+Duplicates: a bounded cache of recently stored msg_ids drops most redeliveries for free; the rest are
+found by the registry's unique msg_id inside the batch's own transaction (INSERT ... ON CONFLICT DO
+NOTHING RETURNING, `Batch.narrow`), so no pre-query is needed and two bridges that both took one
+message (a redelivery to another session) store it and count it on the device exactly once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -68,6 +73,17 @@ class IngestStats:
     dead_letters: int = 0
     batches: int = 0
     commit_failures: int = 0
+
+
+@dataclass
+class _Plan:
+    """One batch on its way to the registry, and what follows its commit (TSDB lines, dedup ids)."""
+
+    batch: Batch = field(default_factory=Batch)
+    decoded: int = 0
+    lines: list[str] = field(default_factory=list)
+    new_ids: list[str] = field(default_factory=list)
+    drift: DriftRun | None = None
 
 
 class RecentIds:
@@ -140,13 +156,11 @@ class Ingestor:
             await self._handle(taken)
 
     async def _handle(self, taken: list[Incoming]) -> None:
-        batch, lines, new_ids, dups = await self._build(taken)
-        # Drift is scored inside the same transaction, from the windows this batch stores.
-        drift = self._drift.start(batch) if self._drift is not None else None
+        plan = self._plan(taken)
         delay = _RETRY_MIN_S
         while True:
             try:
-                await self._registry.commit_batch(batch)
+                await self._registry.commit_batch(plan.batch)
                 break
             except SQLAlchemyError as exc:
                 self.stats.commit_failures += 1
@@ -156,17 +170,18 @@ class Ingestor:
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
-        for msg_id in new_ids:
+        for msg_id in plan.new_ids:
             self._recent.add(msg_id)
-        if drift is not None:
-            lines.extend(drift.lines)
-            self._after_drift(drift)
+        lines = plan.lines
+        if plan.drift is not None:
+            lines.extend(plan.drift.lines)
+            self._after_drift(plan.drift)
         if self._tsdb is not None and lines:
             self._tsdb.add(lines)
         self.stats.batches += 1
-        self.stats.stored += len(new_ids)
-        self.stats.duplicates += dups
-        self.stats.dead_letters += len(batch.dead_letters)
+        self.stats.stored += len(plan.new_ids)
+        self.stats.duplicates += plan.decoded - len(plan.new_ids)
+        self.stats.dead_letters += len(plan.batch.dead_letters)
         for message in taken:
             self._ack(message)
         async with self._progress:
@@ -184,33 +199,49 @@ class Ingestor:
         async with self._progress:
             await self._progress.wait_for(lambda: predicate(self.stats))
 
-    async def _build(self, taken: list[Incoming]) -> tuple[Batch, list[str], list[str], int]:
+    def _plan(self, taken: list[Incoming]) -> _Plan:
+        """Decode, drop what this bridge stored recently, and build the batch for the rest; the
+        registry's unique msg_id narrows it further inside the transaction (`Batch.narrow`)."""
         now = time.time()
-        batch = Batch()
-        decoded: list[Envelope] = []
+        plan = _Plan()
+        candidates: list[Envelope] = []
+        in_batch: set[str] = set()
         for incoming in taken:
             try:
                 message = decode_for_topic(self._topics, incoming.topic, incoming.payload)
                 if isinstance(message, Sample):
                     # The archive keeps raw tensor bytes: refuse one whose bytes, shape and dtype disagree.
                     decode_tensor(message.input, allow_nonfinite=True)
-                decoded.append(message)
             except DecodeError as exc:
-                batch.dead_letters.append(self._dead_letter(incoming, exc, now))
-        fresh = [m for m in decoded if m.msg_id not in self._recent]
-        known = await self._registry.known_ids([m.msg_id for m in fresh]) if fresh else set()
-        lines: list[str] = []
-        new_ids: list[str] = []
-        in_batch: set[str] = set()
-        for item in fresh:
-            if item.msg_id in known or item.msg_id in in_batch:
+                plan.batch.dead_letters.append(self._dead_letter(incoming, exc, now))
                 continue
-            in_batch.add(item.msg_id)
-            new_ids.append(item.msg_id)
-            batch.seen.append({"msg_id": item.msg_id, "received_at": now})
-            self._add_message(batch, lines, item)
-        dups = len(decoded) - len(new_ids)
-        return batch, lines, new_ids, dups
+            plan.decoded += 1
+            if message.msg_id in self._recent or message.msg_id in in_batch:
+                continue
+            in_batch.add(message.msg_id)
+            candidates.append(message)
+        plan.batch.seen = [{"msg_id": m.msg_id, "received_at": now} for m in candidates]
+        self._fill(plan, candidates)
+        plan.batch.narrow = lambda fresh: self._narrow(plan, candidates, fresh)
+        return plan
+
+    def _narrow(self, plan: _Plan, candidates: list[Envelope], fresh: set[str]) -> None:
+        """Keep the messages the registry had not stored yet (rebuilt only when that changes the plan:
+        a redelivery, another bridge that took the same message, or a retry after one of those)."""
+        keep = [m for m in candidates if m.msg_id in fresh]
+        if [m.msg_id for m in keep] != plan.new_ids:
+            self._fill(plan, keep)
+
+    def _fill(self, plan: _Plan, messages: list[Envelope]) -> None:
+        """(Re)build everything the batch writes for `messages` (drift scoring included)."""
+        batch = plan.batch
+        batch.rows, batch.devices, batch.hooks = {}, {}, []
+        plan.lines, plan.new_ids = [], []
+        for message in messages:
+            plan.new_ids.append(message.msg_id)
+            self._add_message(batch, plan.lines, message)
+        # Drift is scored inside the same transaction, from the windows this batch stores.
+        plan.drift = self._drift.start(batch) if self._drift is not None else None
 
     def _dead_letter(self, incoming: Incoming, exc: DecodeError, now: float) -> dict[str, object]:
         limit = self._config.dead_letter_max_bytes
@@ -232,7 +263,9 @@ class Ingestor:
         if isinstance(message, Telemetry):
             delta.telemetry_windows += 1
             delta.model = (message.model.name, message.model.version, message.model.sha256)
-            delta.online = True
+            # Not `delta.online = True`: status messages alone move a known device's online state.
+            # Telemetry can be dealt to another bridge and committed after this device's last will,
+            # and would flip it back online (DeviceDelta.online).
             batch.add_row(TelemetryRow, _telemetry_row(base, message))
             lines.extend(telemetry_lines(message))
         elif isinstance(message, Status):

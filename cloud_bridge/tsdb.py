@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 _MEASUREMENT_ESC = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\\": "\\\\"})
 _TAG_ESC = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\\": "\\\\"})
 _STR_ESC = str.maketrans({'"': r"\"", "\\": "\\\\"})
+# Ids and model names almost never need escaping: one regex scan is ~3x cheaper than translate.
+_TAG_SPECIAL = re.compile(r"[,= \n\\]").search
 
 FieldValue = float | int | bool | str
 
 
 def escape_tag(value: str) -> str:
     """Escape a tag key, tag value or field key (commas, equals signs, spaces, backslashes)."""
-    return value.translate(_TAG_ESC)
+    return value if _TAG_SPECIAL(value) is None else value.translate(_TAG_ESC)
 
 
 def format_field(value: FieldValue) -> str:
@@ -48,50 +51,76 @@ def format_field(value: FieldValue) -> str:
     return '"' + value.translate(_STR_ESC) + '"'
 
 
+def tag_part(tags: dict[str, str]) -> str:
+    """`,k=v` for every non-empty tag, sorted by key (InfluxDB's preferred order), escaped."""
+    return "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v != "")
+
+
 def line(measurement: str, tags: dict[str, str], fields: dict[str, FieldValue], ts_ms: int) -> str:
     """One line of InfluxDB line protocol; tags sorted (InfluxDB's preferred order), empty tags skipped."""
-    tag_part = "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v != "")
     field_part = ",".join(f"{escape_tag(k)}={format_field(v)}" for k, v in fields.items())
-    return f"{measurement.translate(_MEASUREMENT_ESC)}{tag_part} {field_part} {ts_ms}"
+    return f"{measurement.translate(_MEASUREMENT_ESC)}{tag_part(tags)} {field_part} {ts_ms}"
 
 
 def telemetry_lines(message: Telemetry) -> list[str]:
-    """The points of one telemetry window: inference, class_counts (one per class) and device_status."""
-    tags = {
-        "fleet": message.fleet_id,
-        "device": message.device_id,
-        "model": message.model.name,
-        "model_version": message.model.version,
-    }
-    ts_ms = round(message.window_end * 1000)
-    fields: dict[str, FieldValue] = {"count": message.count, "rejected": message.rejected}
+    """The points of one telemetry window: inference, class_counts (one per class) and device_status.
+
+    The hot path of ingestion (a dozen lines per window): the tags are escaped and sorted once per
+    message and the field keys are constant identifiers, so only values are formatted here.
+    """
+    tags = tag_part(
+        {
+            "fleet": message.fleet_id,
+            "device": message.device_id,
+            "model": message.model.name,
+            "model_version": message.model.version,
+        }
+    )
+    ts = f" {round(message.window_end * 1000)}"
+    fields: list[str] = [f"count={format_field(message.count)}", f"rejected={format_field(message.rejected)}"]
     if message.latency_ms is not None:
         lat = message.latency_ms
-        fields.update(latency_p50=lat.p50, latency_p95=lat.p95, latency_p99=lat.p99, latency_max=lat.max)
+        fields += [
+            f"latency_p50={format_field(lat.p50)}",
+            f"latency_p95={format_field(lat.p95)}",
+            f"latency_p99={format_field(lat.p99)}",
+            f"latency_max={format_field(lat.max)}",
+        ]
     if message.confidence is not None:
-        fields.update(confidence_mean=message.confidence.mean, confidence_p05=message.confidence.p05)
+        conf = message.confidence
+        fields += [f"confidence_mean={format_field(conf.mean)}", f"confidence_p05={format_field(conf.p05)}"]
     if message.entropy is not None:
-        fields["entropy_mean"] = message.entropy.mean
+        fields.append(f"entropy_mean={format_field(message.entropy.mean)}")
     esc, smp, box = message.escalations, message.samples, message.outbox
-    fields.update(
-        escalations_sent=esc.sent,
-        escalations_answered=esc.answered,
-        escalations_timed_out=esc.timed_out,
-        escalations_fallback=esc.offline_fallback,
-        samples_sent=smp.sent,
-        samples_skipped=smp.skipped_budget,
-        outbox_depth=box.depth,
-        outbox_bytes=box.bytes,
-        outbox_evicted=sum(box.evicted.values()),
-    )
+    fields += [
+        f"escalations_sent={format_field(esc.sent)}",
+        f"escalations_answered={format_field(esc.answered)}",
+        f"escalations_timed_out={format_field(esc.timed_out)}",
+        f"escalations_fallback={format_field(esc.offline_fallback)}",
+        f"samples_sent={format_field(smp.sent)}",
+        f"samples_skipped={format_field(smp.skipped_budget)}",
+        f"outbox_depth={format_field(box.depth)}",
+        f"outbox_bytes={format_field(box.bytes)}",
+        f"outbox_evicted={format_field(sum(box.evicted.values()))}",
+    ]
     if message.resources is not None:
-        fields.update(cpu=message.resources.cpu_percent, rss=message.resources.rss_mb)
+        fields += [
+            f"cpu={format_field(message.resources.cpu_percent)}",
+            f"rss={format_field(message.resources.rss_mb)}",
+        ]
     if message.providers is not None:
-        fields["provider_fallback"] = int(message.providers.fallback)
-    out = [line("inference", tags, fields, ts_ms)]
-    out.extend(line("class_counts", {**tags, "class": c}, {"count": n}, ts_ms) for c, n in message.class_counts.items())
-    out.append(line("device_status", tags, {"online": 1}, ts_ms))
+        fields.append(f"provider_fallback={format_field(int(message.providers.fallback))}")
+    out = [f"inference{tags} {','.join(fields)}{ts}"]
+    # "class" sorts before every other tag key, so it goes first.
+    out.extend(
+        f"class_counts{_class_tag(c)}{tags} count={format_field(n)}{ts}" for c, n in message.class_counts.items()
+    )
+    out.append(f"device_status{tags} online=1i{ts}")
     return out
+
+
+def _class_tag(label: str) -> str:
+    return f",class={escape_tag(label)}" if label else ""
 
 
 def status_line(fleet_id: str, device_id: str, online: bool, ts: float, model: str = "", version: str = "") -> str:
@@ -117,9 +146,21 @@ def drift_line(
     ts: float,
 ) -> str:
     """One drift evaluation: `metric` is the kind (prediction_drift, ...), at the evaluated window's end."""
-    tags = {"fleet": fleet_id, "device": device_id, "model": model, "version": version, "metric": metric}
-    fields: dict[str, FieldValue] = {"score": float(score), "threshold": float(threshold), "firing": int(firing)}
-    return line("drift", tags, fields, round(ts * 1000))
+    return drift_line_for(drift_tags(fleet_id, device_id, model, version), metric, score, threshold, firing, ts)
+
+
+def drift_tags(fleet_id: str, device_id: str, model: str, version: str) -> tuple[str, str]:
+    """The escaped tags of one (device, model version)'s drift lines, before and after `metric`
+    (which sorts between them): every evaluation writes one line per kind with the same tags."""
+    return tag_part({"fleet": fleet_id, "device": device_id}), tag_part({"model": model, "version": version})
+
+
+def drift_line_for(tags: tuple[str, str], metric: str, score: float, threshold: float, firing: bool, ts: float) -> str:
+    """`drift_line` with the tags from `drift_tags` (same output as `line`)."""
+    head, tail = tags
+    metric_tag = f",metric={escape_tag(metric)}" if metric else ""
+    fields = f"score={float(score)!r},threshold={float(threshold)!r},firing={int(firing)}i"
+    return f"drift{head}{metric_tag}{tail} {fields} {round(ts * 1000)}"
 
 
 def alert_line(alert: Alert) -> str:
