@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
 from cloud_bridge.escalation import CloudModel
-from cloud_bridge.registry import Agreement
+from cloud_bridge.registry import Agreement, Registry
 from devservers import Mosquitto
 from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DemoModel
@@ -89,8 +89,13 @@ async def test_mqtt5_requests_answered_with_cloud_label_and_correlation(
             req = request("dev-1", digits.X_test[i], f"req-{n}", "0", time.time() + 10)
             await client.publish(TOPICS.device("f1", "dev-1", Channel.ESCALATE), encode(req), qos=1, properties=props)
         replies = await collect(client, len(picks))
-        await bridge.flush_agreement()
-        agreement = await bridge.registry.rows(Agreement)
+    # Read the agreement after the bridge drained: a reply can reach us before the bridge's publish
+    # call has returned and counted it, and the drain flushes the counts into the registry.
+    registry = Registry(config.registry_url)
+    try:
+        agreement = await registry.rows(Agreement)
+    finally:
+        await registry.close()
 
     by_corr = {bytes(m.properties.CorrelationData): decode(m.payload, EscalationReply) for m in replies}  # type: ignore[union-attr]
     assert sorted(by_corr) == sorted(f"corr-{n}".encode() for n in range(len(picks)))
