@@ -73,6 +73,8 @@ class EdgeNode:
         self.window: Window | None = None
         self.ready = asyncio.Event()
         self._drops = _Deltas()
+        self._pipeline: Pipeline | None = None
+        self._write_errors_reported = 0
         # Defaults to the node's SlotManager (edge_node/slots.py); set before run() to replace it.
         self.installer: Installer | None = None
         self.ota: OtaAgent | None = None
@@ -80,6 +82,11 @@ class EdgeNode:
         self.slots: SlotManager | None = None
         self._slot_store = SlotStore(config.ota_state_dir / "slots")
         self._boot: Boot | None = None
+
+    @property
+    def processed(self) -> int:
+        """Inputs answered since the node started (stored uplink or not)."""
+        return self._pipeline.processed if self._pipeline is not None else 0
 
     def stop(self) -> None:
         """Ask the node to drain and exit (safe to call from a signal handler)."""
@@ -133,7 +140,7 @@ class EdgeNode:
             subscriptions=self._subscriptions(),
             on_message=self._on_message,
         )
-        pipeline = Pipeline(
+        self._pipeline = pipeline = Pipeline(
             cfg, classifier, outbox, escalations, sampler, self._current_window, lambda: link.is_connected
         )
         assert self._boot is not None
@@ -333,6 +340,7 @@ class EdgeNode:
             available=outbox.available,
             evicted=self._drops.delta("evicted", outbox.evicted),
             expired=self._drops.delta("expired", outbox.expired),
+            write_errors=self._write_errors(),
         )
         message = build_telemetry(
             ctx,
@@ -358,6 +366,13 @@ class EdgeNode:
             self.stats.outbox_errors += 1
             log.error("telemetry window %d not stored: %s", message.window_seq, exc)
         self.stats.windows += 1
+
+    def _write_errors(self) -> int:
+        """Outbox writes refused since the last window, by the pipeline and by telemetry itself."""
+        pipeline = self._pipeline
+        total = self.stats.outbox_errors + (pipeline.outbox_errors if pipeline is not None else 0)
+        delta, self._write_errors_reported = total - self._write_errors_reported, total
+        return delta
 
 
 class _Deltas:

@@ -133,6 +133,9 @@ class OutboxStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
     evicted: Counts = field(default_factory=dict)
     expired: Counts = field(default_factory=dict)
     available: bool = True
+    write_errors: Annotated[
+        int, Meta(ge=0, description="writes the outbox refused (disk full, read-only, I/O): their messages are lost")
+    ] = 0
 
 
 class Resources(Struct, frozen=True, kw_only=True, omit_defaults=True):
