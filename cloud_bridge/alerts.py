@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cloud_bridge.drift_store import PendingAlert
 from cloud_bridge.mqtt import MqttError
 from cloud_bridge.registry import DriftEpisodeRow, Registry
+from cloud_bridge.workqueue import WorkQueue
 from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,13 @@ class AlertPublisher:
         self._topics = topics
         self._registry = registry
         self._publish = publish
-        self._queue: deque[_Outgoing] = deque()
-        self._wake = asyncio.Event()
-        self._closing = False
+        self._queue: WorkQueue[_Outgoing] = WorkQueue()
         self._progress = asyncio.Condition()
         self.stats = AlertStats()
 
     def submit(self, alerts: Sequence[PendingAlert]) -> None:
         """Called by ingestion after the commit: cheap, never blocks."""
-        self._queue.extend(_Outgoing(a.alert.fleet_id, a.alert.msg_id, a.payload) for a in alerts)
-        self._wake.set()
+        self._queue.put_many(_Outgoing(a.alert.fleet_id, a.alert.msg_id, a.payload) for a in alerts)
 
     @property
     def pending(self) -> int:
@@ -68,33 +65,26 @@ class AlertPublisher:
 
     async def close(self) -> None:
         """Stop once the queue is empty or the broker refuses (what is left stays unpublished in the DB)."""
-        self._closing = True
-        self._wake.set()
+        self._queue.close()
 
     async def run(self) -> None:
         await self._recover()
         delay = _RETRY_MIN_S
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            item = self._queue[0]
+        while await self._queue.ready():
+            item = self._queue.items[0]
             try:
                 await self._publish(self._topics.alerts(item.fleet_id), item.payload, 1)
             except MqttError as exc:
                 self.stats.failures += 1
-                if self._closing:
+                if self._queue.closing:
                     log.warning("alerts left unpublished at shutdown count=%d error=%s", len(self._queue), exc)
                     return
                 log.warning("alert publish failed msg_id=%s error=%s retry_s=%.1f", item.msg_id, exc, delay)
-                await self._sleep(delay)
+                await self._queue.pause(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             delay = _RETRY_MIN_S
-            self._queue.popleft()
+            self._queue.items.popleft()
             await self._mark_published(item.msg_id)
             self.stats.published += 1
             async with self._progress:
@@ -105,13 +95,6 @@ class AlertPublisher:
         async with self._progress:
             await self._progress.wait_for(lambda: predicate(self.stats))
 
-    async def _sleep(self, delay: float) -> None:
-        self._wake.clear()
-        try:
-            await asyncio.wait_for(self._wake.wait(), delay)
-        except TimeoutError:
-            return
-
     async def _recover(self) -> None:
         query = (
             select(DriftEpisodeRow.fleet_id, DriftEpisodeRow.alert_msg_id, DriftEpisodeRow.payload)
@@ -121,8 +104,8 @@ class AlertPublisher:
         async with self._registry.engine.connect() as conn:
             rows = [_Outgoing(f, m, bytes(p)) for f, m, p in await conn.execute(query)]
         if rows:
-            known = {o.msg_id for o in self._queue}
-            self._queue.extendleft(reversed([r for r in rows if r.msg_id not in known]))
+            known = {o.msg_id for o in self._queue.items}
+            self._queue.items.extendleft(reversed([r for r in rows if r.msg_id not in known]))
             self.stats.recovered += len(rows)
             log.info("republishing alerts left unpublished by an earlier run count=%d", len(rows))
 

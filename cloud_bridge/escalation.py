@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import onnxruntime as ort
 
 from cloud_bridge.config import EscalationConfig
 from cloud_bridge.mqtt import Incoming, MqttError
+from cloud_bridge.workqueue import WorkQueue
 from schemas.codec import decode_for_topic, encode
 from schemas.errors import DecodeError
 from schemas.messages import EscalationReply, EscalationRequest, ModelRef, TopK
@@ -153,11 +153,9 @@ class Escalator:
         self._config = config
         self._publish = publish
         self._ack = ack
-        self._queue: deque[_Pending] = deque()
-        self._wake = asyncio.Event()
+        self._queue: WorkQueue[_Pending] = WorkQueue()
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
-        self._closing = False
         self.stats = EscalationStats()
         self.agreement = AgreementCounts()
 
@@ -174,22 +172,14 @@ class Escalator:
             log.warning("escalation request refused topic=%s error=%s", incoming.topic, exc)
             self._ack(incoming)
             return
-        self._queue.append(_Pending(incoming, message, row, time.time()))
-        self._wake.set()
+        self._queue.put(_Pending(incoming, message, row, time.time()))
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
+        self._queue.close()
 
     async def run(self) -> None:
         """Take batches off the queue until closed, then wait for the batches in flight."""
-        while True:
-            if not self._queue:
-                if self._closing:
-                    break
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+        while await self._queue.ready():
             await self._slots.acquire()
             batch = self._take_batch()
             if not batch:
@@ -204,8 +194,8 @@ class Escalator:
     def _take_batch(self) -> list[_Pending]:
         now = time.time()
         batch: list[_Pending] = []
-        while self._queue and len(batch) < self._config.max_batch:
-            pending = self._queue.popleft()
+        while self._queue.items and len(batch) < self._config.max_batch:
+            pending = self._queue.items.popleft()
             if pending.request.deadline <= now:
                 self.stats.expired += 1
                 log.info(

@@ -19,7 +19,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +38,7 @@ from cloud_bridge.registry import (
     TelemetryRow,
 )
 from cloud_bridge.tsdb import TsdbWriter, status_line, telemetry_lines
+from cloud_bridge.workqueue import WorkQueue
 from schemas.codec import decode_for_topic, to_builtins
 from schemas.errors import DecodeError
 from schemas.messages import Alert, CommandAck, Envelope, Result, Sample, Status, Telemetry
@@ -122,18 +123,15 @@ class Ingestor:
         self._config = config
         self._ack = ack
         self._tsdb = tsdb
-        self._queue: deque[Incoming] = deque()
-        self._wake = asyncio.Event()
-        self._closing = False
+        self._queue: WorkQueue[Incoming] = WorkQueue()
         self._recent = RecentIds(config.dedup_cache)
         self._progress = asyncio.Condition()
         self.stats = IngestStats()
 
     def submit(self, message: Incoming) -> None:
         """Called from the MQTT callback: cheap, never blocks."""
-        self._queue.append(message)
+        self._queue.put(message)
         self.stats.received += 1
-        self._wake.set()
 
     @property
     def backlog(self) -> int:
@@ -141,19 +139,11 @@ class Ingestor:
 
     async def close(self) -> None:
         """Stop after storing what has already arrived."""
-        self._closing = True
-        self._wake.set()
+        self._queue.close()
 
     async def run(self) -> None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            taken = [self._queue.popleft() for _ in range(min(len(self._queue), self._config.batch_max))]
-            await self._handle(taken)
+        while await self._queue.ready():
+            await self._handle(self._queue.take(self._config.batch_max))
 
     async def _handle(self, taken: list[Incoming]) -> None:
         plan = self._plan(taken)
@@ -165,7 +155,7 @@ class Ingestor:
             except SQLAlchemyError as exc:
                 self.stats.commit_failures += 1
                 log.error("registry commit failed messages=%d error=%s retry_s=%.1f", len(taken), exc, delay)
-                if self._closing:
+                if self._queue.closing:
                     # Not acked: the broker redelivers these to the next session.
                     return
                 await asyncio.sleep(delay)
