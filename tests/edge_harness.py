@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +130,25 @@ class CloudResponder:
         topic = getattr(msg.properties, "ResponseTopic", None) or request.reply_to
         client.publish(topic, encode(reply), qos=1, properties=props)
         self.answered += 1
+
+
+def spawn_edge_node(config_file: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """`edge-node run` as a real process; its stderr goes to a file so a full pipe can never block it."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config_file)],
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+@contextmanager
+def edge_node_process(config_file: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A node process for the block; killed at the end if the test left it running."""
+    proc = spawn_edge_node(config_file, log_path)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

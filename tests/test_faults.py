@@ -8,15 +8,11 @@ inference ids are "<boot>-<seq>", numbered in commit order, so a loss shows up a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -28,6 +24,7 @@ from edge_node.demo_models import DemoModel
 from edge_node.outbox import Outbox
 from schemas import Topics, decode_for_topic
 from schemas.messages import Result, Telemetry
+from tests.edge_harness import edge_node_process
 from tests.mqtt_collector import Collector
 from tests.plugin_servers import TcpProxyFactory
 
@@ -58,23 +55,6 @@ kind = "replay"
 rate_hz = 200
 """)
     return config_file
-
-
-@contextmanager
-def _edge_node(config_file: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The node as a real process; its stderr goes to a file so a full pipe can never block it."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config_file)],
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def _stop(proc: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -161,7 +141,7 @@ def test_kill9_then_restart_delivers_every_committed_result(
     outbox_path = tmp_path / "outbox.sqlite"
     log_path = tmp_path / "edge.log"
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        with _edge_node(config_file, log_path) as first:
+        with edge_node_process(config_file, log_path) as first:
             c.wait_for(lambda c: len(c.on("results")) >= 100)
             boot1 = _split(next(iter(_result_ids(c))))[0]
             # Blackholing the uplink first makes sure the kill finds committed, unacked rows to recover.
@@ -175,7 +155,7 @@ def test_kill9_then_restart_delivers_every_committed_result(
         assert depth >= 100 and len(stored) >= 90, (depth, len(stored))
         expected = before_kill | stored
         proxy.restore()
-        with _edge_node(config_file, log_path) as second:
+        with edge_node_process(config_file, log_path) as second:
             c.wait_for(lambda c: expected <= _result_ids(c), timeout=20)
             _stop(second, log_path)
         got = _result_ids(c)
@@ -212,7 +192,7 @@ def test_link_reset_and_blackhole_lose_nothing(
     config_file = _write_config(tmp_path, proxy.port, demo_models["edge"].path)
     log_path = tmp_path / "edge.log"
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        with _edge_node(config_file, log_path) as node:
+        with edge_node_process(config_file, log_path) as node:
             c.wait_for(lambda c: len(c.on("results")) >= 100)
             proxy.reset()
             proxy.wait_until(lambda s: s.connections_total >= 2 and s.active_connections >= 1, timeout=15)
@@ -239,7 +219,7 @@ def test_broker_killed_and_restarted_loses_nothing(
     config_file = _write_config(tmp_path, proxy.port, demo_models["edge"].path)
     log_path = tmp_path / "edge.log"
     with _PersistentCollector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        with _edge_node(config_file, log_path) as node:
+        with edge_node_process(config_file, log_path) as node:
             c.wait_for(lambda c: len(c.on("results")) >= 200)
             # SIGKILL loses what the broker acked but had not delivered yet: a broker property, not the
             # node's. So silence the node's uplink first and let the broker flush to the collector

@@ -24,11 +24,9 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -46,6 +44,7 @@ from edge_node.demo_models import DemoModel, build_edge_model
 from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Result, Topics, decode
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, write_private_key
 from tests.broker_stack import BRIDGE, Client, CloudBroker, Pki, make_pki, start_cloud, start_gateway
+from tests.edge_harness import spawn_edge_node
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 
 # The first run trains the new edge model (~30 s on a busy machine; cached afterwards).
@@ -227,12 +226,7 @@ probation_min_inferences = 30
         return path
 
     def start(self, config: Path) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config)],
-                stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self.proc = spawn_edge_node(config, self.log)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (the node drains its outbox into the gateway), then the exit code."""

@@ -15,11 +15,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +50,7 @@ from schemas import (
     new_msg_id,
 )
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, sign_command
-from tests.edge_harness import RunningNode, edge_config, wait_connected
+from tests.edge_harness import RunningNode, edge_config, edge_node_process, wait_connected
 from tests.mqtt_collector import Collector
 
 FLEET, DEVICE = "f1", "dev-1"
@@ -577,22 +573,6 @@ crash_loop_limit = 2
     return path
 
 
-@contextmanager
-def _node_process(config_file: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config_file)],
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def test_crash_loop_after_a_switch_goes_back_to_the_previous_slot(
     mosquitto: Mosquitto, models: Models, tmp_path: Path
 ) -> None:
@@ -610,7 +590,7 @@ def test_crash_loop_after_a_switch_goes_back_to_the_previous_slot(
             return [s for s in statuses(c) if s.state == "online" and (s.started_at or 0) > started_after]
 
         # Run 1: installs and switches, then dies with the new model on probation.
-        with _node_process(config_file, log_path) as proc:
+        with edge_node_process(config_file, log_path) as proc:
             c.wait_for(lambda c: len(births_since(0)) >= 1, 30)
             run1 = births_since(0)[0].started_at or 0
             c.publish(CMD_TOPIC, encode(command))
@@ -618,7 +598,7 @@ def test_crash_loop_after_a_switch_goes_back_to_the_previous_slot(
             assert installed.state == "installed", installed.reason
             proc.send_signal(signal.SIGKILL)
         # Run 2: starts on the new model (one death so far, limit 2), dies again.
-        with _node_process(config_file, log_path) as proc:
+        with edge_node_process(config_file, log_path) as proc:
             c.wait_for(lambda c: len(births_since(run1)) >= 1, 30)
             (birth2, *_) = births_since(run1)
             assert birth2.model == new
@@ -627,7 +607,7 @@ def test_crash_loop_after_a_switch_goes_back_to_the_previous_slot(
             proc.send_signal(signal.SIGKILL)
         # Run 3: two deaths on probation: back on slot A and the command is acked rolled_back.
         run2 = birth2.started_at or 0
-        with _node_process(config_file, log_path) as proc:
+        with edge_node_process(config_file, log_path) as proc:
             rolled = wait_ack(c, command.cmd_id, {"rolled_back", "done"}, 30)
             c.wait_for(lambda c: len(births_since(run2)) >= 1, 30)
             assert {b.model for b in births_since(run2)} == {old}
