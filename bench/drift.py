@@ -39,6 +39,7 @@ if __package__ in (None, ""):
 
 from cloud_bridge.drift import Detector, DriftSettings, Transition, WindowStats
 from cloud_bridge.drift_store import DriftStore
+from cloud_bridge.ingest import telemetry_row
 from cloud_bridge.registry import Batch, Registry, TelemetryRow
 from edge_node.demo_models import build_demo_models, load_split, read_model_metadata
 from edge_node.drift import DriftSpec
@@ -226,20 +227,8 @@ def telemetry_batch(messages: Sequence[Telemetry]) -> Batch:
     batch = Batch()
     for m in messages:
         batch.seen.append({"msg_id": m.msg_id, "received_at": time.time()})
-        batch.add_row(
-            TelemetryRow,
-            {
-                "msg_id": m.msg_id,
-                "fleet_id": m.fleet_id,
-                "device_id": m.device_id,
-                "model_name": m.model.name,
-                "model_version": m.model.version,
-                "window_start": m.window_start,
-                "window_end": m.window_end,
-                "count": m.count,
-                "body": to_builtins(m),
-            },
-        )
+        base = {"msg_id": m.msg_id, "fleet_id": m.fleet_id, "device_id": m.device_id}
+        batch.add_row(TelemetryRow, telemetry_row(base, m))
     return batch
 
 

@@ -256,7 +256,7 @@ class Ingestor:
             # Not `delta.online = True`: status messages alone move a known device's online state.
             # Telemetry can be dealt to another bridge and committed after this device's last will,
             # and would flip it back online (DeviceDelta.online).
-            batch.add_row(TelemetryRow, _telemetry_row(base, message))
+            batch.add_row(TelemetryRow, telemetry_row(base, message))
             lines.extend(telemetry_lines(message))
         elif isinstance(message, Status):
             delta.online = message.state == "online"
@@ -280,7 +280,8 @@ class Ingestor:
             batch.add_row(AlertRow, _alert_row(base, message))
 
 
-def _telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
+def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
+    """The registry row of a telemetry window; `base` holds its msg_id, fleet_id and device_id."""
     return {
         **base,
         "model_name": m.model.name,
