@@ -41,7 +41,7 @@ from cloud_bridge.tsdb import TsdbWriter, status_line, telemetry_lines
 from cloud_bridge.workqueue import WorkQueue
 from schemas.codec import decode_for_topic, to_builtins
 from schemas.errors import DecodeError
-from schemas.messages import Alert, CommandAck, Envelope, Result, Sample, Status, Telemetry
+from schemas.messages import Alert, Answer, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry
 from schemas.tensor import decode_tensor
 from schemas.topics import Channel, Topics
 
@@ -268,9 +268,14 @@ class Ingestor:
         elif isinstance(message, Sample):
             delta.samples += 1
             batch.add_row(SampleRow, _sample_row(base, message))
-        elif isinstance(message, Result):
+        elif isinstance(message, Results):
+            delta.results += len(message.answers)
+            version = message.model.version
+            for seq, answer in enumerate(message.answers):
+                batch.add_row(ResultRow, _result_row(base, seq, version, answer, message.ts))
+        elif isinstance(message, Result):  # result/1, from devices on older software
             delta.results += 1
-            batch.add_row(ResultRow, _result_row(base, message))
+            batch.add_row(ResultRow, _result_row(base, 0, message.model.version, message, message.ts))
         elif isinstance(message, CommandAck):
             batch.add_row(
                 CommandAckRow,
@@ -316,16 +321,18 @@ def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
     }
 
 
-def _result_row(base: dict[str, str], m: Result) -> dict[str, object]:
+def _result_row(base: dict[str, str], seq: int, version: str, a: Answer | Result, ts: float) -> dict[str, object]:
+    """One answer's row; `seq` is its place in its message (the key is msg_id + seq)."""
     return {
         **base,
-        "inference_id": m.inference_id,
-        "model_version": m.model.version,
-        "label": m.label,
-        "path": m.path,
-        "confidence": m.confidence,
-        "truth": m.truth,
-        "ts": m.ts,
+        "seq": seq,
+        "inference_id": a.inference_id,
+        "model_version": version,
+        "label": a.label,
+        "path": a.path,
+        "confidence": a.confidence,
+        "truth": a.truth,
+        "ts": ts,
     }
 
 

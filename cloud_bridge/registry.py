@@ -30,7 +30,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -103,8 +105,11 @@ class SampleRow(Base):
 
 
 class ResultRow(Base):
+    """One final answer; a result/2 message carries many, so the key is the message and the place."""
+
     __tablename__ = "results"
     msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     fleet_id: Mapped[str] = mapped_column(String(64))
     device_id: Mapped[str] = mapped_column(String(64), index=True)
     inference_id: Mapped[str] = mapped_column(String(128))
@@ -357,6 +362,27 @@ def _device_values(key: tuple[str, str], delta: DeviceDelta) -> dict[str, Any]:
     }
 
 
+def _set_aside_old_results(conn: Connection) -> None:
+    """A registry made before result/2 keyed `results` by msg_id alone, which cannot hold a message's
+    many answers: rename it to results_v1 (kept, not dropped) so create_all makes the new table."""
+    inspector = inspect(conn)
+    if not inspector.has_table("results") or any(c["name"] == "seq" for c in inspector.get_columns("results")):
+        return
+    if inspector.has_table("results_v1"):
+        raise RuntimeError(
+            "the registry's results table has the old layout and results_v1 already exists: "
+            "rename or drop one of them, then start the bridge again"
+        )
+    log.warning("registry: renaming the old results table to results_v1 (one row per message before result/2)")
+    # Index names are per schema, not per table: the old table's would collide with the new one's.
+    pk = inspector.get_pk_constraint("results").get("name")
+    for index in inspector.get_indexes("results"):
+        conn.execute(text(f'DROP INDEX "{index["name"]}"'))
+    conn.execute(text("ALTER TABLE results RENAME TO results_v1"))
+    if conn.dialect.name == "postgresql" and pk:
+        conn.execute(text(f'ALTER TABLE results_v1 RENAME CONSTRAINT "{pk}" TO "{pk}_v1"'))
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     # WAL + NORMAL: a commit survives a process crash; group commit makes the fsync cost per batch.
@@ -385,6 +411,7 @@ class Registry:
 
     async def create(self) -> None:
         async with self.engine.begin() as conn:
+            await conn.run_sync(_set_aside_old_results)
             await conn.run_sync(Base.metadata.create_all)
 
     async def close(self) -> None:

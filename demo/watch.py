@@ -13,9 +13,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from schemas import (
     Alert,
+    Answer,
     CommandAck,
     DecodeError,
     Result,
+    Results,
     Sample,
     Status,
     Telemetry,
@@ -140,8 +142,11 @@ class FleetWatch:
                 dev.state = message.state
                 if message.model is not None:
                     dev.model = f"{message.model.name}:{message.model.version}"
+            elif isinstance(message, Results):
+                for answer in message.answers:
+                    self._result(dev, message.model.version, message.ts, answer)
             elif isinstance(message, Result):
-                self._result(dev, message)
+                self._result(dev, message.model.version, message.ts, message)
             elif isinstance(message, Sample):
                 dev.samples += 1
             elif isinstance(message, Telemetry):
@@ -154,13 +159,13 @@ class FleetWatch:
                     rate = message.escalations.sent / message.count
                     dev.windows.append((message.window_end, message.confidence.mean, rate))
 
-    def _result(self, dev: DeviceView, r: Result) -> None:
-        bucket = dev.buckets[int((r.ts - self.started) // BUCKET_S)]
+    def _result(self, dev: DeviceView, version: str, ts: float, r: Answer | Result) -> None:
+        bucket = dev.buckets[int((ts - self.started) // BUCKET_S)]
         bucket.results += 1
         bucket.escalated += r.path == "cloud"
-        dev.models_seen[r.model.version] = dev.models_seen.get(r.model.version, 0) + 1
+        dev.models_seen[version] = dev.models_seen.get(version, 0) + 1
         if dev.first_result_at is None:
-            dev.first_result_at = r.ts - self.started
+            dev.first_result_at = ts - self.started
         if r.truth is not None:
             bucket.with_truth += 1
             bucket.edge_right += r.edge_label == r.truth

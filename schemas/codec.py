@@ -6,6 +6,8 @@ so a consumer needs one `except` to route a bad payload to its dead-letter place
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ from schemas.messages import (
     ModelChunk,
     ModelChunkRequest,
     Result,
+    Results,
     Sample,
     Status,
     Telemetry,
@@ -42,6 +45,7 @@ MAX_BYTES: dict[type[Envelope], int] = {
     Input: 1024 * KIB,
     EscalationRequest: 1024 * KIB,
     Telemetry: 256 * KIB,
+    Results: 1024 * KIB,
     ModelChunk: 2048 * KIB + KIB,
 }
 LARGEST_MESSAGE = max(MAX_BYTES.values())
@@ -50,13 +54,18 @@ CHANNEL_TYPES: dict[Channel, type[Envelope]] = {
     Channel.STATUS: Status,
     Channel.TELEMETRY: Telemetry,
     Channel.SAMPLES: Sample,
-    Channel.RESULTS: Result,
+    Channel.RESULTS: Results,
     Channel.INPUT: Input,
     Channel.ESCALATE: EscalationRequest,
     Channel.ESCALATE_REPLY: EscalationReply,
     Channel.CMD: Command,
     Channel.CMD_ACK: CommandAck,
     Channel.MODEL_REQUEST: ModelChunkRequest,
+}
+
+# Older versions a reader still accepts on a channel, from devices not yet updated.
+OLDER_TYPES: dict[Channel, tuple[type[Envelope], ...]] = {
+    Channel.RESULTS: (Result,),
 }
 
 _AT_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
@@ -112,6 +121,21 @@ def decode(data: bytes | bytearray | memoryview | str, message_type: type[M], *,
     return result
 
 
+def _decode_versions(
+    data: bytes | bytearray | memoryview | str, current: type[Envelope], older: tuple[type[Envelope], ...]
+) -> Envelope:
+    """Decode the current version of a message, or one of the older versions still accepted."""
+    expected = schema_name(current)
+    versions: tuple[type[Envelope], ...] = (current, *older)
+    limit = max(max_bytes_for(t) for t in versions)
+    obj = _loads(data, limit, expected)
+    union = functools.reduce(operator.or_, older, current)
+    message: Envelope = _convert(obj, union, expected)
+    if len(data) > max_bytes_for(type(message)):
+        raise DecodeError(f"payload is {len(data)} bytes, the limit is {max_bytes_for(type(message))}", schema=expected)
+    return message
+
+
 def decode_any(data: bytes | bytearray | memoryview | str, *, max_bytes: int = LARGEST_MESSAGE) -> Message:
     """Decode a message of any known type, chosen by its `schema` field."""
     obj = _loads(data, max_bytes, None)
@@ -127,13 +151,15 @@ def decode_for_topic(topics: Topics, topic: str, data: bytes | bytearray | memor
     except TopicError as exc:
         raise DecodeError(str(exc), field="topic") from None
     message_type: type[Envelope]
+    older: tuple[type[Envelope], ...] = ()
     if isinstance(where, AlertsTopic):
         message_type = Alert
     elif isinstance(where, ModelTopic):
         message_type = ModelChunk
     else:
         message_type = CHANNEL_TYPES[where.channel]
-    message: Message = decode(data, message_type)  # type: ignore[assignment]
+        older = OLDER_TYPES.get(where.channel, ())
+    message: Message = _decode_versions(data, message_type, older) if older else decode(data, message_type)  # type: ignore[assignment]
     if message.fleet_id != where.fleet_id:
         raise DecodeError(
             f"fleet_id {message.fleet_id!r} does not match topic fleet {where.fleet_id!r}",

@@ -239,7 +239,10 @@ class EscalationReply(Envelope, kw_only=True, tag="escalate_reply/1"):
 
 
 class Result(Envelope, kw_only=True, tag="result/1"):
-    """The final answer for one input and which path gave it."""
+    """The final answer for one input and which path gave it.
+
+    Superseded by `Results` (result/2), which carries a whole micro-batch in one message; readers
+    still accept result/1 from devices that run older software."""
 
     inference_id: RefId
     model: ModelRef
@@ -253,6 +256,37 @@ class Result(Envelope, kw_only=True, tag="result/1"):
     latency_ms: NonNeg
     source_ref: Annotated[str, Meta(max_length=256)] | None = None
     truth: Label | None = None
+
+
+class Answer(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One input's final answer inside a `Results` message."""
+
+    inference_id: RefId
+    label: Label
+    index: Count
+    confidence: Prob
+    path: Path
+    fallback_reason: FallbackReason | None = None
+    edge_label: Label
+    cloud_label: Label | None = None
+    latency_ms: NonNeg
+    source_ref: Annotated[str, Meta(max_length=256)] | None = None
+    truth: Label | None = None
+
+
+MAX_ANSWERS = 1024
+
+
+class Results(Envelope, kw_only=True, tag="result/2"):
+    """The final answers of inputs that one model finished together (a micro-batch, or one escalated
+    input when the cloud's reply arrives); each answer names its input by `inference_id`.
+
+    One message per batch instead of one per input: the device pays one outbox row and one MQTT
+    publish for a batch, and the uplink carries the envelope once. `ts` is when the answers became
+    final; each answer's `latency_ms` counts from when its input was accepted."""
+
+    model: ModelRef
+    answers: Annotated[list[Answer], Meta(min_length=1, max_length=MAX_ANSWERS)]
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -356,6 +390,7 @@ Message = (
     | EscalationRequest
     | EscalationReply
     | Result
+    | Results
     | Command
     | CommandAck
     | ModelChunkRequest
@@ -370,6 +405,7 @@ ALL_MESSAGES: tuple[type[Envelope], ...] = (
     EscalationRequest,
     EscalationReply,
     Result,
+    Results,
     Command,
     CommandAck,
     ModelChunkRequest,

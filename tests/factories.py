@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import TypedDict
 
 import numpy as np
 
 from schemas import (
     Alert,
+    Answer,
     Command,
     CommandAck,
     ConfidenceStats,
@@ -28,6 +30,7 @@ from schemas import (
     Providers,
     Resources,
     Result,
+    Results,
     Sample,
     SampleCounts,
     Status,
@@ -41,7 +44,16 @@ MODEL = ModelRef(name="digits-edge", version="1.0.0", sha256="ab" * 32)
 CLOUD = ModelRef(name="digits-cloud", version="1.0.0", sha256="cd" * 32)
 
 
-def envelope(fleet_id: str = "f1", device_id: str = "dev-1") -> dict[str, object]:
+class EnvelopeFields(TypedDict):
+    """The fields every message carries (typed, so `Status(**envelope(), ...)` type-checks)."""
+
+    msg_id: str
+    fleet_id: str
+    device_id: str
+    ts: float
+
+
+def envelope(fleet_id: str = "f1", device_id: str = "dev-1") -> EnvelopeFields:
     return {"msg_id": new_msg_id(), "fleet_id": fleet_id, "device_id": device_id, "ts": time.time()}
 
 
@@ -51,7 +63,7 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
     x = encode_tensor(np.arange(64, dtype=np.float32).reshape(1, 64) % 17)
     topk = [TopK(label="3", index=3, prob=0.55), TopK(label="8", index=8, prob=0.40)]
 
-    def env() -> dict[str, object]:
+    def env() -> EnvelopeFields:
         return envelope(fleet_id, device_id)
 
     cmd_id = new_msg_id()
@@ -133,6 +145,35 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             latency_ms=12.0,
             source_ref="replay:12",
             truth="8",
+        ),
+        Results(
+            **env(),
+            model=MODEL,
+            answers=[
+                Answer(
+                    inference_id="inf-2",
+                    label="3",
+                    index=3,
+                    confidence=0.91,
+                    path="edge",
+                    edge_label="3",
+                    latency_ms=0.4,
+                    source_ref="replay:13",
+                    truth="3",
+                ),
+                Answer(
+                    inference_id="inf-1",
+                    label="8",
+                    index=8,
+                    confidence=0.97,
+                    path="cloud",
+                    edge_label="3",
+                    cloud_label="8",
+                    latency_ms=12.0,
+                    source_ref="replay:12",
+                    truth="8",
+                ),
+            ],
         ),
         Command(
             **env(),

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
-from schemas import Topics, decode_for_topic
+from schemas import Answer, ModelRef, Result, Results, Topics, decode_for_topic
 from schemas.messages import Envelope
 
 
@@ -27,6 +27,65 @@ class Received:
         return decode_for_topic(topics or Topics(), self.topic, self.payload)
 
 
+@dataclass(frozen=True)
+class Answered:
+    """One input's final answer with the envelope of the message that carried it (result/1 carries
+    one answer, result/2 a batch): what a test asserts on, one per input."""
+
+    msg_id: str
+    fleet_id: str
+    device_id: str
+    ts: float
+    model: ModelRef
+    inference_id: str
+    label: str
+    index: int
+    confidence: float
+    path: str
+    fallback_reason: str | None
+    edge_label: str
+    cloud_label: str | None
+    latency_ms: float
+    source_ref: str | None
+    truth: str | None
+
+    @classmethod
+    def of(cls, message: Envelope) -> list[Answered]:
+        if isinstance(message, Result):
+            answers: list[Result | Answer] = [message]
+        elif isinstance(message, Results):
+            answers = list(message.answers)
+        else:
+            raise TypeError(f"not a result message: {type(message).__name__}")
+        m = message
+        return [
+            cls(
+                m.msg_id,
+                m.fleet_id,
+                m.device_id,
+                m.ts,
+                m.model,
+                a.inference_id,
+                a.label,
+                a.index,
+                a.confidence,
+                a.path,
+                a.fallback_reason,
+                a.edge_label,
+                a.cloud_label,
+                a.latency_ms,
+                a.source_ref,
+                a.truth,
+            )
+            for a in answers
+        ]
+
+
+def answers(received: list[Received], topics: Topics | None = None) -> list[Answered]:
+    """Every answer in these result messages, in arrival order."""
+    return [a for r in received for a in Answered.of(r.message(topics))]
+
+
 @dataclass
 class Collector:
     host: str
@@ -36,6 +95,8 @@ class Collector:
     received: list[Received] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _subscribed: threading.Event = field(default_factory=threading.Event)
+    _answers: list[Answered] = field(default_factory=list)
+    _decoded_upto: int = 0
 
     def __post_init__(self) -> None:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
@@ -65,17 +126,32 @@ class Collector:
         with self._cond:
             return [r for r in self.received if r.topic.endswith("/" + suffix)]
 
+    def answers(self) -> list[Answered]:
+        """Every answer received on .../results so far (decoded once per message)."""
+        with self._cond:
+            # One message at a time: a payload that fails to decode fails every call, not just the
+            # first one (which would leave the messages after it undecoded for good).
+            while self._decoded_upto < len(self.received):
+                r = self.received[self._decoded_upto]
+                if r.topic.endswith("/results"):
+                    self._answers.extend(Answered.of(r.message()))
+                self._decoded_upto += 1
+            return list(self._answers)
+
     def wait_for(self, predicate: Callable[[Collector], bool], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate(self):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    counts = {}
+                    counts: dict[str, int] = {}
                     for r in self.received:
                         key = r.topic.rsplit("/", 1)[-1]
                         counts[key] = counts.get(key, 0) + 1
-                    raise AssertionError(f"timed out waiting; received so far by channel: {counts}")
+                    raise AssertionError(
+                        f"timed out waiting; received so far by channel: {counts}"
+                        f" (answers decoded from results: {len(self._answers)})"
+                    )
                 self._cond.wait(left)
 
     def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:

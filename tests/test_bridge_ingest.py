@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import aiomqtt
+import msgspec
 import orjson
 import pytest
 
@@ -24,7 +25,7 @@ from cloud_bridge.registry import (
     TelemetryRow,
 )
 from devservers import Mosquitto
-from schemas import Alert, CommandAck, Envelope, Result, Sample, Status, Telemetry, encode
+from schemas import Alert, Answer, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples
 
@@ -35,7 +36,8 @@ CHANNEL_OF: dict[type[Envelope], Channel] = {
     Status: Channel.STATUS,
     Telemetry: Channel.TELEMETRY,
     Sample: Channel.SAMPLES,
-    Result: Channel.RESULTS,
+    Result: Channel.RESULTS,  # result/1, from devices on older software
+    Results: Channel.RESULTS,
     CommandAck: Channel.CMD_ACK,
 }
 
@@ -74,7 +76,10 @@ async def publish_all(broker: Mosquitto, items: list[tuple[str, bytes]]) -> None
 
 async def test_every_message_type_is_stored(tmp_path: Path, mosquitto: Mosquitto) -> None:
     messages = ingested_examples()
-    assert len(messages) == 6
+    assert len(messages) == 7
+    result = next(m for m in messages if isinstance(m, Result))
+    results = _results_of(messages)
+    answers = 1 + len(results.answers)  # a result/1 carries one answer, a result/2 several
     async with running_bridge(bridge_config(tmp_path, mosquitto)) as bridge:
         await publish_all(mosquitto, [(topic_for(m), encode(m)) for m in messages])
         await wait_handled(bridge, len(messages))
@@ -82,15 +87,16 @@ async def test_every_message_type_is_stored(tmp_path: Path, mosquitto: Mosquitto
         counts = {t.__name__: await reg.count(t) for t in (TelemetryRow, SampleRow, ResultRow, CommandAckRow, AlertRow)}
         devices = await reg.rows(Device)
         samples = await reg.rows(SampleRow)
+        result_rows = await reg.rows(ResultRow)
         seen = await reg.count(SeenMessage)
-    assert counts == dict.fromkeys(counts, 1)
-    assert seen == 6
+    assert counts == {**dict.fromkeys(counts, 1), "ResultRow": answers}
+    assert seen == 7
     (device,) = devices
     sample = next(m for m in messages if isinstance(m, Sample))
     status = next(m for m in messages if isinstance(m, Status))
     assert device["online"] is True
     assert device["model_version"] == "1.0.0" and device["model_sha256"] == "ab" * 32
-    assert device["messages"] == 6 and device["samples"] == 1 and device["results"] == 1
+    assert device["messages"] == 7 and device["samples"] == 1 and device["results"] == answers
     assert device["telemetry_windows"] == 1
     assert device["last_seen"] >= status.ts
     (row,) = samples
@@ -99,6 +105,81 @@ async def test_every_message_type_is_stored(tmp_path: Path, mosquitto: Mosquitto
     assert row["shape"] == [1, 64] and row["dtype"] == "float32"
     assert row["topk"][0] == {"label": "3", "index": 3, "prob": 0.55}
     assert row["truth"] == "8" and row["reasons"] == ["margin"]
+    by_key = {(r["msg_id"], r["seq"]): r for r in result_rows}
+    assert set(by_key) == {(result.msg_id, 0)} | {(results.msg_id, i) for i in range(len(results.answers))}
+    assert _answer_of(by_key[result.msg_id, 0]) == _row_of(result, result)
+    for i, answer in enumerate(results.answers):
+        assert _answer_of(by_key[results.msg_id, i]) == _row_of(results, answer)
+
+
+def _row_of(envelope: Result | Results, answer: Answer | Result) -> dict[str, object]:
+    """The results row the registry should hold for one answer."""
+    return {
+        "fleet_id": envelope.fleet_id,
+        "device_id": envelope.device_id,
+        "inference_id": answer.inference_id,
+        "model_version": envelope.model.version,
+        "label": answer.label,
+        "path": answer.path,
+        "confidence": answer.confidence,
+        "truth": answer.truth,
+        "ts": envelope.ts,
+    }
+
+
+def _answer_of(row: dict[str, object]) -> dict[str, object]:
+    """A stored results row without its key (msg_id, seq)."""
+    return {k: v for k, v in row.items() if k not in ("msg_id", "seq")}
+
+
+def _results_of(messages: list[Envelope]) -> Results:
+    return next(m for m in messages if isinstance(m, Results))
+
+
+def _batch(device: str, n: int) -> Results:
+    """A result/2 of `n` answers, as an edge node sends for a micro-batch."""
+    template = next(m for m in examples("f1", device) if isinstance(m, Results))
+    answers = [
+        msgspec.structs.replace(template.answers[i % 2], inference_id=f"{device}-{i}", confidence=i / n)
+        for i in range(n)
+    ]
+    return msgspec.structs.replace(template, msg_id=new_msg_id(), answers=answers)
+
+
+async def test_a_batch_of_answers_is_one_row_each_and_a_redelivered_copy_adds_none(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    n = 37
+    batch = _batch("dev-b", n)
+    item = (topic_for(batch), encode(batch))
+    config = bridge_config(tmp_path, mosquitto)
+    async with running_bridge(config) as bridge:
+        await publish_all(mosquitto, [item])
+        await wait_handled(bridge, 1)
+        rows = await bridge.registry.rows(ResultRow)
+        (device,) = await bridge.registry.rows(Device)
+        assert (device["messages"], device["results"]) == (1, n)
+        # A redelivery (QoS 1, or the device's outbox re-sending after a lost PUBACK): same msg_id.
+        await publish_all(mosquitto, [item])
+        await wait_handled(bridge, 2)
+        assert bridge.ingestor is not None
+        assert (bridge.ingestor.stats.stored, bridge.ingestor.stats.duplicates) == (1, 1)
+        assert await bridge.registry.count(ResultRow) == n
+        (device,) = await bridge.registry.rows(Device)
+        assert (device["messages"], device["results"]) == (1, n)
+    # Also after a restart, when only the registry remembers the msg_id.
+    async with running_bridge(config) as bridge:
+        await publish_all(mosquitto, [item])
+        await wait_handled(bridge, 1)
+        assert bridge.ingestor is not None and bridge.ingestor.stats.duplicates == 1
+        assert await bridge.registry.count(ResultRow) == n
+        (device,) = await bridge.registry.rows(Device)
+        assert (device["messages"], device["results"]) == (1, n)
+    # One row per answer, in the message's order, each keyed by the message and its place in it.
+    rows.sort(key=lambda r: r["seq"])
+    assert [(r["msg_id"], r["seq"]) for r in rows] == [(batch.msg_id, i) for i in range(n)]
+    assert [r["inference_id"] for r in rows] == [a.inference_id for a in batch.answers]
+    assert [_answer_of(r) for r in rows] == [_row_of(batch, a) for a in batch.answers]
 
 
 async def test_invalid_payloads_are_dead_lettered_and_valid_ones_around_them_stored(
@@ -156,8 +237,10 @@ async def test_duplicate_msg_ids_are_dropped_also_after_a_restart(tmp_path: Path
         assert bridge.ingestor.stats.duplicates == len(items)
         assert bridge.ingestor.stats.stored == 0
         assert await bridge.registry.count(TelemetryRow) == 1
+        assert await bridge.registry.count(ResultRow) == 1 + len(_results_of(messages).answers)
         (device,) = await bridge.registry.rows(Device)
         assert device["messages"] == len(items)
+        assert device["results"] == 1 + len(_results_of(messages).answers)
         # Ids older than the retention are forgotten; fresh ones are kept.
         assert await bridge.registry.prune_seen(time.time() - 3600) == 0
         assert await bridge.registry.prune_seen(time.time() + 1) == len(items)

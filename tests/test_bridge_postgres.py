@@ -15,10 +15,10 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, RegistryConfig
-from cloud_bridge.registry import Agreement, Device, Registry, SampleRow, SeenMessage, TelemetryRow
+from cloud_bridge.registry import Agreement, Device, Registry, ResultRow, SampleRow, SeenMessage, TelemetryRow
 from devservers import Mosquitto
 from devservers.ports import free_port, wait_for_port
-from schemas import Alert, CommandAck, Envelope, Result, Sample, Status, Telemetry, encode
+from schemas import Alert, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry, encode
 from schemas.topics import Channel, Topics
 from tests.factories import examples
 
@@ -36,7 +36,8 @@ CHANNEL_OF: dict[type[Envelope], Channel] = {
     Status: Channel.STATUS,
     Telemetry: Channel.TELEMETRY,
     Sample: Channel.SAMPLES,
-    Result: Channel.RESULTS,
+    Result: Channel.RESULTS,  # result/1, from devices on older software
+    Results: Channel.RESULTS,
     CommandAck: Channel.CMD_ACK,
 }
 
@@ -128,8 +129,16 @@ async def test_ingest_and_dedup_on_postgresql(tmp_path: Path, mosquitto: Mosquit
     try:
         assert await registry.count(SeenMessage) == len(items)
         assert await registry.count(TelemetryRow) == 1 and await registry.count(SampleRow) == 1
+        # One row per answer: the result/1 message's and each of the result/2 message's.
+        results = next(m for m in messages if isinstance(m, Results))
+        rows = await registry.rows(ResultRow)
+        assert sorted((r["msg_id"], r["seq"], r["inference_id"]) for r in rows) == sorted(
+            [(m.msg_id, 0, m.inference_id) for m in messages if isinstance(m, Result)]
+            + [(results.msg_id, i, a.inference_id) for i, a in enumerate(results.answers)]
+        )
         (device,) = await registry.rows(Device)
         assert device["messages"] == len(items)  # duplicates are not counted
+        assert device["results"] == len(rows)
         assert device["online"] is True and device["model_version"] == "1.0.0"
         await registry.add_agreement([(("f1", "pg-1", "1.0.0"), (4, 3))])
         await registry.add_agreement([(("f1", "pg-1", "1.0.0"), (2, 2))])

@@ -25,6 +25,8 @@ from schemas import (
     Command,
     DecodeError,
     Envelope,
+    Result,
+    Results,
     Status,
     Telemetry,
     TensorError,
@@ -41,7 +43,9 @@ from schemas import (
     new_msg_ids,
     schema_name,
 )
+from schemas.codec import CHANNEL_TYPES, OLDER_TYPES, max_bytes_for
 from schemas.export import JSON_DIR, file_name
+from schemas.messages import MAX_ANSWERS
 from schemas.msgid import MSG_ID_PATTERN
 from tests.factories import examples
 
@@ -231,3 +235,110 @@ def test_encode_writes_the_same_bytes_as_orjson_over_builtins() -> None:
 
     for message in examples():
         assert encode(message) == orjson.dumps(to_builtins(message)), type(message).__name__
+
+
+# ---- results: result/2 on the wire, result/1 still accepted from older devices -------------------
+
+
+def _results_example() -> Results:
+    return next(m for m in examples() if isinstance(m, Results))
+
+
+def _result_v1_example() -> Result:
+    return next(m for m in examples() if isinstance(m, Result))
+
+
+RESULTS_TOPIC = Topics().device("f1", "dev-1", Channel.RESULTS)
+
+
+def test_results_channel_carries_result2_and_still_accepts_result1() -> None:
+    assert CHANNEL_TYPES[Channel.RESULTS] is Results
+    assert OLDER_TYPES[Channel.RESULTS] == (Result,)
+    message = _results_example()
+    assert len(message.answers) == 2 and {a.path for a in message.answers} == {"edge", "cloud"}
+    data = encode(message)
+    assert orjson.loads(data)["schema"] == "result/2"
+    decoded = decode_for_topic(Topics(), RESULTS_TOPIC, data)
+    assert isinstance(decoded, Results) and decoded == message
+    assert [a.inference_id for a in decoded.answers] == ["inf-2", "inf-1"]  # order is kept
+    older = _result_v1_example()
+    decoded_older = decode_for_topic(Topics(), RESULTS_TOPIC, encode(older))
+    assert isinstance(decoded_older, Result) and decoded_older == older
+
+
+def test_results_channel_checks_origin_for_both_versions() -> None:
+    other_device = Topics().device("f1", "dev-2", Channel.RESULTS)
+    for message in (_results_example(), _result_v1_example()):
+        with pytest.raises(DecodeError, match="does not match topic device") as err:
+            decode_for_topic(Topics(), other_device, encode(message))
+        assert err.value.field == "$.device_id"
+
+
+def test_result1_is_accepted_only_on_the_results_channel_and_only_by_the_lenient_reader() -> None:
+    older = encode(_result_v1_example())
+    # A strict reader of the current version refuses the older one...
+    with pytest.raises(DecodeError) as err:
+        decode(older, Results)
+    assert err.value.field == "$.schema" and "result/1" in str(err.value)
+    # ...and no other channel takes results of either version.
+    for data in (older, encode(_results_example())):
+        with pytest.raises(DecodeError, match="expected telemetry/1") as err:
+            decode_for_topic(Topics(), Topics().device("f1", "dev-1", Channel.TELEMETRY), data)
+        assert err.value.field == "$.schema"
+
+
+def _answers_payload(n: int) -> dict[str, Any]:
+    payload: dict[str, Any] = orjson.loads(encode(_results_example()))
+    answer = payload["answers"][0]
+    payload["answers"] = [{**answer, "inference_id": f"inf-{i}"} for i in range(n)]
+    return payload
+
+
+@pytest.mark.parametrize("n", [0, MAX_ANSWERS + 1])
+def test_results_with_no_answers_or_too_many_are_rejected_at_answers(n: int) -> None:
+    with pytest.raises(DecodeError) as err:
+        decode_for_topic(Topics(), RESULTS_TOPIC, orjson.dumps(_answers_payload(n)))
+    assert err.value.field == "$.answers", err.value
+    assert err.value.schema == "result/2"
+
+
+def test_results_with_max_answers_is_accepted_even_over_the_result1_size_limit() -> None:
+    data = orjson.dumps(_answers_payload(MAX_ANSWERS))
+    assert max_bytes_for(Result) < len(data) <= max_bytes_for(Results)
+    decoded = decode_for_topic(Topics(), RESULTS_TOPIC, data)
+    assert isinstance(decoded, Results) and len(decoded.answers) == MAX_ANSWERS
+
+
+def test_an_answer_out_of_range_is_named_by_its_place() -> None:
+    payload = _answers_payload(3)
+    payload["answers"][2]["confidence"] = 1.5
+    with pytest.raises(DecodeError) as err:
+        decode_for_topic(Topics(), RESULTS_TOPIC, orjson.dumps(payload))
+    assert err.value.field == "$.answers[2].confidence" and "<= 1.0" in str(err.value)
+
+
+@pytest.mark.parametrize("tag", ["result/3", "result/0", "result"])
+def test_an_unknown_results_version_is_rejected(tag: str) -> None:
+    payload = orjson.loads(encode(_results_example()))
+    payload["schema"] = tag
+    with pytest.raises(DecodeError) as err:
+        decode_for_topic(Topics(), RESULTS_TOPIC, orjson.dumps(payload))
+    assert err.value.field == "$.schema" and tag in str(err.value)
+
+
+def test_an_oversized_result1_is_rejected_though_result2_may_be_larger() -> None:
+    limit = max_bytes_for(Result)
+    assert limit == 64 * 1024 and max_bytes_for(Results) == 1024 * 1024
+    pad = b',"pad":"' + b"x" * (limit + 1024) + b'"}'
+    older = encode(_result_v1_example())[:-1] + pad
+    assert limit < len(older) < max_bytes_for(Results)
+    with pytest.raises(DecodeError, match=f"payload is {len(older)} bytes, the limit is {limit}"):
+        decode_for_topic(Topics(), RESULTS_TOPIC, older)
+    # The same padding on a result/2 is within its limit (unknown fields are ignored).
+    message = _results_example()
+    assert decode_for_topic(Topics(), RESULTS_TOPIC, encode(message)[:-1] + pad) == message
+    # Nothing over the result/2 limit is accepted, whatever its version.
+    huge = b',"pad":"' + b"x" * max_bytes_for(Results) + b'"}'
+    for big in (encode(message)[:-1] + huge, encode(_result_v1_example())[:-1] + huge):
+        with pytest.raises(DecodeError, match=f"the limit is {max_bytes_for(Results)}"):
+            decode_for_topic(Topics(), RESULTS_TOPIC, big)

@@ -34,8 +34,19 @@ from devservers import Mosquitto, VictoriaMetrics
 from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DEFAULT_VERSION, DemoModel, build_edge_model
 from edge_node.model import Classifier
-from schemas import CommandAck, EscalationRequest, Result, Sample, Status, Telemetry, Topics, encode, new_msg_id
-from schemas.codec import CHANNEL_TYPES
+from schemas import (
+    CommandAck,
+    EscalationRequest,
+    Result,
+    Results,
+    Sample,
+    Status,
+    Telemetry,
+    Topics,
+    encode,
+    new_msg_id,
+)
+from schemas.codec import CHANNEL_TYPES, OLDER_TYPES
 from schemas.messages import Envelope
 from tests.factories import examples
 
@@ -48,7 +59,7 @@ TOPICS = Topics()
 # Columns Flux itself provides, not tags.
 _BUILTIN = {"_time", "_value", "_field", "_measurement", "_start", "_stop"}
 # What devices send that the bridge ingests (escalations are answered, and counted, separately).
-_UPLINK = (Status, Telemetry, Sample, Result, CommandAck)
+_UPLINK = (Status, Telemetry, Sample, Results, Result, CommandAck)
 
 
 @dataclass
@@ -136,7 +147,8 @@ async def _publish(broker: Mosquitto, messages: list[Envelope]) -> None:
 
 
 def _topic_of(message: Envelope) -> str:
-    channel = next(c for c, t in CHANNEL_TYPES.items() if isinstance(message, t))
+    # The channel whose current type, or an older version it still accepts (result/1), this is.
+    channel = next(c for c, t in CHANNEL_TYPES.items() if isinstance(message, (t, *OLDER_TYPES.get(c, ()))))
     return TOPICS.device(message.fleet_id, message.device_id, channel)
 
 
