@@ -4,7 +4,9 @@ Inputs are taken from the queue as they come: when one waits alone it runs alone
 latency is not traded away), when many wait they run as one batch of up to `max_batch`. The model
 runs in a worker thread so the event loop (and the MQTT keep-alive) never waits on it, except a
 batch that edge_node/runcost.py measured under 100 µs: that runs inline, since the thread hop
-would cost more than the model. Everything the pipeline emits goes into the outbox in one
+would cost more than the model. Two batches are in inference at once, so the model runs the next
+batch while the loop routes the previous one. A batch's answers leave as one result/2 message
+(not one message per input), and everything the pipeline emits goes into the outbox in one
 `put_many` per batch; up to COMMITS_IN_FLIGHT commits overlap the next batches, and an input counts
 as done (`task_done`, the source's `on_done`) only once its batch is committed.
 
@@ -39,15 +41,15 @@ from edge_node.sampling import UncertaintySampler
 from edge_node.sources import InputItem
 from edge_node.telemetry import Window
 from schemas import (
+    Answer,
     Channel,
     EscalationReply,
     EscalationRequest,
-    Result,
+    Results,
     Sample,
     encode,
     encode_tensor,
     new_msg_id,
-    new_msg_ids,
 )
 from schemas.messages import FallbackReason, Path
 
@@ -57,6 +59,12 @@ RECENT_BATCHES = 16
 # Batches whose outbox commit may still be running while the next batches are inferred: the
 # commit (a thread hop to the SQLite writer and back) overlaps inference instead of adding to it.
 COMMITS_IN_FLIGHT = 4
+# Batches started on the model at once: one running, the next waiting in the worker's queue, so the
+# model goes on while the loop post-processes (more would only hold inputs back from batching).
+INFERENCES_IN_FLIGHT = 2
+# Answers per results message: a batch of max_batch (<= 4096) inputs may need several, each well
+# under the codec's 1 MiB limit for result/2 (an answer is at most ~800 bytes).
+RESULTS_PER_MESSAGE = 256
 
 
 @dataclass(slots=True)
@@ -99,6 +107,18 @@ class _Batch:
     out: list[OutMessage] = field(default_factory=list)
     finished: list[InputItem] = field(default_factory=list)  # answered: on_done(ok=True) once durable
     processed: int = 0
+
+
+@dataclass(slots=True)
+class _Started:
+    """A batch whose model run has started: its inputs, the model it took, and the run."""
+
+    items: list[InputItem]  # every input taken off the queue for this batch
+    classifier: Classifier
+    stats: ModelStats
+    good: list[InputItem]  # the inputs that passed the checks, in `batch` order
+    batch: npt.NDArray[Any] | None
+    run: asyncio.Future[npt.NDArray[np.float32]] | None = None
 
 
 @dataclass(slots=True)
@@ -177,29 +197,47 @@ class Pipeline:
     async def run(self, queue: asyncio.Queue[InputItem]) -> None:
         """Process the queue until cancelled; escalations still waiting finish in `tasks`.
 
+        Two batches are in inference at a time: while the loop post-processes one (routing,
+        sampling, results, outbox), the next already runs in the worker, so the model never waits
+        for the loop's Python work. The next batch is formed from what waits in the queue when
+        there is room for it; with an idle queue, an input starts the moment it arrives.
         Up to COMMITS_IN_FLIGHT batches' outbox commits run while the next batches are inferred.
         An input is `task_done` only once its batch's messages are committed, so `queue.join()`
         (the SIGTERM drain) still means: everything taken is answered and durable.
         """
+        started: deque[_Started] = deque()
         commits: deque[asyncio.Task[None]] = deque()
         try:
             async with asyncio.TaskGroup() as tasks:
                 while True:
-                    # Per batch: a model switched in may differ in whether it batches.
-                    max_batch = self.config.model.max_batch if self.classifier.info.dynamic_batch else 1
-                    items = [await queue.get()]
-                    while len(items) < max_batch and not queue.empty():
-                        items.append(queue.get_nowait())
-                    try:
-                        batch = await self._infer(items, tasks)
-                    except BaseException:
-                        self._task_done(queue, items)
-                        raise
+                    if not started:
+                        started.append(self._start([await queue.get()], queue))
+                    if len(started) < INFERENCES_IN_FLIGHT and not queue.empty():
+                        started.append(self._start([queue.get_nowait()], queue))
+                    current = started[0]
+                    batch = await self._finish(current, tasks)
+                    started.popleft()
                     commits.append(tasks.create_task(self._commit(batch, queue)))
                     while commits and (len(commits) >= COMMITS_IN_FLIGHT or commits[0].done()):
                         await commits.popleft()
         finally:
+            for pending in started:  # taken off the queue but never answered: the drain must not hang
+                self._task_done(queue, pending.items)
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, items: list[InputItem], queue: asyncio.Queue[InputItem]) -> _Started:
+        """Fill the batch with what waits, check it, and start the model on it (worker or inline)."""
+        # Per batch: a model switched in may differ in whether it batches.
+        classifier = self.classifier  # the whole batch runs on this model, whatever switches meanwhile
+        max_batch = self.config.model.max_batch if classifier.info.dynamic_batch else 1
+        while len(items) < max_batch and not queue.empty():
+            items.append(queue.get_nowait())
+        stats = self.model_stats(classifier.info.ref.sha256)
+        good, batch = self._check(items, classifier, stats)
+        started = _Started(items, classifier, stats, good, batch)
+        if batch is not None:
+            started.run = self._predict(classifier, batch)
+        return started
 
     async def _commit(self, batch: _Batch, queue: asyncio.Queue[InputItem]) -> None:
         try:
@@ -230,18 +268,18 @@ class Pipeline:
         for _ in items:
             queue.task_done()
 
-    async def _infer(self, items: list[InputItem], tasks: asyncio.TaskGroup) -> _Batch:
-        """Everything a batch does up to its outbox commit; returns what that commit needs."""
-        result = _Batch(items)
-        classifier = self.classifier  # the whole batch runs on this model, whatever switches meanwhile
-        info = classifier.info
-        stats = self.model_stats(info.ref.sha256)
-        good, batch = self._check(items, classifier, stats)
-        if batch is None:
+    async def _finish(self, started: _Started, tasks: asyncio.TaskGroup) -> _Batch:
+        """Everything a batch does after its model run up to its outbox commit; returns what that
+        commit needs."""
+        result = _Batch(started.items)
+        good, batch, run = started.good, started.batch, started.run
+        if batch is None or run is None:
             return result
+        classifier, stats = started.classifier, started.stats
+        info = classifier.info
         loop = asyncio.get_running_loop()
         try:
-            probs = await self._predict(classifier, batch)
+            probs = await run
         except Exception as exc:  # any model failure: counted, logged, the node keeps serving
             if len(good) == 1:
                 self._model_failed(good, info, stats, exc)
@@ -260,41 +298,91 @@ class Pipeline:
         finals: list[_Final] = []
         tally = self._window().escalations
         # Plain Python lists once per batch: indexing numpy per input costs a scalar object each.
-        top1, confidence = decision.top1.tolist(), decision.confidence.tolist()
-        local = decision.confident.tolist() if self.config.routing.escalate else [True] * len(good)
-        for i, item in enumerate(good):
-            row = _Row(item, info, batch[i], top1[i], confidence[i], probs[i])
-            if local[i]:
-                finals.append(_Final(row, "edge"))
-            elif not self._online():
-                tally.offline_fallback += 1
-                finals.append(_Final(row, "edge_fallback", "offline"))
-            else:
-                request = self._escalate(row, tasks)
-                if request is None:
+        top1 = decision.top1.tolist()
+        confidence = np.clip(decision.confidence, 0.0, 1.0).tolist()
+        fallback: list[int] = []  # positions of `finals` in the batch
+        if not self.config.routing.escalate or bool(decision.confident.all()):
+            edge = list(range(len(good)))  # the common case: every answer is final at the edge
+        else:
+            edge = []
+            for i, local in enumerate(decision.confident.tolist()):
+                if local:
+                    edge.append(i)
+                    continue
+                row = _Row(good[i], info, batch[i], top1[i], confidence[i], probs[i])
+                if not self._online():
+                    tally.offline_fallback += 1
+                    finals.append(_Final(row, "edge_fallback", "offline"))
+                elif (request := self._escalate(row, tasks)) is None:
                     tally.shed += 1
                     finals.append(_Final(row, "edge_fallback", "shed"))
                 else:
                     out.append(request)
-        out += self._finalize(finals, loop.time())
+                    continue
+                fallback.append(i)
+        now = loop.time()
+        answers = self._edge_answers(
+            [good[i] for i in edge], [top1[i] for i in edge], [confidence[i] for i in edge], info, now
+        )
+        if finals:
+            more = self._final_answers(finals, now)
+            if more:  # one message, in the inputs' order
+                answers = [a for _, a in sorted(zip(edge + fallback, answers + more, strict=True), key=_first)]
+        if answers:
+            out += self._results(info, answers)
         result.out = out
-        result.finished = [f.row.item for f in finals]
+        result.finished = [good[i] for i in edge] + [f.row.item for f in finals]
         result.processed = len(good)
         return result
 
-    async def _predict(self, classifier: Classifier, batch: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        """Run the model inline when this batch size is measured to be cheap, else in the worker."""
+    def _edge_answers(
+        self, items: list[InputItem], top1: list[int], confidence: list[float], info: ModelInfo, now_loop: float
+    ) -> list[Answer]:
+        """Answers final at the edge (confident, or escalation off): the hot path, built in one pass."""
+        if not items:
+            return []
+        labels = [info.labels[k] for k in top1]
+        latencies = [max((now_loop - item.accepted_at) * 1000.0, 0.0) for item in items]
+        self._window().add_final(labels, "edge", np.array(latencies, np.float64))
+        if not self.config.routing.publish_results:
+            return []
+        return [
+            Answer(
+                inference_id=item.input_id,
+                label=label,
+                index=index,
+                confidence=conf,
+                path="edge",
+                edge_label=label,
+                latency_ms=latency,
+                source_ref=item.source_ref,
+                truth=item.truth,
+            )
+            for item, label, index, conf, latency in zip(items, labels, top1, confidence, latencies, strict=True)
+        ]
+
+    def _predict(self, classifier: Classifier, batch: npt.NDArray[Any]) -> asyncio.Future[npt.NDArray[np.float32]]:
+        """Start the model: inline when this batch size is measured to be cheap, else in the worker.
+
+        Returns a future of the probabilities (already done when inline, holding the model's
+        exception if it raised)."""
+        loop = asyncio.get_running_loop()
         cost = self._cost.for_model(classifier)
         rows = len(batch)
+        future: asyncio.Future[npt.NDArray[np.float32]]
         if cost.inline(rows):
+            future = loop.create_future()
             start = time.thread_time()
-            probs = classifier.predict(batch)
-            cost.record(rows, time.thread_time() - start)
-            return probs
-        loop = asyncio.get_running_loop()
-        probs, seconds = await loop.run_in_executor(self._executor, _timed_predict, classifier, batch)
-        cost.record(rows, seconds)
-        return probs
+            try:
+                future.set_result(classifier.predict(batch))
+            except Exception as exc:  # handed to _finish, which rejects the inputs as model_error
+                future.set_exception(exc)
+            cost.record(rows, time.thread_time() - start, inline=True)
+            return future
+        future = loop.create_future()
+        done = loop.run_in_executor(self._executor, _timed_predict, classifier, batch)
+        done.add_done_callback(lambda f: _record_cost(f, future, cost, rows))
+        return future
 
     # ---- steps -------------------------------------------------------------------------------
     async def _predict_one_by_one(
@@ -431,7 +519,8 @@ class Pipeline:
     async def _await_reply(self, row: _Row, future: asyncio.Future[EscalationReply], deadline: float) -> None:
         result = await self.escalations.wait(row.item.input_id, future, deadline)
         final = self._after_escalation(row, result)
-        out = self._finalize([final], asyncio.get_running_loop().time())
+        answers = self._final_answers([final], asyncio.get_running_loop().time())
+        out = self._results(row.info, answers) if answers else []
         if out:
             await self.outbox.put_many(out)
         self._done([row.item], ok=True)
@@ -450,50 +539,58 @@ class Pipeline:
         tally.errors += 1
         return _Final(row, "edge_fallback", "error")
 
-    def _finalize(self, finals: list[_Final], now_loop: float) -> list[OutMessage]:
-        """Count final answers in the window and build their result messages."""
-        if not finals:
-            return []
-        fleet_id, device_id = self.config.device.fleet_id, self.config.device.device_id
+    def _final_answers(self, finals: list[_Final], now_loop: float) -> list[Answer]:
+        """Count final answers that did not take the hot path (fallbacks, cloud replies) in the
+        window, and build them (none when results are not published)."""
+        by_path: dict[str, tuple[list[str], list[float]]] = {}
+        answers: list[Answer] = []
         publish = self.config.routing.publish_results
-        topic = self._topic[Channel.RESULTS]
-        ids = new_msg_ids(len(finals)) if publish else []
-        by_path: dict[str, list[tuple[str, float]]] = {}
-        out: list[OutMessage] = []
-        now = time.time()
-        for n, final in enumerate(finals):
+        for final in finals:
             row, reply = final.row, final.reply
-            labels = row.info.labels
             latency_ms = max((now_loop - row.item.accepted_at) * 1000.0, 0.0)
-            edge_label = labels[row.index]
+            edge_label = row.info.labels[row.index]
             label, index, confidence, cloud_label = edge_label, row.index, row.confidence, None
             if reply is not None and reply.label is not None and reply.index is not None:
                 label, index, confidence, cloud_label = reply.label, reply.index, reply.confidence or 0.0, reply.label
-            by_path.setdefault(final.path, []).append((label, latency_ms))
+            labels, latencies = by_path.setdefault(final.path, ([], []))
+            labels.append(label)
+            latencies.append(latency_ms)
             if publish:
-                result = Result(
-                    msg_id=ids[n],
-                    fleet_id=fleet_id,
-                    device_id=device_id,
-                    ts=now,
-                    inference_id=row.item.input_id,
-                    model=row.info.ref,
-                    label=label,
-                    index=index,
-                    confidence=min(max(confidence, 0.0), 1.0),
-                    path=final.path,
-                    fallback_reason=final.reason,
-                    edge_label=edge_label,
-                    cloud_label=cloud_label,
-                    latency_ms=latency_ms,
-                    source_ref=row.item.source_ref,
-                    truth=row.item.truth,
+                answers.append(
+                    Answer(
+                        inference_id=row.item.input_id,
+                        label=label,
+                        index=index,
+                        confidence=min(max(confidence, 0.0), 1.0),
+                        path=final.path,
+                        fallback_reason=final.reason,
+                        edge_label=edge_label,
+                        cloud_label=cloud_label,
+                        latency_ms=latency_ms,
+                        source_ref=row.item.source_ref,
+                        truth=row.item.truth,
+                    )
                 )
-                out.append(OutMessage(topic, encode(result), Priority.RESULTS, ids[n]))
         window = self._window()
-        for path_name, rows in by_path.items():
-            latencies = np.fromiter((r[1] for r in rows), np.float64, len(rows))
-            window.add_final([r[0] for r in rows], path_name, latencies)
+        for path_name, (labels, latencies) in by_path.items():
+            window.add_final(labels, path_name, np.array(latencies, np.float64))
+        return answers
+
+    def _results(self, info: ModelInfo, answers: list[Answer]) -> list[OutMessage]:
+        """The result/2 messages of answers given by one model, RESULTS_PER_MESSAGE at most each."""
+        dev = self.config.device
+        now = time.time()
+        out: list[OutMessage] = []
+        for start in range(0, len(answers), RESULTS_PER_MESSAGE):
+            message = Results(
+                msg_id=new_msg_id(),
+                fleet_id=dev.fleet_id,
+                device_id=dev.device_id,
+                ts=now,
+                model=info.ref,
+                answers=answers[start : start + RESULTS_PER_MESSAGE],
+            )
+            out.append(self._message(Channel.RESULTS, Priority.RESULTS, message.msg_id, encode(message)))
         return out
 
     def _message(self, channel: Channel, priority: Priority, msg_id: str, payload: bytes, **kw: Any) -> OutMessage:
@@ -506,21 +603,49 @@ class Pipeline:
                 item.on_done(item, ok)
 
 
+def _first(pair: tuple[int, Answer]) -> int:
+    return pair[0]
+
+
 def _stack_if_clean(items: list[InputItem], classifier: Classifier) -> npt.NDArray[Any] | None:
     """The batch in one vectorised check, for the common case: every input already has exactly the
     model's shape and dtype and no NaN/inf. Anything else returns None, and the per-input checks
     (`Classifier.check_input`) reject just the bad ones, saying why; ~4 µs per input saved."""
-    shape, dtype = classifier.info.feature_shape, classifier.info.input_dtype
-    arrays: list[npt.NDArray[Any]] = []
-    for item in items:
-        x = item.array
-        if item.error is not None or not isinstance(x, np.ndarray) or x.shape != shape or x.dtype != dtype:
-            return None
-        arrays.append(x)
-    batch = np.stack(arrays)
+    info = classifier.info
+    dtype = info.input_dtype
+    arrays = [item.array for item in items]
+    if any(item.error is not None for item in items) or not all(
+        type(x) is np.ndarray and x.dtype == dtype for x in arrays
+    ):
+        return None
+    try:
+        batch = np.stack(arrays)  # type: ignore[arg-type]  # all ndarrays, checked above
+    except ValueError:  # shapes differ
+        return None
+    if batch.shape[1:] != info.feature_shape:
+        return None
     if batch.dtype.kind == "f" and not np.isfinite(batch).all():
         return None
     return batch
+
+
+def _record_cost(
+    done: asyncio.Future[tuple[npt.NDArray[np.float32], float]],
+    future: asyncio.Future[npt.NDArray[np.float32]],
+    cost: RunCost,
+    rows: int,
+) -> None:
+    """Pass the worker's result on and keep the measured cost (of the model alone, see below)."""
+    if future.cancelled():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif (exc := done.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        probs, seconds = done.result()
+        cost.record(rows, seconds, inline=False)
+        future.set_result(probs)
 
 
 def _timed_predict(classifier: Classifier, batch: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float32], float]:

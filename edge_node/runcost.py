@@ -1,20 +1,33 @@
 """Where a batch should run: inline on the event loop when the model is tiny, else in a worker thread.
 
-Handing a batch to a worker thread and back costs ~70 µs of wake-ups (more on a loaded machine),
-ten times what the demo edge model's `run` costs at batch 1. Blocking the loop for a few tens of
-microseconds harms nothing (MQTT keep-alives are seconds apart), so a batch whose *measured* cost
-is under `budget_s` runs inline. The cost is measured per batch-size bucket (powers of two), as a
-moving average of what that bucket actually took, inline or in the worker, so a model that turns
-slow (a bigger model switched in, a throttled CPU) goes back to the worker by itself. A bucket never
-measured runs in the worker first: an unknown model never blocks the loop.
+Handing a batch to a worker thread and back costs ~70 µs of wake-ups (several times that on a
+loaded VM), far more than the demo edge model's `run` at batch 1. Blocking the loop for a few tens
+of microseconds harms nothing (MQTT keep-alives are seconds apart), so a batch whose *measured*
+inline cost is under `budget_s` runs inline.
+
+The cost is measured per batch-size bucket (powers of two) as the least of that bucket's last
+RECENT runs: the least filters out a preempted run, and a model that turns slow (a throttled CPU)
+still goes back to the worker within RECENT batches. A bucket never measured runs in the worker
+first, so an unknown model never blocks the loop. Runs in the worker overstate the model's cost
+(they also pay for taking the GIL back from a busy loop, tens of microseconds of futex wake-ups on
+a VM), so a bucket whose worker runs cost under `probe_s` is tried inline once, and from then on
+its inline runs decide.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 DEFAULT_INLINE_BUDGET_S = 100e-6
-_ALPHA = 0.2  # weight of the newest measurement in the moving average
+DEFAULT_PROBE_S = 1e-3  # the longest a single inline probe may block the loop
+RECENT = 16  # runs per bucket whose least cost is the estimate
+
+
+@dataclass
+class _Bucket:
+    inline: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    worker: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
 @dataclass
@@ -22,30 +35,39 @@ class RunCost:
     """Measured `predict` seconds per batch-size bucket, for the model identified by `key`."""
 
     budget_s: float = DEFAULT_INLINE_BUDGET_S
+    probe_s: float = DEFAULT_PROBE_S
     key: object = None
-    _by_bucket: dict[int, float] = field(default_factory=dict)
+    _buckets: dict[int, _Bucket] = field(default_factory=dict)
 
     @staticmethod
-    def _bucket(rows: int) -> int:
+    def _bucket_of(rows: int) -> int:
         return rows.bit_length()
 
     def for_model(self, key: object) -> RunCost:
         """Forget the measurements when the model changed (an OTA switch)."""
         if key is not self.key:
             self.key = key
-            self._by_bucket.clear()
+            self._buckets.clear()
         return self
 
     def inline(self, rows: int) -> bool:
-        """Whether a batch of `rows` is known to cost less than the budget."""
-        cost = self._by_bucket.get(self._bucket(rows))
-        return cost is not None and cost < self.budget_s
+        """Whether a batch of `rows` should run inline: measured inline under the budget, or never
+        run inline yet and cheap enough in the worker to be tried once."""
+        bucket = self._buckets.get(self._bucket_of(rows))
+        if bucket is None:
+            return False
+        if bucket.inline:
+            return min(bucket.inline) < self.budget_s
+        return bool(bucket.worker) and min(bucket.worker) < self.probe_s
 
-    def record(self, rows: int, seconds: float) -> None:
-        bucket = self._bucket(rows)
-        old = self._by_bucket.get(bucket)
-        self._by_bucket[bucket] = seconds if old is None else old + _ALPHA * (seconds - old)
+    def record(self, rows: int, seconds: float, *, inline: bool) -> None:
+        bucket = self._buckets.setdefault(self._bucket_of(rows), _Bucket())
+        (bucket.inline if inline else bucket.worker).append(seconds)
 
     def estimate(self, rows: int) -> float | None:
-        """The moving average for this batch size's bucket, if measured."""
-        return self._by_bucket.get(self._bucket(rows))
+        """The least recent cost of this batch size's bucket (inline runs if any), if measured."""
+        bucket = self._buckets.get(self._bucket_of(rows))
+        if bucket is None:
+            return None
+        runs = bucket.inline or bucket.worker
+        return min(runs) if runs else None

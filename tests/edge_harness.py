@@ -123,7 +123,7 @@ class CloudResponder:
             confidence=float(min(probs[i], 1.0)),
             topk=[TopK(label=self.labels[i], index=i, prob=float(min(probs[i], 1.0)))],
         )
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         corr = getattr(msg.properties, "CorrelationData", None)
         if corr is not None:
             props.CorrelationData = corr

@@ -63,7 +63,7 @@ async def test_disk_full_node_keeps_inferring_and_reports_refused_writes(
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         async with RunningNode(config) as node:
             await wait_connected(node)
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= 50)
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.answers()) >= 50)
             outbox = node.outbox
             assert outbox is not None
             ballast = await asyncio.to_thread(_fill, small_disk)

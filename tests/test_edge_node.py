@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,9 @@ from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DemoModel
 from edge_node.model import Classifier
 from edge_node.routing import decide
-from schemas import Input, Result, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
+from schemas import Input, Results, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
 from tests.edge_harness import CloudResponder, RunningNode, edge_config, wait_connected
-from tests.mqtt_collector import Collector
+from tests.mqtt_collector import Answered, Collector
 
 TOPICS = Topics()
 INPUT_TOPIC = "fleet/f1/dev-1/input"
@@ -42,10 +43,16 @@ def _input(x: np.ndarray, input_id: str, truth: str | None = None) -> bytes:
     )
 
 
-def _results(c: Collector) -> list[Result]:
-    out = [r.message() for r in c.on("results")]
-    assert all(isinstance(m, Result) for m in out)
-    return out  # type: ignore[return-value]
+def _results(c: Collector) -> list[Answered]:
+    """Every answer the node published; it runs current software, so each message is a result/2."""
+    messages = [r.message() for r in c.on("results")]
+    assert all(isinstance(m, Results) for m in messages), {type(m).__name__ for m in messages}
+    return c.answers()
+
+
+def _answered(at_least: int) -> Callable[[Collector], bool]:
+    """A wait_for predicate: `at_least` answers received (a results message carries a micro-batch)."""
+    return lambda c: len(c.answers()) >= at_least
 
 
 def _telemetry(c: Collector) -> list[Telemetry]:
@@ -74,7 +81,7 @@ async def test_routing_follows_the_model_probabilities(
             await wait_connected(node)
             for i, x in enumerate(X):
                 c.publish(INPUT_TOPIC, _input(x, f"in-{i}"))
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+            await asyncio.to_thread(c.wait_for, _answered(len(X)))
         results = {r.inference_id: r for r in _results(c)}
     assert len(results) == len(X)
     for i in range(len(X)):
@@ -106,7 +113,7 @@ async def test_escalations_answered_by_the_cloud_model_improve_accuracy(
             await wait_connected(node)
             for i, x in enumerate(X):
                 c.publish(INPUT_TOPIC, _input(x, f"in-{i}", digits.labels[int(y[i])]))
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+            await asyncio.to_thread(c.wait_for, _answered(len(X)))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         results = _results(c)
         telemetry = _telemetry(c)
@@ -154,7 +161,7 @@ async def test_bad_inputs_are_rejected_and_counted_while_good_ones_go_through(
             await wait_connected(node)
             for p in payloads:
                 c.publish(INPUT_TOPIC, p)
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= 4)
+            await asyncio.to_thread(c.wait_for, _answered(4))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         results = _results(c)
         (tele,) = _telemetry(c)
@@ -184,7 +191,7 @@ async def test_sampling_respects_the_budget_and_counts_what_it_skips(
             await wait_connected(node)
             for i, x in enumerate(X):
                 c.publish(INPUT_TOPIC, _input(x, f"in-{i}", digits.labels[int(digits.y_test[i])]))
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+            await asyncio.to_thread(c.wait_for, _answered(len(X)))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         samples = [r.message() for r in c.on("samples")]
         (tele,) = _telemetry(c)
@@ -211,12 +218,12 @@ async def test_telemetry_numbers_match_a_known_sequence(
             await wait_connected(node)
             for i, x in enumerate(X):
                 c.publish(INPUT_TOPIC, _input(x, f"in-{i}"))
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(X))
+            await asyncio.to_thread(c.wait_for, _answered(len(X)))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         (tele,) = _telemetry(c)
         statuses = [r.message() for r in c.on("status")]
     labels = demo_models["edge"].labels
-    expected = {}
+    expected: dict[str, int] = {}
     for i in d.top1:
         expected[labels[i]] = expected.get(labels[i], 0) + 1
     assert tele.count == 200 and tele.class_counts == expected
@@ -252,7 +259,7 @@ async def test_offline_falls_back_locally_and_delivers_after_the_broker_returns(
         assert node.outbox is not None and node.outbox.depth >= 80
         mosquitto.start()
         with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= 80)
+            await asyncio.to_thread(c.wait_for, _answered(80))
             results = _results(c)
     assert len({r.inference_id for r in results}) == 80
     unsure = [r for r in results if r.path != "edge"]
@@ -287,7 +294,7 @@ rate_hz = 200
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            c.wait_for(lambda c: len(c.on("results")) >= 100)
+            c.wait_for(_answered(100))
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
         finally:

@@ -12,6 +12,7 @@ msg_id). Commands (over a reset and refused link) and escalation replies travel 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from cloud_bridge.registry import ResultRow, TelemetryRow
 from devservers import Mosquitto, TcpProxy
 from edge_node.demo_models import DemoModel, build_model, load_split
 from edge_node.demo_models import edge_config as edge_train_config
+from schemas import Results, Topics, decode_for_topic
 from tests.broker_stack import BRIDGE, MOSQUITTO_DIR, Client, Pki, make_pki, start_cloud, start_gateway
 from tests.edge_harness import RunningNode, edge_config
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
@@ -52,9 +54,23 @@ def _split(inference_id: str) -> tuple[str, int]:
     return boot, int(seq)
 
 
-def _gateway_results(watcher: Client) -> set[str]:
-    """Distinct results the gateway accepted (payload bytes identify a message: each has its msg_id)."""
-    return {payload.decode() for topic, payload in watcher.received() if topic.endswith("/results")}
+@functools.cache
+def _answer_keys(topic: str, payload: bytes) -> tuple[tuple[str, int], ...]:
+    """(msg_id, place) of each answer in one results message (the registry's key for its row),
+    decoded once however often a predicate looks at it."""
+    message = decode_for_topic(Topics(), topic, payload)
+    assert isinstance(message, Results), f"{topic}: {type(message).__name__}, not result/2"
+    return tuple((message.msg_id, i) for i in range(len(message.answers)))
+
+
+def _answers(messages: list[tuple[str, bytes]]) -> set[tuple[str, int]]:
+    """Distinct answers in these results messages (a redelivered copy has the same msg_id)."""
+    return {key for topic, payload in messages if topic.endswith("/results") for key in _answer_keys(topic, payload)}
+
+
+def _gateway_results(watcher: Client) -> set[tuple[str, int]]:
+    """Distinct answers the gateway accepted."""
+    return _answers(watcher.received())
 
 
 def _outbox_rows(path: Path) -> int:
@@ -164,8 +180,8 @@ async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
             # A dead radio link: the bridge's bytes vanish, its in-flight messages stay unacknowledged.
             await asyncio.to_thread(link.blackhole)
             at_cut = len(await asyncio.to_thread(_gateway_results, watcher))
-            await asyncio.to_thread(watcher.wait_messages, at_cut + 200, 20)
-            # The gateway accepted 200 more and tried to forward them into the dead link.
+            await asyncio.to_thread(watcher.wait_for, lambda got: len(_answers(got)) >= at_cut + 200, 20)
+            # The gateway accepted 200 more answers and tried to forward them into the dead link.
             assert link.stats().bytes_dropped > 0
             # Now the device loses its link as well: its durable outbox fills.
             await asyncio.to_thread(_cut, device_link)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -41,10 +42,11 @@ from cloud_bridge.config import BridgeConfig, MqttConfig, OtaConfig
 from cloud_bridge.registry import ResultRow
 from devservers import Mosquitto, TcpProxy
 from edge_node.demo_models import DemoModel, build_edge_model
-from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Result, Topics, decode
+from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Results, Topics, decode, decode_for_topic
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, write_private_key
 from tests.broker_stack import BRIDGE, Client, CloudBroker, Pki, make_pki, start_cloud, start_gateway
 from tests.edge_harness import spawn_edge_node
+from tests.mqtt_collector import Answered
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 
 # The first run trains the new edge model (~30 s on a busy machine; cached afterwards).
@@ -298,13 +300,22 @@ async def poll(predicate: Callable[[], Awaitable[bool]], within_s: float, what: 
 Messages = list[tuple[str, bytes]]
 
 
-def results_by_device(messages: Messages) -> dict[str, list[Result]]:
-    """Every result the gateway accepted, per device, in inference order (duplicates kept)."""
-    out: dict[str, list[Result]] = {device: [] for device in DEVICES}
+@functools.cache
+def answers_in(topic: str, payload: bytes) -> tuple[Answered, ...]:
+    """The answers of one results message, decoded once however often a predicate looks at it. The
+    devices run current software: every results message is a result/2 (a micro-batch)."""
+    message = decode_for_topic(TOPICS, topic, payload)
+    assert isinstance(message, Results), f"{topic}: {type(message).__name__}, not result/2"
+    return tuple(Answered.of(message))
+
+
+def results_by_device(messages: Messages) -> dict[str, list[Answered]]:
+    """Every answer the gateway accepted, per device, in inference order (duplicates kept)."""
+    out: dict[str, list[Answered]] = {device: [] for device in DEVICES}
     for topic, payload in messages:
         if topic.endswith("/results"):
-            result = decode(payload, Result)
-            out[result.device_id].append(result)
+            for answer in answers_in(topic, payload):
+                out[answer.device_id].append(answer)
     for got in out.values():
         got.sort(key=lambda r: seq(r)[1])
     return out
@@ -323,17 +334,22 @@ def chunk_requests(messages: Messages, device: str) -> list[ModelChunkRequest]:
     ]
 
 
-def results_per_device(messages: Messages) -> Counter[str]:
-    """Cheap (no decoding): a predicate re-evaluated on every message the watcher receives."""
-    return Counter(topic.split("/")[2] for topic, _ in messages if topic.endswith("/results"))
+def answers_per_device(messages: Messages) -> Counter[str]:
+    """Answers per device, repeats included. Cheap (each message decoded once, see `answers_in`): a
+    predicate re-evaluated on every message the watcher receives."""
+    counts: Counter[str] = Counter()
+    for topic, payload in messages:
+        if topic.endswith("/results"):
+            counts[topic.split("/")[2]] += len(answers_in(topic, payload))
+    return counts
 
 
-def seq(result: Result) -> tuple[str, int]:
+def seq(result: Answered) -> tuple[str, int]:
     boot, _, n = result.inference_id.rpartition("-")
     return boot, int(n)
 
 
-def model_runs(results: list[Result]) -> list[ModelRef]:
+def model_runs(results: list[Answered]) -> list[ModelRef]:
     """The models in the order they answered, one entry per uninterrupted stretch."""
     runs: list[ModelRef] = []
     for r in results:
@@ -369,7 +385,7 @@ def assert_installed(node: EdgeProcess, new: ModelRef, data: bytes) -> None:
     assert (node.state_dir / "slots" / "B" / f"{new.sha256}.onnx").read_bytes() == data
 
 
-def assert_inference_never_stopped(device: str, got: list[Result], old: ModelRef, new: ModelRef) -> None:
+def assert_inference_never_stopped(device: str, got: list[Answered], old: ModelRef, new: ModelRef) -> None:
     """One boot, every inference id from 1 up exactly once, at the source's steady rate, the factory
     model then the new one and never back (a batch never mixes them)."""
     ids = [r.inference_id for r in got]
@@ -413,7 +429,7 @@ async def test_signed_update_reaches_both_devices_through_the_gateway_across_a_c
             with edge_processes(tmp_path, stack, pki, models, signing_key[0], DEVICES) as nodes:
                 # Both devices connected through the gateway and answering with the factory model.
                 await asyncio.to_thread(
-                    watcher.wait_for, lambda got: all(results_per_device(got)[d] >= 40 for d in DEVICES), 40
+                    watcher.wait_for, lambda got: all(answers_per_device(got)[d] >= 40 for d in DEVICES), 40
                 )
                 commands = {d: await sender.send_update(FLEET, d, record) for d in DEVICES}
 
@@ -529,7 +545,7 @@ async def test_forged_commands_through_the_gateway_are_rejected_and_a_genuine_on
                 TOPICS, attacker, key_id_of(trusted), publish, CHUNK, registry=bridge.registry
             )
             with edge_processes(tmp_path, stack, pki, models, trusted, (device,)) as (node,):
-                await asyncio.to_thread(watcher.wait_for, lambda got: results_per_device(got)[device] >= 20, 40)
+                await asyncio.to_thread(watcher.wait_for, lambda got: answers_per_device(got)[device] >= 20, 40)
                 forged = {
                     "unknown_key": await unknown_key.send_update(FLEET, device, record),
                     "bad_signature": await claims_trusted_id.send_update(FLEET, device, record),

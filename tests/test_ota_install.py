@@ -40,7 +40,7 @@ from schemas import (
     Input,
     ModelRef,
     ModelUpdate,
-    Result,
+    Results,
     Status,
     Telemetry,
     Topics,
@@ -51,7 +51,7 @@ from schemas import (
 )
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, sign_command
 from tests.edge_harness import RunningNode, edge_config, edge_node_process, wait_connected
-from tests.mqtt_collector import Collector
+from tests.mqtt_collector import Answered, Collector
 
 FLEET, DEVICE = "f1", "dev-1"
 TOPICS = Topics()
@@ -281,21 +281,24 @@ def wait_ack(c: Collector, cmd_id: str, states: set[str], timeout: float = 30.0)
     return next(a for a in acks(c, cmd_id) if a.state in states)
 
 
-def results(c: Collector) -> list[Result]:
-    return [decode(r.payload, Result) for r in c.on("results")]
+def results(c: Collector) -> list[Answered]:
+    """Every answer the node published (each results message is a result/2 of a micro-batch)."""
+    for r in c.on("results"):
+        decode(r.payload, Results)  # current software: never the older result/1
+    return c.answers()
 
 
 def statuses(c: Collector) -> list[Status]:
     return [decode(r.payload, Status) for r in c.on("status")]
 
 
-def seq(result: Result) -> tuple[str, int]:
+def seq(result: Answered) -> tuple[str, int]:
     boot, _, n = result.inference_id.rpartition("-")
     return boot, int(n)
 
 
 async def wait_results(c: Collector, at_least: int) -> None:
-    await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= at_least, 30.0)
+    await asyncio.to_thread(c.wait_for, lambda c: len(c.answers()) >= at_least, 30.0)
 
 
 def slots_of(node_slots: SlotManager | None) -> SlotManager:
@@ -328,13 +331,14 @@ async def test_signed_update_switches_under_load_with_no_failed_or_mixed_inferen
             c.publish(CMD_TOPIC, encode(command))
             installed = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"installed", "health_failed", "failed"})
             assert installed.state == "installed", installed.reason
-            switched_at = len(c.on("results"))
+            switched_at = len(c.answers())
             await wait_results(c, switched_at + 300)
             done = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"done", "rolled_back"})
             slots = slots_of(node.slots)
             pipeline = slots.pipeline
-        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= pipeline.processed)
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.answers()) >= pipeline.processed)
         got = sorted(results(c), key=seq)
+        batches = [[seq(a)[1] for a in Answered.of(r.message())] for r in c.on("results")]
         states = [a.state for a in acks(c, command.cmd_id)]
         tele = [decode(r.payload, Telemetry) for r in c.on("telemetry")]
         status = statuses(c)
@@ -352,6 +356,9 @@ async def test_signed_update_switches_under_load_with_no_failed_or_mixed_inferen
     for r in got:
         i = int((r.source_ref or "").rpartition(":")[2])
         assert abs(r.confidence - float(top[r.model][i])) < 1e-5, (r.inference_id, r.model.version)
+    # A results message is one micro-batch on one model: consecutive inputs, in the order taken.
+    broken = [b for b in batches if b != list(range(b[0], b[0] + len(b)))]
+    assert not broken, broken[:5]
     # Old model, then new model, never back and forth; a batch never mixes them.
     refs = [r.model for r in got]
     assert set(refs) == {old, new}
@@ -391,7 +398,7 @@ async def test_unhealthy_model_is_refused_and_the_old_one_keeps_serving(
             await wait_results(c, 50)
             await slots_of(node.slots).install(path, command)
             failed = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"health_failed", "installed", "failed"})
-            after = len(c.on("results"))
+            after = len(c.answers())
             await wait_results(c, after + 50)
             assert node.classifier is not None and node.classifier.info.ref == old
             errors = slots_of(node.slots).pipeline.model_stats(old.sha256).errors
@@ -419,7 +426,7 @@ async def test_a_less_confident_model_is_rolled_back_after_the_switch(
             await wait_results(c, 100)  # the old model's baseline
             await slots_of(node.slots).install(models.bad.path, command)
             rolled = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"rolled_back", "done", "health_failed"})
-            after = len(c.on("results"))
+            after = len(c.answers())
             await wait_results(c, after + 50)
             assert node.classifier is not None and node.classifier.info.ref == old
         got = sorted(results(c), key=seq)
@@ -471,7 +478,7 @@ async def test_a_model_that_raises_on_live_inputs_is_rolled_back_and_inference_g
             rolled = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"rolled_back", "done"})
             for i in range(6, 11):
                 c.publish(INPUT_TOPIC, _input(X[i], f"ok-{i}"))
-            await asyncio.to_thread(c.wait_for, lambda c: any(r.inference_id == "ok-10" for r in results(c)))
+            await asyncio.to_thread(c.wait_for, lambda c: any(r.inference_id == "ok-10" for r in c.answers()))
             assert node.classifier is not None and node.classifier.info.ref == old
             fragile_stats = slots_of(node.slots).pipeline.model_stats(command.update.model.sha256)  # type: ignore[union-attr]
             assert fragile_stats.errors == 1  # only the strange input, not its batch-mates
@@ -504,7 +511,7 @@ async def test_installed_model_survives_a_restart_and_can_then_be_rolled_back(
             assert node.classifier is not None and node.classifier.info.ref == new
             await wait_connected(node)
             await asyncio.to_thread(c.wait_for, lambda c: len([s for s in statuses(c) if s.state == "online"]) > births)
-            n = len(c.on("results"))
+            n = len(c.answers())
             await wait_results(c, n + 30)
             later = sorted(results(c), key=seq)[-30:]
             # After the restart the old model is only on disk (slot A): a rollback loads it from there.
@@ -646,7 +653,7 @@ async def test_rollback_commands_return_to_the_previous_slot(
             # Nothing left to go back to.
             c.publish(CMD_TOPIC, encode(after))
             second = await asyncio.to_thread(wait_ack, c, after.cmd_id, {"rolled_back", "failed"})
-            n = len(c.on("results"))
+            n = len(c.answers())
             await wait_results(c, n + 30)
         later = sorted(results(c), key=seq)[-20:]
     assert (first.state, first.active_slot, first.model) == ("rolled_back", "A", old), first.reason

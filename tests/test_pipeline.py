@@ -18,13 +18,13 @@ from edge_node.escalation import Escalations
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox
 from edge_node.pipeline import Pipeline
-from edge_node.runcost import RunCost
+from edge_node.runcost import RECENT, RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.sources import InputItem
 from edge_node.telemetry import Window
-from schemas import Result, Telemetry
+from schemas import Results, Telemetry, Topics, decode_for_topic
 from tests.edge_harness import RunningNode, edge_config, wait_connected
-from tests.mqtt_collector import Collector
+from tests.mqtt_collector import Answered, Collector
 
 WAIT_S = 20.0
 
@@ -77,13 +77,14 @@ async def test_directory_source_processes_each_file_once_and_files_it_by_outcome
             np.save(inbox / ".late.npy", late)
             (inbox / ".late.npy").rename(inbox / "late.npy")  # the atomic drop a writer should do
             await _until(lambda: "late.npy" in _names(done), "the late file in done/")
-            await asyncio.to_thread(c.wait_for, lambda c: len(c.on("results")) >= len(good) + 1)
+            await asyncio.to_thread(c.wait_for, lambda c: len(c.answers()) >= len(good) + 1)
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
-        results = [r.message() for r in c.on("results")]
+        messages = [r.message() for r in c.on("results")]
+        answers = c.answers()
         telemetry = [m for m in (r.message() for r in c.on("telemetry")) if isinstance(m, Telemetry)]
 
-    assert all(isinstance(r, Result) for r in results)
-    refs = sorted(r.source_ref or "" for r in results if isinstance(r, Result))
+    assert all(isinstance(m, Results) for m in messages)
+    refs = sorted(a.source_ref or "" for a in answers)
     assert refs == sorted(f"file:{name}" for name in [*good, "late.npy"])  # each exactly once
     assert _names(inbox) == {"done", "failed", ".partial.npy"}  # nothing left but the hidden file
     for name, reason in bad.items():
@@ -97,14 +98,20 @@ async def test_directory_source_processes_each_file_once_and_files_it_by_outcome
 
 
 def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
-    cost = RunCost(budget_s=100e-6).for_model("model-a")
+    cost = RunCost(budget_s=100e-6, probe_s=1e-3).for_model("model-a")
     assert not cost.inline(1)  # never measured: the worker thread first
-    cost.record(1, 10e-6)
+    cost.record(1, 2e-3, inline=False)
+    assert not cost.inline(1)  # too slow in the worker to be tried inline
+    cost.record(1, 150e-6, inline=False)  # the least recent worker run is under the probe limit...
+    assert cost.inline(1)  # ...so it is tried inline once
+    cost.record(1, 20e-6, inline=True)
     assert cost.inline(1) and not cost.inline(64)  # another bucket is still unknown
-    cost.record(64, 30e-6)
+    cost.record(64, 30e-6, inline=True)
     assert cost.inline(100)  # the same power-of-two bucket as 64 (64..127)
-    for _ in range(20):  # the model turned slow (a throttled CPU): back to the worker
-        cost.record(1, 500e-6)
+    for _ in range(RECENT):  # the model turned slow (a throttled CPU): back to the worker
+        cost.record(1, 500e-6, inline=True)
+    assert not cost.inline(1)
+    cost.record(1, 10e-6, inline=False)  # cheap in the worker again, but inline runs decide now
     assert not cost.inline(1)
     assert cost.for_model("model-b").estimate(64) is None  # a switched model is measured afresh
 
@@ -135,8 +142,12 @@ async def test_queue_join_means_every_answer_is_committed(
         await asyncio.wait_for(queue.join(), WAIT_S)
         # Read with a second connection, as a restarted node would: only committed rows are visible.
         with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            (stored,) = db.execute("SELECT COUNT(*) FROM outbox WHERE topic LIKE '%/results'").fetchone()
-        assert stored == n and len(answered) == n and pipeline.processed == n
+            rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results'").fetchall()
+        stored = [
+            a.inference_id for topic, payload in rows for a in Answered.of(decode_for_topic(Topics(), topic, payload))
+        ]
+        assert sorted(stored) == sorted(f"in-{i}" for i in range(n))
+        assert len(answered) == n and pipeline.processed == n
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
