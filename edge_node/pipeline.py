@@ -3,7 +3,7 @@
 Inputs are taken from the queue as they come: when one waits alone it runs alone (batch-1
 latency is not traded away), when many wait they run as one batch of up to `max_batch`. The model
 runs in a worker thread so the event loop (and the MQTT keep-alive) never waits on it, except a
-batch that edge_node/runcost.py measured under 100 µs: that runs inline, since the thread hop
+batch that edge_node/runcost.py measured under 250 µs: that runs inline, since the thread hop
 would cost more than the model. Two batches are in inference at once, so the model runs the next
 batch while the loop routes the previous one. A batch's answers leave as one result/2 message
 (not one message per input), and everything the pipeline emits goes into the outbox in one
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 RECENT_BATCHES = 16
 # Batches whose outbox commit may still be running while the next batches are inferred: the
 # commit (a thread hop to the SQLite writer and back) overlaps inference instead of adding to it.
-COMMITS_IN_FLIGHT = 4
+COMMITS_IN_FLIGHT = 32
 # Batches started on the model at once: one running, the next waiting in the worker's queue, so the
 # model goes on while the loop post-processes (more would only hold inputs back from batching).
 INFERENCES_IN_FLIGHT = 2
@@ -612,17 +612,18 @@ def _stack_if_clean(items: list[InputItem], classifier: Classifier) -> npt.NDArr
     model's shape and dtype and no NaN/inf. Anything else returns None, and the per-input checks
     (`Classifier.check_input`) reject just the bad ones, saying why; ~4 µs per input saved."""
     info = classifier.info
-    dtype = info.input_dtype
+    dtype, shape = info.input_dtype, info.feature_shape
     arrays = [item.array for item in items]
     if any(item.error is not None for item in items) or not all(
-        type(x) is np.ndarray and x.dtype == dtype for x in arrays
+        type(x) is np.ndarray and x.dtype == dtype and x.shape == shape for x in arrays
     ):
         return None
+    clean: list[npt.NDArray[Any]] = arrays  # type: ignore[assignment]  # all ndarrays, checked above
+    # One concatenate (~5x cheaper than np.stack, which reshapes each input first); 0-d inputs
+    # cannot be concatenated: the per-input path takes those.
     try:
-        batch = np.stack(arrays)  # type: ignore[arg-type]  # all ndarrays, checked above
-    except ValueError:  # shapes differ
-        return None
-    if batch.shape[1:] != info.feature_shape:
+        batch = np.concatenate(clean).reshape((len(clean), *shape))
+    except ValueError:
         return None
     if batch.dtype.kind == "f" and not np.isfinite(batch).all():
         return None

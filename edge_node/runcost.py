@@ -1,17 +1,19 @@
 """Where a batch should run: inline on the event loop when the model is tiny, else in a worker thread.
 
-Handing a batch to a worker thread and back costs ~70 µs of wake-ups (several times that on a
-loaded VM), far more than the demo edge model's `run` at batch 1. Blocking the loop for a few tens
-of microseconds harms nothing (MQTT keep-alives are seconds apart), so a batch whose *measured*
-inline cost is under `budget_s` runs inline.
+Handing a batch to a worker thread and back costs ~70 µs of wake-ups on bare metal and ~125 µs
+wall plus ~140 µs of CPU on the 2-vCPU VM this was measured on: more than the demo edge model's
+`run` at batch 1 or 64. Blocking the loop for a fraction of a millisecond harms nothing (MQTT
+keep-alives are seconds apart), so a batch whose *measured* inline cost is under `budget_s` runs
+inline.
 
 The cost is measured per batch-size bucket (powers of two) as the least of that bucket's last
 RECENT runs: the least filters out a preempted run, and a model that turns slow (a throttled CPU)
 still goes back to the worker within RECENT batches. A bucket never measured runs in the worker
 first, so an unknown model never blocks the loop. Runs in the worker overstate the model's cost
 (they also pay for taking the GIL back from a busy loop, tens of microseconds of futex wake-ups on
-a VM), so a bucket whose worker runs cost under `probe_s` is tried inline once, and from then on
-its inline runs decide.
+a VM), so a bucket whose worker runs cost under `probe_s` is tried inline, and from then on its
+inline runs decide. A run right after the loop sat idle can cost several times a warm one on a VM,
+so a bucket sent back to the worker is tried inline again every REPROBE batches.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-DEFAULT_INLINE_BUDGET_S = 100e-6
+DEFAULT_INLINE_BUDGET_S = 250e-6
 DEFAULT_PROBE_S = 1e-3  # the longest a single inline probe may block the loop
 RECENT = 16  # runs per bucket whose least cost is the estimate
+REPROBE = 256  # worker runs of a bucket between two inline tries
 
 
 @dataclass
 class _Bucket:
     inline: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     worker: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    since_inline: int = 0  # worker runs since the last inline one
 
 
 @dataclass
@@ -56,13 +60,19 @@ class RunCost:
         bucket = self._buckets.get(self._bucket_of(rows))
         if bucket is None:
             return False
-        if bucket.inline:
-            return min(bucket.inline) < self.budget_s
-        return bool(bucket.worker) and min(bucket.worker) < self.probe_s
+        if bucket.inline and min(bucket.inline) < self.budget_s:
+            return True
+        probe = not bucket.inline or bucket.since_inline >= REPROBE
+        return probe and bool(bucket.worker) and min(bucket.worker) < self.probe_s
 
     def record(self, rows: int, seconds: float, *, inline: bool) -> None:
         bucket = self._buckets.setdefault(self._bucket_of(rows), _Bucket())
-        (bucket.inline if inline else bucket.worker).append(seconds)
+        if inline:
+            bucket.inline.append(seconds)
+            bucket.since_inline = 0
+        else:
+            bucket.worker.append(seconds)
+            bucket.since_inline += 1
 
     def estimate(self, rows: int) -> float | None:
         """The least recent cost of this batch size's bucket (inline runs if any), if measured."""

@@ -18,7 +18,7 @@ from edge_node.escalation import Escalations
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox
 from edge_node.pipeline import Pipeline
-from edge_node.runcost import RECENT, RunCost
+from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.sources import InputItem
 from edge_node.telemetry import Window
@@ -111,8 +111,13 @@ def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
     for _ in range(RECENT):  # the model turned slow (a throttled CPU): back to the worker
         cost.record(1, 500e-6, inline=True)
     assert not cost.inline(1)
-    cost.record(1, 10e-6, inline=False)  # cheap in the worker again, but inline runs decide now
+    cost.record(1, 10e-6, inline=False)  # cheap in the worker again, but inline runs decide now...
     assert not cost.inline(1)
+    for _ in range(REPROBE):  # ...until enough worker runs went by to try inline again
+        cost.record(1, 10e-6, inline=False)
+    assert cost.inline(1)
+    cost.record(1, 20e-6, inline=True)  # warm now: back inline for good
+    assert cost.inline(1)
     assert cost.for_model("model-b").estimate(64) is None  # a switched model is measured afresh
 
 
