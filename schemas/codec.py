@@ -125,14 +125,18 @@ def _decode_versions(
     data: bytes | bytearray | memoryview | str, current: type[Envelope], older: tuple[type[Envelope], ...]
 ) -> Envelope:
     """Decode the current version of a message, or one of the older versions still accepted."""
-    expected = schema_name(current)
     versions: tuple[type[Envelope], ...] = (current, *older)
+    names = [schema_name(t) for t in versions]
     limit = max(max_bytes_for(t) for t in versions)
-    obj = _loads(data, limit, expected)
+    obj = _loads(data, limit, " or ".join(names))
+    # An error inside a known version names that version; an unknown tag names every accepted one.
+    declared = obj.get("schema") if isinstance(obj, dict) else None
+    expected = declared if declared in names else " or ".join(names)
     union = functools.reduce(operator.or_, older, current)
     message: Envelope = _convert(obj, union, expected)
-    if len(data) > max_bytes_for(type(message)):
-        raise DecodeError(f"payload is {len(data)} bytes, the limit is {max_bytes_for(type(message))}", schema=expected)
+    limit = max_bytes_for(type(message))
+    if len(data) > limit:
+        raise DecodeError(f"payload is {len(data)} bytes, the limit is {limit}", schema=schema_name(type(message)))
     return message
 
 
