@@ -11,9 +11,10 @@ RECENT runs: the least filters out a preempted run, and a model that turns slow 
 still goes back to the worker within RECENT batches. A bucket never measured runs in the worker
 first, so an unknown model never blocks the loop. Runs in the worker overstate the model's cost
 (they also pay for taking the GIL back from a busy loop, tens of microseconds of futex wake-ups on
-a VM), so a bucket whose worker runs cost under `probe_s` is tried inline, and from then on its
-inline runs decide. A run right after the loop sat idle can cost several times a warm one on a VM,
-so a bucket sent back to the worker is tried inline again every REPROBE batches.
+a VM), so a bucket whose worker runs cost under `probe_s` is tried inline for RECENT runs, and
+from then on its inline runs decide. A run right after the loop sat idle can cost several times a
+warm one on a VM, so one run never decides (a node fed at a low rate would flap between the two and
+its latency with it), and a bucket sent back to the worker is tried again every REPROBE batches.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Bucket:
     inline: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     worker: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     since_inline: int = 0  # worker runs since the last inline one
+    probing: int = 0  # inline runs still to go in the current try
 
 
 @dataclass
@@ -60,16 +62,22 @@ class RunCost:
         bucket = self._buckets.get(self._bucket_of(rows))
         if bucket is None:
             return False
-        if bucket.inline and min(bucket.inline) < self.budget_s:
+        if bucket.probing or (bucket.inline and min(bucket.inline) < self.budget_s):
             return True
-        probe = not bucket.inline or bucket.since_inline >= REPROBE
-        return probe and bool(bucket.worker) and min(bucket.worker) < self.probe_s
+        due = not bucket.inline or bucket.since_inline >= REPROBE
+        if due and bucket.worker and min(bucket.worker) < self.probe_s:
+            bucket.inline.clear()  # judge by this try's runs only
+            bucket.probing = RECENT
+            return True
+        return False
 
     def record(self, rows: int, seconds: float, *, inline: bool) -> None:
         bucket = self._buckets.setdefault(self._bucket_of(rows), _Bucket())
         if inline:
             bucket.inline.append(seconds)
             bucket.since_inline = 0
+            # A run over the probe limit ends the try at once: the loop must not block that long again.
+            bucket.probing = max(bucket.probing - 1, 0) if seconds < self.probe_s else 0
         else:
             bucket.worker.append(seconds)
             bucket.since_inline += 1

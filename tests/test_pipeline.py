@@ -103,7 +103,9 @@ def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
     cost.record(1, 2e-3, inline=False)
     assert not cost.inline(1)  # too slow in the worker to be tried inline
     cost.record(1, 150e-6, inline=False)  # the least recent worker run is under the probe limit...
-    assert cost.inline(1)  # ...so it is tried inline once
+    assert cost.inline(1)  # ...so it is tried inline, for RECENT runs
+    cost.record(1, 400e-6, inline=True)  # one cold run (the loop had been idle) does not decide
+    assert cost.inline(1)
     cost.record(1, 20e-6, inline=True)
     assert cost.inline(1) and not cost.inline(64)  # another bucket is still unknown
     cost.record(64, 30e-6, inline=True)
