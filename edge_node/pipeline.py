@@ -117,8 +117,8 @@ class _Started:
     classifier: Classifier
     stats: ModelStats
     good: list[InputItem]  # the inputs that passed the checks, in `batch` order
-    batch: npt.NDArray[Any] | None
-    run: asyncio.Future[npt.NDArray[np.float32]] | None = None
+    batch: npt.NDArray[Any]
+    run: asyncio.Future[npt.NDArray[np.float32]] | None  # None when no input passed the checks
 
 
 @dataclass(slots=True)
@@ -234,10 +234,9 @@ class Pipeline:
             items.append(queue.get_nowait())
         stats = self.model_stats(classifier.info.ref.sha256)
         good, batch = self._check(items, classifier, stats)
-        started = _Started(items, classifier, stats, good, batch)
-        if batch is not None:
-            started.run = self._predict(classifier, batch)
-        return started
+        if batch is None:
+            return _Started(items, classifier, stats, good, np.empty(0), None)
+        return _Started(items, classifier, stats, good, batch, self._predict(classifier, batch))
 
     async def _commit(self, batch: _Batch, queue: asyncio.Queue[InputItem]) -> None:
         try:
@@ -273,7 +272,7 @@ class Pipeline:
         commit needs."""
         result = _Batch(started.items)
         good, batch, run = started.good, started.batch, started.run
-        if batch is None or run is None:
+        if run is None:  # nothing passed the checks
             return result
         classifier, stats = started.classifier, started.stats
         info = classifier.info
@@ -300,11 +299,12 @@ class Pipeline:
         # Plain Python lists once per batch: indexing numpy per input costs a scalar object each.
         top1 = decision.top1.tolist()
         confidence = np.clip(decision.confidence, 0.0, 1.0).tolist()
-        fallback: list[int] = []  # positions of `finals` in the batch
-        if not self.config.routing.escalate or bool(decision.confident.all()):
-            edge = list(range(len(good)))  # the common case: every answer is final at the edge
-        else:
-            edge = []
+        # Positions in the batch of the edge answers and of `finals`, kept only when both exist.
+        edge: list[int] = []
+        fallback: list[int] = []
+        # The common case: every answer is final at the edge, and the batch's lists serve as they are.
+        edge_items, edge_top1, edge_confidence = good, top1, confidence
+        if self.config.routing.escalate and not bool(decision.confident.all()):
             for i, local in enumerate(decision.confident.tolist()):
                 if local:
                     edge.append(i)
@@ -320,10 +320,10 @@ class Pipeline:
                     out.append(request)
                     continue
                 fallback.append(i)
+            edge_items, edge_top1 = [good[i] for i in edge], [top1[i] for i in edge]
+            edge_confidence = [confidence[i] for i in edge]
         now = loop.time()
-        answers = self._edge_answers(
-            [good[i] for i in edge], [top1[i] for i in edge], [confidence[i] for i in edge], info, now
-        )
+        answers = self._edge_answers(edge_items, edge_top1, edge_confidence, info, now)
         if finals:
             more = self._final_answers(finals, now)
             if more:  # one message, in the inputs' order
@@ -331,7 +331,7 @@ class Pipeline:
         if answers:
             out += self._results(info, answers)
         result.out = out
-        result.finished = [good[i] for i in edge] + [f.row.item for f in finals]
+        result.finished = edge_items + [f.row.item for f in finals]
         result.processed = len(good)
         return result
 
@@ -369,9 +369,8 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         cost = self._cost.for_model(classifier)
         rows = len(batch)
-        future: asyncio.Future[npt.NDArray[np.float32]]
+        future: asyncio.Future[npt.NDArray[np.float32]] = loop.create_future()
         if cost.inline(rows):
-            future = loop.create_future()
             start = time.thread_time()
             try:
                 future.set_result(classifier.predict(batch))
@@ -379,7 +378,6 @@ class Pipeline:
                 future.set_exception(exc)
             cost.record(rows, time.thread_time() - start, inline=True)
             return future
-        future = loop.create_future()
         done = loop.run_in_executor(self._executor, _timed_predict, classifier, batch)
         done.add_done_callback(lambda f: _record_cost(f, future, cost, rows))
         return future

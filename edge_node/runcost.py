@@ -57,8 +57,8 @@ class RunCost:
         return self
 
     def inline(self, rows: int) -> bool:
-        """Whether a batch of `rows` should run inline: measured inline under the budget, or never
-        run inline yet and cheap enough in the worker to be tried once."""
+        """Whether a batch of `rows` should run inline: in a try, measured inline under the budget,
+        or due for a try (never tried, or REPROBE worker runs since) and cheap enough in the worker."""
         bucket = self._buckets.get(self._bucket_of(rows))
         if bucket is None:
             return False
