@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DemoModel
 from edge_node.escalation import Escalations
 from edge_node.model import Classifier
-from edge_node.outbox import Outbox
+from edge_node.outbox import Outbox, OutMessage
 from edge_node.pipeline import Pipeline
 from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
@@ -120,6 +121,19 @@ def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
     assert cost.inline(1)
     cost.record(1, 20e-6, inline=True)  # warm now: back inline for good
     assert cost.inline(1)
+    for _ in range(RECENT):  # slow again: back to the worker...
+        cost.record(1, 500e-6, inline=True)
+    for _ in range(REPROBE):
+        cost.record(1, 10e-6, inline=False)
+    assert cost.inline(1)  # ...tried again after REPROBE worker runs...
+    for _ in range(RECENT):
+        cost.record(1, 300e-6, inline=True)
+    for _ in range(REPROBE):  # ...and that try failed: the next waits twice as long
+        cost.record(1, 10e-6, inline=False)
+    assert not cost.inline(1)
+    for _ in range(REPROBE):
+        cost.record(1, 10e-6, inline=False)
+    assert cost.inline(1)
     assert cost.for_model("model-b").estimate(64) is None  # a switched model is measured afresh
 
 
@@ -155,6 +169,58 @@ async def test_queue_join_means_every_answer_is_committed(
         ]
         assert sorted(stored) == sorted(f"in-{i}" for i in range(n))
         assert len(answered) == n and pipeline.processed == n
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await outbox.close()
+
+
+async def test_batches_share_a_commit_under_load_and_a_lone_input_is_not_held_back(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """A burst at batch 1 is committed in groups of batches (one SQLite transaction and writer hop
+    each), yet an input that arrives alone is committed without waiting for company."""
+    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, max_batch=1))
+    outbox = await Outbox.open(tmp_path / "outbox.sqlite", 10**8)
+    commits = 0
+    put_many = outbox.put_many
+
+    async def counting_put_many(msgs: Iterable[OutMessage]) -> None:
+        nonlocal commits
+        commits += 1
+        await put_many(msgs)
+
+    outbox.put_many = counting_put_many  # type: ignore[method-assign]  # counts, then the real commit
+    s = config.sampling
+    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, 0)
+    window = Window(config.telemetry.max_features, time.time())
+    classifier = Classifier.load(demo_models["edge"].path)
+    pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
+    queue: asyncio.Queue[InputItem] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    n = 500
+    for i in range(n):  # queued before the pipeline starts: it never runs out of work until the end
+        queue.put_nowait(InputItem(f"in-{i}", digits.X_test[i].astype(np.float32), loop.time()))
+    task = asyncio.create_task(pipeline.run(queue))
+    try:
+        await asyncio.wait_for(queue.join(), WAIT_S)
+        assert pipeline.processed == n
+        assert commits < n // 2, f"{commits} commits for {n} batches of one input"
+        burst_commits = commits
+        lone = asyncio.Event()
+        queue.put_nowait(
+            InputItem("lone", digits.X_test[0].astype(np.float32), loop.time(), on_done=lambda *_: lone.set())
+        )
+        await asyncio.wait_for(lone.wait(), WAIT_S)  # no later input comes to fill its group
+        assert commits == burst_commits + 1
+        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
+            rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results'").fetchall()
+        stored = [
+            a.inference_id for topic, payload in rows for a in Answered.of(decode_for_topic(Topics(), topic, payload))
+        ]
+        assert sorted(stored) == sorted([*(f"in-{i}" for i in range(n)), "lone"])
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
