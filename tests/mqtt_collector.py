@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,5 +155,15 @@ class Collector:
                 self._cond.wait(left)
 
     def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> None:
-        info = self.client.publish(topic, payload, qos=1, properties=properties)
-        info.wait_for_publish(10)
+        """Publish at QoS 1 and wait for the broker's PUBACK. Blocking: from a test coroutine that
+        shares its event loop with a node, use `publish_many` in a thread (`asyncio.to_thread`), or
+        the node's loop (and its MQTT keep-alive) stands still while this waits."""
+        self.publish_many(topic, [payload], properties)
+
+    def publish_many(self, topic: str, payloads: Sequence[bytes], properties: Properties | None = None) -> None:
+        """Publish every payload at QoS 1 (pipelined), then wait until the broker acknowledged each."""
+        infos = [self.client.publish(topic, payload, qos=1, properties=properties) for payload in payloads]
+        for info in infos:
+            info.wait_for_publish(10)
+            if not info.is_published():
+                raise AssertionError(f"the broker did not acknowledge a publish to {topic} within 10 s")

@@ -79,8 +79,7 @@ async def test_routing_follows_the_model_probabilities(
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         async with RunningNode(config) as node:
             await wait_connected(node)
-            for i, x in enumerate(X):
-                c.publish(INPUT_TOPIC, _input(x, f"in-{i}"))
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, [_input(x, f"in-{i}") for i, x in enumerate(X)])
             await asyncio.to_thread(c.wait_for, _answered(len(X)))
         results = {r.inference_id: r for r in _results(c)}
     assert len(results) == len(X)
@@ -111,8 +110,8 @@ async def test_escalations_answered_by_the_cloud_model_improve_accuracy(
     ):
         async with RunningNode(config) as node:
             await wait_connected(node)
-            for i, x in enumerate(X):
-                c.publish(INPUT_TOPIC, _input(x, f"in-{i}", digits.labels[int(y[i])]))
+            inputs = [_input(x, f"in-{i}", digits.labels[int(y[i])]) for i, x in enumerate(X)]
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, inputs)
             await asyncio.to_thread(c.wait_for, _answered(len(X)))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         results = _results(c)
@@ -159,8 +158,7 @@ async def test_bad_inputs_are_rejected_and_counted_while_good_ones_go_through(
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         async with RunningNode(config) as node:
             await wait_connected(node)
-            for p in payloads:
-                c.publish(INPUT_TOPIC, p)
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, payloads)
             await asyncio.to_thread(c.wait_for, _answered(4))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         results = _results(c)
@@ -189,8 +187,8 @@ async def test_sampling_respects_the_budget_and_counts_what_it_skips(
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         async with RunningNode(config) as node:
             await wait_connected(node)
-            for i, x in enumerate(X):
-                c.publish(INPUT_TOPIC, _input(x, f"in-{i}", digits.labels[int(digits.y_test[i])]))
+            inputs = [_input(x, f"in-{i}", digits.labels[int(digits.y_test[i])]) for i, x in enumerate(X)]
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, inputs)
             await asyncio.to_thread(c.wait_for, _answered(len(X)))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         samples = [r.message() for r in c.on("samples")]
@@ -216,8 +214,7 @@ async def test_telemetry_numbers_match_a_known_sequence(
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         async with RunningNode(config) as node:
             await wait_connected(node)
-            for i, x in enumerate(X):
-                c.publish(INPUT_TOPIC, _input(x, f"in-{i}"))
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, [_input(x, f"in-{i}") for i, x in enumerate(X)])
             await asyncio.to_thread(c.wait_for, _answered(len(X)))
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         (tele,) = _telemetry(c)

@@ -328,7 +328,7 @@ async def test_signed_update_switches_under_load_with_no_failed_or_mixed_inferen
         async with RunningNode(config) as node:
             await wait_connected(node)
             await wait_results(c, 300)
-            c.publish(CMD_TOPIC, encode(command))
+            await asyncio.to_thread(c.publish, CMD_TOPIC, encode(command))
             installed = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"installed", "health_failed", "failed"})
             assert installed.state == "installed", installed.reason
             switched_at = len(c.answers())
@@ -470,14 +470,12 @@ async def test_a_model_that_raises_on_live_inputs_is_rolled_back_and_inference_g
             await slots_of(node.slots).install(models.fragile, command)
             installed = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"installed", "health_failed"})
             assert installed.state == "installed", installed.reason
-            for i in range(5):
-                c.publish(INPUT_TOPIC, _input(X[i], f"ok-{i}"))
             strange = X[5].copy()
             strange[0] = 40.0  # in range for the model's input, out of range for its Gather
-            c.publish(INPUT_TOPIC, _input(strange, "strange"))
+            inputs = [*(_input(X[i], f"ok-{i}") for i in range(5)), _input(strange, "strange")]
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, inputs)
             rolled = await asyncio.to_thread(wait_ack, c, command.cmd_id, {"rolled_back", "done"})
-            for i in range(6, 11):
-                c.publish(INPUT_TOPIC, _input(X[i], f"ok-{i}"))
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, [_input(X[i], f"ok-{i}") for i in range(6, 11)])
             await asyncio.to_thread(c.wait_for, lambda c: any(r.inference_id == "ok-10" for r in c.answers()))
             assert node.classifier is not None and node.classifier.info.ref == old
             fragile_stats = slots_of(node.slots).pipeline.model_stats(command.update.model.sha256)  # type: ignore[union-attr]
@@ -642,16 +640,16 @@ async def test_rollback_commands_return_to_the_previous_slot(
             await wait_connected(node)
             await wait_results(c, 50)
             # A rollback while the new model is on probation ends it: both commands say rolled_back.
-            c.publish(CMD_TOPIC, encode(update))
+            await asyncio.to_thread(c.publish, CMD_TOPIC, encode(update))
             assert (await asyncio.to_thread(wait_ack, c, update.cmd_id, {"installed", "health_failed"})).state == (
                 "installed"
             )
-            c.publish(CMD_TOPIC, encode(during))
+            await asyncio.to_thread(c.publish, CMD_TOPIC, encode(during))
             first = await asyncio.to_thread(wait_ack, c, during.cmd_id, {"rolled_back", "failed"})
             update_end = await asyncio.to_thread(wait_ack, c, update.cmd_id, {"rolled_back", "done"})
             assert node.classifier is not None and node.classifier.info.ref == old
             # Nothing left to go back to.
-            c.publish(CMD_TOPIC, encode(after))
+            await asyncio.to_thread(c.publish, CMD_TOPIC, encode(after))
             second = await asyncio.to_thread(wait_ack, c, after.cmd_id, {"rolled_back", "failed"})
             n = len(c.answers())
             await wait_results(c, n + 30)
