@@ -54,11 +54,11 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_node.config import EdgeConfig, validate
 from edge_node.demo_models import build_demo_models, load_split
 from edge_node.escalation import Escalations
+from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox
 from edge_node.pipeline import Pipeline
 from edge_node.sampling import UncertaintySampler
-from edge_node.sources import InputItem
 from edge_node.telemetry import Window
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class PipelineRig:
     """A running Pipeline over a real outbox, fed through its queue like a source would."""
 
     pipeline: Pipeline
-    queue: asyncio.Queue[InputItem]
+    queue: Intake
     window: Window
     sampler: UncertaintySampler
     outbox: Outbox
@@ -157,7 +157,7 @@ async def running_pipeline(config: EdgeConfig, classifier: Classifier) -> AsyncI
     window = Window(config.telemetry.max_features, time.time())
     escalations = Escalations(config.routing.max_outstanding)
     pipeline = Pipeline(config, classifier, outbox, escalations, sampler, lambda: window, lambda: False)
-    queue: asyncio.Queue[InputItem] = asyncio.Queue(maxsize=QUEUE_BOUND_BATCHES * config.model.max_batch)
+    queue = Intake(maxsize=QUEUE_BOUND_BATCHES * config.model.max_batch)
     task = asyncio.create_task(pipeline.run(queue), name="pipeline")
     try:
         yield PipelineRig(pipeline, queue, window, sampler, outbox)

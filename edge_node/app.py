@@ -24,13 +24,14 @@ from edge_node import __version__
 from edge_node.commands import Installer, OtaAgent, build_agent
 from edge_node.config import EdgeConfig
 from edge_node.escalation import Escalations
+from edge_node.intake import Intake
 from edge_node.link import IncomingMessage, Link, LinkConfig
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
 from edge_node.pipeline import Pipeline
 from edge_node.sampling import UncertaintySampler
 from edge_node.slots import Boot, CommandAcks, InstallPolicy, SlotManager, SlotStore, boot_slots
-from edge_node.sources import DirectorySource, InputIds, InputItem, MqttInputSource, ReplaySource, Source, describe
+from edge_node.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
 from schemas import (
     Channel,
@@ -127,7 +128,7 @@ class EdgeNode:
         sampler = UncertaintySampler(
             cfg.sampling.entropy_threshold, cfg.sampling.margin_threshold, cfg.sampling.max_per_minute
         )
-        queue: asyncio.Queue[InputItem] = asyncio.Queue(maxsize=4 * cfg.model.max_batch)
+        queue = Intake(maxsize=4 * cfg.model.max_batch)
         ids = InputIds()
         source = self._make_source(queue, ids)
         self._escalations = escalations
@@ -226,7 +227,7 @@ class EdgeNode:
         assert self.window is not None
         return self.window
 
-    def _make_source(self, queue: asyncio.Queue[InputItem], ids: InputIds) -> Source:
+    def _make_source(self, queue: Intake, ids: InputIds) -> Source:
         src = self.config.source
         if src.kind == "directory":
             assert src.path is not None

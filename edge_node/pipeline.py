@@ -34,12 +34,12 @@ import numpy.typing as npt
 from edge_node.config import EdgeConfig
 from edge_node.errors import InputRejected
 from edge_node.escalation import EscalationResult, Escalations
+from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier, ModelInfo
 from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
 from edge_node.routing import BatchDecision, decide, top_k
 from edge_node.runcost import RunCost
 from edge_node.sampling import UncertaintySampler
-from edge_node.sources import InputItem
 from edge_node.telemetry import Window
 from schemas import (
     Answer,
@@ -201,7 +201,7 @@ class Pipeline:
         return np.concatenate(list(self._recent))[-limit:]
 
     # ---- the loop ----------------------------------------------------------------------------
-    async def run(self, queue: asyncio.Queue[InputItem]) -> None:
+    async def run(self, queue: Intake) -> None:
         """Process the queue until cancelled; escalations still waiting finish in `tasks`.
 
         Two batches are in inference at a time: while the loop post-processes one (routing,
@@ -221,9 +221,10 @@ class Pipeline:
             async with asyncio.TaskGroup() as tasks:
                 while True:
                     if not started:
-                        started.append(self._start([await queue.get()], queue))
+                        await queue.nonempty()
+                        started.append(self._start(queue))
                     if len(started) < INFERENCES_IN_FLIGHT and not queue.empty():
-                        started.append(self._start([queue.get_nowait()], queue))
+                        started.append(self._start(queue))
                     current = started[0]
                     batch = await self._finish(current, tasks)
                     started.popleft()
@@ -242,20 +243,18 @@ class Pipeline:
                 self._task_done(queue, taken)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _start(self, items: list[InputItem], queue: asyncio.Queue[InputItem]) -> _Started:
-        """Fill the batch with what waits, check it, and start the model on it (worker or inline)."""
+    def _start(self, queue: Intake) -> _Started:
+        """Take what waits as a batch, check it, and start the model on it (worker or inline)."""
         # Per batch: a model switched in may differ in whether it batches.
         classifier = self.classifier  # the whole batch runs on this model, whatever switches meanwhile
-        max_batch = self.config.model.max_batch if classifier.info.dynamic_batch else 1
-        while len(items) < max_batch and not queue.empty():
-            items.append(queue.get_nowait())
+        items = queue.get_batch_nowait(self.config.model.max_batch if classifier.info.dynamic_batch else 1)
         stats = self.model_stats(classifier.info.ref.sha256)
         good, batch = self._check(items, classifier, stats)
         if batch is None:
             return _Started(items, classifier, stats, good, np.empty(0), None)
         return _Started(items, classifier, stats, good, batch, self._predict(classifier, batch))
 
-    async def _commit(self, group: list[_Batch], queue: asyncio.Queue[InputItem]) -> None:
+    async def _commit(self, group: list[_Batch], queue: Intake) -> None:
         try:
             await self._store(group)
         finally:
@@ -284,9 +283,9 @@ class Pipeline:
             self.processed += batch.processed
 
     @staticmethod
-    def _task_done(queue: asyncio.Queue[InputItem], items: list[InputItem]) -> None:
-        for _ in items:
-            queue.task_done()
+    def _task_done(queue: Intake, items: list[InputItem]) -> None:
+        if items:
+            queue.task_done(len(items))
 
     async def _finish(self, started: _Started, tasks: asyncio.TaskGroup) -> _Batch:
         """Everything a batch does after its model run up to its outbox commit; returns what that

@@ -1,6 +1,6 @@
 """Where inputs come from: an MQTT input topic, a watched directory, or a dataset replay.
 
-Every source turns what it reads into `InputItem`s on the pipeline's bounded queue. An input
+Every source turns what it reads into `InputItem`s on the pipeline's bounded intake (edge_node/intake.py). An input
 that cannot even be read becomes an item carrying its rejection, so the pipeline counts it in
 telemetry like any other bad input and the source goes on.
 """
@@ -12,8 +12,6 @@ import logging
 import secrets
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,20 +20,10 @@ import numpy.typing as npt
 
 from edge_node.config import SourceConfig
 from edge_node.errors import InputRejected
+from edge_node.intake import InputItem, Intake, IntakeFull
 from schemas import DecodeError, Input, decode, decode_tensor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class InputItem:
-    input_id: str
-    array: npt.NDArray[Any] | None
-    accepted_at: float  # event-loop time when the node took the input
-    truth: str | None = None
-    source_ref: str | None = None
-    error: InputRejected | None = None
-    on_done: Callable[[InputItem, bool], None] | None = field(default=None, repr=False)
 
 
 class InputIds:
@@ -59,7 +47,7 @@ class MqttInputSource:
 
     RECENT_IDS = 4096
 
-    def __init__(self, queue: asyncio.Queue[InputItem], ids: InputIds) -> None:
+    def __init__(self, queue: Intake, ids: InputIds) -> None:
         self._queue = queue
         self._ids = ids
         self.overloaded = 0
@@ -100,7 +88,7 @@ class MqttInputSource:
             )
         try:
             self._queue.put_nowait(item)
-        except asyncio.QueueFull:
+        except IntakeFull:
             # Blocking here would stall the MQTT connection (and its keep-alive) behind inference.
             self.overloaded += 1
             log.warning("input dropped topic=%s reason=overloaded queue=%d", topic, self._queue.qsize())
@@ -109,7 +97,7 @@ class MqttInputSource:
 class DirectorySource:
     """`.npy` files dropped into a folder: each processed once, then moved to done/ or failed/."""
 
-    def __init__(self, queue: asyncio.Queue[InputItem], ids: InputIds, path: Path, poll_s: float) -> None:
+    def __init__(self, queue: Intake, ids: InputIds, path: Path, poll_s: float) -> None:
         self._queue = queue
         self._ids = ids
         self.path = path
@@ -121,8 +109,7 @@ class DirectorySource:
     async def run(self) -> None:
         # Polling: the stdlib has no portable file-watch API and a device drops files seconds apart.
         while True:
-            for file in self._ready_files():
-                await self._queue.put(self._read(file))
+            await self._queue.put_many([self._read(file) for file in self._ready_files()])
             await asyncio.sleep(self.poll_s)
 
     def _ready_files(self) -> list[Path]:
@@ -159,7 +146,7 @@ class DirectorySource:
 class ReplaySource:
     """The digits held-out set replayed at `rate_hz`, with optional drift injected after `drift_after`."""
 
-    def __init__(self, queue: asyncio.Queue[InputItem], ids: InputIds, config: SourceConfig) -> None:
+    def __init__(self, queue: Intake, ids: InputIds, config: SourceConfig) -> None:
         from edge_node.dataset import load_digits_split
         from edge_node.drift import DriftSpec
 
@@ -180,6 +167,15 @@ class ReplaySource:
         i = n % len(y)
         return X[i], self.labels[int(y[i])], f"replay:{'drift:' if drifting else ''}{i}"
 
+    def _items(self, due: int, now: float) -> list[InputItem]:
+        """The inputs due by now that were not emitted yet (many at once when the rate is high)."""
+        items: list[InputItem] = []
+        for n in range(self.emitted, due):
+            x, truth, ref = self._pick(n)
+            items.append(InputItem(self._ids.next(), x, now, truth=truth, source_ref=ref))
+        self.emitted = due
+        return items
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         period = 1.0 / self.config.rate_hz
@@ -187,16 +183,15 @@ class ReplaySource:
         total = self.config.limit or (None if self.config.loop else size)
         start = loop.time()
         while total is None or self.emitted < total:
-            # Emit every item that is due by now, then sleep until the next one: high rates need
-            # no sleep per item, and the schedule does not drift with processing time.
-            due = int((loop.time() - start) / period) + 1
+            # Emit every item that is due by now (in one hand-over, at most what the intake holds,
+            # so a pipeline that fell behind does not make the source build a backlog in memory),
+            # then sleep until the next one: high rates need no sleep per item, and the schedule
+            # does not drift with processing time.
+            due = min(int((loop.time() - start) / period) + 1, self.emitted + self._queue.maxsize)
             if total is not None:
                 due = min(due, total)
-            while self.emitted < due:
-                x, truth, ref = self._pick(self.emitted)
-                now = loop.time()
-                await self._queue.put(InputItem(self._ids.next(), x, now, truth=truth, source_ref=ref))
-                self.emitted += 1
+            if self.emitted < due:
+                await self._queue.put_many(self._items(due, loop.time()))
             await asyncio.sleep(max(0.0, start + self.emitted * period - loop.time()))
         log.info("replay finished emitted=%d", self.emitted)
 
@@ -209,4 +204,4 @@ def describe(config: SourceConfig) -> str:
     return "mqtt input topic"
 
 
-__all__ = ["DirectorySource", "InputIds", "InputItem", "MqttInputSource", "ReplaySource", "Source", "describe"]
+__all__ = ["DirectorySource", "InputIds", "MqttInputSource", "ReplaySource", "Source", "describe"]

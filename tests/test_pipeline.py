@@ -16,12 +16,12 @@ from devservers import Mosquitto
 from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DemoModel
 from edge_node.escalation import Escalations
+from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutMessage
 from edge_node.pipeline import Pipeline
 from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
-from edge_node.sources import InputItem
 from edge_node.telemetry import Window
 from schemas import Results, Telemetry, Topics, decode_for_topic
 from tests.edge_harness import RunningNode, edge_config, wait_connected
@@ -149,7 +149,7 @@ async def test_queue_join_means_every_answer_is_committed(
     window = Window(config.telemetry.max_features, time.time())
     classifier = Classifier.load(demo_models["edge"].path)
     pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
-    queue: asyncio.Queue[InputItem] = asyncio.Queue(maxsize=4 * config.model.max_batch)
+    queue = Intake(maxsize=4 * config.model.max_batch)
     answered: list[str] = []
     n = 1000
     task = asyncio.create_task(pipeline.run(queue))
@@ -198,7 +198,7 @@ async def test_batches_share_a_commit_under_load_and_a_lone_input_is_not_held_ba
     window = Window(config.telemetry.max_features, time.time())
     classifier = Classifier.load(demo_models["edge"].path)
     pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
-    queue: asyncio.Queue[InputItem] = asyncio.Queue()
+    queue = Intake(maxsize=1000)
     loop = asyncio.get_running_loop()
     n = 500
     for i in range(n):  # queued before the pipeline starts: it never runs out of work until the end
