@@ -24,7 +24,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ from edge_node.routing import BatchDecision, decide, top_k
 from edge_node.runcost import RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.telemetry import Window
+from edge_node.worker import ModelWorker, Ran
 from schemas import (
     Answer,
     Channel,
@@ -125,7 +125,7 @@ class _Started:
     stats: ModelStats
     good: list[InputItem]  # the inputs that passed the checks, in `batch` order
     batch: npt.NDArray[Any]
-    run: asyncio.Future[npt.NDArray[np.float32]] | None  # None when no input passed the checks
+    run: asyncio.Future[Ran] | None  # None when no input passed the checks
 
 
 @dataclass(slots=True)
@@ -158,7 +158,7 @@ class Pipeline:
         self.sampler = sampler
         self._window = window
         self._online = online
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._worker = ModelWorker()
         topics = config.topics
         dev = config.device
         self._topic = {
@@ -241,7 +241,7 @@ class Pipeline:
             # Taken off the queue but never committed (cancelled mid-way): the drain must not hang.
             for taken in [pending.items for pending in started] + [batch.items for batch in group]:
                 self._task_done(queue, taken)
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._worker.close()
 
     def _start(self, queue: Intake) -> _Started:
         """Take what waits as a batch, check it, and start the model on it (worker or inline)."""
@@ -298,7 +298,10 @@ class Pipeline:
         info = classifier.info
         loop = asyncio.get_running_loop()
         try:
-            probs = await run
+            ran = await run
+            probs = ran.probs
+            if self._cost.key is classifier:  # not a batch of a model switched out meanwhile
+                self._cost.record(len(batch), ran.seconds, inline=ran.inline)
         except Exception as exc:  # any model failure: counted, logged, the node keeps serving
             if len(good) == 1:
                 self._model_failed(good, info, stats, exc)
@@ -381,37 +384,31 @@ class Pipeline:
             for item, label, index, conf, latency in zip(items, labels, top1, confidence, latencies, strict=True)
         ]
 
-    def _predict(self, classifier: Classifier, batch: npt.NDArray[Any]) -> asyncio.Future[npt.NDArray[np.float32]]:
+    def _predict(self, classifier: Classifier, batch: npt.NDArray[Any]) -> asyncio.Future[Ran]:
         """Start the model: inline when this batch size is measured to be cheap, else in the worker.
 
-        Returns a future of the probabilities (already done when inline, holding the model's
-        exception if it raised)."""
-        loop = asyncio.get_running_loop()
-        cost = self._cost.for_model(classifier)
-        rows = len(batch)
-        future: asyncio.Future[npt.NDArray[np.float32]] = loop.create_future()
-        if cost.inline(rows):
-            start = time.thread_time()
-            try:
-                future.set_result(classifier.predict(batch))
-            except Exception as exc:  # handed to _finish, which rejects the inputs as model_error
-                future.set_exception(exc)
-            cost.record(rows, time.thread_time() - start, inline=True)
-            return future
-        done = loop.run_in_executor(self._executor, _timed_predict, classifier, batch)
-        done.add_done_callback(lambda f: _record_cost(f, future, cost, rows))
+        Returns a future of the run (already done when inline, holding the model's exception if it
+        raised); `_finish` records its cost."""
+        if not self._cost.for_model(classifier).inline(len(batch)):
+            return self._worker.submit(classifier, batch)
+        future: asyncio.Future[Ran] = asyncio.get_running_loop().create_future()
+        start = time.thread_time()
+        try:
+            future.set_result(Ran(classifier.predict(batch), time.thread_time() - start, inline=True))
+        except Exception as exc:  # handed to _finish, which rejects the inputs as model_error
+            self._cost.record(len(batch), time.thread_time() - start, inline=True)
+            future.set_exception(exc)
         return future
 
     # ---- steps -------------------------------------------------------------------------------
     async def _predict_one_by_one(
         self, classifier: Classifier, items: list[InputItem], batch: npt.NDArray[Any], stats: ModelStats
     ) -> tuple[list[InputItem], npt.NDArray[Any], npt.NDArray[np.float32]]:
-        loop = asyncio.get_running_loop()
         kept: list[int] = []
         rows: list[npt.NDArray[np.float32]] = []
         for i, item in enumerate(items):
             try:
-                rows.append(await loop.run_in_executor(self._executor, classifier.predict, batch[i : i + 1]))
+                rows.append((await self._worker.submit(classifier, batch[i : i + 1])).probs)
                 kept.append(i)
             except Exception as exc:  # as in process(): this input is rejected, the rest go on
                 self._model_failed([item], classifier.info, stats, exc)
@@ -646,32 +643,3 @@ def _stack_if_clean(items: list[InputItem], classifier: Classifier) -> npt.NDArr
     if batch.dtype.kind == "f" and not np.isfinite(batch).all():
         return None
     return batch
-
-
-def _record_cost(
-    done: asyncio.Future[tuple[npt.NDArray[np.float32], float]],
-    future: asyncio.Future[npt.NDArray[np.float32]],
-    cost: RunCost,
-    rows: int,
-) -> None:
-    """Pass the worker's result on and keep the measured cost (of the model alone, see below)."""
-    if future.cancelled():
-        return
-    if done.cancelled():
-        future.cancel()
-    elif (exc := done.exception()) is not None:
-        future.set_exception(exc)
-    else:
-        probs, seconds = done.result()
-        cost.record(rows, seconds, inline=False)
-        future.set_result(probs)
-
-
-def _timed_predict(classifier: Classifier, batch: npt.NDArray[Any]) -> tuple[npt.NDArray[np.float32], float]:
-    """`predict` in the worker thread, timed there: the cost of the model, not of the hop.
-
-    CPU time of this thread, not wall time: waiting for the GIL or for a core on a loaded machine
-    is not what the model would cost the loop if it ran inline."""
-    start = time.thread_time()
-    probs = classifier.predict(batch)
-    return probs, time.thread_time() - start
