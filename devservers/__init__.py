@@ -1,7 +1,7 @@
 """Real local servers (mosquitto, victoria-metrics) and a fault-injecting TCP proxy for tests, bench and demo."""
 
 from devservers.mosquitto import Listener, Mosquitto, MosquittoError, find_mosquitto
-from devservers.ports import PortWaitError, free_port, wait_for_port
+from devservers.ports import PortWaitError, free_port, free_ports, wait_for_port
 from devservers.tcpproxy import ProxyStats, TcpProxy
 from devservers.victoria import ExportedSeries, VictoriaError, VictoriaMetrics, find_victoria_metrics
 
@@ -18,5 +18,6 @@ __all__ = [
     "find_mosquitto",
     "find_victoria_metrics",
     "free_port",
+    "free_ports",
     "wait_for_port",
 ]

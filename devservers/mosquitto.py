@@ -150,7 +150,8 @@ class Mosquitto:
 
     def add_listener(self, port: int | None = None, lines: tuple[str, ...] = (), host: str = "127.0.0.1") -> int:
         """Add a listener (TLS, websockets, bridge endpoint...); applies from the next `start()`."""
-        chosen = port if port is not None else free_port(host)
+        taken = {self.port, *(listener.port for listener in self.listeners)}
+        chosen = port if port is not None else free_port(host, avoid=taken)
         self.listeners.append(Listener(port=chosen, host=host, lines=lines))
         return chosen
 

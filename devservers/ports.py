@@ -6,10 +6,12 @@ listens on its own ephemeral port and never collides with the stock services of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,16 +24,29 @@ class PortWaitError(TimeoutError):
     """The server did not accept TCP connections in time, or its process exited first."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on `host` that nothing listens on right now.
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """Return a TCP port on `host` that nothing listens on right now, and not one of `avoid`.
 
     The kernel picks it (bind to port 0); there is a short window before the caller binds it, which is
-    why servers started on it check that *their own* process is alive once the port accepts.
+    why servers started on it check that *their own* process is alive once the port accepts. Ports
+    chosen for one server but not bound yet must be passed as `avoid`: once a probe socket closed,
+    the kernel may hand out the same port again (seen: a broker given one port for two listeners).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    while True:
+        (port,) = free_ports(1, host)
+        if port not in avoid:
+            return port
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports on `host` (all probe sockets are held until every one is chosen)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from devservers import Mosquitto, free_port
+from devservers import Mosquitto, free_ports
 from devservers.mosquitto_conf import ShippedConfig
 from tests.plugin_servers import MosquittoFactory
 
@@ -79,7 +79,7 @@ class CloudBroker:
 
 
 def start_cloud(factory: MosquittoFactory, pki: Pki, name: str = "cloud") -> CloudBroker:
-    tls_port, gateway_port = free_port(), free_port()
+    main_port, tls_port, gateway_port = free_ports(3)
     rendered = ShippedConfig(
         MOSQUITTO_DIR / "cloud.conf",
         files={
@@ -92,7 +92,7 @@ def start_cloud(factory: MosquittoFactory, pki: Pki, name: str = "cloud") -> Clo
         main_port=1883,
         ports={8883: tls_port, 8884: gateway_port},
     )
-    return CloudBroker(factory(name=name, config_renderer=rendered), tls_port, gateway_port)
+    return CloudBroker(factory(name=name, config_renderer=rendered, port=main_port), tls_port, gateway_port)
 
 
 def start_gateway(

@@ -72,8 +72,8 @@ def make_certs(work: Path) -> tuple[Path, Path, Path]:
 
 async def test_ingest_over_tls(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     ca, cert, key = make_certs(tmp_path)
-    tls_port = free_port()
     broker = mosquitto_factory(start=False)
+    tls_port = free_port(avoid={broker.port})
     broker.add_listener(tls_port, lines=(f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"))
     broker.start()
     template = next(m for m in examples("f1", "tls-1") if isinstance(m, Results))
