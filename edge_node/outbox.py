@@ -560,7 +560,7 @@ class _Writer:
     def _transaction(self, inserts: list[_Insert], deletes: list[_Delete]) -> None:
         conn = self._conn
         rows = [row for ins in inserts for row in ins.rows]
-        if not deletes and len(rows) <= _ROWS_PER_INSERT:
+        if not deletes and len(rows) <= _ROWS_PER_INSERT and not conn.in_transaction:
             # One statement is a transaction of its own (autocommit): the whole commit is one
             # SQLite call, so the thread gives the GIL back and takes it again once, not per row
             # (each take waits for the busy event loop and wakes a thread across cores).

@@ -64,7 +64,8 @@ COMMITS_IN_FLIGHT = 32
 # Under load, consecutive batches share one commit: each commit costs a hop to the SQLite writer
 # and back (~200 µs of CPU per batch on a 2-vCPU VM, as much as a 0.4 ms model's run), whatever its
 # size. A group is committed as soon as the pipeline has nothing more in inference or queued (so an
-# input alone is never held back), or when its first batch has waited COMMIT_GROUP_S.
+# input alone is never held back), and at the latest COMMIT_GROUP_S after its first batch finished
+# (a timer: a slow model's next run does not hold the last one's results back).
 COMMIT_GROUP_S = 0.002
 # Batches started on the model at once: one running, the next waiting in the worker's queue, so the
 # model goes on while the loop post-processes (more would only hold inputs back from batching).
@@ -128,6 +129,37 @@ class _Started:
     run: asyncio.Future[Ran] | None  # None when no input passed the checks
 
 
+class _Group:
+    """Finished batches waiting to share one outbox commit (COMMIT_GROUP_S): `flush` hands them to
+    `commit` (which starts their commit task); a timer flushes a group that waited COMMIT_GROUP_S."""
+
+    def __init__(self, commit: Callable[[list[_Batch]], None]) -> None:
+        self.batches: list[_Batch] = []
+        self.commit: Callable[[list[_Batch]], None] | None = commit
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, batch: _Batch) -> None:
+        if not self.batches:
+            self._timer = asyncio.get_running_loop().call_later(COMMIT_GROUP_S, self.flush)
+        self.batches.append(batch)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.batches and self.commit is not None:
+            batches, self.batches = self.batches, []
+            self.commit(batches)
+
+    def close(self) -> list[_Batch]:
+        """Stop the timer; return the batches that were never handed to a commit."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.commit = None
+        batches, self.batches = self.batches, []
+        return batches
+
+
 @dataclass(slots=True)
 class _Row:
     """One input that went through the model, with what the model said."""
@@ -166,7 +198,7 @@ class Pipeline:
             for ch in (Channel.RESULTS, Channel.SAMPLES, Channel.ESCALATE, Channel.ESCALATE_REPLY)
         }
         self.processed = 0
-        self.outbox_errors = 0  # batches whose messages the outbox refused (full, disk full, I/O)
+        self.outbox_errors = 0  # commits (of one batch or a group) the outbox refused, whole or in part
         self._cost = RunCost()
         self._stats: dict[str, ModelStats] = {}
         self._recent: deque[npt.NDArray[Any]] = deque(maxlen=RECENT_BATCHES)
@@ -212,34 +244,33 @@ class Pipeline:
         An input is `task_done` only once its batch's messages are committed, so `queue.join()`
         (the SIGTERM drain) still means: everything taken is answered and durable.
         """
-        loop = asyncio.get_running_loop()
         started: deque[_Started] = deque()
-        group: list[_Batch] = []  # finished batches waiting for one shared commit
-        group_since = 0.0
         commits: deque[asyncio.Task[None]] = deque()
+        uncommitted: list[_Batch] = []
         try:
             async with asyncio.TaskGroup() as tasks:
-                while True:
-                    if not started:
-                        await queue.nonempty()
-                        started.append(self._start(queue))
-                    if len(started) < INFERENCES_IN_FLIGHT and not queue.empty():
-                        started.append(self._start(queue))
-                    current = started[0]
-                    batch = await self._finish(current, tasks)
-                    started.popleft()
-                    if not group:
-                        group_since = loop.time()
-                    group.append(batch)
-                    idle = not started and queue.empty()
-                    if idle or loop.time() - group_since >= COMMIT_GROUP_S:
-                        commits.append(tasks.create_task(self._commit(group, queue)))
-                        group = []
-                    while commits and (len(commits) >= COMMITS_IN_FLIGHT or commits[0].done()):
-                        await commits.popleft()
+                group = _Group(lambda batches: commits.append(tasks.create_task(self._commit(batches, queue))))
+                try:
+                    while True:
+                        if not started:
+                            await queue.nonempty()
+                            started.append(self._start(queue))
+                        if len(started) < INFERENCES_IN_FLIGHT and not queue.empty():
+                            started.append(self._start(queue))
+                        current = started[0]
+                        batch = await self._finish(current, tasks)
+                        started.popleft()
+                        group.add(batch)
+                        if not started and queue.empty():
+                            group.flush()
+                        while commits and (len(commits) >= COMMITS_IN_FLIGHT or commits[0].done()):
+                            await commits.popleft()
+                finally:
+                    # Before the task group shuts down: its timer must not start a commit then.
+                    uncommitted = group.close()
         finally:
             # Taken off the queue but never committed (cancelled mid-way): the drain must not hang.
-            for taken in [pending.items for pending in started] + [batch.items for batch in group]:
+            for taken in [pending.items for pending in started] + [batch.items for batch in uncommitted]:
                 self._task_done(queue, taken)
             self._worker.close()
 
@@ -270,7 +301,7 @@ class Pipeline:
             except OutboxError as exc:
                 # The answers were given locally; only their uplink is lost (the outbox counts
                 # rejections, and telemetry reports it unavailable). The node keeps serving.
-                self.outbox_errors += len(group)
+                self.outbox_errors += 1
                 log.error(
                     "outbox refused the messages of %d batch(es) inputs=%d messages=%d: %s",
                     len(group),
@@ -300,8 +331,8 @@ class Pipeline:
         try:
             ran = await run
             probs = ran.probs
-            if self._cost.key is classifier:  # not a batch of a model switched out meanwhile
-                self._cost.record(len(batch), ran.seconds, inline=ran.inline)
+            if not ran.inline and self._cost.key is classifier:  # not a model switched out meanwhile
+                self._cost.record(len(batch), ran.seconds, inline=False)
         except Exception as exc:  # any model failure: counted, logged, the node keeps serving
             if len(good) == 1:
                 self._model_failed(good, info, stats, exc)
@@ -388,16 +419,18 @@ class Pipeline:
         """Start the model: inline when this batch size is measured to be cheap, else in the worker.
 
         Returns a future of the run (already done when inline, holding the model's exception if it
-        raised); `_finish` records its cost."""
-        if not self._cost.for_model(classifier).inline(len(batch)):
+        raised). An inline run's cost is recorded at once (a run over the probe limit must stop the
+        next batch from running inline too), a worker run's when `_finish` takes it."""
+        cost = self._cost.for_model(classifier)
+        if not cost.inline(len(batch)):
             return self._worker.submit(classifier, batch)
         future: asyncio.Future[Ran] = asyncio.get_running_loop().create_future()
         start = time.thread_time()
         try:
             future.set_result(Ran(classifier.predict(batch), time.thread_time() - start, inline=True))
         except Exception as exc:  # handed to _finish, which rejects the inputs as model_error
-            self._cost.record(len(batch), time.thread_time() - start, inline=True)
             future.set_exception(exc)
+        cost.record(len(batch), time.thread_time() - start, inline=True)
         return future
 
     # ---- steps -------------------------------------------------------------------------------

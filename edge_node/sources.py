@@ -109,7 +109,13 @@ class DirectorySource:
     async def run(self) -> None:
         # Polling: the stdlib has no portable file-watch API and a device drops files seconds apart.
         while True:
-            await self._queue.put_many([self._read(file) for file in self._ready_files()])
+            files = self._ready_files()
+            while files:
+                # Read no more than the intake has room for: a backlog of files (the node was down)
+                # must not be loaded into memory at once, nor block the loop while it is read.
+                room = max(1, self._queue.maxsize - self._queue.qsize())
+                chunk, files = files[:room], files[room:]
+                await self._queue.put_many([self._read(file) for file in chunk])
             await asyncio.sleep(self.poll_s)
 
     def _ready_files(self) -> list[Path]:

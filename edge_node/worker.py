@@ -78,17 +78,18 @@ class ModelWorker:
             start = time.thread_time()
             try:
                 ran: Ran | None = Ran(classifier.predict(batch), time.thread_time() - start)
-                error: Exception | None = None
-            except Exception as exc:  # the awaiting batch rejects its inputs as model_error
+                error: BaseException | None = None
+            # Anything, not only Exception: a run that raised must reach its batch (a model error
+            # rejects the inputs, anything else stops the pipeline), never leave it waiting forever.
+            except BaseException as exc:
                 ran, error = None, exc
             try:
                 loop.call_soon_threadsafe(_resolve, future, ran, error)
             except RuntimeError:  # the loop is closed: nobody waits for this run any more
                 log.debug("model worker %s: loop closed, run result dropped", self._name)
-                return
 
 
-def _resolve(future: asyncio.Future[Ran], ran: Ran | None, error: Exception | None) -> None:
+def _resolve(future: asyncio.Future[Ran], ran: Ran | None, error: BaseException | None) -> None:
     if future.done():  # cancelled meanwhile (the pipeline stopped)
         return
     if error is not None:

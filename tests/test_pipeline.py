@@ -9,8 +9,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from devservers import Mosquitto
 from edge_node.dataset import DigitsSplit
@@ -22,6 +24,7 @@ from edge_node.outbox import Outbox, OutMessage
 from edge_node.pipeline import Pipeline
 from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
+from edge_node.sources import DirectorySource, InputIds
 from edge_node.telemetry import Window
 from schemas import Results, Telemetry, Topics, decode_for_topic
 from tests.edge_harness import RunningNode, edge_config, wait_connected
@@ -226,3 +229,79 @@ async def test_batches_share_a_commit_under_load_and_a_lone_input_is_not_held_ba
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await outbox.close()
+
+
+class _SlowClassifier(Classifier):
+    """The demo model taking `delay_s` per run (a stand-in for a heavy model), recording when runs end."""
+
+    delay_s = 0.3
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_ends: list[float] = []
+
+    def predict(self, batch: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        time.sleep(self.delay_s)  # the worker thread's run, not the event loop
+        probs = super().predict(batch)
+        self.run_ends.append(time.monotonic())
+        return probs
+
+
+async def test_a_slow_models_next_run_does_not_hold_back_the_last_ones_results(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """A batch whose successor is already in inference waits at most COMMIT_GROUP_S for company,
+    not for that whole (here 300 ms) run."""
+    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, max_batch=1))
+    outbox = await Outbox.open(tmp_path / "outbox.sqlite", 10**8)
+    s = config.sampling
+    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, 0)
+    window = Window(config.telemetry.max_features, time.time())
+    classifier = _SlowClassifier.load(demo_models["edge"].path)
+    pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
+    queue = Intake(maxsize=8)
+    loop = asyncio.get_running_loop()
+    done_at: dict[str, float] = {}
+
+    def record(item: InputItem, ok: bool) -> None:
+        done_at[item.input_id] = time.monotonic()
+
+    for name in ("first", "second"):  # two batches of one: the second is in inference when the first ends
+        queue.put_nowait(InputItem(name, digits.X_test[0].astype(np.float32), loop.time(), on_done=record))
+    task = asyncio.create_task(pipeline.run(queue))
+    try:
+        await asyncio.wait_for(queue.join(), WAIT_S)
+        first_run_end, second_run_end = classifier.run_ends[-2:]
+        assert done_at["first"] < second_run_end, "the first input's commit waited for the second run"
+        assert done_at["first"] - first_run_end < _SlowClassifier.delay_s / 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await outbox.close()
+
+
+async def test_a_directory_backlog_is_read_no_faster_than_the_intake_takes_it(tmp_path: Path) -> None:
+    """After downtime the inbox may hold many files: they are read as the intake has room, not all
+    into memory (and with the loop blocked) at once."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(50):
+        np.save(inbox / f"x-{i:02d}.npy", np.full(64, i, np.float32))
+    queue = Intake(maxsize=4)
+    source = DirectorySource(queue, InputIds(), inbox, poll_s=0.05)
+    task = asyncio.create_task(source.run())
+    try:
+        await _until(queue.full, "the intake filled by the source")
+        read = len(source._seen)  # files read so far (the source's own record of them)
+        assert read <= queue.maxsize + 1, f"{read} files read for an intake of {queue.maxsize}"
+        taken = queue.get_batch_nowait(100)
+        while len(taken) < 50:  # the rest follow as the intake empties, in order
+            await queue.nonempty()
+            taken += queue.get_batch_nowait(100)
+        assert [item.source_ref for item in taken] == [f"file:x-{i:02d}.npy" for i in range(50)]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
