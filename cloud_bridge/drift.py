@@ -12,7 +12,8 @@ telemetry windows) with a *baseline*:
 * feature drift: a two-sample z-score per pooled input feature, (mean_recent - mean_base) /
   sqrt(std_base^2/n_base + std_recent^2/n_recent); the score is the fraction of features whose
   |z| exceeds `feature_z` (the n-correction makes a fixed z mean the same at any window size).
-* latency: the median of the recent windows' p95 against a limit that is `latency_ratio_high` times
+* latency: the median of the recent windows' p95 of the answers final at the edge (the device's own
+  speed; all answers from devices that do not report it) against a limit that is `latency_ratio_high` times
   the baseline p95 (never below `latency_floor_ms`, so micro-second jitter does not page anyone)
   and never above the absolute `latency_budget_ms`: either breach is an anomaly. Score and
   threshold are both in milliseconds.
@@ -85,7 +86,9 @@ class WindowStats:
     def from_body(cls, body: Mapping[str, Any]) -> WindowStats:
         """From a telemetry message as builtins (the TelemetryRow body): no second decode on the hot path."""
         conf = body.get("confidence")
-        lat = body.get("latency_ms")
+        # The device's own speed: answers final at the edge. With more than 5% escalated, the p95
+        # of all answers is the cloud round trip's, which is neither the device's nor stable.
+        lat = body.get("edge_latency_ms") or body.get("latency_ms")  # older devices: all answers
         feats = body.get("features")
         mean = std = None
         n = 0

@@ -11,7 +11,8 @@ Metrics, each compared canary vs control over the stage window (telemetry `count
   (judged only once both sides have min_answered answered escalations)
 * confidence_mean = confidence.mean weighted by count: fails when control - canary > max_confidence_drop
 * rejection_rate = rejected / (count + rejected): fails when canary - control > max_rejection_rate_increase
-* latency_p95_ms = latency_ms.p95 weighted by count: fails when
+* latency_p95_ms = edge_latency_ms.p95 (answers final at the edge: the model's own speed; latency_ms
+  from devices that do not send it) weighted by count: fails when
   canary > control * max_latency_p95_ratio + latency_p95_slack_ms
 * install failures = rejected/health_failed/rolled_back/failed/timeout acks of a stage's devices:
   fails when failed / devices > max_install_failure_rate
@@ -155,7 +156,7 @@ def aggregate(bodies: Iterable[Mapping[str, Any]]) -> GroupStats:
         if confidence is not None and n:
             conf_sum += float(confidence["mean"]) * n
             conf_n += n
-        latency = body.get("latency_ms")
+        latency = body.get("edge_latency_ms") or body.get("latency_ms")  # the model's own speed first
         if latency is not None and n:
             lat_sum += float(latency["p95"]) * n
             lat_n += n

@@ -86,6 +86,13 @@ def telemetry_lines(message: Telemetry) -> list[str]:
             f"latency_p99={format_field(lat.p99)}",
             f"latency_max={format_field(lat.max)}",
         ]
+    if message.edge_latency_ms is not None:
+        edge = message.edge_latency_ms
+        fields += [
+            f"edge_latency_p50={format_field(edge.p50)}",
+            f"edge_latency_p95={format_field(edge.p95)}",
+            f"edge_latency_p99={format_field(edge.p99)}",
+        ]
     if message.confidence is not None:
         conf = message.confidence
         fields += [f"confidence_mean={format_field(conf.mean)}", f"confidence_p05={format_field(conf.p05)}"]

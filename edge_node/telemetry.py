@@ -63,6 +63,7 @@ class Window:
     max_features: int
     started: float
     latencies_ms: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    edge_latencies_ms: list[npt.NDArray[np.float64]] = field(default_factory=list)  # path "edge" only
     confidences: list[npt.NDArray[np.float32]] = field(default_factory=list)
     entropies: list[npt.NDArray[np.float32]] = field(default_factory=list)
     classes: Counter[str] = field(default_factory=Counter)
@@ -102,6 +103,8 @@ class Window:
         self.classes.update(labels)
         self.paths[path] += len(labels)
         self.latencies_ms.append(latencies_ms)
+        if path == "edge":
+            self.edge_latencies_ms.append(latencies_ms)
 
     def features(self) -> FeatureStats | None:
         if self.feature_n == 0 or self.feature_sum is None or self.feature_sumsq is None:
@@ -115,10 +118,10 @@ def _floats(values: npt.NDArray[Any]) -> list[float]:
     return [round(float(v), 6) for v in values]
 
 
-def _latency(window: Window) -> LatencyStats | None:
-    if not window.latencies_ms:
+def _latency(parts: list[npt.NDArray[np.float64]]) -> LatencyStats | None:
+    if not parts:
         return None
-    lat = np.concatenate(window.latencies_ms)
+    lat = np.concatenate(parts)
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     return LatencyStats(
         p50=round(float(p50), 4),
@@ -193,7 +196,8 @@ def build_telemetry(
         count=window.count,
         rejected=sum(window.rejected.values()),
         rejected_reasons=dict(window.rejected),
-        latency_ms=_latency(window),
+        latency_ms=_latency(window.latencies_ms),
+        edge_latency_ms=_latency(window.edge_latencies_ms),
         confidence=confidence,
         entropy=entropy,
         class_counts=dict(window.classes),

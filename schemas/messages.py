@@ -170,7 +170,13 @@ class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
     count: Annotated[int, Meta(ge=0, description="inferences finished in the window")]
     rejected: Annotated[int, Meta(ge=0, description="inputs refused (bad shape/dtype/NaN/undecodable)")] = 0
     rejected_reasons: Counts = field(default_factory=dict)
-    latency_ms: LatencyStats | None = None
+    latency_ms: Annotated[
+        LatencyStats | None, Meta(description="every final answer, accepted -> final (cloud round trips included)")
+    ] = None
+    edge_latency_ms: Annotated[
+        LatencyStats | None,
+        Meta(description="answers final at the edge only: the device's own speed, without cloud round trips"),
+    ] = None
     confidence: ConfidenceStats | None = None
     entropy: EntropyStats | None = None
     class_counts: Counts = field(default_factory=dict)

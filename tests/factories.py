@@ -88,6 +88,7 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             rejected=2,
             rejected_reasons={"shape": 1, "nonfinite": 1},
             latency_ms=LatencyStats(p50=0.1, p95=0.3, p99=0.5, max=1.2, mean=0.15),
+            edge_latency_ms=LatencyStats(p50=0.09, p95=0.2, p99=0.25, max=0.3, mean=0.1),
             confidence=ConfidenceStats(mean=0.93, p05=0.61, min=0.31),
             entropy=EntropyStats(mean=0.2, p95=0.9, max=1.4),
             class_counts={"3": 40, "8": 60},

@@ -161,6 +161,21 @@ def test_latency_breaches_either_the_ratio_to_baseline_or_the_absolute_budget() 
     assert tiny["latency"].score < tiny["latency"].high  # 50x a 10 us baseline is still under the 1 ms floor
 
 
+def test_latency_is_the_devices_own_edge_latency_when_the_device_reports_it() -> None:
+    """With more than 5% of answers escalated, the p95 of all answers is the cloud round trip's:
+    drift judges the answers final at the edge, and all answers only for devices without them."""
+    body: dict[str, Any] = {
+        "window_start": 0.0,
+        "window_end": 10.0,
+        "count": 100,
+        "latency_ms": {"p50": 1.0, "p95": 45.0, "p99": 60.0, "max": 80.0, "mean": 5.0},
+        "edge_latency_ms": {"p50": 0.8, "p95": 1.2, "p99": 1.5, "max": 2.0, "mean": 0.9},
+    }
+    assert WindowStats.from_body(body).latency_p95 == 1.2
+    older = {k: v for k, v in body.items() if k != "edge_latency_ms"}
+    assert WindowStats.from_body(older).latency_p95 == 45.0
+
+
 def test_feature_z_scores_account_for_sample_size() -> None:
     base = [window(10.0 * i, count=100, mean=5.0) for i in range(1, 11)]  # 1000 samples, std 1
     small = scores_by_kind(base, [window(200.0, count=200, mean=5.3), window(210.0, count=1, mean=5.3)])

@@ -39,6 +39,7 @@ def test_telemetry_lines_cover_the_window() -> None:
     tags = "device=dev-1,fleet=f1,model=digits-edge,model_version=1.0.0"
     assert lines[0].startswith(f"inference,{tags} count=100i,rejected=2i,latency_p50=0.1,")
     assert "escalations_timed_out=2i" in lines[0] and "outbox_evicted=1i" in lines[0]
+    assert "edge_latency_p95=0.2," in lines[0]
     assert f"class_counts,class=3,{tags} count=40i {ts}" in lines
     assert lines[-1] == f"device_status,{tags} online=1i {ts}"
 
@@ -80,6 +81,7 @@ async def test_telemetry_lands_in_victoria_with_tags_fields_and_window_end(
     tags = (("device", "dev-9"), ("fleet", "f1"), ("model", "digits-edge"), ("model_version", "1.0.0"))
     assert await asyncio.to_thread(series, victoria, "inference_count") == {tags: [(ts, 100.0)]}
     assert await asyncio.to_thread(series, victoria, "inference_latency_p99") == {tags: [(ts, 0.5)]}
+    assert await asyncio.to_thread(series, victoria, "inference_edge_latency_p95") == {tags: [(ts, 0.2)]}
     assert await asyncio.to_thread(series, victoria, "inference_confidence_p05") == {tags: [(ts, 0.61)]}
     assert await asyncio.to_thread(series, victoria, "device_status_online") == {tags: [(ts, 1.0)]}
     classes = await asyncio.to_thread(series, victoria, "class_counts_count")

@@ -126,6 +126,12 @@ async def test_escalations_answered_by_the_cloud_model_improve_accuracy(
     tele = telemetry[-1]
     assert tele.count == len(X)
     assert tele.escalations.sent == tele.escalations.answered == len(escalated)
+    # The device's own speed leaves the cloud round trips out: the slowest edge answer is faster
+    # than the slowest answer overall, which came back from the cloud.
+    assert tele.edge_latency_ms is not None and tele.latency_ms is not None
+    slowest_cloud = max(r.latency_ms for r in escalated)
+    assert tele.latency_ms.max == pytest.approx(max(slowest_cloud, tele.edge_latency_ms.max), abs=1e-3)
+    assert tele.edge_latency_ms.max == pytest.approx(max(r.latency_ms for r in results if r.path == "edge"), abs=1e-3)
     assert tele.escalations.agreed == sum(r.edge_label == r.cloud_label for r in escalated)
     fallbacks = [(r.inference_id, r.fallback_reason) for r in results if r.path == "edge_fallback"]
     assert tele.paths == {"edge": len(X) - len(escalated), "cloud": len(escalated)}, (
@@ -229,6 +235,7 @@ async def test_telemetry_numbers_match_a_known_sequence(
     assert tele.confidence.min == pytest.approx(float(d.confidence.min()), abs=1e-5)
     assert tele.entropy.mean == pytest.approx(float(d.entropy.mean()), abs=1e-4)
     assert tele.latency_ms.p50 <= tele.latency_ms.p95 <= tele.latency_ms.p99 <= tele.latency_ms.max
+    assert tele.edge_latency_ms == tele.latency_ms  # escalation off: every answer was final at the edge
     assert tele.features is not None and tele.features.dims == 64 and len(tele.features.mean) == 16
     pooled = X.reshape(200, 16, 4).mean(axis=2)
     assert np.allclose(tele.features.mean, pooled.mean(axis=0), atol=1e-4)
