@@ -78,21 +78,14 @@ def telemetry_lines(message: Telemetry) -> list[str]:
     )
     ts = f" {round(message.window_end * 1000)}"
     fields: list[str] = [f"count={format_field(message.count)}", f"rejected={format_field(message.rejected)}"]
-    if message.latency_ms is not None:
-        lat = message.latency_ms
-        fields += [
-            f"latency_p50={format_field(lat.p50)}",
-            f"latency_p95={format_field(lat.p95)}",
-            f"latency_p99={format_field(lat.p99)}",
-            f"latency_max={format_field(lat.max)}",
-        ]
-    if message.edge_latency_ms is not None:
-        edge = message.edge_latency_ms
-        fields += [
-            f"edge_latency_p50={format_field(edge.p50)}",
-            f"edge_latency_p95={format_field(edge.p95)}",
-            f"edge_latency_p99={format_field(edge.p99)}",
-        ]
+    for prefix, lat in (("latency", message.latency_ms), ("edge_latency", message.edge_latency_ms)):
+        if lat is not None:
+            fields += [
+                f"{prefix}_p50={format_field(lat.p50)}",
+                f"{prefix}_p95={format_field(lat.p95)}",
+                f"{prefix}_p99={format_field(lat.p99)}",
+                f"{prefix}_max={format_field(lat.max)}",
+            ]
     if message.confidence is not None:
         conf = message.confidence
         fields += [f"confidence_mean={format_field(conf.mean)}", f"confidence_p05={format_field(conf.p05)}"]

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devservers import Mosquitto
+from edge_node.config import EdgeConfig
 from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DemoModel
 from edge_node.escalation import Escalations
@@ -140,38 +141,23 @@ def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
     assert cost.for_model("model-b").estimate(64) is None  # a switched model is measured afresh
 
 
-async def test_queue_join_means_every_answer_is_committed(
-    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
-) -> None:
-    """The SIGTERM drain awaits `queue.join()`: with commits overlapping the next batches, an input
-    must still count as done only once its result is in the file."""
-    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
-    outbox = await Outbox.open(tmp_path / "outbox.sqlite", 10**8)
+def _batch1(config: EdgeConfig) -> EdgeConfig:
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, max_batch=1))
+
+
+@contextlib.asynccontextmanager
+async def _running_pipeline(
+    config: EdgeConfig, classifier: Classifier, queue: Intake, *, sample_budget: int = 0
+) -> AsyncIterator[Pipeline]:
+    """A Pipeline over a real outbox at config.outbox.path, run on `queue` until the block ends."""
+    outbox = await Outbox.open(config.outbox.path, 10**8)
     s = config.sampling
-    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, s.max_per_minute)
+    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, sample_budget)
     window = Window(config.telemetry.max_features, time.time())
-    classifier = Classifier.load(demo_models["edge"].path)
     pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
-    queue = Intake(maxsize=4 * config.model.max_batch)
-    answered: list[str] = []
-    n = 1000
     task = asyncio.create_task(pipeline.run(queue))
     try:
-        loop = asyncio.get_running_loop()
-        for i in range(n):  # fast enough to fill the queue: micro-batches, several commits in flight
-            x = digits.X_test[i % len(digits.X_test)].astype(np.float32)
-            await queue.put(
-                InputItem(f"in-{i}", x, loop.time(), on_done=lambda item, ok: answered.append(item.input_id))
-            )
-        await asyncio.wait_for(queue.join(), WAIT_S)
-        # Read with a second connection, as a restarted node would: only committed rows are visible.
-        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results'").fetchall()
-        stored = [
-            a.inference_id for topic, payload in rows for a in Answered.of(decode_for_topic(Topics(), topic, payload))
-        ]
-        assert sorted(stored) == sorted(f"in-{i}" for i in range(n))
-        assert len(answered) == n and pipeline.processed == n
+        yield pipeline
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -179,35 +165,61 @@ async def test_queue_join_means_every_answer_is_committed(
         await outbox.close()
 
 
+def _stored_answer_ids(outbox_path: Path) -> list[str]:
+    """Answer ids in the outbox file, read with a second connection as a restarted node would:
+    only committed rows are visible."""
+    with contextlib.closing(sqlite3.connect(outbox_path)) as db:
+        rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results'").fetchall()
+    return sorted(
+        a.inference_id for topic, payload in rows for a in Answered.of(decode_for_topic(Topics(), topic, payload))
+    )
+
+
+async def test_queue_join_means_every_answer_is_committed(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """The SIGTERM drain awaits `queue.join()`: with commits overlapping the next batches, an input
+    must still count as done only once its result is in the file."""
+    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
+    queue = Intake(maxsize=4 * config.model.max_batch)
+    classifier = Classifier.load(demo_models["edge"].path)
+    answered: list[str] = []
+    n = 1000
+    budget = config.sampling.max_per_minute
+    async with _running_pipeline(config, classifier, queue, sample_budget=budget) as pipeline:
+        loop = asyncio.get_running_loop()
+        for i in range(n):  # fast enough to fill the queue: micro-batches, several commits in flight
+            x = digits.X_test[i % len(digits.X_test)].astype(np.float32)
+            await queue.put(
+                InputItem(f"in-{i}", x, loop.time(), on_done=lambda item, ok: answered.append(item.input_id))
+            )
+        await asyncio.wait_for(queue.join(), WAIT_S)
+        assert _stored_answer_ids(config.outbox.path) == sorted(f"in-{i}" for i in range(n))
+        assert len(answered) == n and pipeline.processed == n
+
+
 async def test_batches_share_a_commit_under_load_and_a_lone_input_is_not_held_back(
     demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
 ) -> None:
     """A burst at batch 1 is committed in groups of batches (one SQLite transaction and writer hop
     each), yet an input that arrives alone is committed without waiting for company."""
-    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, max_batch=1))
-    outbox = await Outbox.open(tmp_path / "outbox.sqlite", 10**8)
-    commits = 0
-    put_many = outbox.put_many
-
-    async def counting_put_many(msgs: Iterable[OutMessage]) -> None:
-        nonlocal commits
-        commits += 1
-        await put_many(msgs)
-
-    outbox.put_many = counting_put_many  # type: ignore[method-assign]  # counts, then the real commit
-    s = config.sampling
-    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, 0)
-    window = Window(config.telemetry.max_features, time.time())
-    classifier = Classifier.load(demo_models["edge"].path)
-    pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
+    config = _batch1(edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False}))
     queue = Intake(maxsize=1000)
     loop = asyncio.get_running_loop()
     n = 500
     for i in range(n):  # queued before the pipeline starts: it never runs out of work until the end
         queue.put_nowait(InputItem(f"in-{i}", digits.X_test[i].astype(np.float32), loop.time()))
-    task = asyncio.create_task(pipeline.run(queue))
-    try:
+    async with _running_pipeline(config, Classifier.load(demo_models["edge"].path), queue) as pipeline:
+        commits = 0
+        put_many = pipeline.outbox.put_many
+
+        async def counting_put_many(msgs: Iterable[OutMessage]) -> None:
+            nonlocal commits
+            commits += 1
+            await put_many(msgs)
+
+        # Installed before the pipeline task first runs (nothing awaited since it was created).
+        pipeline.outbox.put_many = counting_put_many  # type: ignore[method-assign]  # counts, then commits
         await asyncio.wait_for(queue.join(), WAIT_S)
         assert pipeline.processed == n
         assert commits < n // 2, f"{commits} commits for {n} batches of one input"
@@ -218,17 +230,7 @@ async def test_batches_share_a_commit_under_load_and_a_lone_input_is_not_held_ba
         )
         await asyncio.wait_for(lone.wait(), WAIT_S)  # no later input comes to fill its group
         assert commits == burst_commits + 1
-        with contextlib.closing(sqlite3.connect(tmp_path / "outbox.sqlite")) as db:
-            rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results'").fetchall()
-        stored = [
-            a.inference_id for topic, payload in rows for a in Answered.of(decode_for_topic(Topics(), topic, payload))
-        ]
-        assert sorted(stored) == sorted([*(f"in-{i}" for i in range(n)), "lone"])
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await outbox.close()
+        assert _stored_answer_ids(config.outbox.path) == sorted([*(f"in-{i}" for i in range(n)), "lone"])
 
 
 class _SlowClassifier(Classifier):
@@ -252,14 +254,8 @@ async def test_a_slow_models_next_run_does_not_hold_back_the_last_ones_results(
 ) -> None:
     """A batch whose successor is already in inference waits at most COMMIT_GROUP_S for company,
     not for that whole (here 300 ms) run."""
-    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, max_batch=1))
-    outbox = await Outbox.open(tmp_path / "outbox.sqlite", 10**8)
-    s = config.sampling
-    sampler = UncertaintySampler(s.entropy_threshold, s.margin_threshold, 0)
-    window = Window(config.telemetry.max_features, time.time())
+    config = _batch1(edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False}))
     classifier = _SlowClassifier.load(demo_models["edge"].path)
-    pipeline = Pipeline(config, classifier, outbox, Escalations(8), sampler, lambda: window, lambda: False)
     queue = Intake(maxsize=8)
     loop = asyncio.get_running_loop()
     done_at: dict[str, float] = {}
@@ -269,17 +265,11 @@ async def test_a_slow_models_next_run_does_not_hold_back_the_last_ones_results(
 
     for name in ("first", "second"):  # two batches of one: the second is in inference when the first ends
         queue.put_nowait(InputItem(name, digits.X_test[0].astype(np.float32), loop.time(), on_done=record))
-    task = asyncio.create_task(pipeline.run(queue))
-    try:
+    async with _running_pipeline(config, classifier, queue):
         await asyncio.wait_for(queue.join(), WAIT_S)
         first_run_end, second_run_end = classifier.run_ends[-2:]
         assert done_at["first"] < second_run_end, "the first input's commit waited for the second run"
         assert done_at["first"] - first_run_end < _SlowClassifier.delay_s / 2
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await outbox.close()
 
 
 async def test_a_directory_backlog_is_read_no_faster_than_the_intake_takes_it(tmp_path: Path) -> None:
