@@ -352,7 +352,7 @@ class Pipeline:
         tally = self._window().escalations
         # Plain Python lists once per batch: indexing numpy per input costs a scalar object each.
         top1 = decision.top1.tolist()
-        confidence = np.clip(decision.confidence, 0.0, 1.0).tolist()
+        confidence = decision.confidence.tolist()  # within [0, 1] (decide)
         # Positions in the batch of the edge answers and of `finals`, kept only when both exist.
         edge: list[int] = []
         fallback: list[int] = []

@@ -64,6 +64,26 @@ def _expected_confident(model: DemoModel, X: np.ndarray, threshold: float) -> np
     return decide(probs, threshold).confident
 
 
+def test_decide_measures_each_row_and_keeps_probabilities_in_range() -> None:
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # confident
+            [0.4, 0.35, 0.25],  # unsure, small margin
+            [1.0000001, 0.0, 0.0],  # a "probabilities" model overshooting by a rounding error
+        ],
+        np.float32,
+    )
+    d = decide(probs, 0.6)
+    assert d.top1.tolist() == [0, 0, 0]
+    assert d.confident.tolist() == [True, False, True]
+    assert d.confidence.dtype == d.margin.dtype == d.entropy.dtype == np.float32
+    assert d.confidence.tolist() == pytest.approx([0.7, 0.4, 1.0])
+    assert d.margin.tolist() == pytest.approx([0.5, 0.05, 1.0])
+    assert 0 <= d.confidence.max() <= 1 and 0 <= d.margin.max() <= 1
+    expected = [-sum(p * np.log(p) for p in row if p > 0) for row in probs.astype(np.float64)]
+    assert d.entropy.tolist() == pytest.approx([max(e, 0.0) for e in expected], abs=1e-5)
+
+
 @pytest.mark.parametrize("threshold", [0.7, 0.95])
 async def test_routing_follows_the_model_probabilities(
     mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path, threshold: float
