@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from edge_node.intake import InputItem, Intake, IntakeFull
+from edge_node.sources import InputIds, MqttInputSource
+from schemas import Input, encode, encode_tensor, new_msg_id
 
 
 def _items(n: int, prefix: str = "in") -> list[InputItem]:
@@ -84,3 +87,24 @@ async def test_a_waiting_consumer_wakes_on_the_first_input() -> None:
     await intake.put(_items(1)[0])
     await asyncio.wait_for(consumer, 5)
     assert intake.qsize() == 1
+
+
+async def test_the_mqtt_source_drops_and_counts_what_a_full_intake_cannot_take() -> None:
+    """The MQTT source must never block the connection behind inference: an input that finds the
+    intake full is dropped and counted (telemetry reports it as rejected 'overloaded')."""
+    intake = Intake(maxsize=2)
+    source = MqttInputSource(intake, InputIds())
+    for i in range(5):
+        payload = encode(
+            Input(
+                msg_id=new_msg_id(),
+                fleet_id="f1",
+                device_id="dev-1",
+                ts=time.time(),
+                input_id=f"in-{i}",
+                tensor=encode_tensor(np.zeros(64, np.float32)),
+            )
+        )
+        source.offer(payload, "fleet/f1/dev-1/input")
+    assert source.overloaded == 3
+    assert _ids(intake.get_batch_nowait(5)) == ["in-0", "in-1"]  # the first ones kept, in order
