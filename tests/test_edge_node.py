@@ -290,7 +290,13 @@ async def test_offline_falls_back_locally_and_delivers_after_the_broker_returns(
     assert unsure and all((r.path, r.fallback_reason) == ("edge_fallback", "offline") for r in unsure)
 
 
-def test_sigterm_drains_and_exits_zero(mosquitto: Mosquitto, demo_models: dict[str, DemoModel], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "rate_hz",
+    [200, 20_000],  # one input at a time; a replay far ahead of the model (micro-batches, shared commits)
+)
+def test_sigterm_drains_and_exits_zero(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], tmp_path: Path, rate_hz: int
+) -> None:
     config_file = tmp_path / "edge.toml"
     config_file.write_text(f"""
 [mqtt]
@@ -308,7 +314,8 @@ path = "outbox.sqlite"
 interval_s = 60
 [source]
 kind = "replay"
-rate_hz = 200
+rate_hz = {rate_hz}
+loop = true
 """)
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         proc = subprocess.Popen(
