@@ -240,9 +240,10 @@ class Pipeline:
         sampling, results, outbox), the next already runs in the worker, so the model never waits
         for the loop's Python work. The next batch is formed from what waits in the queue when
         there is room for it; with an idle queue, an input starts the moment it arrives.
-        Up to COMMITS_IN_FLIGHT batches' outbox commits run while the next batches are inferred.
-        An input is `task_done` only once its batch's messages are committed, so `queue.join()`
-        (the SIGTERM drain) still means: everything taken is answered and durable.
+        Finished batches share a commit under load (`_Group`, COMMIT_GROUP_S), and up to
+        COMMITS_IN_FLIGHT commits run while the next batches are inferred. An input is
+        `task_done` only once its batch's messages are committed, so `queue.join()` (the SIGTERM
+        drain) still means: everything taken is answered and durable.
         """
         started: deque[_Started] = deque()
         commits: deque[asyncio.Task[None]] = deque()
