@@ -12,11 +12,11 @@ telemetry windows) with a *baseline*:
 * feature drift: a two-sample z-score per pooled input feature, (mean_recent - mean_base) /
   sqrt(std_base^2/n_base + std_recent^2/n_recent); the score is the fraction of features whose
   |z| exceeds `feature_z` (the n-correction makes a fixed z mean the same at any window size).
-* latency: the median of the recent windows' p95 of the answers final at the edge (the device's own
-  speed; all answers from devices that do not report it) against a limit that is `latency_ratio_high` times
-  the baseline p95 (never below `latency_floor_ms`, so micro-second jitter does not page anyone)
-  and never above the absolute `latency_budget_ms`: either breach is an anomaly. Score and
-  threshold are both in milliseconds.
+* latency: the median of the recent windows' p95 of the answers final at the edge (the device's
+  own speed; all answers from devices that do not report it, see `own_latency`) against a limit
+  that is `latency_ratio_high` times the baseline p95 (never below `latency_floor_ms`, so
+  micro-second jitter does not page anyone) and never above the absolute `latency_budget_ms`:
+  either breach is an anomaly. Score and threshold are both in milliseconds.
 
 Nothing is scored before the recent pool holds `min_samples` inferences (and the baseline as many).
 
@@ -70,6 +70,14 @@ class DriftSettings:
 
 
 # ---- one telemetry window, as drift needs it ------------------------------------------------------
+def own_latency(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The latency stats of a telemetry body (builtins) that measure the device itself: its answers
+    final at the edge. With more than 5% escalated, the p95 of all answers is the cloud round trip's,
+    neither the device's nor stable; devices on older software send only that one."""
+    lat = body.get("edge_latency_ms") or body.get("latency_ms")
+    return lat if isinstance(lat, Mapping) else None
+
+
 @dataclass(frozen=True)
 class WindowStats:
     window_start: float
@@ -86,9 +94,7 @@ class WindowStats:
     def from_body(cls, body: Mapping[str, Any]) -> WindowStats:
         """From a telemetry message as builtins (the TelemetryRow body): no second decode on the hot path."""
         conf = body.get("confidence")
-        # The device's own speed: answers final at the edge. With more than 5% escalated, the p95
-        # of all answers is the cloud round trip's, which is neither the device's nor stable.
-        lat = body.get("edge_latency_ms") or body.get("latency_ms")  # older devices: all answers
+        lat = own_latency(body)
         feats = body.get("features")
         mean = std = None
         n = 0

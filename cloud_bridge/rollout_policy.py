@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cloud_bridge.drift import own_latency
+
 Verdict = Literal["wait", "hold", "promote", "rollback"]
 
 # Ack states that end an install attempt; everything else is still in progress.
@@ -156,7 +158,7 @@ def aggregate(bodies: Iterable[Mapping[str, Any]]) -> GroupStats:
         if confidence is not None and n:
             conf_sum += float(confidence["mean"]) * n
             conf_n += n
-        latency = body.get("edge_latency_ms") or body.get("latency_ms")  # the model's own speed first
+        latency = own_latency(body)
         if latency is not None and n:
             lat_sum += float(latency["p95"]) * n
             lat_n += n
