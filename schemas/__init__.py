@@ -47,7 +47,7 @@ from schemas.messages import (
     TopK,
     schema_name,
 )
-from schemas.msgid import msg_id_time, new_msg_id, new_msg_ids
+from schemas.msgid import msg_id_time, new_msg_id
 from schemas.tensor import decode_tensor, encode_tensor
 from schemas.topics import AlertsTopic, Channel, DeviceTopic, ModelTopic, Topics, validate_id
 
@@ -102,7 +102,6 @@ __all__ = [
     "max_bytes_for",
     "msg_id_time",
     "new_msg_id",
-    "new_msg_ids",
     "schema_name",
     "to_builtins",
     "validate_id",

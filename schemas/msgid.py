@@ -33,13 +33,6 @@ def new_msg_id(now_ns: int | None = None) -> str:
     return _format(ns, int.from_bytes(os.urandom(8), "big"))
 
 
-def new_msg_ids(count: int) -> list[str]:
-    """`count` new ids with one clock read and one read of the random source (for a whole batch)."""
-    ns = time.time_ns()
-    rand = os.urandom(8 * count)
-    return [_format(ns + i, int.from_bytes(rand[8 * i : 8 * i + 8], "big")) for i in range(count)]
-
-
 def msg_id_time(msg_id: str) -> float:
     """Unix time in seconds encoded in a UUIDv7 message id (millisecond precision)."""
     return (uuid.UUID(msg_id).int >> 80) / 1000.0
