@@ -73,12 +73,12 @@ class Intake:
     def put_nowait(self, item: InputItem) -> None:
         if len(self._items) >= self.maxsize:
             raise IntakeFull(f"the intake holds {len(self._items)} inputs, its bound")
-        self._add_one(item)
+        self._add((item,))
 
     async def put(self, item: InputItem) -> None:
         while len(self._items) >= self.maxsize:
             await self._wait(self._putters)
-        self._add_one(item)
+        self._add((item,))
 
     async def put_many(self, items: Sequence[InputItem]) -> None:
         """Put every item, in order, as room frees up (a long sequence goes in over several batches)."""
@@ -95,15 +95,6 @@ class Intake:
             self._finished.clear()
         self._items.extend(items)
         self._unfinished += len(items)
-        if self._getters:
-            _wake_one(self._getters)
-
-    def _add_one(self, item: InputItem) -> None:
-        # `_add` for a single input without building a sequence: the MQTT source's path, per message.
-        if not self._unfinished:
-            self._finished.clear()
-        self._items.append(item)
-        self._unfinished += 1
         if self._getters:
             _wake_one(self._getters)
 

@@ -295,7 +295,7 @@ class Pipeline:
 
     async def _store(self, group: list[_Batch]) -> None:
         """Commit the group's messages in one transaction, then tell the sources its inputs are answered."""
-        out = group[0].out if len(group) == 1 else [msg for batch in group for msg in batch.out]
+        out = [msg for batch in group for msg in batch.out]
         if out:
             try:
                 await self.outbox.put_many(out)

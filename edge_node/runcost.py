@@ -63,7 +63,8 @@ class RunCost:
 
     def inline(self, rows: int) -> bool:
         """Whether a batch of `rows` should run inline: in a try, measured inline under the budget,
-        or due for a try (never tried, or REPROBE worker runs since) and cheap enough in the worker."""
+        or due for a try (never tried, or `reprobe` worker runs since the last) and cheap enough in
+        the worker."""
         bucket = self._buckets.get(self._bucket_of(rows))
         if bucket is None:
             return False

@@ -1,8 +1,8 @@
 """Where inputs come from: an MQTT input topic, a watched directory, or a dataset replay.
 
-Every source turns what it reads into `InputItem`s on the pipeline's bounded intake (edge_node/intake.py). An input
-that cannot even be read becomes an item carrying its rejection, so the pipeline counts it in
-telemetry like any other bad input and the source goes on.
+Every source turns what it reads into `InputItem`s on the pipeline's bounded intake
+(edge_node/intake.py). An input that cannot even be read becomes an item carrying its rejection, so
+the pipeline counts it in telemetry like any other bad input and the source goes on.
 """
 
 from __future__ import annotations
