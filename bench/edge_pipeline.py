@@ -191,7 +191,7 @@ def _items(rows: Inputs, ids: range, done: Completion, now: float) -> list[Input
     return [InputItem(str(i), rows[i % len(rows)], now, truth=None, source_ref=f"bench:{i}", on_done=done) for i in ids]
 
 
-async def pipeline_batch1(rig: PipelineRig, rows: Inputs, n: int, name: str = "pipeline, batch 1") -> Measurement:
+async def pipeline_batch1(rig: PipelineRig, rows: Inputs, n: int) -> Measurement:
     """One input in flight: put it, wait until the pipeline is done with it, put the next."""
     loop = asyncio.get_running_loop()
     done = Completion(n)
@@ -205,10 +205,10 @@ async def pipeline_batch1(rig: PipelineRig, rows: Inputs, n: int, name: str = "p
         starts[i] = time.perf_counter()
         rig.queue.put_nowait(item)
         await asyncio.wait_for(done.reached.wait(), timeout=10)
-    return _finish(name, done, starts, begin, cpu)
+    return _finish("pipeline, batch 1, one in flight", done, starts, begin, cpu)
 
 
-async def pipeline_stream(rig: PipelineRig, rows: Inputs, n: int, name: str | None = None) -> Measurement:
+async def pipeline_stream(rig: PipelineRig, rows: Inputs, n: int) -> Measurement:
     """The queue kept full (a source faster than the model): the pipeline batches what waits, up to
     the config's max_batch (1: every model call takes one input, as at batch 1).
 
@@ -229,8 +229,7 @@ async def pipeline_stream(rig: PipelineRig, rows: Inputs, n: int, name: str | No
         await rig.queue.put_many(items)
     await asyncio.wait_for(done.reached.wait(), timeout=120)
     max_batch = rig.pipeline.config.model.max_batch
-    if name is None:
-        name = f"pipeline, micro-batched (max_batch={max_batch})" if max_batch > 1 else "pipeline, batch 1, streaming"
+    name = f"pipeline, micro-batched (max_batch={max_batch})" if max_batch > 1 else "pipeline, batch 1, streaming"
     return _finish(name, done, starts, begin, cpu)
 
 
@@ -428,8 +427,6 @@ async def run(args: argparse.Namespace) -> str:
         Measurement.combine(wide_runs.stream),
         Measurement.combine(wide_runs.latency),
     )
-    latency = dataclasses.replace(latency, name="pipeline, batch 1, one in flight")
-    wide_latency = dataclasses.replace(wide_latency, name="pipeline, batch 1, one in flight")
     wide_name = f"wide MLP {wide.info.feature_shape[0]}-{wide.info.ref.name.rsplit('-', 1)[-1]}x2-10"
     return "\n".join(
         [

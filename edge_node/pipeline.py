@@ -444,7 +444,7 @@ class Pipeline:
             try:
                 rows.append((await self._worker.submit(classifier, batch[i : i + 1])).probs)
                 kept.append(i)
-            except Exception as exc:  # as in process(): this input is rejected, the rest go on
+            except Exception as exc:  # as in _finish: this input is rejected, the rest go on
                 self._model_failed([item], classifier.info, stats, exc)
         if not kept:
             return [], batch[:0], np.empty((0, len(classifier.info.labels)), np.float32)
