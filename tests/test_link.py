@@ -263,6 +263,12 @@ async def test_persistent_session_delivers_commands_sent_while_down(
         await asyncio.to_thread(publish_qos1, mosquitto.host, mosquitto.port, "dev/d1/cmd", b"first")
         first = await asyncio.wait_for(rig.inbox.get(), WAIT)
         assert (first.payload, first.qos) == (b"first", 1)
+        # The link acks `first` after its handler ran; unless that PUBACK reached the broker before
+        # the cut, the persistent session rightly redelivers `first` ahead of `while-down`. A QoS 1
+        # message the link publishes afterwards goes out on the same connection behind the PUBACK,
+        # so once the broker acked it, it has taken the PUBACK too.
+        await rig.outbox.put(status("after-first"))
+        await eventually(lambda: rig.outbox.depth == 0, what="the broker acked a message sent after the PUBACK")
         await asyncio.to_thread(proxy.refuse)
         await asyncio.to_thread(proxy.reset)
         await eventually(lambda: not rig.link.is_connected, what="link notices the reset")
