@@ -58,7 +58,7 @@ from edge_node.escalation import Escalations
 from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox
-from edge_node.pipeline import Pipeline
+from edge_node.pipeline import Pipeline, intake_size
 from edge_node.sampling import UncertaintySampler
 from edge_node.telemetry import Window
 
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 OUTBOX_MAX_BYTES = 1 << 30  # large enough that no run evicts: eviction is not what is measured
 WIDE_TARGET_MS = 1.0
 WIDE_CANDIDATES = (1024, 1536, 2048, 2560, 3072, 4096)
-QUEUE_BOUND_BATCHES = 4  # the daemon's queue holds 4 * max_batch inputs (edge_node/app.py)
 
 Inputs = Sequence[npt.NDArray[np.float32]]
 
@@ -158,7 +157,7 @@ async def running_pipeline(config: EdgeConfig, classifier: Classifier) -> AsyncI
     window = Window(config.telemetry.max_features, time.time())
     escalations = Escalations(config.routing.max_outstanding)
     pipeline = Pipeline(config, classifier, outbox, escalations, sampler, lambda: window, lambda: False)
-    queue = Intake(maxsize=QUEUE_BOUND_BATCHES * config.model.max_batch)
+    queue = Intake(maxsize=intake_size(config.model.max_batch))  # as the daemon's (edge_node/app.py)
     task = asyncio.create_task(pipeline.run(queue), name="pipeline")
     try:
         yield PipelineRig(pipeline, queue, window, sampler, outbox)

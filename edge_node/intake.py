@@ -55,6 +55,15 @@ class Intake:
         self._finished = asyncio.Event()
         self._finished.set()
 
+    def resize(self, maxsize: int) -> None:
+        """Change the bound (the pipeline sizes it to its batches). Inputs already waiting stay,
+        even past a lower bound; producers waiting for room re-check it."""
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        grew, self.maxsize = maxsize > self.maxsize, maxsize
+        while grew and self._putters:
+            _wake_one(self._putters)
+
     def qsize(self) -> int:
         return len(self._items)
 

@@ -49,6 +49,7 @@ class RunCost:
     probe_s: float = DEFAULT_PROBE_S
     key: object = None
     _buckets: dict[int, _Bucket] = field(default_factory=dict)
+    _per_row: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))  # seconds / rows
 
     @staticmethod
     def _bucket_of(rows: int) -> int:
@@ -59,6 +60,7 @@ class RunCost:
         if key is not self.key:
             self.key = key
             self._buckets.clear()
+            self._per_row.clear()
         return self
 
     def inline(self, rows: int) -> bool:
@@ -79,6 +81,7 @@ class RunCost:
 
     def record(self, rows: int, seconds: float, *, inline: bool) -> None:
         bucket = self._buckets.setdefault(self._bucket_of(rows), _Bucket())
+        self._per_row.append(seconds / max(rows, 1))
         if inline:
             bucket.inline.append(seconds)
             bucket.since_inline = 0
@@ -91,6 +94,10 @@ class RunCost:
         else:
             bucket.worker.append(seconds)
             bucket.since_inline += 1
+
+    def per_row(self) -> float | None:
+        """The least recent cost per input of any run, inline or not (None before the first)."""
+        return min(self._per_row) if self._per_row else None
 
     def estimate(self, rows: int) -> float | None:
         """The least recent cost of this batch size's bucket (inline runs if any), if measured."""

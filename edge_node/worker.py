@@ -1,12 +1,18 @@
-"""The model's worker thread: runs `predict` off the event loop, one batch at a time, in order.
+"""The model's worker thread: runs the model off the event loop, one batch at a time, in order.
 
 `loop.run_in_executor` costs, per job, a work item, a lock and a condition in the executor, and a
 concurrent Future chained to an asyncio Future through two callbacks that take their own loop
 iterations. On a 2-vCPU VM, where every wake-up of the loop costs ~45 µs of CPU and every extra
 iteration a syscall, that is a tenth of what the loop may spend per batch-1 inference of a 1 ms
 model. Here a job is a tuple on a SimpleQueue, and its asyncio future is resolved by one
-`call_soon_threadsafe`. `predict` is timed with the worker's own CPU clock: the model's cost, not
-the hop's, which is what RunCost (edge_node/runcost.py) needs to decide what could run inline.
+`call_soon_threadsafe`. The run is timed inside the worker: the model's cost, not the hop's, which
+is what RunCost (edge_node/runcost.py) needs to decide what could run inline.
+
+The worker does nothing but the run (`Classifier.scores`): the loop turns scores into
+probabilities. Whatever the worker does between two runs delays the next one, and after a model
+that streams its weights through the caches it all runs cold (on the 1 ms MLP of
+bench/edge_pipeline.py, softmax and a CPU-clock read cost the worker ~30 µs per run, 2% of the
+model's throughput).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from edge_node.model import Classifier
@@ -29,18 +34,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Ran:
-    """A model run: the probabilities and the CPU seconds `predict` took in the thread that ran it."""
+    """A model run: its output (`Classifier.scores`) and the seconds the run took."""
 
-    probs: npt.NDArray[np.float32]
+    scores: npt.NDArray[Any]
     seconds: float
     inline: bool = False  # run on the event loop instead of the worker
 
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Ran]", Classifier, npt.NDArray[Any]]
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Ran]", Classifier, npt.NDArray[Any], int | None]
 
 
 class ModelWorker:
-    """One daemon thread running `Classifier.predict` for jobs submitted from the event loop."""
+    """One daemon thread running `Classifier.scores` for jobs submitted from the event loop."""
 
     def __init__(self, name: str = "inference") -> None:
         self._name = name
@@ -48,8 +53,10 @@ class ModelWorker:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, classifier: Classifier, batch: npt.NDArray[Any]) -> asyncio.Future[Ran]:
-        """Queue a run of `batch`; the future holds its Ran, or the exception `predict` raised."""
+    def submit(
+        self, classifier: Classifier, batch: npt.NDArray[Any], rows_per_run: int | None = None
+    ) -> asyncio.Future[Ran]:
+        """Queue a run of `batch`; the future holds its Ran, or the exception the run raised."""
         if self._closed:
             raise RuntimeError(f"model worker {self._name} is closed")
         loop = asyncio.get_running_loop()
@@ -57,7 +64,7 @@ class ModelWorker:
         if self._thread is None:  # started on first use: a pipeline that never runs owns no thread
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
-        self._jobs.put((loop, future, classifier, batch))
+        self._jobs.put((loop, future, classifier, batch, rows_per_run))
         return future
 
     def close(self) -> None:
@@ -74,10 +81,10 @@ class ModelWorker:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, future, classifier, batch = job
-            start = time.thread_time()
+            loop, future, classifier, batch, rows_per_run = job
+            start = time.perf_counter()
             try:
-                ran: Ran | None = Ran(classifier.predict(batch), time.thread_time() - start)
+                ran: Ran | None = Ran(classifier.scores(batch, rows_per_run), time.perf_counter() - start)
                 error: BaseException | None = None
             # Anything, not only Exception: a run that raised must reach its batch (a model error
             # rejects the inputs, anything else stops the pipeline), never leave it waiting forever.

@@ -52,6 +52,23 @@ async def test_put_many_longer_than_the_bound_goes_in_as_room_frees() -> None:
     assert _ids(taken) == [f"in-{i}" for i in range(10)]
 
 
+async def test_resize_keeps_what_waits_and_a_larger_bound_lets_a_waiting_producer_in() -> None:
+    intake = Intake(maxsize=4)
+    await intake.put_many(_items(4))
+    intake.resize(2)  # lower than what waits: nothing is dropped, nothing more goes in
+    assert intake.qsize() == 4 and intake.full()
+    with pytest.raises(IntakeFull):
+        intake.put_nowait(_items(1, "late")[0])
+    producer = asyncio.create_task(intake.put_many(_items(4, "more")))
+    await asyncio.sleep(0)  # the producer runs up to its wait for room
+    assert not producer.done()
+    intake.resize(8)  # room now: the waiting producer is woken and puts all four
+    await asyncio.wait_for(producer, 5)
+    assert _ids(intake.get_batch_nowait(8)) == [*(f"in-{i}" for i in range(4)), *(f"more-{i}" for i in range(4))]
+    with pytest.raises(ValueError, match="at least 1"):
+        intake.resize(0)
+
+
 async def test_join_waits_until_every_input_put_is_finished() -> None:
     intake = Intake(maxsize=8)
     await intake.put_many(_items(5))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 
 from devservers import Mosquitto
 from edge_node.config import EdgeConfig
@@ -22,7 +23,7 @@ from edge_node.escalation import Escalations
 from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutMessage
-from edge_node.pipeline import Pipeline
+from edge_node.pipeline import INTAKE_BATCHES, MAX_SERIAL_ROWS, SERIAL_JOB_S, Pipeline
 from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.sources import DirectorySource, InputIds
@@ -242,11 +243,11 @@ class _SlowClassifier(Classifier):
         super().__init__(*args, **kwargs)
         self.run_ends: list[float] = []
 
-    def predict(self, batch: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    def scores(self, batch: npt.NDArray[Any], rows_per_run: int | None = None) -> npt.NDArray[Any]:
         time.sleep(self.delay_s)  # the worker thread's run, not the event loop
-        probs = super().predict(batch)
+        scores = super().scores(batch, rows_per_run)
         self.run_ends.append(time.monotonic())
-        return probs
+        return scores
 
 
 async def test_a_slow_models_next_run_does_not_hold_back_the_last_ones_results(
@@ -295,3 +296,110 @@ async def test_a_directory_backlog_is_read_no_faster_than_the_intake_takes_it(tm
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class _RunSpy:
+    """The classifier's real ORT session, recording how many rows each `run` was given."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.rows: list[int] = []
+
+    def run(self, output_names: Any, feed: dict[str, npt.NDArray[Any]], *args: Any) -> Any:
+        self.rows.append(len(next(iter(feed.values()))))
+        return self._session.run(output_names, feed, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def _spied(classifier: Classifier) -> _RunSpy:
+    spy = _RunSpy(classifier.session)
+    classifier.session = spy  # a recording proxy of the real session
+    return spy
+
+
+def _results_messages(outbox_path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(outbox_path)) as db:
+        (count,) = db.execute("SELECT count(*) FROM outbox WHERE topic LIKE '%/results'").fetchone()
+    return int(count)
+
+
+def _fixed_batch_copy(model: Path, out: Path) -> Path:
+    """The model with its batch dimension fixed to 1, as many exported models come."""
+    proto = onnx.load(model)
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(proto, out)
+    return out
+
+
+async def _answer_backlog(
+    config: EdgeConfig, classifier: Classifier, xs: npt.NDArray[np.float32], *, intake_bound: int | None = None
+) -> list[str]:
+    """Queue every input before the pipeline starts (a backlog), run until all are committed, and
+    return the answers' labels in input order. `intake_bound`: what the pipeline must have sized
+    the intake to by the end."""
+    queue = Intake(maxsize=len(xs))
+    loop = asyncio.get_running_loop()
+    for i, x in enumerate(xs):
+        queue.put_nowait(InputItem(f"in-{i:04d}", x, loop.time()))
+    async with _running_pipeline(config, classifier, queue):
+        await asyncio.wait_for(queue.join(), WAIT_S)
+    if intake_bound is not None:
+        assert queue.maxsize == intake_bound
+    with contextlib.closing(sqlite3.connect(config.outbox.path)) as db:
+        rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results'").fetchall()
+    answers = [a for topic, payload in rows for a in Answered.of(decode_for_topic(Topics(), topic, payload))]
+    assert sorted(a.inference_id for a in answers) == [f"in-{i:04d}" for i in range(len(xs))]
+    return [a.label for a in sorted(answers, key=lambda a: a.inference_id)]
+
+
+async def test_a_one_input_model_runs_a_backlog_in_serial_jobs(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """max_batch = 1: every model run takes exactly one input, yet a backlog goes to the model (and
+    through routing, results and commit) several inputs per job, with every answer right."""
+    config = _batch1(edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False}))
+    classifier = Classifier.load(demo_models["edge"].path)
+    expected = [classifier.info.labels[k] for k in classifier.predict(digits.X_test[:300]).argmax(axis=1)]
+    spy = _spied(classifier)
+    # The demo model runs in microseconds: jobs of MAX_SERIAL_ROWS, and room for INTAKE_BATCHES of them.
+    intake_bound = INTAKE_BATCHES * MAX_SERIAL_ROWS
+    labels = await _answer_backlog(
+        config, classifier, digits.X_test[:300].astype(np.float32), intake_bound=intake_bound
+    )
+    assert labels == expected
+    assert set(spy.rows) == {1} and len(spy.rows) == 300
+    messages = _results_messages(config.outbox.path)
+    assert messages < 300 // 4, f"{messages} results messages for 300 inputs: jobs of one input"
+
+
+async def test_a_fixed_batch_model_runs_a_backlog_one_input_per_run_in_serial_jobs(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """A model exported with batch dimension 1 is never handed more, whatever max_batch says."""
+    model = _fixed_batch_copy(demo_models["edge"].path, tmp_path / "fixed.onnx")
+    config = edge_config(tmp_path, 1, model, routing={"escalate": False})  # max_batch 64
+    classifier = Classifier.load(model)
+    assert not classifier.info.dynamic_batch
+    expected = [classifier.info.labels[k] for k in classifier.predict(digits.X_test[:200]).argmax(axis=1)]
+    spy = _spied(classifier)
+    assert await _answer_backlog(config, classifier, digits.X_test[:200].astype(np.float32)) == expected
+    assert set(spy.rows) == {1} and len(spy.rows) == 200
+    assert _results_messages(config.outbox.path) < 200 // 4
+
+
+async def test_a_model_slower_than_a_serial_job_answers_each_input_on_its_own(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """Serial jobs are sized by the measured run cost: a run longer than SERIAL_JOB_S is a job of
+    its own, so no answer waits for another input's run."""
+
+    class Slow(_SlowClassifier):
+        delay_s = 2 * SERIAL_JOB_S
+
+    config = _batch1(edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False}))
+    classifier = Slow.load(demo_models["edge"].path)
+    await _answer_backlog(config, classifier, digits.X_test[:20].astype(np.float32), intake_bound=INTAKE_BATCHES)
+    assert _results_messages(config.outbox.path) == 20

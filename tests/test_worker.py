@@ -22,7 +22,7 @@ async def test_runs_in_its_own_thread_in_order_and_times_the_model(demo_models: 
     finally:
         worker.close()
     for batch, ran in zip(batches, runs, strict=True):
-        np.testing.assert_allclose(ran.probs, classifier.predict(batch), rtol=1e-6)
+        np.testing.assert_allclose(classifier.probabilities(ran.scores), classifier.predict(batch), rtol=1e-6)
         assert ran.seconds > 0 and not ran.inline
     assert threading.current_thread().name != "inference"
 
@@ -36,7 +36,7 @@ async def test_a_model_error_reaches_the_awaiting_batch_and_the_worker_goes_on(
         with pytest.raises(Exception, match=r"(?i)invalid|shape|dimension"):
             await worker.submit(classifier, np.zeros((1, 3), np.float32))  # the model takes 64 features
         ran = await worker.submit(classifier, np.zeros((1, 64), np.float32))
-        assert ran.probs.shape == (1, 10)
+        assert classifier.probabilities(ran.scores).shape == (1, 10)
     finally:
         worker.close()
 
