@@ -169,21 +169,34 @@ async def running_pipeline(config: EdgeConfig, classifier: Classifier) -> AsyncI
 
 
 class Completion:
-    """Records when each input's `on_done` fired, and wakes a waiter at a target count."""
+    """Records when each input's `on_done` fired, and wakes a waiter at a target count.
+
+    The daemon's replay source has no `on_done`, so this callback is the bench's own cost inside
+    the pipeline's rows: it only appends (half the cost of indexing an array by the parsed id,
+    ~0.1 µs per input, 2% of the micro-batched pipeline's CPU), and `ends` is built afterwards."""
 
     def __init__(self, n: int) -> None:
-        self.ends = np.zeros(n, dtype=np.float64)
+        self.n = n
+        self._ids: list[str] = []
+        self._times: list[float] = []
         self.failed = 0
-        self.count = 0
         self.target = n
         self.reached = asyncio.Event()
 
     def __call__(self, item: InputItem, ok: bool) -> None:
-        self.ends[int(item.input_id)] = time.perf_counter()
-        self.failed += not ok
-        self.count += 1
-        if self.count >= self.target:
+        self._ids.append(item.input_id)
+        self._times.append(time.perf_counter())
+        if not ok:
+            self.failed += 1
+        if len(self._ids) >= self.target:
             self.reached.set()
+
+    @property
+    def ends(self) -> npt.NDArray[np.float64]:
+        """When each input (by its index, the id `_items` gave it) was done; 0 if not yet."""
+        ends = np.zeros(self.n, dtype=np.float64)
+        ends[np.fromiter(map(int, self._ids), np.int64, len(self._ids))] = self._times
+        return ends
 
 
 def _items(rows: Inputs, ids: range, done: Completion, now: float) -> list[InputItem]:
@@ -236,7 +249,8 @@ def _finish(name: str, done: Completion, starts: npt.NDArray[np.float64], begin:
     if done.failed:
         raise RuntimeError(f"{name}: {done.failed} input(s) were rejected by the pipeline")
     cpu_seconds = time.process_time() - cpu
-    return Measurement(name, len(starts), float(done.ends.max()) - begin, done.ends - starts, cpu_seconds)
+    ends = done.ends
+    return Measurement(name, len(starts), float(ends.max()) - begin, ends - starts, cpu_seconds)
 
 
 # ---- the 1 ms model --------------------------------------------------------------------------
