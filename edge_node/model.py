@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,11 @@ class ModelInfo:
     dynamic_batch: bool
     output_kind: str  # "logits" | "probabilities"
     metadata: dict[str, str]
+
+    @property
+    def input_bytes(self) -> int:
+        """The size of one input's array."""
+        return math.prod(self.feature_shape) * self.input_dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,18 @@ SERIAL_JOB_S = 0.005
 MAX_SERIAL_ROWS = 16
 # The intake holds this many batches (or serial jobs): enough that the next one is waiting when
 # the two in inference finish. The pipeline resizes it to the jobs it forms (a model switch may
-# change them), so that an overloaded node holds no more inputs back than it needs to.
+# change them), so that an overloaded node holds no more inputs back than it needs to...
 INTAKE_BATCHES = 4
+# ...and no more than this many bytes of input arrays beyond one batch: 4 batches of 64 camera
+# frames (3x224x224 float32, 600 KB each) would be 150 MB, more than a small device has to spare.
+INTAKE_MAX_BYTES = 64 << 20
+
+
+def intake_bound(take: int, input_bytes: int) -> int:
+    """How many inputs the intake holds for batches (or serial jobs) of `take` inputs of
+    `input_bytes` each: INTAKE_BATCHES of them, fewer when that would pass INTAKE_MAX_BYTES, never
+    less than one batch."""
+    return max(take, min(INTAKE_BATCHES * take, INTAKE_MAX_BYTES // max(input_bytes, 1)))
 
 
 def intake_size(max_batch: int) -> int:
@@ -305,8 +315,9 @@ class Pipeline:
         per_run = self.config.model.max_batch if classifier.info.dynamic_batch else 1
         cost = self._cost.for_model(classifier)
         take = per_run if per_run > 1 else self._serial_rows(cost)
-        if queue.maxsize != INTAKE_BATCHES * take:
-            queue.resize(INTAKE_BATCHES * take)
+        bound = intake_bound(take, classifier.info.input_bytes)
+        if queue.maxsize != bound:
+            queue.resize(bound)
         items = queue.get_batch_nowait(take)
         stats = self.model_stats(classifier.info.ref.sha256)
         good, batch = self._check(items, classifier, stats)

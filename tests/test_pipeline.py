@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from devservers import Mosquitto
 from edge_node.config import EdgeConfig
@@ -23,7 +24,7 @@ from edge_node.escalation import Escalations
 from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutMessage
-from edge_node.pipeline import INTAKE_BATCHES, MAX_SERIAL_ROWS, SERIAL_JOB_S, Pipeline
+from edge_node.pipeline import INTAKE_BATCHES, INTAKE_MAX_BYTES, MAX_SERIAL_ROWS, SERIAL_JOB_S, Pipeline
 from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.sources import DirectorySource, InputIds
@@ -403,3 +404,41 @@ async def test_a_model_slower_than_a_serial_job_answers_each_input_on_its_own(
     classifier = Slow.load(demo_models["edge"].path)
     await _answer_backlog(config, classifier, digits.X_test[:20].astype(np.float32), intake_bound=INTAKE_BATCHES)
     assert _results_messages(config.outbox.path) == 20
+
+
+def _camera_model(path: Path, side: int = 224) -> Path:
+    """A classifier of 3 x side x side float32 frames (600 KB each at 224): global average pool,
+    then a 3 -> 10 linear layer; logits out."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.standard_normal((3, 10)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(np.zeros(10, np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["frame"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "W", "b"], ["logits"]),
+        ],
+        "camera",
+        [helper.make_tensor_value_info("frame", TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"output_kind": "logits", "model_name": "camera", "model_version": "1"})
+    onnx.save(model, path)
+    return path
+
+
+async def test_the_intake_holds_no_more_than_intake_max_bytes_of_large_inputs(tmp_path: Path) -> None:
+    """Four batches of 64 camera frames would be 150 MB waiting: the pipeline bounds the intake by
+    bytes too, yet answers every input of a backlog larger than that bound."""
+    model = _camera_model(tmp_path / "camera.onnx")
+    classifier = Classifier.load(model)
+    frame_bytes = classifier.info.input_bytes
+    assert frame_bytes == 3 * 224 * 224 * 4
+    config = edge_config(tmp_path, 1, model, routing={"escalate": False})  # max_batch 64
+    frames = np.random.default_rng(1).random((150, 3, 224, 224), dtype=np.float32)
+    bound = INTAKE_MAX_BYTES // frame_bytes
+    assert config.model.max_batch < bound < min(INTAKE_BATCHES * config.model.max_batch, len(frames))
+    expected = [classifier.info.labels[k] for k in classifier.predict(frames).argmax(axis=1)]
+    assert await _answer_backlog(config, classifier, frames, intake_bound=bound) == expected
