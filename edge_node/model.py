@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from edge_node.errors import InputRejected, ModelLoadError
 from edge_node.files import file_sha256
+from edge_node.routing import softmax_rows
 from schemas import ModelRef
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,6 @@ class ProviderReport:
         """True when a requested accelerator is not what runs the model."""
         wanted = [p for p in self.requested if p != CPU]
         return bool(wanted) and not any(p in self.active for p in wanted)
-
-
-def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted, dtype=np.float32)
-    out: npt.NDArray[np.float32] = exp / exp.sum(axis=1, keepdims=True)
-    return out
 
 
 class Classifier:
@@ -153,7 +147,7 @@ class Classifier:
         """Class probabilities [N, C] from what `scores` returned for a batch of N."""
         flat = np.asarray(scores, dtype=np.float32).reshape(scores.shape[0], -1)
         if self.info.output_kind == "logits":
-            return softmax(flat)
+            return softmax_rows(flat)
         return flat
 
     def check_input(self, value: npt.NDArray[Any]) -> npt.NDArray[Any]:

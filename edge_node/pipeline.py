@@ -37,7 +37,7 @@ from edge_node.escalation import EscalationResult, Escalations
 from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier, ModelInfo
 from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
-from edge_node.routing import BatchDecision, decide, top_k
+from edge_node.routing import BatchDecision, decide, decide_scores, top_k
 from edge_node.runcost import RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.telemetry import Window
@@ -376,11 +376,9 @@ class Pipeline:
         classifier, stats = started.classifier, started.stats
         info = classifier.info
         loop = asyncio.get_running_loop()
+        threshold = self.config.routing.confidence_threshold
         try:
             ran = await run
-            probs = classifier.probabilities(ran.scores)
-            if not ran.inline and self._cost.key is classifier:  # not a model switched out meanwhile
-                self._cost.record(len(batch), ran.seconds, inline=False)
         except Exception as exc:  # any model failure: counted, logged, the node keeps serving
             if len(good) == 1:
                 self._model_failed(good, info, stats, exc)
@@ -389,8 +387,12 @@ class Pipeline:
             good, batch, probs = await self._predict_one_by_one(classifier, good, batch, stats)
             if not good:
                 return result
+            decision = decide(probs, threshold)
+        else:
+            if not ran.inline and self._cost.key is classifier:  # not a model switched out meanwhile
+                self._cost.record(len(batch), ran.seconds, inline=False)
+            decision = decide_scores(ran.scores, info.output_kind, threshold)
         self._recent.append(batch)
-        decision = decide(probs, self.config.routing.confidence_threshold)
         stats.inferences += len(good)
         stats.confidence_sum += float(decision.confidence.sum())
         self._window().add_batch(batch, decision.confidence, decision.entropy)
@@ -411,7 +413,7 @@ class Pipeline:
                 if local:
                     edge.append(i)
                     continue
-                row = _Row(good[i], info, batch[i], top1[i], confidence[i], probs[i])
+                row = _Row(good[i], info, batch[i], top1[i], confidence[i], decision.probs[i])
                 if not self._online():
                     tally.offline_fallback += 1
                     finals.append(_Final(row, "edge_fallback", "offline"))

@@ -20,7 +20,8 @@ from devservers import Mosquitto
 from edge_node.dataset import DigitsSplit
 from edge_node.demo_models import DemoModel
 from edge_node.model import Classifier
-from edge_node.routing import decide
+from edge_node.routing import decide, decide_logits, decide_scores, softmax_rows
+from edge_node.telemetry import FOLD_ROWS, Window, pool_features
 from schemas import Input, Results, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
 from tests.edge_harness import CloudResponder, RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Answered, Collector
@@ -82,6 +83,56 @@ def test_decide_measures_each_row_and_keeps_probabilities_in_range() -> None:
     assert 0 <= d.confidence.max() <= 1 and 0 <= d.margin.max() <= 1
     expected = [-sum(p * np.log(p) for p in row if p > 0) for row in probs.astype(np.float64)]
     assert d.entropy.tolist() == pytest.approx([max(e, 0.0) for e in expected], abs=1e-5)
+
+
+def test_decide_on_logits_gives_what_decide_gives_on_their_softmax() -> None:
+    """The hot path's fused softmax + measures against the plain two steps, on batches with huge
+    logits (exp underflows to 0 for all but one class), ties, and a one-class model."""
+    rng = np.random.default_rng(7)
+    cases = [
+        (rng.standard_normal((64, 10)) * 3).astype(np.float32),
+        (rng.standard_normal((8, 10)) * 1e4).astype(np.float32),
+        np.array([[2.0, 2.0, -1.0], [0.0, 0.0, 0.0], [5.0, 1.0, 5.0]], np.float32),
+        rng.standard_normal((5, 1)).astype(np.float32),
+    ]
+    for logits in cases:
+        fused, plain = decide_logits(logits, 0.6), decide(softmax_rows(logits), 0.6)
+        np.testing.assert_allclose(fused.probs, plain.probs, atol=1e-6)
+        np.testing.assert_array_equal(fused.top1, plain.top1)
+        np.testing.assert_array_equal(fused.confidence, plain.confidence)  # the same 1 / s, bit for bit
+        np.testing.assert_allclose(fused.margin, plain.margin, atol=1e-6)
+        np.testing.assert_allclose(fused.entropy, plain.entropy, atol=1e-5)
+        np.testing.assert_array_equal(fused.confident, plain.confident)
+        assert fused.entropy.min() >= 0 and fused.margin.min() >= 0 and fused.confidence.max() <= 1
+    # A model's output shaped [N, C, 1, 1] is routed on its [N, C].
+    logits = cases[0]
+    shaped = decide_scores(logits.reshape(64, 10, 1, 1), "logits", 0.6)
+    np.testing.assert_array_equal(shaped.confidence, decide_logits(logits, 0.6).confidence)
+    probs = softmax_rows(logits)
+    np.testing.assert_array_equal(decide_scores(probs, "probabilities", 0.6).confidence, decide(probs, 0.6).confidence)
+
+
+def test_window_feature_statistics_over_many_batches_and_a_model_with_other_inputs() -> None:
+    """Per-feature mean/std of every input of the window, whether or not its batches were folded
+    into the sums yet (FOLD_ROWS), pooled when wider than max_features; a model switched in with
+    inputs of another shape restarts them."""
+    rng = np.random.default_rng(3)
+    window = Window(max_features=64, started=0.0)
+    batches = [rng.normal(i, 1 + i, size=(int(rng.integers(1, 200)), 64)).astype(np.float32) for i in range(20)]
+    ones = np.ones(1, np.float32)
+    for batch in batches:
+        window.add_batch(batch, ones, ones)
+    every = np.concatenate(batches).astype(np.float64)
+    assert len(every) > FOLD_ROWS  # some folded, some still waiting
+    stats = window.features()
+    assert stats is not None and stats.n == len(every) and stats.dims == 64
+    np.testing.assert_allclose(stats.mean, every.mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.std, every.std(axis=0), rtol=1e-4, atol=1e-4)
+    frames = rng.random((10, 3, 16, 16), dtype=np.float32)  # 768 values: pooled to 64
+    window.add_batch(frames, ones, ones)
+    stats = window.features()
+    assert stats is not None and stats.n == 10 and stats.dims == 768
+    np.testing.assert_allclose(stats.mean, pool_features(frames, 64).mean(axis=0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("threshold", [0.7, 0.95])
