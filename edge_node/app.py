@@ -28,7 +28,7 @@ from edge_node.intake import Intake
 from edge_node.link import IncomingMessage, Link, LinkConfig
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
-from edge_node.pipeline import Pipeline, intake_size
+from edge_node.pipeline import Pipeline, intake_bound
 from edge_node.sampling import UncertaintySampler
 from edge_node.slots import Boot, CommandAcks, InstallPolicy, SlotManager, SlotStore, boot_slots
 from edge_node.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
@@ -128,7 +128,8 @@ class EdgeNode:
         sampler = UncertaintySampler(
             cfg.sampling.entropy_threshold, cfg.sampling.margin_threshold, cfg.sampling.max_per_minute
         )
-        queue = Intake(maxsize=intake_size(cfg.model.max_batch))
+        # The pipeline resizes it to the batches it forms.
+        queue = Intake(maxsize=intake_bound(cfg.model.max_batch, classifier.info.input_bytes))
         ids = InputIds()
         source = self._make_source(queue, ids)
         self._escalations = escalations

@@ -54,7 +54,7 @@ class ModelConfig:
     path: Path = Path("model.onnx")
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 1
-    max_batch: int = 64
+    max_batch: int = 256
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The inference pipeline: queue -> micro-batch -> model -> routing -> results, samples, escalations.
 
 Inputs are taken from the queue as they come: when one waits alone it runs alone (batch-1
-latency is not traded away), when many wait they run as one batch of up to `max_batch`; a model
-that takes one input per run gets them as a serial job instead (SERIAL_JOB_S). The model
+latency is not traded away), when many wait they run as one batch of up to `max_batch` and about
+BATCH_JOB_S of measured model time; a model that takes one input per run gets them as a serial job
+instead (SERIAL_JOB_S). The model
 runs in a worker thread so the event loop (and the MQTT keep-alive) never waits on it, except a
 batch that edge_node/runcost.py measured under 250 µs: that runs inline, since the thread hop
 would cost more than the model. Two batches are in inference at once, so the model runs the next
@@ -74,6 +75,15 @@ INFERENCES_IN_FLIGHT = 2
 # Answers per results message: a batch of max_batch (<= 4096) inputs may need several, each well
 # under the codec's 1 MiB limit for result/2 (an answer is at most ~800 bytes).
 RESULTS_PER_MESSAGE = 256
+# How many inputs the next batch takes, when they wait: as many as fit in about BATCH_JOB_S of
+# measured model time, up to `[model] max_batch`. A cheap model gets large batches (the loop's
+# work per batch, ~150 µs of numpy and Python whatever its size, is spread over more inputs: the
+# demo model's pipeline went from 1.0x to 1.3x raw batch-1 throughput at 128, 1.65x at 256), an
+# expensive one batches no longer than BATCH_JOB_S (the latency an input may wait for its
+# batch-mates, and what the SIGTERM drain waits for). Measured from batches of one upwards: the
+# first batch after a start or a model switch is a single input, each run's cost per input sizes
+# the next.
+BATCH_JOB_S = 0.02
 # A model that takes one input per run (max_batch = 1, or a fixed batch dimension of 1) gets, when
 # inputs wait, several of them as one job, run one after the other (a serial job): one hand-off to
 # the worker and back, and one pass of routing, results and commit, per job instead of per input.
@@ -90,8 +100,9 @@ MAX_SERIAL_ROWS = 16
 # the two in inference finish. The pipeline resizes it to the jobs it forms (a model switch may
 # change them), so that an overloaded node holds no more inputs back than it needs to...
 INTAKE_BATCHES = 4
-# ...and no more than this many bytes of input arrays beyond one batch: 4 batches of 64 camera
-# frames (3x224x224 float32, 600 KB each) would be 150 MB, more than a small device has to spare.
+# ...and no more than this many bytes of input arrays: 4 batches of 256 camera frames (3x224x224
+# float32, 600 KB each) would be 600 MB, more than a small device has. A batch takes at most a
+# quarter of it (27 such frames).
 INTAKE_MAX_BYTES = 64 << 20
 
 
@@ -100,12 +111,6 @@ def intake_bound(take: int, input_bytes: int) -> int:
     `input_bytes` each: INTAKE_BATCHES of them, fewer when that would pass INTAKE_MAX_BYTES, never
     less than one batch."""
     return max(take, min(INTAKE_BATCHES * take, INTAKE_MAX_BYTES // max(input_bytes, 1)))
-
-
-def intake_size(max_batch: int) -> int:
-    """How many inputs the intake in front of a pipeline with this `[model] max_batch` holds at
-    first (the pipeline resizes it to its batches)."""
-    return INTAKE_BATCHES * max_batch
 
 
 @dataclass(slots=True)
@@ -314,8 +319,8 @@ class Pipeline:
         classifier = self.classifier  # the whole batch runs on this model, whatever switches meanwhile
         per_run = self.config.model.max_batch if classifier.info.dynamic_batch else 1
         cost = self._cost.for_model(classifier)
-        take = per_run if per_run > 1 else self._serial_rows(cost)
-        bound = intake_bound(take, classifier.info.input_bytes)
+        take, planned = self._take(classifier.info, cost, per_run)
+        bound = intake_bound(planned, classifier.info.input_bytes)
         if queue.maxsize != bound:
             queue.resize(bound)
         items = queue.get_batch_nowait(take)
@@ -326,12 +331,19 @@ class Pipeline:
         return _Started(items, classifier, stats, good, batch, self._predict(classifier, cost, batch, per_run))
 
     @staticmethod
-    def _serial_rows(cost: RunCost) -> int:
-        """Inputs per serial job (SERIAL_JOB_S): one until a run was measured."""
+    def _take(info: ModelInfo, cost: RunCost, per_run: int) -> tuple[int, int]:
+        """Inputs for the next batch (`per_run` > 1) or serial job: about BATCH_JOB_S (SERIAL_JOB_S)
+        of the measured cost per input, at most `per_run` (MAX_SERIAL_ROWS) and a quarter of
+        INTAKE_MAX_BYTES. Also the size the intake is planned for: the same, or while nothing was
+        measured yet (one input is taken then) the largest allowed, so that a burst at start-up
+        is not refused by an intake sized for batches of one."""
+        limit, job_s = (per_run, BATCH_JOB_S) if per_run > 1 else (MAX_SERIAL_ROWS, SERIAL_JOB_S)
+        limit = max(1, min(limit, INTAKE_MAX_BYTES // (INTAKE_BATCHES * max(info.input_bytes, 1))))
         row_s = cost.per_row()
         if row_s is None:
-            return 1
-        return max(1, min(MAX_SERIAL_ROWS, int(SERIAL_JOB_S / max(row_s, 1e-9))))
+            return 1, limit
+        take = max(1, min(limit, int(job_s / max(row_s, 1e-9))))
+        return take, take
 
     async def _commit(self, group: list[_Batch], queue: Intake) -> None:
         try:

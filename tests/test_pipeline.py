@@ -24,7 +24,7 @@ from edge_node.escalation import Escalations
 from edge_node.intake import InputItem, Intake
 from edge_node.model import Classifier
 from edge_node.outbox import Outbox, OutMessage
-from edge_node.pipeline import INTAKE_BATCHES, INTAKE_MAX_BYTES, MAX_SERIAL_ROWS, SERIAL_JOB_S, Pipeline
+from edge_node.pipeline import BATCH_JOB_S, INTAKE_BATCHES, INTAKE_MAX_BYTES, MAX_SERIAL_ROWS, SERIAL_JOB_S, Pipeline
 from edge_node.runcost import RECENT, REPROBE, RunCost
 from edge_node.sampling import UncertaintySampler
 from edge_node.sources import DirectorySource, InputIds
@@ -381,7 +381,7 @@ async def test_a_fixed_batch_model_runs_a_backlog_one_input_per_run_in_serial_jo
 ) -> None:
     """A model exported with batch dimension 1 is never handed more, whatever max_batch says."""
     model = _fixed_batch_copy(demo_models["edge"].path, tmp_path / "fixed.onnx")
-    config = edge_config(tmp_path, 1, model, routing={"escalate": False})  # max_batch 64
+    config = edge_config(tmp_path, 1, model, routing={"escalate": False})  # max_batch 256
     classifier = Classifier.load(model)
     assert not classifier.info.dynamic_batch
     expected = [classifier.info.labels[k] for k in classifier.predict(digits.X_test[:200]).argmax(axis=1)]
@@ -429,16 +429,42 @@ def _camera_model(path: Path, side: int = 224) -> Path:
     return path
 
 
-async def test_the_intake_holds_no_more_than_intake_max_bytes_of_large_inputs(tmp_path: Path) -> None:
-    """Four batches of 64 camera frames would be 150 MB waiting: the pipeline bounds the intake by
-    bytes too, yet answers every input of a backlog larger than that bound."""
+async def test_large_inputs_are_batched_and_queued_within_intake_max_bytes(tmp_path: Path) -> None:
+    """Four batches of 256 camera frames would be 600 MB: a batch takes at most a quarter of
+    INTAKE_MAX_BYTES and the intake holds at most INTAKE_MAX_BYTES, yet every input of a backlog
+    larger than that is answered."""
     model = _camera_model(tmp_path / "camera.onnx")
     classifier = Classifier.load(model)
     frame_bytes = classifier.info.input_bytes
     assert frame_bytes == 3 * 224 * 224 * 4
-    config = edge_config(tmp_path, 1, model, routing={"escalate": False})  # max_batch 64
+    config = edge_config(tmp_path, 1, model, routing={"escalate": False})  # max_batch 256
     frames = np.random.default_rng(1).random((150, 3, 224, 224), dtype=np.float32)
-    bound = INTAKE_MAX_BYTES // frame_bytes
-    assert config.model.max_batch < bound < min(INTAKE_BATCHES * config.model.max_batch, len(frames))
+    batch_limit = INTAKE_MAX_BYTES // (INTAKE_BATCHES * frame_bytes)  # 27
+    assert batch_limit < config.model.max_batch and INTAKE_BATCHES * batch_limit < len(frames)
     expected = [classifier.info.labels[k] for k in classifier.predict(frames).argmax(axis=1)]
-    assert await _answer_backlog(config, classifier, frames, intake_bound=bound) == expected
+    spy = _spied(classifier)
+    labels = await _answer_backlog(config, classifier, frames, intake_bound=INTAKE_BATCHES * batch_limit)
+    assert labels == expected
+    assert max(spy.rows) == batch_limit and sum(spy.rows) == len(frames)
+
+
+async def test_batches_of_an_expensive_model_are_kept_to_batch_job_s(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """max_batch is an upper bound: a model costing 4 ms per input batches ~BATCH_JOB_S worth of
+    them (4-5 of 40 waiting), starting from a batch of one, so no input waits long for batch-mates."""
+
+    class PerInput(Classifier):
+        row_s = 0.004
+
+        def scores(self, batch: npt.NDArray[Any], rows_per_run: int | None = None) -> npt.NDArray[Any]:
+            time.sleep(self.row_s * len(batch))  # in the worker thread
+            return super().scores(batch, rows_per_run)
+
+    config = edge_config(tmp_path, 1, demo_models["edge"].path, routing={"escalate": False})  # max_batch 256
+    classifier = PerInput.load(demo_models["edge"].path)
+    spy = _spied(classifier)
+    await _answer_backlog(config, classifier, digits.X_test[:40].astype(np.float32))
+    rows_per_batch = int(BATCH_JOB_S / PerInput.row_s)  # at most: a run costs a bit more than its sleep
+    assert spy.rows[0] == 1 and rows_per_batch - 1 <= max(spy.rows) <= rows_per_batch, spy.rows
+    assert sum(spy.rows) == 40
