@@ -158,8 +158,8 @@ async def running_link(outbox: Outbox, host: str, port: int) -> AsyncIterator[Li
     link = Link(
         LinkConfig(host=host, port=port, client_id="bench-d1", protocol="mqtt5"),
         outbox,
-        will=_status("offline"),
-        birth=lambda: _status("online"),
+        will=lambda connection: _status("offline"),
+        birth=lambda connection: _status("online"),
         subscriptions=[],
         on_message=_ignore,
     )

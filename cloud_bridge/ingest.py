@@ -259,12 +259,17 @@ class Ingestor:
             batch.add_row(TelemetryRow, telemetry_row(base, message))
             lines.extend(telemetry_lines(message))
         elif isinstance(message, Status):
-            delta.online = message.state == "online"
-            model, version = "", ""
-            if message.model is not None:
-                delta.model = (message.model.name, message.model.version, message.model.sha256)
-                model, version = message.model.name, message.model.version
-            lines.append(status_line(message.fleet_id, message.device_id, delta.online, message.ts, model, version))
+            online = message.state == "online"
+            order, before = message.order, delta.status_order
+            # Within a batch too, a status older (lower order) than one already taken is history:
+            # the time series gets it, the device row does not (Registry orders across batches).
+            if order is None or before is None or order >= before:
+                delta.online = online
+                delta.status_order = before if order is None else max(order, before or order)
+                if message.model is not None:
+                    delta.model = (message.model.name, message.model.version, message.model.sha256)
+            model, version = ("", "") if message.model is None else (message.model.name, message.model.version)
+            lines.append(status_line(message.fleet_id, message.device_id, online, message.ts, model, version))
         elif isinstance(message, Sample):
             delta.samples += 1
             batch.add_row(SampleRow, _sample_row(base, message))

@@ -24,6 +24,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    and_,
     bindparam,
     case,
     delete,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
 )
@@ -59,6 +61,8 @@ class Device(Base):
     telemetry_windows: Mapped[int] = mapped_column(BigInteger, default=0)
     samples: Mapped[int] = mapped_column(BigInteger, default=0)
     results: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Status.order of the status that set `online` (None: none of the device's carried one yet).
+    status_order: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class SeenMessage(Base):
@@ -298,6 +302,7 @@ class DeviceDelta:
     # From status messages only (None: the batch has none for this device), which every bridge
     # receives in order; a device first heard of through telemetry starts online (_device_values).
     online: bool | None = None
+    status_order: int | None = None  # Status.order of the status `online` comes from, if it had one
     model: tuple[str, str, str] | None = None
 
 
@@ -356,6 +361,7 @@ def _device_values(key: tuple[str, str], delta: DeviceDelta) -> dict[str, Any]:
         "results": delta.results,
         "online": delta.online if delta.online is not None else delta.telemetry_windows > 0,
         "online_known": delta.online is not None,
+        "status_order": delta.status_order,
         "model_name": name,
         "model_version": version,
         "model_sha256": sha,
@@ -381,6 +387,20 @@ def _set_aside_old_results(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE results RENAME TO results_v1"))
     if conn.dialect.name == "postgresql" and pk:
         conn.execute(text(f'ALTER TABLE results_v1 RENAME CONSTRAINT "{pk}" TO "{pk}_v1"'))
+
+
+# Columns added to existing tables since the registry was first released: (table, column, SQL type).
+_NEW_COLUMNS = (("devices", "status_order", "BIGINT"),)
+
+
+def _add_new_columns(conn: Connection) -> None:
+    """create_all makes missing tables, not missing columns: add those a registry made by an
+    earlier version lacks (nullable, so existing rows need no value)."""
+    inspector = inspect(conn)
+    for table, column, sql_type in _NEW_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            log.warning("registry: adding column %s.%s", table, column)
+            conn.execute(text(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}'))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -413,6 +433,7 @@ class Registry:
         async with self.engine.begin() as conn:
             await conn.run_sync(_set_aside_old_results)
             await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(_add_new_columns)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -451,6 +472,12 @@ class Registry:
             stmt = self._insert(Device)
             new = stmt.excluded
             greatest = func.max if self._dialect == "sqlite" else func.greatest
+            # Status messages of one device can be committed out of order (several bridges each
+            # commit the copy they deduplicated first): the online state follows the status of
+            # the highest order, and one without an order (older devices) as it comes.
+            newer = or_(
+                new.status_order.is_(None), table.c.status_order.is_(None), new.status_order >= table.c.status_order
+            )
             self._device_stmt = stmt.on_conflict_do_update(
                 index_elements=["fleet_id", "device_id"],
                 set_={
@@ -459,7 +486,14 @@ class Registry:
                     "telemetry_windows": table.c.telemetry_windows + new.telemetry_windows,
                     "samples": table.c.samples + new.samples,
                     "results": table.c.results + new.results,
-                    "online": case((bindparam("online_known", type_=Boolean), new.online), else_=table.c.online),
+                    "online": case(
+                        (and_(bindparam("online_known", type_=Boolean), newer), new.online), else_=table.c.online
+                    ),
+                    "status_order": case(
+                        (new.status_order.is_(None), table.c.status_order),
+                        (table.c.status_order.is_(None), new.status_order),
+                        else_=greatest(table.c.status_order, new.status_order),
+                    ),
                     "model_name": func.coalesce(new.model_name, table.c.model_name),
                     "model_version": func.coalesce(new.model_version, table.c.model_version),
                     "model_sha256": func.coalesce(new.model_sha256, table.c.model_sha256),

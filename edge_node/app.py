@@ -137,8 +137,8 @@ class EdgeNode:
         self.link = link = Link(
             self._link_config(),
             outbox,
-            will=self._status("offline", "connection_lost"),
-            birth=self._birth,
+            will=lambda connection: self._status("offline", "connection_lost", connection),
+            birth=lambda connection: self._status("online", "connected", connection),
             subscriptions=self._subscriptions(),
             on_message=self._on_message,
         )
@@ -202,13 +202,6 @@ class EdgeNode:
             link_task.cancel()
         log.info("edge node stopped processed=%d outbox_depth=%d", pipeline.processed, outbox.depth)
 
-    def _birth(self) -> OutMessage:
-        """Birth for this connection; also a fresh will for the next CONNECT, so that each
-        connection's last will has its own msg_id and is not dropped downstream as a duplicate."""
-        assert self.link is not None
-        self.link.will = self._status("offline", "connection_lost")
-        return self._status("online", "connected")
-
     def _load_model(self, path: Path) -> Classifier:
         m = self.config.model
         return Classifier.load(path, m.providers, m.intra_op_threads)
@@ -267,8 +260,12 @@ class EdgeNode:
         return subs
 
     def _status(
-        self, state: Literal["online", "offline"], reason: Literal["connected", "shutdown", "connection_lost"]
+        self,
+        state: Literal["online", "offline"],
+        reason: Literal["connected", "shutdown", "connection_lost"],
+        connection: int | None = None,
     ) -> OutMessage:
+        """The retained status message; `connection` defaults to the link's current connection."""
         dev = self.config.device
         assert self.classifier is not None
         status = Status(
@@ -282,6 +279,7 @@ class EdgeNode:
             providers=list(self.classifier.providers.active),
             software=__version__,
             started_at=self._started_at,
+            connection=connection if connection is not None else (self.link.connection if self.link else None),
         )
         return OutMessage(
             topic=self.topics.device(dev.fleet_id, dev.device_id, Channel.STATUS),

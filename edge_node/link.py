@@ -50,6 +50,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge_node.outbox import Outbox, OutboxClosedError, OutboxError, OutMessage, Priority, Stored
 
 log = logging.getLogger(__name__)
+# The outbox sequence that numbers the device's connections (status `connection`).
+CONNECTION_SEQUENCE = "connection"
 
 Protocol = Literal["mqtt5", "mqtt311", "auto"]
 MessageHandler = Callable[["IncomingMessage"], Awaitable[None] | None]
@@ -263,7 +265,7 @@ class _Connection:
                 certfile=None if cfg.tls_cert is None else str(cfg.tls_cert),
                 keyfile=None if cfg.tls_key is None else str(cfg.tls_key),
             )
-        will = self.link.will
+        will = self.link.will(self.link.connection)
         client.will_set(
             will.topic,
             will.payload,
@@ -557,15 +559,22 @@ class Link:
         config: LinkConfig,
         outbox: Outbox,
         *,
-        will: OutMessage,
-        birth: Callable[[], OutMessage],
+        will: Callable[[int], OutMessage],
+        birth: Callable[[int], OutMessage],
         subscriptions: list[tuple[str, int]],
         on_message: MessageHandler,
     ) -> None:
         self.config = config
         self.outbox = outbox
+        # The last will and the birth of connection number n (`connection`): each CONNECT gets a
+        # fresh will, so that every connection's has its own msg_id (a reused one would be dropped
+        # downstream as a duplicate) and its number.
         self.will = will
         self.birth = birth
+        # The number of the current (or last) connection: it grows with every CONNECT, also across
+        # restarts (kept in the outbox file, CONNECTION_SEQUENCE), and never falls behind the
+        # wall clock in ms, so a lost outbox file does not restart it below what consumers saw.
+        self.connection = 0
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
         self.stats = LinkStats()
@@ -651,6 +660,7 @@ class Link:
 
     async def _connect_once(self) -> _Connection | None:
         protocol = self._protocol or MQTTProtocolVersion.MQTTv5
+        self.connection = await self._next_connection()
         conn = _Connection(self, protocol)
         self._conn = conn
         try:
@@ -664,6 +674,16 @@ class Link:
             return None
         await self._on_connected(conn, ack)
         return conn
+
+    async def _next_connection(self) -> int:
+        now_ms = int(time.time() * 1000)
+        try:
+            return await self.outbox.next_sequence(CONNECTION_SEQUENCE, at_least=now_ms)
+        except OutboxError as err:
+            # A full or failing disk must not keep the device off the broker: number this
+            # connection in memory (after the last one and the clock), unpersisted.
+            log.warning("connection number not stored, counted in memory: %s", err)
+            return max(self.connection + 1, now_ms)
 
     def _fallback(self, failure: ConnectFailure, protocol: MQTTProtocolVersion) -> bool:
         """protocol=auto: an MQTT 5 CONNECT refused as a protocol error → use 3.1.1 from now on."""
@@ -726,7 +746,7 @@ class Link:
             ack.session_present,
             conn.window,
         )
-        birth = dataclasses.replace(self.birth(), retain=True, priority=Priority.CONTROL)
+        birth = dataclasses.replace(self.birth(self.connection), retain=True, priority=Priority.CONTROL)
         try:
             await self.outbox.put(birth)
         except OutboxError as err:

@@ -96,6 +96,10 @@ CREATE TABLE IF NOT EXISTS counters (
     PRIMARY KEY (kind, priority)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_class ON outbox (priority, id, nbytes, expires_at);
+CREATE TABLE IF NOT EXISTS sequences (
+    name TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
 """
 # The index covers what a page and the totals at open need, so neither reads the payloads.
 _INSERT_INTO = (
@@ -116,6 +120,10 @@ _SELECT_PAGE = (
 _COUNT = (
     "INSERT INTO counters (kind, priority, n) VALUES (?, ?, ?)"
     " ON CONFLICT (kind, priority) DO UPDATE SET n = n + excluded.n"
+)
+_NEXT = (
+    "INSERT INTO sequences (name, n) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET n = max(n + 1, excluded.n) RETURNING n"
 )
 # SQLite's default limit on bound parameters is 32766 since 3.32; stay far below it.
 _FETCH_CHUNK = 500
@@ -259,7 +267,14 @@ class _Close:
     future: asyncio.Future[None]
 
 
-_Op = _Insert | _Delete | _Fetch | _Page | _Close
+@dataclass(slots=True)
+class _Next:
+    name: str
+    at_least: int
+    future: asyncio.Future[int]
+
+
+_Op = _Insert | _Delete | _Fetch | _Page | _Close | _Next
 _PageRow = tuple[int, int, float | None]  # id, nbytes, expires_at
 
 
@@ -514,7 +529,7 @@ class _Writer:
             if isinstance(op, _Insert):
                 outcome.failed.extend(_failed_rows(op))
                 outcome.resolutions.append((op.future, None, error))
-            elif isinstance(op, _Fetch | _Page):
+            elif isinstance(op, _Fetch | _Page | _Next):
                 if isinstance(op, _Page):
                     outcome.pages.append((op, []))
                 outcome.resolutions.append((op.future, None, error))
@@ -536,6 +551,8 @@ class _Writer:
                 self._fetch(op, outcome)
             elif isinstance(op, _Page):
                 self._page(op, outcome)
+            elif isinstance(op, _Next):
+                self._next(op, outcome)
         self._post(outcome)
         closes = [op for op in ops if isinstance(op, _Close)]
         return closes[0] if closes else None
@@ -623,6 +640,17 @@ class _Writer:
             return
         outcome.pages.append((op, rows))
         outcome.resolutions.append((op.future, len(rows), None))
+
+    def _next(self, op: _Next, outcome: _BatchOutcome) -> None:
+        try:
+            (n,) = self._conn.execute(_NEXT, (op.name, op.at_least)).fetchone()
+            if self._conn.in_transaction:  # RETURNING keeps the statement's transaction open
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._rollback()
+            outcome.resolutions.append((op.future, None, _unavailable(self._path, "commit", err)))
+            return
+        outcome.resolutions.append((op.future, int(n), None))
 
     def _post(self, outcome: _BatchOutcome) -> None:
         try:
@@ -776,6 +804,15 @@ class Outbox:
         return dict(self._counters[_KIND_REJECTED])
 
     # ---- producing ---------------------------------------------------------------------------
+
+    async def next_sequence(self, name: str, at_least: int = 0) -> int:
+        """The next number of the sequence `name`, committed before it is returned: greater than
+        every number it gave before (in this process or an earlier one on this file), and at
+        least `at_least`."""
+        self._check_open()
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._submit(_Next(name, at_least, fut))
+        return await fut
 
     async def put(self, msg: OutMessage) -> None:
         """Store one message; returns once its row is committed (durable accept)."""

@@ -79,6 +79,17 @@ class Status(Envelope, kw_only=True, tag="status/1"):
     software: Annotated[str, Meta(max_length=64)] = ""
     started_at: Ts | None = None
     protocol: Literal["mqtt5", "mqtt311"] | None = None
+    # The device's connection this status belongs to: it grows with every CONNECT, across restarts.
+    # A birth and the last will of one connection carry the same number. Consumers order status
+    # messages by (connection, offline after online), not by arrival: several bridges deduplicating
+    # one stream can commit them in any order, and a will's `ts` is when it was prepared, at CONNECT.
+    connection: Count | None = None
+
+    @property
+    def order(self) -> int | None:
+        """Where this status stands among the device's: later connections after earlier ones, and
+        within one connection "offline" after "online" (None from devices that send no connection)."""
+        return None if self.connection is None else 2 * self.connection + (self.state == "offline")
 
 
 # ---- telemetry -------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             software="0.1.0",
             started_at=now - 5,
             protocol="mqtt5",
+            connection=1_764_000_000_000,
         ),
         Telemetry(
             **env(),

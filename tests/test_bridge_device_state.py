@@ -77,10 +77,10 @@ async def bridges(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await registry.close()
 
 
-def status(device: str, state: str, ts: float) -> Status:
+def status(device: str, state: str, ts: float, connection: int | None = None) -> Status:
     (birth,) = (m for m in examples("f1", device) if isinstance(m, Status))
     reason = "connected" if state == "online" else "connection_lost"
-    return msgspec.structs.replace(birth, msg_id=new_msg_id(), state=state, reason=reason, ts=ts)
+    return msgspec.structs.replace(birth, msg_id=new_msg_id(), state=state, reason=reason, ts=ts, connection=connection)
 
 
 def telemetry(device: str, ts: float) -> Telemetry:
@@ -139,3 +139,32 @@ async def test_a_message_both_bridges_took_is_stored_and_counted_once(
     assert row["messages"] == 2 and row["telemetry_windows"] == 2
     assert await registry.count(TelemetryRow) == 2
     assert await registry.count(SeenMessage) == 2
+
+
+async def test_status_committed_out_of_order_follows_the_connection_order(
+    bridges: tuple[Bridge, Bridge, Registry],
+) -> None:
+    """Each bridge commits the status copies it deduplicated first, in any order: the device row
+    follows the status of the latest connection, and within one connection the will after the
+    birth. (A will's ts is when it was prepared, at CONNECT: ts cannot order them.)"""
+    one, two, registry = bridges
+    now = time.time()
+    await one.deliver(status("dev-5", "online", now, connection=7))
+    await two.deliver(status("dev-5", "offline", now - 20, connection=6))  # connection 6's will, late
+    row = await device_row(registry, "dev-5")
+    assert row["online"] is True and row["status_order"] == 14
+    await two.deliver(status("dev-5", "offline", now, connection=7))  # connection 7 ends
+    await one.deliver(status("dev-5", "online", now + 1, connection=7))  # a status of 7 committed after its will
+    row = await device_row(registry, "dev-5")
+    assert row["online"] is False and row["status_order"] == 15
+    await one.deliver(status("dev-5", "online", now + 2, connection=8))  # the next connection
+    assert (await device_row(registry, "dev-5"))["online"] is True
+    # In one batch, out of order, too.
+    await two.deliver(
+        status("dev-5", "offline", now + 3, connection=9), status("dev-5", "online", now + 3, connection=9)
+    )
+    row = await device_row(registry, "dev-5")
+    assert row["online"] is False and row["status_order"] == 19
+    # A device on older software (no connection number) is taken as it comes, as before.
+    await one.deliver(status("dev-5", "online", now + 4))
+    assert (await device_row(registry, "dev-5"))["online"] is True

@@ -313,7 +313,11 @@ async def test_telemetry_numbers_match_a_known_sequence(
     assert np.allclose(tele.features.std, pooled.std(axis=0), atol=1e-3)
     assert tele.providers is not None and tele.providers.active == ["CPUExecutionProvider"]
     assert tele.resources is not None and tele.resources.rss_mb > 10
-    assert [s.state for s in statuses if isinstance(s, Status)][-1] == "offline"
+    birth, *_, shutdown = [s for s in statuses if isinstance(s, Status)]
+    assert (birth.state, shutdown.state, shutdown.reason) == ("online", "offline", "shutdown")
+    # One connection: the shutdown status orders after the birth (as its last will would have).
+    assert birth.connection is not None and shutdown.connection == birth.connection
+    assert birth.order is not None and shutdown.order == birth.order + 1
 
 
 async def test_offline_falls_back_locally_and_delivers_after_the_broker_returns(

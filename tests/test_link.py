@@ -130,7 +130,8 @@ class Rig:
     link: Link
     task: asyncio.Task[None]
     inbox: asyncio.Queue[IncomingMessage]
-    births: list[int]
+    births: list[int]  # the connection number each birth was built for
+    wills: list[int]  # and each last will (one per CONNECT)
 
 
 @contextlib.asynccontextmanager
@@ -140,24 +141,29 @@ async def running_link(
     outbox = await Outbox.open(tmp_path / "outbox.db", 50_000_000)
     inbox: asyncio.Queue[IncomingMessage] = asyncio.Queue()
     births: list[int] = []
+    wills: list[int] = []
 
-    def birth() -> OutMessage:
-        births.append(len(births) + 1)
+    def birth(connection: int) -> OutMessage:
+        births.append(connection)
         return status(f"online-{len(births)}")
+
+    def will(connection: int) -> OutMessage:
+        wills.append(connection)
+        return status("offline-will")
 
     options: dict[str, Any] = {"client_id": "d1", "reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
     options.update(cfg)
     link = Link(
         LinkConfig(host=host, port=port, **options),
         outbox,
-        will=status("offline-will"),
+        will=will,
         birth=birth,
         subscriptions=list(subscriptions),
         on_message=inbox.put,
     )
     task = asyncio.create_task(link.run())
     try:
-        yield Rig(outbox, link, task, inbox, births)
+        yield Rig(outbox, link, task, inbox, births, wills)
     finally:
         if not task.done():
             await asyncio.wait_for(link.close(drain_timeout=2.0), WAIT)
@@ -240,6 +246,27 @@ async def test_birth_after_reconnect_and_will_after_a_killed_connection(
             await asyncio.to_thread(sub.wait, lambda s: b"online-2" in s.payloads())
         assert rig.link.stats.reconnects == 1
         assert await asyncio.to_thread(retained, host, mosquitto.port, STATUS) == b"online-2"
+    # Each CONNECT took the next connection number, and its will and birth carry the same one.
+    first, second = rig.births
+    assert second > first and rig.wills[0] == first and rig.wills[-1] == second
+
+
+async def test_connection_numbers_grow_across_restarts_and_keep_up_with_the_clock(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Kept in the outbox file: a restarted node numbers its connections after the last run's,
+    and never below the wall clock in ms (a new file does not start again from 0)."""
+    before_ms = int(time.time() * 1000)
+    numbers: list[int] = []
+    for _ in range(2):
+        async with running_link(tmp_path, mosquitto.host, mosquitto.port) as rig:
+            await asyncio.wait_for(rig.link.wait_connected(), WAIT)
+            numbers += rig.births
+    assert len(numbers) == 2 and before_ms <= numbers[0] < numbers[1]
+    (tmp_path / "fresh").mkdir()
+    async with running_link(tmp_path / "fresh", mosquitto.host, mosquitto.port) as rig:
+        await asyncio.wait_for(rig.link.wait_connected(), WAIT)
+        assert rig.births[0] >= before_ms
 
 
 async def test_clean_close_sends_the_shutdown_status_not_the_will(tmp_path: Path, mosquitto: Mosquitto) -> None:

@@ -67,3 +67,34 @@ async def test_old_results_table_is_kept_and_replaced_on_sqlite(tmp_path: Path) 
 @pytest.mark.timeout(90)
 async def test_old_results_table_is_kept_and_replaced_on_postgresql(postgres_url: str) -> None:  # noqa: F811
     await _check_migration(postgres_url)
+
+
+async def _check_new_columns(url: str) -> None:
+    """A devices table made before status_order gets the column on start, rows kept."""
+    registry = Registry(url)
+    try:
+        await registry.create()
+        async with registry.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE devices DROP COLUMN status_order"))
+            await conn.execute(
+                text(
+                    "INSERT INTO devices (fleet_id, device_id, online, last_seen, messages, telemetry_windows,"
+                    " samples, results) VALUES ('f1', 'd1', true, 1.0, 1, 0, 0, 0)"
+                )
+            )
+        await registry.create()
+        await registry.create()  # a second start finds the column and leaves it alone
+        async with registry.engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT device_id, online, status_order FROM devices"))).all()
+        assert [(r[0], bool(r[1]), r[2]) for r in rows] == [("d1", True, None)]
+    finally:
+        await registry.close()
+
+
+async def test_devices_table_gets_new_columns_on_sqlite(tmp_path: Path) -> None:
+    await _check_new_columns(f"sqlite+aiosqlite:///{tmp_path / 'registry.sqlite'}")
+
+
+@pytest.mark.timeout(90)
+async def test_devices_table_gets_new_columns_on_postgresql(postgres_url: str) -> None:  # noqa: F811
+    await _check_new_columns(postgres_url)
