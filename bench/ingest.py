@@ -64,6 +64,7 @@ from cloud_bridge.config import load_config
 from cloud_bridge.ingest import IngestStats, ingest_filters
 from devservers import Mosquitto, VictoriaMetrics
 from schemas import (
+    Answer,
     ConfidenceStats,
     EntropyStats,
     Envelope,
@@ -72,7 +73,7 @@ from schemas import (
     LatencyStats,
     ModelRef,
     OutboxStats,
-    Result,
+    Results,
     Sample,
     SampleCounts,
     Status,
@@ -125,23 +126,29 @@ def _status(device: str, now: float) -> Status:
     )
 
 
-def _result(device: str, i: int, now: float, rng: np.random.Generator) -> Result:
-    label = LABELS[int(rng.integers(10))]
-    return Result(
+def _results(device: str, i: int, answers: int, now: float, rng: np.random.Generator) -> Results:
+    """A result/2 message, as devices send one per micro-batch, with `answers` answers."""
+    labels = [LABELS[int(k)] for k in rng.integers(10, size=answers)]
+    return Results(
         msg_id=new_msg_id(),
         fleet_id=FLEET,
         device_id=device,
         ts=now,
-        inference_id=f"{device}-{i}",
         model=MODEL,
-        label=label,
-        index=int(label),
-        confidence=float(rng.uniform(0.5, 1.0)),
-        path="edge",
-        edge_label=label,
-        latency_ms=float(rng.uniform(0.05, 2.0)),
-        source_ref=f"replay:{i}",
-        truth=label,
+        answers=[
+            Answer(
+                inference_id=f"{device}-{i}-{j}",
+                label=label,
+                index=int(label),
+                confidence=float(rng.uniform(0.5, 1.0)),
+                path="edge",
+                edge_label=label,
+                latency_ms=float(rng.uniform(0.05, 2.0)),
+                source_ref=f"replay:{i}",
+                truth=label,
+            )
+            for j, label in enumerate(labels)
+        ],
     )
 
 
@@ -210,14 +217,17 @@ def _sample(device: str, i: int, now: float, rng: np.random.Generator) -> Sample
     )
 
 
-def build_messages(n: int, devices: int, mix: Mix, seed: int = 7) -> list[tuple[str, bytes, str]]:
-    """One status per device, then `n` messages cycling over devices and kinds: (topic, payload, kind)."""
+def build_messages(
+    n: int, devices: int, mix: Mix, max_answers: int = 4, seed: int = 7
+) -> list[tuple[str, bytes, str, int]]:
+    """One status per device, then `n` messages cycling over devices and kinds: (topic, payload,
+    kind, registry rows it makes). A results message carries 1 to `max_answers` answers."""
     rng = np.random.default_rng(seed)
     now = time.time()
     names = [f"dev-{d:03d}" for d in range(devices)]
-    out: list[tuple[str, bytes, str]] = []
+    out: list[tuple[str, bytes, str, int]] = []
     for name in names:
-        out.append((TOPICS.device(FLEET, name, Channel.STATUS), encode(_status(name, now)), "status"))
+        out.append((TOPICS.device(FLEET, name, Channel.STATUS), encode(_status(name, now)), "status", 0))
     cycle = ["results"] * mix.results + ["telemetry"] * mix.telemetry + ["samples"] * mix.samples
     seqs = dict.fromkeys(names, 0)
     profiles = {name: DeviceProfile.random(rng) for name in names}
@@ -226,14 +236,16 @@ def build_messages(n: int, devices: int, mix: Mix, seed: int = 7) -> list[tuple[
         name = names[i % devices]
         kind = cycle[(i // devices) % len(cycle)]
         message: Envelope
+        rows = 1
         if kind == "results":
-            message, channel = _result(name, i, now, rng), Channel.RESULTS
+            rows = int(rng.integers(1, max_answers + 1))
+            message, channel = _results(name, i, rows, now, rng), Channel.RESULTS
         elif kind == "telemetry":
             seqs[name] += 1
             message, channel = _telemetry(name, seqs[name], start, profiles[name], rng), Channel.TELEMETRY
         else:
             message, channel = _sample(name, i, now, rng), Channel.SAMPLES
-        out.append((TOPICS.device(FLEET, name, channel), encode(message), kind))
+        out.append((TOPICS.device(FLEET, name, channel), encode(message), kind, rows))
     return out
 
 
@@ -266,7 +278,7 @@ def create_bare_session(host: str, port: int, client_id: str) -> None:
         client.loop_stop()
 
 
-def publish(host: str, port: int, messages: Sequence[tuple[str, bytes, str]]) -> float:
+def publish(host: str, port: int, messages: Sequence[tuple[str, bytes, str, int]]) -> float:
     """Publish everything at QoS 1 with a window in flight; returns seconds until the last PUBACK."""
     acked = 0
     failed = 0
@@ -287,7 +299,7 @@ def publish(host: str, port: int, messages: Sequence[tuple[str, bytes, str]]) ->
     client.loop_start()
     start = time.perf_counter()
     try:
-        for topic, payload, _ in messages:
+        for topic, payload, *_ in messages:
             info = client.publish(topic, payload, qos=1)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise RuntimeError(f"paho refused a publish: rc={info.rc}")
@@ -584,12 +596,13 @@ def run_round(broker: Mosquitto, rnd: Round, total: int, rows: int) -> RoundRate
 
 
 def main_parent(args: argparse.Namespace) -> None:
-    messages = build_messages(args.messages, args.devices, args.mix)
+    messages = build_messages(args.messages, args.devices, args.mix, args.answers)
     total = len(messages)
     kinds: dict[str, int] = {}
-    for _, _, kind in messages:
+    for _, _, kind, _ in messages:
         kinds[kind] = kinds.get(kind, 0) + 1
-    mean_size = sum(len(p) for _, p, _ in messages) / total
+    mean_size = sum(len(p) for _, p, _, _ in messages) / total
+    answers = sum(rows for _, _, kind, rows in messages if kind == "results")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         with (
@@ -618,12 +631,13 @@ def main_parent(args: argparse.Namespace) -> None:
             seconds = publish(broker.host, broker.port, messages)
             mix = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
             print(
-                f"{total} messages from {args.devices} devices ({mix}), mean payload {mean_size:.0f} B; "
+                f"{total} messages from {args.devices} devices ({mix}; {answers} answers in the results"
+                f" messages), mean payload {mean_size:.0f} B; "
                 f"published at QoS 1 in {seconds:.1f} s, queued for {4 * len(rounds) + len(prof)} sessions; "
                 f"{len(rounds)} round(s) of: bare, one bridge, two bridges",
                 flush=True,
             )
-            rows = total - kinds["status"]
+            rows = sum(rows for *_, rows in messages)
             results = [run_round(broker, rnd, total, rows) for rnd in rounds]
             profiled = (
                 run_bridges("one bridge under cProfile", prof, prof_db, total, rows, args.profile.resolve())
@@ -660,6 +674,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--devices", type=int, default=20, help="devices the messages come from")
     parser.add_argument("--mix", type=Mix.parse, default=Mix(), help="RESULTS:TELEMETRY:SAMPLES per cycle (17:2:1)")
+    parser.add_argument(
+        "--answers",
+        type=int,
+        default=4,
+        help="a results message (result/2, one per micro-batch) carries 1 to this many answers (default 4)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
