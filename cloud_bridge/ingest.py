@@ -85,6 +85,7 @@ class _Plan:
     lines: list[str] = field(default_factory=list)
     new_ids: list[str] = field(default_factory=list)
     drift: DriftRun | None = None
+    received_at: float = 0.0  # when the bridge took the batch (unix seconds, its own clock)
 
 
 class RecentIds:
@@ -193,7 +194,7 @@ class Ingestor:
         """Decode, drop what this bridge stored recently, and build the batch for the rest; the
         registry's unique msg_id narrows it further inside the transaction (`Batch.narrow`)."""
         now = time.time()
-        plan = _Plan()
+        plan = _Plan(received_at=now)
         candidates: list[Envelope] = []
         in_batch: set[str] = set()
         for incoming in taken:
@@ -229,7 +230,7 @@ class Ingestor:
         plan.lines, plan.new_ids = [], []
         for message in messages:
             plan.new_ids.append(message.msg_id)
-            self._add_message(batch, plan.lines, message)
+            self._add_message(batch, plan.lines, message, plan.received_at)
         # Drift is scored inside the same transaction, from the windows this batch stores.
         plan.drift = self._drift.start(batch) if self._drift is not None else None
 
@@ -245,7 +246,7 @@ class Ingestor:
             "received_at": now,
         }
 
-    def _add_message(self, batch: Batch, lines: list[str], message: Envelope) -> None:
+    def _add_message(self, batch: Batch, lines: list[str], message: Envelope, received_at: float) -> None:
         delta = batch.device(message.fleet_id, message.device_id)
         delta.messages += 1
         delta.last_seen = max(delta.last_seen, message.ts)
@@ -269,7 +270,12 @@ class Ingestor:
                 if message.model is not None:
                     delta.model = (message.model.name, message.model.version, message.model.sha256)
             model, version = ("", "") if message.model is None else (message.model.name, message.model.version)
-            lines.append(status_line(message.fleet_id, message.device_id, online, message.ts, model, version))
+            # Stamped when the bridge took it, not with the status's ts: a last will's ts is when the
+            # device prepared it, at CONNECT, before that connection's birth and telemetry, so
+            # Grafana's "last status" of a dead device would be online. One clock (the bridge's)
+            # for births and wills keeps a takeover's will before the next birth whatever the
+            # device's clock says; status messages reach every bridge in the broker's order.
+            lines.append(status_line(message.fleet_id, message.device_id, online, received_at, model, version))
         elif isinstance(message, Sample):
             delta.samples += 1
             batch.add_row(SampleRow, _sample_row(base, message))

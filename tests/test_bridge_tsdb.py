@@ -8,13 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
+import msgspec
 import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, InfluxConfig, MqttConfig
 from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, escape_tag, format_field, line, telemetry_lines
 from devservers import Mosquitto, VictoriaMetrics
-from schemas import Telemetry, encode
+from schemas import Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples
 
@@ -89,6 +90,38 @@ async def test_telemetry_lands_in_victoria_with_tags_fields_and_window_end(
         tuple(sorted((*tags, ("class", "3")))): [(ts, 40.0)],
         tuple(sorted((*tags, ("class", "8")))): [(ts, 60.0)],
     }
+
+
+async def test_a_last_will_is_the_latest_status_point_though_prepared_before_the_telemetry(
+    tmp_path: Path, mosquitto: Mosquitto, victoria: VictoriaMetrics
+) -> None:
+    """A will's ts is when the device prepared it, at CONNECT, before that connection's telemetry;
+    status points are stamped when the bridge took them, so Grafana's last status of a device whose
+    link died is offline."""
+    now = time.time()
+    telemetry = next(m for m in examples("f1", "dev-8") if isinstance(m, Telemetry))
+    telemetry = msgspec.structs.replace(telemetry, ts=now - 5, window_start=now - 15, window_end=now - 5)
+    birth = next(m for m in examples("f1", "dev-8") if isinstance(m, Status))
+    will = msgspec.structs.replace(birth, msg_id=new_msg_id(), state="offline", reason="connection_lost", ts=now - 600)
+    config = BridgeConfig(
+        state_dir=str(tmp_path / "state"),
+        mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="bridge-tsdb-will"),
+        influx=InfluxConfig(url=victoria.url, flush_interval_s=0.05),
+    )
+    topics = Topics()
+    async with running_bridge(config) as bridge:
+        assert bridge.tsdb is not None and bridge.ingestor is not None
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+            await client.publish(topics.device("f1", "dev-8", Channel.TELEMETRY), encode(telemetry), qos=1)
+            async with asyncio.timeout(10):
+                await bridge.ingestor.wait_for(lambda s: s.stored == 1)
+            await client.publish(topics.device("f1", "dev-8", Channel.STATUS), encode(will), qos=1)
+        async with asyncio.timeout(10):
+            await bridge.ingestor.wait_for(lambda s: s.stored == 2)
+        assert await bridge.tsdb.flush(deadline_s=10)
+    (online,) = (await asyncio.to_thread(series, victoria, "device_status_online")).values()
+    assert [value for _, value in sorted(online)] == [1.0, 0.0]  # the window's online, then the will
+    assert max(ts for ts, _ in online) >= round(now * 1000)
 
 
 def points(n0: int, n: int, base_ms: int) -> list[str]:
