@@ -3,15 +3,14 @@
 Inputs are taken from the queue as they come: when one waits alone it runs alone (batch-1
 latency is not traded away), when many wait they run as one batch of up to `max_batch` and about
 BATCH_JOB_S of measured model time; a model that takes one input per run gets them as a serial job
-instead (SERIAL_JOB_S). The model
-runs in a worker thread so the event loop (and the MQTT keep-alive) never waits on it, except a
-batch that edge_node/runcost.py measured under 250 µs: that runs inline, since the thread hop
-would cost more than the model. Two batches are in inference at once, so the model runs the next
-batch while the loop routes the previous one. A batch's answers leave as one result/2 message
-(not one message per input), and everything the pipeline emits goes into the outbox in one
-`put_many` per batch, or per group of consecutive batches under load (COMMIT_GROUP_S); up to
-COMMITS_IN_FLIGHT commits overlap the next batches, and an input counts as done (`task_done`, the
-source's `on_done`) only once its batch is committed.
+instead (SERIAL_JOB_S). The model runs in a worker thread so the event loop (and the MQTT
+keep-alive) never waits on it, except a batch that edge_node/runcost.py measured under 250 µs:
+that runs inline, since the thread hop would cost more than the model. Two batches are in
+inference at once, so the model runs the next batch while the loop routes the previous one. A
+batch's answers leave as one result/2 message (not one message per input), and everything the
+pipeline emits goes into the outbox in one `put_many` per batch, or per group of consecutive
+batches under load (COMMIT_GROUP_S); up to COMMITS_IN_FLIGHT commits overlap the next batches, and
+an input counts as done (`task_done`, the source's `on_done`) only once its batch is committed.
 
 The model can be switched while inputs flow (OTA, edge_node/slots.py): each batch takes the
 classifier once when it starts and every sample, escalation and result of that batch carries that
