@@ -204,7 +204,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        key = name[len(ENV_PREFIX) :].lower()
+        # CLOUD_BRIDGE__MQTT__HOST (the edge node's form, EDGE_NODE__MQTT__HOST) works as well.
+        key = name[len(ENV_PREFIX) :].lower().removeprefix("_")
         if "__" in key:
             section, sub = key.split("__", 1)
             target = raw.setdefault(section, {})

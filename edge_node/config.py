@@ -158,6 +158,8 @@ def _coerce(key: str, value: Any, hint: Any, base: Path) -> Any:
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in args if a is not type(None)]
         return None if value is None else _coerce(key, value, inner[0], base)
+    if isinstance(value, _EnvValue):
+        value = value.typed(key, hint)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} = {value!r} is not allowed: use one of {', '.join(map(repr, args))}")
@@ -219,20 +221,46 @@ def _build(cls: type[Any], section: str, values: Mapping[str, Any], base: Path) 
     return cls(**kwargs)
 
 
+_ENV_FORM = f"use {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}MQTT__HOST"
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """`EDGE_NODE__SECTION__KEY=value` as {section: {key: _EnvValue}}: typed later, by the field it sets."""
     out: dict[str, dict[str, Any]] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
+            if name.startswith(ENV_PREFIX[:-1]):  # EDGE_NODE_MQTT__HOST: would be ignored, silently
+                raise ConfigError(
+                    f"environment variable {name}: use {ENV_PREFIX}SECTION__KEY, e.g. EDGE_NODE__MQTT__HOST"
+                )
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2:
-            raise ConfigError(f"environment variable {name}: use {ENV_PREFIX}SECTION__KEY, e.g. EDGE_NODE__MQTT__HOST")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare string such as a host name
-        out.setdefault(parts[0], {})[parts[1]] = value
+            raise ConfigError(f"environment variable {name}: {_ENV_FORM}")
+        out.setdefault(parts[0], {})[parts[1]] = _EnvValue(raw)
     return out
+
+
+class _EnvValue(str):
+    """A value from the environment: always text, converted to what its field needs (a password
+    of digits stays a string, a port of digits becomes a number)."""
+
+    __slots__ = ()
+
+    def typed(self, key: str, hint: Any) -> Any:
+        if hint is str or hint is Path or typing.get_origin(hint) in (Literal, dict):
+            return str(self)
+        if hint is tuple or typing.get_origin(hint) is tuple:
+            return self._toml(key) if self.lstrip().startswith("[") else str(self)
+        if hint in (int, float, bool):
+            return self._toml(key)
+        return str(self)
+
+    def _toml(self, key: str) -> Any:
+        try:
+            return tomllib.loads(f"v = {self}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key} = {str(self)!r} (from the environment) is not a valid TOML value") from None
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> EdgeConfig:

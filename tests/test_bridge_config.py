@@ -47,7 +47,7 @@ bucket = "b1"
 """,
     )
     env = {
-        "CLOUD_BRIDGE_MQTT__HOST": "other-broker",
+        "CLOUD_BRIDGE__MQTT__HOST": "other-broker",  # the edge node's form is accepted too
         "CLOUD_BRIDGE_MQTT__PORT": "1884",
         "CLOUD_BRIDGE_FLEET__SHARED": "true",
         "CLOUD_BRIDGE_ESCALATION__PROVIDERS": "CPUExecutionProvider",
