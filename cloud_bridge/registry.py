@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     and_,
     bindparam,
@@ -426,6 +427,10 @@ class Registry:
         self.engine: AsyncEngine = create_async_engine(url, json_serializer=_json_dumps, json_deserializer=_json_loads)
         self._dialect = self.engine.dialect.name
         self._device_stmt: Any = None
+        # Per (table, columns): the INSERT statement and each column's bind processor (_insert_sqlite).
+        self._sqlite_plans: dict[
+            tuple[type[Base], tuple[str, ...]], tuple[str, list[tuple[int, Callable[[Any], Any]]]]
+        ] = {}
         if self._dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
@@ -458,11 +463,44 @@ class Registry:
         if batch.dead_letters:
             conn.execute(insert(DeadLetter), batch.dead_letters)
         for table, rows in batch.rows.items():
-            conn.execute(self._insert(table).on_conflict_do_nothing(), rows)
+            if self._dialect == "sqlite":
+                self._insert_sqlite(conn, table, rows)
+            else:
+                conn.execute(self._insert(table).on_conflict_do_nothing(), rows)
         if batch.devices:
             conn.execute(self._device_upsert(), [_device_values(key, delta) for key, delta in batch.devices.items()])
         for hook in batch.hooks:
             hook(conn)
+
+    def _insert_sqlite(self, conn: Connection, table: type[Base], rows: list[dict[str, Any]]) -> None:
+        """INSERT ... ON CONFLICT DO NOTHING of many rows through the driver's executemany.
+
+        SQLAlchemy's executemany spends ~3 µs per row building its parameters, more than SQLite
+        takes to store the row (5.2 against 2.3 µs per result row): at 2-3 answers per result/2
+        message that was a tenth of the bridge's CPU. Every row of one table in a batch comes from
+        the same builder, so the first row's keys are the columns; values still pass through the
+        columns' own bind processors (JSON, for one)."""
+        columns = tuple(rows[0])
+        plan = self._sqlite_plans.get((table, columns))
+        if plan is None:
+            t = cast(Table, table.__table__)
+            names = ", ".join(f'"{c}"' for c in columns)
+            sql = f'INSERT INTO "{t.name}" ({names}) VALUES ({", ".join("?" * len(columns))}) ON CONFLICT DO NOTHING'
+            converts: list[tuple[int, Callable[[Any], Any]]] = []
+            for i, c in enumerate(columns):
+                processor = t.c[c].type.bind_processor(conn.dialect)
+                if processor is not None:
+                    converts.append((i, processor))
+            plan = self._sqlite_plans[(table, columns)] = (sql, converts)
+        sql, converts = plan
+        if not converts:
+            conn.exec_driver_sql(sql, [tuple([row[c] for c in columns]) for row in rows])
+            return
+        params = [[row[c] for c in columns] for row in rows]
+        for i, convert in converts:
+            for values in params:
+                values[i] = convert(values[i])
+        conn.exec_driver_sql(sql, [tuple(values) for values in params])
 
     def _device_upsert(self) -> Any:
         """One statement for every device of a batch (executemany): counters add, last_seen takes the
