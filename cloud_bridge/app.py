@@ -21,6 +21,7 @@ from cloud_bridge.alerts import AlertPublisher
 from cloud_bridge.commands import CommandSender
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
+from cloud_bridge.deltas import DeltaStore
 from cloud_bridge.drift_store import DriftStore, load_reference_mixes
 from cloud_bridge.escalation import CloudModel, Escalator, escalation_filter
 from cloud_bridge.ingest import Ingestor, ingest_filters
@@ -61,6 +62,7 @@ class Bridge:
         self.ingestor: Ingestor | None = None
         self.mqtt: MqttConnection | None = None
         self.models = ModelStore(config.model_store_dir, self.registry)
+        self.deltas = DeltaStore(self.models, config.ota.delta_max_fraction)
         self.chunks: ChunkServer | None = None
         # None when no [ota] signing_key is configured: OTA commands are disabled.
         self.commands: CommandSender | None = None
@@ -175,7 +177,7 @@ class Bridge:
 
     def _setup_ota(self, mqtt: MqttConnection) -> None:
         ota = self.config.ota
-        self.chunks = ChunkServer(self.topics, self.models, ota, self._publish_chunk, mqtt.ack)
+        self.chunks = ChunkServer(self.topics, self.models, ota, self._publish_chunk, mqtt.ack, self.deltas)
         if ota.signing_key is None:
             log.info("ota commands disabled: no [ota] signing_key configured (chunks are still served)")
             return
@@ -188,6 +190,8 @@ class Bridge:
             ota.chunk_size,
             ota.command_ttl_s,
             registry=self.registry,
+            models=self.models,
+            deltas=self.deltas,
         )
         log.info("ota commands enabled key_id=%s model_store=%s", signer.key_id, self.models.root)
 

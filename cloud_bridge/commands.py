@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import sys
 import time
@@ -26,15 +27,18 @@ from paho.mqtt.properties import Properties
 from sqlalchemy import insert, select
 
 from cloud_bridge.config import load_config
+from cloud_bridge.deltas import DeltaArtifact, DeltaStore, delta_for_device
 from cloud_bridge.keys import load_signer
 from cloud_bridge.models import ModelRecord, ModelStore, ModelStoreError
 from cloud_bridge.registry import CommandAckRow, CommandRow, Registry
 from schemas.codec import decode, encode
 from schemas.errors import DecodeError
-from schemas.messages import Command, CommandAck, ModelUpdate
+from schemas.messages import Command, CommandAck, ModelDelta, ModelUpdate
 from schemas.msgid import new_msg_id
 from schemas.signing import Ed25519PrivateKey, SignatureError, sign_command
 from schemas.topics import Channel, Topics
+
+log = logging.getLogger(__name__)
 
 # topic, payload, qos, MQTT 5 message expiry in seconds (None: none)
 Publish = Callable[[str, bytes, int, int | None], Awaitable[None]]
@@ -57,6 +61,8 @@ class CommandSender:
         ttl_s: float = 3600.0,
         *,
         registry: Registry | None = None,
+        models: ModelStore | None = None,
+        deltas: DeltaStore | None = None,
     ) -> None:
         self.topics = topics
         self._key = key
@@ -65,6 +71,9 @@ class CommandSender:
         self.chunk_size = chunk_size
         self.ttl_s = ttl_s
         self._registry = registry
+        # With all three, an update offers a patch from the model the device runs (cloud_bridge/deltas.py).
+        self._models = models
+        self._deltas = deltas
         self.sent = 0
 
     def build(
@@ -96,14 +105,34 @@ class CommandSender:
         )
         return sign_command(command, self._key, self._key_id)
 
-    def model_update(self, fleet_id: str, record: ModelRecord) -> ModelUpdate:
+    def model_update(self, fleet_id: str, record: ModelRecord, delta: DeltaArtifact | None = None) -> ModelUpdate:
         return ModelUpdate(
             model=record.ref,
             size=record.size,
             chunk_size=self.chunk_size,
             chunks=max(1, math.ceil(record.size / self.chunk_size)),
             chunk_topic=self.topics.model_chunks(fleet_id, record.sha256),
+            delta=None
+            if delta is None
+            else ModelDelta(
+                base_sha256=delta.base_sha256,
+                sha256=delta.sha256,
+                size=delta.size,
+                chunks=max(1, math.ceil(delta.size / self.chunk_size)),
+                chunk_topic=self.topics.model_chunks(fleet_id, delta.sha256),
+            ),
         )
+
+    async def _delta(self, fleet_id: str, device_id: str, record: ModelRecord) -> DeltaArtifact | None:
+        if self._registry is None or self._models is None or self._deltas is None:
+            return None
+        try:
+            return await delta_for_device(self._deltas, self._models, self._registry, fleet_id, device_id, record)
+        except (OSError, ValueError, MemoryError) as exc:  # bsdiff4 raises ValueError on bad input
+            log.error(
+                "no delta for %s/%s to %s: %s; sending the whole model", fleet_id, device_id, record.sha256[:12], exc
+            )
+            return None
 
     async def send_update(
         self,
@@ -114,7 +143,7 @@ class CommandSender:
         rollout_id: str | None = None,
         stage: int | None = None,
     ) -> Command:
-        update = self.model_update(fleet_id, record)
+        update = self.model_update(fleet_id, record, await self._delta(fleet_id, device_id, record))
         command = self.build(fleet_id, device_id, "model_update", update=update, rollout_id=rollout_id, stage=stage)
         await self.send(command)
         return command
@@ -307,6 +336,7 @@ async def _send_and_wait(args: argparse.Namespace) -> int:
                     props.MessageExpiryInterval = expiry
                 await client.publish(topic, payload, qos=qos, properties=props)
 
+            models = ModelStore(config.model_store_dir, registry)
             sender = CommandSender(
                 topics,
                 signer.key,
@@ -315,10 +345,12 @@ async def _send_and_wait(args: argparse.Namespace) -> int:
                 config.ota.chunk_size,
                 config.ota.command_ttl_s,
                 registry=registry,
+                models=models,
+                deltas=DeltaStore(models, config.ota.delta_max_fraction),
             )
             await client.subscribe(topics.device(fleet_id, device_id, Channel.CMD_ACK), qos=1)
             if args.action_name == "update":
-                record = await ModelStore(config.model_store_dir, registry).get(args.model, args.version)
+                record = await models.get(args.model, args.version)
                 command = await sender.send_update(fleet_id, device_id, record, rollout_id=args.rollout_id)
             elif args.action_name == "rollback":
                 command = await sender.send_rollback(fleet_id, device_id, rollout_id=args.rollout_id)

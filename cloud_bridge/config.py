@@ -100,6 +100,9 @@ class OtaConfig:
     max_chunks_per_s: float = 0.0  # 0 = no rate limit beyond the in-flight bound
     # A request for a chunk sent this recently is answered by that send (devices behind one gateway).
     coalesce_s: float = 0.5
+    # Offer a binary patch from the device's current model when it is at most this fraction of the
+    # new model (cloud_bridge/deltas.py); 0 sends whole models only.
+    delta_max_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -342,6 +345,10 @@ def _validate(config: BridgeConfig) -> None:
     if not config.registry_url.split(":", 1)[0].startswith(("sqlite", "postgresql")):
         raise ConfigError(
             f"[registry] url = {config.registry.url!r}: use sqlite+aiosqlite:///PATH or postgresql+asyncpg://..."
+        )
+    if not 0.0 <= config.ota.delta_max_fraction <= 1.0:
+        raise ConfigError(
+            f"[ota] delta_max_fraction = {config.ota.delta_max_fraction} must be between 0 (no patches) and 1"
         )
     if not 1024 <= config.ota.chunk_size <= 1 << 20:
         raise ConfigError(f"[ota] chunk_size = {config.ota.chunk_size} must be between 1024 and 1048576 bytes")

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from cloud_bridge.config import OtaConfig
+from cloud_bridge.deltas import DeltaArtifact, DeltaStore
 from cloud_bridge.models import ModelRecord, ModelStore
 from cloud_bridge.mqtt import Incoming, MqttError
 from schemas.codec import decode_for_topic, encode
@@ -41,6 +42,8 @@ from schemas.topics import Channel, Topics
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]
+# What is served: a registered model or a patch between two (both have sha256, size and path).
+Artifact = ModelRecord | DeltaArtifact
 Ack = Callable[[Incoming], bool]
 MODEL_REQUEST_SUFFIX = "/" + Channel.MODEL_REQUEST.value
 
@@ -77,14 +80,23 @@ class _Job:
 class ChunkServer:
     """Answers model chunk requests; `submit` from the MQTT callback, `run` as a task."""
 
-    def __init__(self, topics: Topics, store: ModelStore, config: OtaConfig, publish: Publish, ack: Ack) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        store: ModelStore,
+        config: OtaConfig,
+        publish: Publish,
+        ack: Ack,
+        deltas: DeltaStore | None = None,
+    ) -> None:
         self._topics = topics
         self._store = store
+        self._deltas = deltas  # patches are served like models, by their sha256
         self._config = config
         self._publish = publish
         self._ack = ack
         self._jobs: OrderedDict[tuple[str, str], _Job] = OrderedDict()
-        self._records: dict[str, ModelRecord | None] = {}
+        self._records: dict[str, Artifact] = {}
         self._sent_at: dict[tuple[str, str, int], float] = {}
         self._window = asyncio.Semaphore(config.max_chunks_in_flight)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -164,9 +176,11 @@ class ChunkServer:
             self._jobs[key] = job
         return key, index, job.device_id
 
-    async def _record(self, sha256: str) -> ModelRecord | None:
+    async def _record(self, sha256: str) -> Artifact | None:
         if sha256 not in self._records:
-            record = await self._store.get_by_sha(sha256)
+            record: Artifact | None = await self._store.get_by_sha(sha256)
+            if record is None and self._deltas is not None:
+                record = self._deltas.find(sha256)
             if record is None:
                 return None  # not cached: it may be registered later
             self._records[sha256] = record
@@ -225,7 +239,7 @@ class ChunkServer:
         self._inflight.discard(task)
         self._window.release()
 
-    async def _send(self, record: ModelRecord, fleet_id: str, device_id: str, index: int, chunks: int) -> None:
+    async def _send(self, record: Artifact, fleet_id: str, device_id: str, index: int, chunks: int) -> None:
         size = self._config.chunk_size
         try:
             data = await asyncio.to_thread(_read_chunk, record, index * size, size)
@@ -256,7 +270,7 @@ class ChunkServer:
         self.stats.bytes_sent += len(data)
 
 
-def _read_chunk(record: ModelRecord, offset: int, size: int) -> bytes:
+def _read_chunk(record: Artifact, offset: int, size: int) -> bytes:
     fd = os.open(record.path, os.O_RDONLY)
     try:
         return os.pread(fd, size, offset)

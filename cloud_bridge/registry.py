@@ -565,6 +565,14 @@ class Registry:
             result = await conn.execute(select(func.count()).select_from(table))
             return int(result.scalar_one())
 
+    async def device_model(self, fleet_id: str, device_id: str) -> str | None:
+        """The sha256 of the model the device last said it runs (None: unknown device or model)."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(Device.model_sha256).where(Device.fleet_id == fleet_id, Device.device_id == device_id)
+            )
+            return result.scalar_one_or_none()
+
     async def rows(self, table: type[Base]) -> list[dict[str, Any]]:
         """All rows of a table as dicts (for tests and operators; not for the hot path)."""
         async with self.engine.connect() as conn:

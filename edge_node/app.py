@@ -157,7 +157,7 @@ class EdgeNode:
         )
         if self.installer is None:
             self.installer = slots
-        self.ota = build_agent(cfg, outbox, link, self.installer)
+        self.ota = build_agent(cfg, outbox, link, self.installer, self._model_files)
         probe = ResourceProbe()
         ctx = TelemetryContext(
             dev.fleet_id,
@@ -201,6 +201,10 @@ class EdgeNode:
             await link.close(DRAIN_TIMEOUT_S)
             link_task.cancel()
         log.info("edge node stopped processed=%d outbox_depth=%d", pipeline.processed, outbox.depth)
+
+    def _model_files(self) -> list[Path]:
+        """The file of the model that runs now: the base a model patch is most likely made for."""
+        return [self.classifier.info.path] if self.classifier is not None else []
 
     def _load_model(self, path: Path) -> Classifier:
         m = self.config.model

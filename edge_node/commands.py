@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -370,9 +370,14 @@ class OtaAgent:
 
 
 def build_agent(
-    config: EdgeConfig, outbox: Outbound, subscriptions: ChunkSubscriptions, installer: Installer | None
+    config: EdgeConfig,
+    outbox: Outbound,
+    subscriptions: ChunkSubscriptions,
+    installer: Installer | None,
+    local_models: Callable[[], list[Path]] = list,
 ) -> OtaAgent:
-    """The command guard, acks, downloader and agent of one node, from its config."""
+    """The command guard, acks, downloader and agent of one node, from its config; `local_models`
+    lists model files the node has outside its content store (bases for patches)."""
     dev, ota = config.device, config.ota
     state_dir = config.ota_state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -399,5 +404,6 @@ def build_agent(
         progress,
         ota.chunk_timeout_s,
         ota.chunk_timeout_max_s,
+        local_models,
     )
     return OtaAgent(state_dir, guard, acks, downloader, installer)

@@ -10,6 +10,12 @@ bitmap only after the data is fsynced: after a cut or a restart it asks only for
 Without progress for `chunk_timeout_s` it asks again, backing off to `chunk_timeout_max_s`. At the end
 the whole file must have the announced size and sha256, or it is thrown away: a partial or forged
 file is never trusted. A file already in the content store is not downloaded again.
+
+An update may offer a binary patch (`ModelUpdate.delta`, bsdiff4) from a model the device has (in
+the content store, or the one it runs: `local_models`). Then the patch is fetched the same way
+(staging keyed by the patch's sha256), applied to the local copy, and the result must hash to the
+model's sha256 before it enters the content store; if the patch cannot be fetched, applied or
+verified, the whole model is fetched instead.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import bsdiff4
 
 from edge_node.files import file_sha256, fsync_dir, write_atomic
 from edge_node.outbox import OutMessage, Priority
@@ -82,25 +90,48 @@ class DownloadStats:
     requests: int = 0
     rerequests: int = 0
     verify_failures: int = 0
+    patched: int = 0  # models built from a local one and a downloaded patch
+    patch_fallbacks: int = 0  # patches that failed: the whole model was fetched instead
     # The chunk indexes of every request sent (for operators' logs and tests).
     requested: list[list[int]] = field(default_factory=list)
 
 
-def expected_chunks(update: ModelUpdate) -> int:
-    return max(1, math.ceil(update.size / update.chunk_size))
+@dataclass(frozen=True)
+class Artifact:
+    """What one download fetches: an update's model, or the patch it offers (ModelDelta)."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: int  # as announced (checked against size and chunk_size)
+    chunk_topic: str
+
+    @classmethod
+    def model(cls, update: ModelUpdate) -> Artifact:
+        return cls(update.model.sha256, update.size, update.chunk_size, update.chunks, update.chunk_topic)
+
+    @classmethod
+    def patch(cls, update: ModelUpdate) -> Artifact:
+        assert update.delta is not None
+        d = update.delta
+        return cls(d.sha256, d.size, update.chunk_size, d.chunks, d.chunk_topic)
+
+    @property
+    def expected_chunks(self) -> int:
+        return max(1, math.ceil(self.size / self.chunk_size))
 
 
 class Staging:
     """The part file and its bitmap for one artifact. Blocking I/O: call from a worker thread."""
 
-    def __init__(self, directory: Path, update: ModelUpdate) -> None:
-        sha = update.model.sha256
-        self.update = update
-        self.chunks = expected_chunks(update)
+    def __init__(self, directory: Path, artifact: Artifact) -> None:
+        sha = artifact.sha256
+        self.artifact = artifact
+        self.chunks = artifact.expected_chunks
         self.part = directory / f"{sha}.part"
         self.bitmap_path = directory / f"{sha}.bitmap"
         self.have = bytearray((self.chunks + 7) // 8)
-        self._header = {"sha256": sha, "size": update.size, "chunk_size": update.chunk_size, "chunks": self.chunks}
+        self._header = {"sha256": sha, "size": artifact.size, "chunk_size": artifact.chunk_size, "chunks": self.chunks}
 
     def load(self) -> int:
         """Resume from a bitmap that describes this same artifact; returns how many chunks it holds."""
@@ -138,7 +169,7 @@ class Staging:
         fd = os.open(self.part, os.O_WRONLY)
         try:
             for index, data in chunks:
-                os.pwrite(fd, data, index * self.update.chunk_size)
+                os.pwrite(fd, data, index * self.artifact.chunk_size)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -150,13 +181,13 @@ class Staging:
     def finish(self, dest: Path) -> str | None:
         """Verify size and sha256, then move into the content store; else discard and say why."""
         size = self.part.stat().st_size
-        if size != self.update.size:
+        if size != self.artifact.size:
             self.discard()
-            return f"assembled {size} bytes, the command announced {self.update.size}"
+            return f"assembled {size} bytes, the command announced {self.artifact.size}"
         digest = file_sha256(self.part)
-        if digest != self.update.model.sha256:
+        if digest != self.artifact.sha256:
             self.discard()
-            return f"assembled file has sha256 {digest}, the command announced {self.update.model.sha256}"
+            return f"assembled file has sha256 {digest}, the command announced {self.artifact.sha256}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.part, dest)
         fsync_dir(dest.parent)
@@ -168,21 +199,21 @@ class Staging:
         self.bitmap_path.unlink(missing_ok=True)
 
 
-def _check_update(topics: Topics, fleet_id: str, update: ModelUpdate) -> None:
-    if update.chunks != expected_chunks(update):
+def _check_artifact(topics: Topics, fleet_id: str, artifact: Artifact) -> None:
+    if artifact.chunks != artifact.expected_chunks:
         raise DownloadError(
             "bad_update",
-            f"{update.chunks} chunks cannot hold {update.size} bytes of {update.chunk_size}-byte chunks",
+            f"{artifact.chunks} chunks cannot hold {artifact.size} bytes of {artifact.chunk_size}-byte chunks",
         )
-    expected_topic = topics.model_chunks(fleet_id, update.model.sha256)
-    if update.chunk_topic != expected_topic:
-        raise DownloadError("bad_update", f"chunk_topic {update.chunk_topic!r} is not {expected_topic!r}")
+    expected_topic = topics.model_chunks(fleet_id, artifact.sha256)
+    if artifact.chunk_topic != expected_topic:
+        raise DownloadError("bad_update", f"chunk_topic {artifact.chunk_topic!r} is not {expected_topic!r}")
 
 
 @dataclass
 class _Active:
     command: Command
-    update: ModelUpdate
+    artifact: Artifact
     queue: asyncio.Queue[ModelChunk]
 
 
@@ -200,8 +231,11 @@ class Downloader:
         progress: Progress,
         chunk_timeout_s: float,
         chunk_timeout_max_s: float,
+        local_models: Callable[[], list[Path]] = list,
     ) -> None:
         self.store_dir = Path(state_dir) / "models"
+        # Model files the device has outside the content store (the one it runs): patch bases.
+        self._local_models = local_models
         self.staging_dir = Path(state_dir) / "staging"
         self._topics = topics
         self._fleet_id = fleet_id
@@ -227,7 +261,7 @@ class Downloader:
             log.warning("undecodable model chunk topic=%s error=%s", topic, exc)
             return
         active = self._active
-        if not isinstance(chunk, ModelChunk) or active is None or chunk.sha256 != active.update.model.sha256:
+        if not isinstance(chunk, ModelChunk) or active is None or chunk.sha256 != active.artifact.sha256:
             # A chunk of another device's download, or one redelivered after ours finished.
             self.stats.stray_chunks += 1
             return
@@ -237,40 +271,79 @@ class Downloader:
             self.stats.dropped_chunks += 1  # asked for again after the chunk timeout
 
     async def fetch(self, command: Command) -> Path:
-        """The verified file of `command.update` in the content store, downloading what is missing."""
+        """The verified file of `command.update` in the content store, downloading what is missing
+        (a patch from a local model when the update offers one, else the model)."""
         update = command.update
         if update is None:
             raise DownloadError("bad_update", f"command {command.cmd_id} ({command.action}) carries no update")
-        _check_update(self._topics, self._fleet_id, update)
+        _check_artifact(self._topics, self._fleet_id, Artifact.model(update))
         dest = self.content_path(update.model.sha256)
         if await asyncio.to_thread(self._already_have, dest, update.model.sha256):
             self.stats.reused += 1
             log.info("model %s already in the content store: not downloading", update.model.sha256[:12])
             return dest
-        staging = Staging(self.staging_dir, update)
+        if update.delta is not None:
+            base = await asyncio.to_thread(self._local_copy, update.delta.base_sha256)
+            if base is not None:
+                try:
+                    return await self._fetch_patched(command, update, base, dest)
+                except DownloadError as exc:
+                    self.stats.patch_fallbacks += 1
+                    log.warning("model patch failed (%s): fetching the whole model", exc)
+        return await self._fetch_artifact(command, Artifact.model(update), dest)
+
+    async def _fetch_patched(self, command: Command, update: ModelUpdate, base: Path, dest: Path) -> Path:
+        patch = Artifact.patch(update)
+        _check_artifact(self._topics, self._fleet_id, patch)
+        patch_path = self.staging_dir / f"{patch.sha256}.bsdiff"
+        await self._fetch_artifact(command, patch, patch_path)
+        try:
+            await asyncio.to_thread(_apply_patch, base, patch_path, dest, update)
+        finally:
+            patch_path.unlink(missing_ok=True)
+        self.stats.patched += 1
+        log.info(
+            "model %s built from %s with a %d-byte patch (the model is %d bytes)",
+            update.model.sha256[:12],
+            base.name,
+            patch.size,
+            update.size,
+        )
+        return dest
+
+    def _local_copy(self, sha256: str) -> Path | None:
+        """A local file holding the model `sha256` (checked by hashing it), if the device has one."""
+        for path in [self.content_path(sha256), *self._local_models()]:
+            if path.is_file() and file_sha256(path) == sha256:
+                return path
+        return None
+
+    async def _fetch_artifact(self, command: Command, artifact: Artifact, dest: Path) -> Path:
+        """Download `artifact` into `dest` (verified size and sha256), resuming what is staged."""
+        staging = Staging(self.staging_dir, artifact)
         held = await asyncio.to_thread(staging.load)
         if held:
             self.stats.resumed += 1
         log.info(
-            "model download start sha256=%s size=%d chunks=%d held=%d",
-            update.model.sha256[:12],
-            update.size,
+            "download start sha256=%s size=%d chunks=%d held=%d",
+            artifact.sha256[:12],
+            artifact.size,
             staging.chunks,
             held,
         )
-        self._active = _Active(command, update, asyncio.Queue(_QUEUE_LIMIT))
-        self._subs.add_subscription(update.chunk_topic, 1)
+        self._active = _Active(command, artifact, asyncio.Queue(_QUEUE_LIMIT))
+        self._subs.add_subscription(artifact.chunk_topic, 1)
         try:
             await self._receive(self._active, staging)
             failure = await asyncio.to_thread(staging.finish, dest)
         finally:
             self._active = None
-            self._subs.remove_subscription(update.chunk_topic)
+            self._subs.remove_subscription(artifact.chunk_topic)
         if failure is not None:
             self.stats.verify_failures += 1
             raise DownloadError("verify_failed", failure)
         self.stats.downloads += 1
-        log.info("model download verified sha256=%s path=%s", update.model.sha256[:12], dest)
+        log.info("download verified sha256=%s path=%s", artifact.sha256[:12], dest)
         return dest
 
     @staticmethod
@@ -288,7 +361,7 @@ class Downloader:
         next_report = (staging.count() / staging.chunks // _PROGRESS_STEP + 1) * _PROGRESS_STEP
         missing = staging.missing()
         if missing:
-            await self._request(active.command, missing)
+            await self._request(active, missing)
         while missing:
             try:
                 async with asyncio.timeout(timeout):
@@ -297,7 +370,7 @@ class Downloader:
                 timeout = min(timeout * 2, self._timeout_max_s)
                 self.stats.rerequests += 1
                 log.info("no model chunk for %.1fs: asking again for %d missing chunks", timeout / 2, len(missing))
-                await self._request(active.command, missing)
+                await self._request(active, missing)
                 continue
             batch = [first]
             while not active.queue.empty():
@@ -317,7 +390,7 @@ class Downloader:
     def _accept(self, staging: Staging, batch: list[ModelChunk]) -> list[tuple[int, bytes]]:
         """The chunks of `batch` that are new and verify; bad ones are counted and dropped."""
         accepted: dict[int, bytes] = {}
-        update = staging.update
+        artifact = staging.artifact
         for chunk in batch:
             if staging.holds(chunk.index) or chunk.index in accepted:
                 self.stats.duplicate_chunks += 1
@@ -332,18 +405,18 @@ class Downloader:
             if reason is None:
                 if hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
                     reason = "data does not hash to chunk_sha256"
-                elif len(data) != _chunk_length(update, chunk.index):
-                    reason = f"{len(data)} bytes, expected {_chunk_length(update, chunk.index)}"
+                elif len(data) != _chunk_length(artifact, chunk.index):
+                    reason = f"{len(data)} bytes, expected {_chunk_length(artifact, chunk.index)}"
             if reason is not None:
                 self.stats.bad_chunks += 1
-                log.warning("model chunk %d of %s refused: %s", chunk.index, update.model.sha256[:12], reason)
+                log.warning("model chunk %d of %s refused: %s", chunk.index, artifact.sha256[:12], reason)
                 continue
             accepted[chunk.index] = data
         return sorted(accepted.items())
 
-    async def _request(self, command: Command, missing: list[int]) -> None:
+    async def _request(self, active: _Active, missing: list[int]) -> None:
         topic = self._topics.device(self._fleet_id, self._device_id, Channel.MODEL_REQUEST)
-        assert command.update is not None
+        command = active.command
         for start in range(0, len(missing), MAX_INDEXES_PER_REQUEST):
             indexes = missing[start : start + MAX_INDEXES_PER_REQUEST]
             request = ModelChunkRequest(
@@ -352,7 +425,7 @@ class Downloader:
                 device_id=self._device_id,
                 ts=time.time(),
                 cmd_id=command.cmd_id,
-                sha256=command.update.model.sha256,
+                sha256=active.artifact.sha256,
                 chunks=indexes,
             )
             await self._outbox.put(
@@ -383,5 +456,21 @@ def _chunk_problem(chunk: ModelChunk, chunks: int) -> str | None:
     return None
 
 
-def _chunk_length(update: ModelUpdate, index: int) -> int:
-    return min(update.chunk_size, update.size - index * update.chunk_size)
+def _chunk_length(artifact: Artifact, index: int) -> int:
+    return min(artifact.chunk_size, artifact.size - index * artifact.chunk_size)
+
+
+def _apply_patch(base: Path, patch: Path, dest: Path, update: ModelUpdate) -> None:
+    """Patch `base` into the update's model and put it into the content store, only if it is
+    exactly that model (size and sha256)."""
+    try:
+        data = bsdiff4.patch(base.read_bytes(), patch.read_bytes())
+    except (ValueError, OSError, MemoryError) as exc:  # a corrupt or foreign patch (bz2 data errors are OSError)
+        raise DownloadError("patch_failed", f"cannot apply the patch to {base.name}: {exc}") from None
+    if len(data) != update.size or hashlib.sha256(data).hexdigest() != update.model.sha256:
+        raise DownloadError(
+            "patch_failed",
+            f"the patched model is not {update.model.sha256[:12]} ({len(data)} bytes, {update.size} announced)",
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, data)

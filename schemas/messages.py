@@ -307,6 +307,19 @@ class Results(Envelope, kw_only=True, tag="result/2"):
 
 
 # ---- commands ----------------------------------------------------------------------------------
+class ModelDelta(Struct, frozen=True, kw_only=True):
+    """A binary patch (bsdiff4) from a model the device already has to the update's model, offered
+    when it is much smaller than the model. Fetched like a model (chunks of `chunk_size` on
+    `chunk_topic`, requested by this `sha256`); the patched file must hash to the update's
+    model.sha256, so a bad patch is caught like a bad download (the device then fetches the model)."""
+
+    base_sha256: Sha256
+    sha256: Sha256
+    size: Annotated[int, Meta(ge=1, le=1 << 31)]
+    chunks: Annotated[int, Meta(ge=1)]
+    chunk_topic: Annotated[str, Meta(min_length=1, max_length=512)]
+
+
 class ModelUpdate(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What to install and how to fetch it (chunks over MQTT, so it works through a gateway)."""
 
@@ -315,7 +328,7 @@ class ModelUpdate(Struct, frozen=True, kw_only=True, omit_defaults=True):
     chunk_size: Annotated[int, Meta(ge=1024, le=1 << 20)]
     chunks: Annotated[int, Meta(ge=1)]
     chunk_topic: Annotated[str, Meta(min_length=1, max_length=512)]
-    delta_from: Sha256 | None = None
+    delta: ModelDelta | None = None
     health_tolerance: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.05
     latency_budget_ms: NonNeg = 50.0
 

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.commands import CommandSender, command_states
@@ -35,7 +38,7 @@ from edge_node.app import EdgeNode
 from edge_node.commands import CommandGuard, CommandRejected, GuardPolicy, OtaAgent
 from edge_node.config import load_config as load_edge_config
 from edge_node.demo_models import DemoModel
-from edge_node.download import Downloader, Staging
+from edge_node.download import Artifact, Downloader, Staging
 from schemas import (
     Command,
     CommandAck,
@@ -277,6 +280,110 @@ async def test_a_model_already_in_the_store_is_not_downloaded_again(
         assert bridge.chunks is not None and bridge.chunks.stats.requests == 0
 
 
+def fine_tuned(base: Path, out: Path, version: str = "1.1.0") -> Path:
+    """`base` with a retrained output bias (as a head-only fine-tune changes little): the bytes
+    differ in a few places, so a patch is far smaller than the model."""
+    model = onnx.load(base)
+    (bias,) = [init for init in model.graph.initializer if init.name == "B1"]
+    values = numpy_helper.to_array(bias) + np.float32(0.05)
+    bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), "B1"))
+    for prop in model.metadata_props:
+        if prop.key == "model_version":
+            prop.value = version
+    onnx.save(model, out)
+    return out
+
+
+async def device_runs(bridge: Bridge, sha256: str) -> None:
+    """Wait until the registry knows the device runs `sha256` (from its status and telemetry)."""
+    await wait_until_async(lambda: bridge.registry.device_model(FLEET, DEVICE), sha256)
+
+
+async def wait_until_async(read: Callable[[], Any], expected: object, limit_s: float = 20.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while (got := await read()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit_s}s: {got!r}, expected {expected!r}")
+        await asyncio.sleep(0.05)
+
+
+async def test_an_update_close_to_the_running_model_travels_as_a_patch(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    bridge: Bridge,
+    demo_models: dict[str, DemoModel],
+    signing_key: tuple[Ed25519PrivateKey, Path],
+) -> None:
+    """The registry knows the device runs the base model and the store has it: the command offers a
+    bsdiff patch, the device fetches only the patch, rebuilds the new model from its own copy and
+    hands the installer exactly the registered bytes."""
+    base = await bridge.models.add(demo_models["edge"].path)
+    target = await bridge.models.add(fine_tuned(demo_models["edge"].path, tmp_path / "tuned.onnx"))
+    config = node_config(tmp_path, mosquitto.port, demo_models["edge"].path, signing_key[0])
+    running, installer = make_node(config)
+    async with running as node:
+        await wait_connected(node)
+        await device_runs(bridge, base.sha256)
+        command = await sender(bridge).send_update(FLEET, DEVICE, target)
+        assert command.update is not None and command.update.delta is not None
+        delta = command.update.delta
+        assert delta.base_sha256 == base.sha256 and delta.size < target.size // 4
+        async with asyncio.timeout(30):
+            await installer.event.wait()
+        path, _, data = installer.installed[0]
+        assert data == target.path.read_bytes() and path == config.ota_state_dir / "models" / f"{target.sha256}.onnx"
+        stats = downloader(node).stats
+        assert (stats.patched, stats.patch_fallbacks) == (1, 0)
+        assert stats.requested == [list(range(delta.chunks))]  # the patch's chunks, none of the model's
+        assert bridge.chunks is not None and bridge.chunks.stats.bytes_sent == delta.size
+        assert list(config.ota_state_dir.glob("staging/*")) == []
+
+
+async def test_a_patch_that_does_not_verify_falls_back_to_the_whole_model(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    bridge: Bridge,
+    demo_models: dict[str, DemoModel],
+    signing_key: tuple[Ed25519PrivateKey, Path],
+) -> None:
+    """A patch file damaged on the bridge's disk: its chunks hash to what the bridge sends, but the
+    whole patch is not the one the signed command names, so the device discards it and fetches the
+    model itself."""
+    base = await bridge.models.add(demo_models["edge"].path)
+    target = await bridge.models.add(fine_tuned(demo_models["edge"].path, tmp_path / "tuned.onnx"))
+    patch = await bridge.deltas.delta(base, target)
+    assert patch is not None
+    config = node_config(tmp_path, mosquitto.port, demo_models["edge"].path, signing_key[0])
+    running, installer = make_node(config)
+    async with running as node:
+        await wait_connected(node)
+        await device_runs(bridge, base.sha256)
+        command = await sender(bridge).send_update(FLEET, DEVICE, target)
+        assert command.update is not None and command.update.delta is not None
+        patch.path.write_bytes(bytes(b ^ 0xFF for b in patch.path.read_bytes()))  # same size, other bytes
+        async with asyncio.timeout(30):
+            await installer.event.wait()
+        assert installer.installed[0][2] == target.path.read_bytes()
+        stats = downloader(node).stats
+        assert (stats.patched, stats.patch_fallbacks, stats.verify_failures) == (0, 1, 1)
+        assert stats.requested[-1] == list(range(-(-target.size // CHUNK)))  # then the whole model
+
+
+async def test_no_patch_when_it_would_not_be_much_smaller_and_the_answer_is_kept(
+    tmp_path: Path, bridge: Bridge, demo_models: dict[str, DemoModel]
+) -> None:
+    edge = await bridge.models.add(demo_models["edge"].path)
+    cloud = await bridge.models.add(demo_models["cloud"].path)
+    assert await bridge.deltas.delta(edge, cloud) is None  # two different trainings: no common bytes
+    index = bridge.deltas.root / f"{edge.sha256}-{cloud.sha256}.json"
+    assert json.loads(index.read_text())["sha256"] is None  # so bsdiff does not run again for the pair
+    assert await bridge.deltas.delta(edge, edge) is None
+    tuned = await bridge.models.add(fine_tuned(demo_models["edge"].path, tmp_path / "tuned.onnx"))
+    first = await bridge.deltas.delta(edge, tuned)
+    assert first is not None and first == await bridge.deltas.delta(edge, tuned)
+    assert bridge.deltas.find(first.sha256) is not None and bridge.deltas.find("0" * 64) is None
+
+
 async def test_cut_link_mid_transfer_re_requests_only_missing_chunks(
     tmp_path: Path,
     mosquitto: Mosquitto,
@@ -515,20 +622,20 @@ def test_staging_trusts_only_bitmapped_bytes(tmp_path: Path) -> None:
     )
     part = tmp_path / f"{sha}.part"
     part.write_bytes(b"left over from who knows what" * 1000)
-    staging = Staging(tmp_path, update)
+    staging = Staging(tmp_path, Artifact.model(update))
     assert staging.load() == 0 and part.stat().st_size == 0  # no bitmap vouches for those bytes
     staging.write([(3, data[3 * CHUNK :]), (1, data[CHUNK : 2 * CHUNK])])
-    resumed = Staging(tmp_path, update)
+    resumed = Staging(tmp_path, Artifact.model(update))
     assert resumed.load() == 2 and resumed.missing() == [0, 2]
     other = msgspec.structs.replace(update, size=len(data) - 1)
-    assert Staging(tmp_path, other).load() == 0  # a bitmap of another size is not this download
-    staging = Staging(tmp_path, update)
+    assert Staging(tmp_path, Artifact.model(other)).load() == 0  # a bitmap of another size is not this download
+    staging = Staging(tmp_path, Artifact.model(update))
     assert staging.load() == 0
     staging.write([(i, data[i * CHUNK : (i + 1) * CHUNK]) for i in range(4)])
     dest = tmp_path / "store" / f"{sha}.onnx"
     assert staging.finish(dest) is None and dest.read_bytes() == data and not part.exists()
     # Right chunk count and sizes, other bytes: the whole-file check refuses it and nothing lands.
-    forged = Staging(tmp_path, update)
+    forged = Staging(tmp_path, Artifact.model(update))
     forged.load()
     forged.write([(i, bytes(len(data[i * CHUNK : (i + 1) * CHUNK]))) for i in range(4)])
     problem = forged.finish(tmp_path / "store2" / f"{sha}.onnx")
