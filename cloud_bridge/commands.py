@@ -110,7 +110,7 @@ class CommandSender:
             model=record.ref,
             size=record.size,
             chunk_size=self.chunk_size,
-            chunks=max(1, math.ceil(record.size / self.chunk_size)),
+            chunks=self._chunks(record.size),
             chunk_topic=self.topics.model_chunks(fleet_id, record.sha256),
             delta=None
             if delta is None
@@ -118,10 +118,13 @@ class CommandSender:
                 base_sha256=delta.base_sha256,
                 sha256=delta.sha256,
                 size=delta.size,
-                chunks=max(1, math.ceil(delta.size / self.chunk_size)),
+                chunks=self._chunks(delta.size),
                 chunk_topic=self.topics.model_chunks(fleet_id, delta.sha256),
             ),
         )
+
+    def _chunks(self, size: int) -> int:
+        return max(1, math.ceil(size / self.chunk_size))
 
     async def _delta(self, fleet_id: str, device_id: str, record: ModelRecord) -> DeltaArtifact | None:
         if self._registry is None or self._models is None or self._deltas is None:

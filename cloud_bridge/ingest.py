@@ -266,7 +266,8 @@ class Ingestor:
             # the time series gets it, the device row does not (Registry orders across batches).
             if order is None or before is None or order >= before:
                 delta.online = online
-                delta.status_order = before if order is None else max(order, before or order)
+                if order is not None:  # >= before, by the condition above
+                    delta.status_order = order
                 if message.model is not None:
                     delta.model = (message.model.name, message.model.version, message.model.sha256)
             model, version = ("", "") if message.model is None else (message.model.name, message.model.version)

@@ -493,9 +493,6 @@ class Registry:
                     converts.append((i, processor))
             plan = self._sqlite_plans[(table, columns)] = (sql, converts)
         sql, converts = plan
-        if not converts:
-            conn.exec_driver_sql(sql, [tuple([row[c] for c in columns]) for row in rows])
-            return
         params = [[row[c] for c in columns] for row in rows]
         for i, convert in converts:
             for values in params:

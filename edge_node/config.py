@@ -230,9 +230,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             if name.startswith(ENV_PREFIX[:-1]):  # EDGE_NODE_MQTT__HOST: would be ignored, silently
-                raise ConfigError(
-                    f"environment variable {name}: use {ENV_PREFIX}SECTION__KEY, e.g. EDGE_NODE__MQTT__HOST"
-                )
+                raise ConfigError(f"environment variable {name}: {_ENV_FORM}")
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2:

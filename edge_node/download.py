@@ -276,7 +276,8 @@ class Downloader:
         update = command.update
         if update is None:
             raise DownloadError("bad_update", f"command {command.cmd_id} ({command.action}) carries no update")
-        _check_artifact(self._topics, self._fleet_id, Artifact.model(update))
+        model = Artifact.model(update)
+        _check_artifact(self._topics, self._fleet_id, model)
         dest = self.content_path(update.model.sha256)
         if await asyncio.to_thread(self._already_have, dest, update.model.sha256):
             self.stats.reused += 1
@@ -290,7 +291,7 @@ class Downloader:
                 except DownloadError as exc:
                     self.stats.patch_fallbacks += 1
                     log.warning("model patch failed (%s): fetching the whole model", exc)
-        return await self._fetch_artifact(command, Artifact.model(update), dest)
+        return await self._fetch_artifact(command, model, dest)
 
     async def _fetch_patched(self, command: Command, update: ModelUpdate, base: Path, dest: Path) -> Path:
         patch = Artifact.patch(update)
