@@ -7,6 +7,7 @@ python -m schemas.export --check  # exit 1 if a file is missing or stale
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,46 @@ def file_name(message_type: type[Envelope]) -> str:
     return schema_name(message_type).replace("/", "-v") + ".schema.json"
 
 
+# Keywords first in every schema object, in this order; the others follow alphabetically.
+_LEADING = ("$schema", "$id", "title", "description", "type")
+# Objects whose keys are names (fields, definitions), kept in the order the types declare them.
+_NAMED = ("properties", "$defs", "patternProperties", "dependentSchemas")
+
+
+def normalised(node: Any) -> Any:
+    """`node` with what generators format differently made canonical.
+
+    The files must describe the contract, not the generator, so the same types give the same bytes
+    on any supported msgspec and the check below can stay byte-strict. What differs between msgspec
+    releases: docstrings (0.23 dedents them, earlier releases kept the source indentation), cleaned
+    here as `inspect.cleandoc` cleans a docstring; the order of `anyOf` alternatives (0.18-0.22 put
+    `null` first) and of an object's keywords (`minLength`/`maxLength`), neither of which means
+    anything in JSON Schema, so both are sorted here.
+    """
+    if isinstance(node, list):
+        return [normalised(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key in sorted(node, key=lambda k: (_LEADING.index(k) if k in _LEADING else len(_LEADING), k)):
+        value = node[key]
+        if key == "description" and isinstance(value, str):
+            out[key] = inspect.cleandoc(value)
+        elif key == "anyOf" and isinstance(value, list):
+            out[key] = sorted((normalised(item) for item in value), key=_canonical)
+        elif key in _NAMED and isinstance(value, dict):
+            out[key] = {name: normalised(sub) for name, sub in value.items()}
+        else:
+            out[key] = normalised(value)
+    return out
+
+
+def _canonical(node: Any) -> bytes:
+    return orjson.dumps(node, option=orjson.OPT_SORT_KEYS)
+
+
 def schema_document(message_type: type[Any]) -> dict[str, Any]:
-    """A standalone JSON Schema (draft 2020-12) for one message type."""
+    """A standalone JSON Schema (draft 2020-12) for one message type, normalised (see `normalised`)."""
     (ref,), components = msgspec.json.schema_components([message_type], ref_template="#/$defs/{name}")
     name = ref["$ref"].rsplit("/", 1)[-1]
     root = components.pop(name)
@@ -33,7 +72,8 @@ def schema_document(message_type: type[Any]) -> dict[str, Any]:
     doc.update(root)
     if components:
         doc["$defs"] = components
-    return doc
+    result: dict[str, Any] = normalised(doc)
+    return result
 
 
 def rendered() -> dict[str, bytes]:

@@ -43,7 +43,7 @@ from schemas import (
     schema_name,
 )
 from schemas.codec import CHANNEL_TYPES, OLDER_TYPES, max_bytes_for
-from schemas.export import JSON_DIR, file_name
+from schemas.export import JSON_DIR, file_name, normalised
 from schemas.messages import MAX_ANSWERS
 from schemas.msgid import MSG_ID_PATTERN
 from tests.factories import examples
@@ -73,6 +73,34 @@ def test_encoded_messages_validate_against_the_shipped_json_schema(message: Enve
 def test_json_schema_files_are_up_to_date() -> None:
     result = subprocess.run([sys.executable, "-m", "schemas.export", "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_schema_files_do_not_depend_on_how_a_generator_formats() -> None:
+    # What msgspec 0.18-0.22 emitted for a type that 0.23 emits dedented, null last, keywords in
+    # another order: the same contract, so the same file.
+    older = {
+        "title": "ModelChunk",
+        "description": "One chunk of a model.\n    `data` must hash to `chunk_sha256`.",
+        "type": "object",
+        "properties": {
+            "z": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/ModelRef"}], "default": None},
+            "a": {"type": "string", "maxLength": 64, "minLength": 1},
+        },
+    }
+    newer = {
+        "description": "One chunk of a model.\n`data` must hash to `chunk_sha256`.",
+        "title": "ModelChunk",
+        "properties": {
+            "z": {"default": None, "anyOf": [{"$ref": "#/$defs/ModelRef"}, {"type": "null"}]},
+            "a": {"minLength": 1, "type": "string", "maxLength": 64},
+        },
+        "type": "object",
+    }
+    assert orjson.dumps(normalised(older)) == orjson.dumps(normalised(newer))
+    # Fields keep the order the type declares them in; a real difference stays a difference.
+    assert list(normalised(older)["properties"]) == ["z", "a"]
+    newer["properties"]["a"]["maxLength"] = 65
+    assert normalised(older) != normalised(newer)
 
 
 def _status_dict() -> dict[str, Any]:
