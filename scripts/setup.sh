@@ -31,17 +31,36 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: $PYTHON is $("$PYTHON" --version 2>&1); Python 3.11+ is needed (set PYTHON=python3.11)" >&2
   exit 1
 fi
+# Python packages come only from requirements.lock: exact versions, every file checked by hash.
+# pyproject.toml keeps compatible ranges for people who install the packages as libraries.
+LOCK=requirements.lock
+if [ ! -f "$LOCK" ]; then
+  echo "setup: $LOCK is missing: restore it (git checkout -- $LOCK), or resolve a new one with 'make lock'" >&2
+  exit 1
+fi
+# A venv is rebuilt when the lock or the project's metadata (dependencies, entry points, packages)
+# changed, so it never keeps a package the lock no longer holds; tool settings do not count.
+want="$("$PYTHON" - "$LOCK" <<'PY'
+import hashlib, json, sys, tomllib
+meta = tomllib.load(open("pyproject.toml", "rb"))
+key = [meta["project"], meta["build-system"], meta.get("tool", {}).get("setuptools")]
+print(hashlib.sha256(open(sys.argv[1], "rb").read() + json.dumps(key, sort_keys=True).encode()).hexdigest())
+PY
+)"
+stamp="$VENV/.installed"
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: $LOCK or pyproject.toml changed: rebuilding $VENV"
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   "$PYTHON" -m venv "$VENV" || {
     echo "setup: 'python3 -m venv' failed: install the venv module (apt-get install -y python3-venv)" >&2
     exit 1
   }
-fi
-stamp="$VENV/.installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing the project and its test tools into $VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[dev]'
-  touch "$stamp"
+  echo "setup: installing the locked packages into $VENV (about a minute)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$LOCK"
+  # The project itself, editable, built by the locked setuptools (no download at build time).
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
 fi
