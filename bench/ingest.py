@@ -1,6 +1,6 @@
 """Ingestion throughput: a decode-only paho subscriber vs one bridge vs two bridges, in one run.
 
-Everything runs against a private broker (`devservers.Mosquitto`, queue limits raised as LIMITS.md
+Everything runs against a private broker (`devservers.Mosquitto`, queue limits raised as docs/traps.md
 trap 1 says, `max_inflight_messages 1000` as mosquitto/cloud.conf) and a private victoria-metrics
 (the InfluxDB v2 write API):
 
@@ -24,7 +24,7 @@ trap 1 says, `max_inflight_messages 1000` as mosquitto/cloud.conf) and a private
 3. With `--profile FILE`, one more session is drained by one bridge under cProfile: the functions
    with the most own time, then the project's by cumulative time, are printed (not in the ratios).
 
-The last line is the headline: `ratio X.XX bridge/bare` (target >= 0.5, LIMITS.md).
+The last line is the headline: `ratio X.XX bridge/bare` (target >= 0.5).
 
 Run: `.venv/bin/python bench/ingest.py` (about a minute on an idle 2-vCPU machine, several when
 other processes load it; `--messages` and `--rounds` change the size).
@@ -645,7 +645,7 @@ def main_parent(args: argparse.Namespace) -> None:
                 else None
             )
             if broker.dropped_messages_logged():
-                raise RuntimeError(f"broker dropped queued messages (LIMITS.md trap 1): see {broker.log_path}")
+                raise RuntimeError(f"broker dropped queued messages (docs/traps.md #1): see {broker.log_path}")
             if profiled is not None and args.profile is not None:
                 print_profile(args.profile)
     for i, res in enumerate(results):

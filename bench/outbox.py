@@ -1,6 +1,6 @@
 """Durable outbox + link vs bare paho-mqtt QoS 1, side by side in one run, through one broker.
 
-Measured against a private mosquitto (`devservers.Mosquitto`, queue limits raised, LIMITS.md trap 1):
+Measured against a private mosquitto (`devservers.Mosquitto`, queue limits raised, docs/traps.md #1):
 
 1. bare paho-mqtt 2.x: one client publishes N QoS 1 messages (same in-flight window as the link,
    MQTT 5 like the link) and the time runs until the last PUBACK. No subscriber: QoS 1 covers the
@@ -16,7 +16,7 @@ Measured against a private mosquitto (`devservers.Mosquitto`, queue limits raise
    after enqueueing them and after reopening the file (each in its own child process).
 
 The last line is the headline: end-to-end durable 200 B throughput over bare paho QoS 1
-(target >= 0.5, LIMITS.md).
+(target >= 0.5).
 
 Run: `.venv/bin/python bench/outbox.py` (about a minute).
 """
@@ -324,7 +324,7 @@ def main_bench() -> None:
         with Mosquitto(work / "broker", persistence=False) as mosq:
             rates = asyncio.run(throughput(work, mosq))
             if mosq.dropped_messages_logged():
-                raise RuntimeError("broker logged dropped messages (LIMITS.md trap 1)")
+                raise RuntimeError("broker logged dropped messages (docs/traps.md #1)")
         print_rates(rates, mosq.max_inflight_messages)
         deadline = time.monotonic() + RSS_BUDGET_S
         samples = [rss_sample(work, count, max(1.0, deadline - time.monotonic())) for count in RSS_COUNTS]

@@ -4,7 +4,7 @@ Why paho directly and not aiomqtt: the bridge must acknowledge a QoS 1 message o
 durably handled (registry commit), which needs paho's `manual_ack=True` + `client.ack(mid, qos)`;
 aiomqtt 2.5.1 (the installed version) has no manual-ack option and acknowledges on receipt. Driving
 paho from the loop (add_reader/add_writer calling loop_read/loop_write, a timer calling loop_misc)
-also avoids aiomqtt's per-publish future and thread hops (LIMITS.md trap 3), and keeps every paho
+also avoids aiomqtt's per-publish future and thread hops (docs/traps.md #3), and keeps every paho
 callback on the event-loop thread, so no locks are needed.
 
 The TCP connect itself (`client.connect`) is a blocking call on the loop; it happens only at start and

@@ -1,7 +1,7 @@
 """The bridge's registry: SQLAlchemy 2 async, SQLite (WAL, via aiosqlite) by default, PostgreSQL by URL.
 
 Tables are declared with the ORM; the hot path writes with Core bulk statements (one executemany per
-table per batch, one transaction per batch: group commit, LIMITS.md trap 4). Per-row ORM objects
+table per batch, one transaction per batch: group commit, docs/traps.md #4). Per-row ORM objects
 would cost more Python time per message than the whole budget of the bridge.
 """
 

@@ -1,6 +1,6 @@
 """Telemetry to InfluxDB: line protocol formatted by hand, written in batches with retry and a spill file.
 
-Why by hand: influxdb-client spends its time building `Point` objects (LIMITS.md trap 5); formatting
+Why by hand: influxdb-client spends its time building `Point` objects (docs/traps.md #5); formatting
 strings is 6-8x faster. The writer keeps a bounded in-memory buffer; while InfluxDB is down the lines
 beyond that bound go to an append-only spill file, which is replayed (oldest first) once writes succeed
 again, and everything still buffered at shutdown is spilled too, so a TSDB restart or a bridge restart

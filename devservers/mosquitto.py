@@ -4,7 +4,7 @@ Each `Mosquitto` owns a work dir holding its generated config, its log and its p
 listens on 127.0.0.1 on a free port that it keeps across restarts, so clients can reconnect to the same
 address after `stop()`/`start()` or `kill()`/`start()`.
 
-The generated config deals with the two traps of /work/shared/LIMITS.md that lose messages silently:
+The generated config deals with the two traps of docs/traps.md that lose messages silently:
 - trap 1: `max_queued_messages` / `max_queued_bytes` are set deliberately (stock mosquitto drops QoS 1
   messages past 1000 queued per client and only logs it); `dropped_messages_logged()` finds that line.
 - trap 7: started as root, mosquitto switches to user `mosquitto` and then cannot write the work dir, so
@@ -161,7 +161,7 @@ class Mosquitto:
         lines = [
             f"per_listener_settings {_bool(self.per_listener_settings)}",
             # Started as root, mosquitto switches to user `mosquitto`, which cannot write our work dir
-            # (LIMITS.md trap 7): the log and the persistence file would silently fail.
+            # (docs/traps.md #7): the log and the persistence file would silently fail.
             *(["user root"] if os.geteuid() == 0 else []),
             f"persistence {_bool(self.persistence)}",
             f"persistence_location {self.persistence_dir}/",
@@ -176,7 +176,7 @@ class Mosquitto:
             "connection_messages true",
             "log_timestamp true",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            # Stock limits drop QoS 1 messages for a lagging subscriber (LIMITS.md trap 1).
+            # Stock limits drop QoS 1 messages for a lagging subscriber (docs/traps.md #1).
             f"max_queued_messages {self.max_queued_messages}",
             f"max_queued_bytes {self.max_queued_bytes}",
             f"max_inflight_messages {self.max_inflight_messages}",
@@ -214,7 +214,7 @@ class Mosquitto:
             new_console = _read_from(self.console_log_path, offsets[1])
             new_text = new_log + new_console
             if "Permission denied" in new_text or "Unable to open" in new_text:
-                # The broker keeps running without its log or persistence: refuse it (LIMITS.md trap 7).
+                # The broker keeps running without its log or persistence: refuse it (docs/traps.md #7).
                 raise MosquittoError(f"{self.name} cannot write its files:\n{new_console}{new_log}")
             if " running" in new_log:
                 return
@@ -251,7 +251,7 @@ class Mosquitto:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def dropped_messages_logged(self) -> bool:
-        """Whether the broker discarded queued messages for some client (LIMITS.md trap 1)."""
+        """Whether the broker discarded queued messages for some client (docs/traps.md #1)."""
         return DROPPED_LINE in self.log_text()
 
     def __enter__(self) -> Self:

@@ -67,7 +67,7 @@ class ShippedConfig:
             return raw
         where = f"{self.source}:{number}"
         if stripped == "user mosquitto" and os.geteuid() == 0:
-            # As root mosquitto would switch to `mosquitto`, which cannot write the test's dir (LIMITS.md trap 7).
+            # As root mosquitto would switch to `mosquitto`, which cannot write the test's dir (docs/traps.md #7).
             return "user root"
         listener = _LISTENER_RE.match(stripped)
         if listener is not None:

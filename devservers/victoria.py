@@ -11,7 +11,7 @@ How a line `m,tag=a field=1.5,n=3i 1700000000123456789` is stored (checked on 1.
 - timestamps are kept in milliseconds (-influxTrimTimestamp=1ms): the example's is 1700000000123;
 - `/write?db=NAME` adds a `db="NAME"` label; `/api/v2/write` (influxdb-client) **ignores org and
   bucket on 1.79.5**, so no `db` label (newer releases may add `db=<bucket>`; do not rely on either);
-- points older than `-retentionPeriod` are dropped silently (LIMITS.md trap 6): started here with 100y.
+- points older than `-retentionPeriod` are dropped silently (docs/traps.md #6): started here with 100y.
 
 Durability: a 204 from the write API and even `/internal/force_flush` leave the last ~5 s of samples in
 memory; `kill()` loses them. `persist()` (a snapshot, created and deleted) writes them to disk first.
@@ -130,7 +130,7 @@ class VictoriaMetrics:
             str(binary),
             f"-storageDataPath={self.data_dir}",
             f"-httpListenAddr={self.host}:{self.port}",
-            # Default retention is one month: older points vanish silently (LIMITS.md trap 6).
+            # Default retention is one month: older points vanish silently (docs/traps.md #6).
             f"-retentionPeriod={self.retention_period}",
             # Fresh points must be readable at once by tests, not 30 s later; caching would hide them.
             "-search.latencyOffset=0s",

@@ -2,7 +2,7 @@
 
 Why paho-mqtt 2.x driven directly from the asyncio event loop rather than aiomqtt:
 
-* Throughput of the durable path (LIMITS trap 3). aiomqtt's `publish()` awaits each PUBACK through a
+* Throughput of the durable path (docs/traps.md #3). aiomqtt's `publish()` awaits each PUBACK through a
   future per message on top of paho (≈ 110 µs CPU per publish, 17–19k msg/s even with a window);
   the target is ≥ 0.5× a bare paho QoS 1 publisher *including* the outbox's SQLite work. Driving
   paho ourselves costs paho's own ≈ 32 µs per publish and nothing more: a PUBACK is one `on_publish`

@@ -5,7 +5,7 @@ outage, a cut link or `kill -9` loses nothing that `put` had returned for.
 
 Design, and why the stdlib `sqlite3` in one dedicated writer thread rather than aiosqlite:
 
-* Group commit (LIMITS trap 4). Operations (inserts, acked deletes, evictions, fetches) made during
+* Group commit (docs/traps.md #4). Operations (inserts, acked deletes, evictions, fetches) made during
   one event-loop iteration are handed to the writer thread as one list; the thread takes everything
   that queued up while its previous transaction ran (up to `max_batch` rows) and commits it as ONE
   transaction, then wakes every waiting `put` with a single `call_soon_threadsafe`. The batch size

@@ -1,7 +1,7 @@
 """Pytest fixtures for the real local servers of devservers/: mosquitto, victoria-metrics, a TCP proxy.
 
 Every server runs in the test's tmp dir on a free port and is stopped at teardown even when the test
-failed. A broker whose log says it dropped queued messages (LIMITS.md trap 1) fails the test that used
+failed. A broker whose log says it dropped queued messages (docs/traps.md #1) fails the test that used
 it, unless the test asked for drops on purpose.
 """
 
@@ -51,7 +51,7 @@ class _Brokers:
         dropped = [b for b, expected in self.brokers if not expected and b.dropped_messages_logged()]
         if dropped:
             pytest.fail(
-                "broker dropped queued messages (LIMITS.md trap 1): "
+                "broker dropped queued messages (docs/traps.md #1): "
                 + ", ".join(f"{b.name} log {b.log_path}" for b in dropped)
             )
 

@@ -43,7 +43,7 @@ CHANNEL_OF: dict[type[Envelope], Channel] = {
 
 
 def _as_postgres(*argv: str) -> list[str]:
-    # PostgreSQL refuses to run as root; tests here run as root (see LIMITS.md), so drop to `postgres`.
+    # PostgreSQL refuses to run as root; tests here run as root (as in CI), so drop to `postgres`.
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
 
 

@@ -256,7 +256,7 @@ class _StockUserBroker(Mosquitto):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mosquitto only switches users when started as root")
 def test_broker_that_cannot_write_its_dir_is_refused(tmp_path: Path) -> None:
-    """LIMITS.md trap 7: without `user root` mosquitto runs on but cannot write log or persistence."""
+    """docs/traps.md #7: without `user root` mosquitto runs on but cannot write log or persistence."""
     broker = _StockUserBroker(tmp_path / "stock-user")
     broker.work_dir.mkdir(parents=True)
     broker.work_dir.chmod(0o700)
@@ -303,7 +303,7 @@ def test_victoria_influx_write_and_export(victoria: VictoriaMetrics) -> None:
 
 
 def test_victoria_keeps_old_points_with_long_retention(victoria: VictoriaMetrics) -> None:
-    """The default one-month retention would silently drop this point (LIMITS.md trap 6)."""
+    """The default one-month retention would silently drop this point (docs/traps.md #6)."""
     ninety_days_ago_ms = int((time.time() - 90 * 86_400) * 1000)
     victoria.write_lines([f"old,k=v f=7 {ninety_days_ago_ms}"])
     [series] = victoria.export('{__name__="old_f"}')

@@ -91,7 +91,9 @@ def test_every_pin_has_a_hash() -> None:
 def test_the_image_lock_pins_what_the_development_lock_pins() -> None:
     dev, image = _pins(ROOT / "requirements.lock"), _pins(ROOT / "docker/requirements.lock")
     differ = {name: (str(version), str(dev.get(name))) for name, version in image.items() if dev.get(name) != version}
-    assert not differ, f"docker/requirements.lock differs from requirements.lock (image, dev): {differ}; run `make lock`"
+    assert not differ, (
+        f"docker/requirements.lock differs from requirements.lock (image, dev): {differ}; run `make lock`"
+    )
 
 
 def test_pin_parser_reads_markers() -> None:

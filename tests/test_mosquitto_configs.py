@@ -48,7 +48,7 @@ def _options(conf: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("name", ["cloud.conf", "gateway.conf"])
 def test_shipped_limits_are_deliberate(name: str) -> None:
-    """LIMITS.md trap 1 and the wire contract: queues raised and bounded, payload limit = codec limit."""
+    """docs/traps.md #1 and the wire contract: queues raised and bounded, payload limit = codec limit."""
     opts = _options(MOSQUITTO_DIR / name)
     assert int(opts["max_queued_messages"][0]) >= 100_000
     assert int(opts["max_queued_bytes"][0]) > 0, "the queue must be bounded in bytes (RAM)"
