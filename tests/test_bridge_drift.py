@@ -421,7 +421,7 @@ async def test_reference_class_mix_from_the_model_file_is_the_prediction_baselin
     tmp_path: Path, mosquitto: Mosquitto, victoria: VictoriaMetrics, stream: DigitsStream, edge_model: DemoModel
 ) -> None:
     # Drifted from the first window: only a reference baseline can tell (a window baseline would learn it).
-    t0 = time.time() - 600  # victoria-metrics keeps recent points only (LIMITS.md trap 6)
+    t0 = time.time() - 600  # victoria-metrics keeps recent points only (docs/traps.md #6)
     spec = StreamSpec(windows=6, drift_at=0, seed=7)
     messages = list(device_stream(stream, "dev-ref").telemetry(spec, "class_shift:0.6", t0))
     influx = InfluxConfig(url=victoria.url, flush_interval_s=0.05)
