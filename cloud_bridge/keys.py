@@ -45,10 +45,12 @@ class GeneratedKey:
     key_id: str
 
     def device_toml(self) -> str:
-        return f'[ota.trusted_keys]\n"{self.key_id}" = "{self.public_b64}"\n'
+        """The line for a device's `[ota.trusted_keys]` table (examples/edge.toml ends with that table)."""
+        return f'"{self.key_id}" = "{self.public_b64}"\n'
 
     def bridge_toml(self) -> str:
-        return f'[ota]\nsigning_key = "{self.private_path}"\n'
+        """The line for the bridge's `[ota]` section."""
+        return f'signing_key = "{self.private_path}"\n'
 
 
 def generate(out_dir: Path) -> GeneratedKey:
@@ -91,8 +93,9 @@ def _cli_generate(args: argparse.Namespace) -> int:
     print(f"private key: {made.private_path} (mode 0600, never copy it to a device)")
     print(f"public key:  {made.public_b64}")
     print(f"key id:      {made.key_id}")
-    print("\n# bridge config (cloud.toml):")
+    print("\n# bridge (cloud.toml): this line under [ota]")
     print(made.bridge_toml())
-    print("# device config (edge.toml), or EDGE_NODE__OTA__TRUSTED_KEYS=" + f"{made.key_id}={made.public_b64}")
+    print("# devices (edge.toml): this line under [ota.trusted_keys] (the last table of examples/edge.toml;")
+    print(f'# add the header if your file lacks it), or EDGE_NODE__OTA__TRUSTED_KEYS="{made.key_id}={made.public_b64}"')
     print(made.device_toml())
     return 0

@@ -76,12 +76,13 @@ path = "{workdir / device / "outbox.sqlite"}"
 chunk_timeout_s = 3.0
 health_probation_s = 3.0
 probation_min_inferences = 50
-{key.device_toml()}
 [source]
 kind = "replay"
 rate_hz = {RATE_HZ}
 seed = {sum(map(ord, device)) % 1000}
-{drift}""")
+{drift}
+[ota.trusted_keys]
+{key.device_toml()}""")
     return path
 
 

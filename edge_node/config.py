@@ -99,8 +99,10 @@ class SourceConfig:
     loop: bool = True
     seed: int = 0
     drift: Literal["none", "noise", "rotation", "class_shift"] = "none"
+    # 0 = the kind's usual strength (edge_node.drift.DEFAULT_STRENGTH: noise sigma 4, 20 degrees,
+    # 30% of the class mix), so `drift = "rotation"` alone injects a drift a detector should see.
     drift_strength: float = 0.0
-    drift_after: int = 0
+    drift_after: int = 0  # inputs replayed before the drift starts
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,12 @@ def validate(config: EdgeConfig) -> None:
         ),
         (config.source.rate_hz > 0, "[source] rate_hz must be > 0"),
         (config.source.limit >= 0, "[source] limit must be >= 0 (0 means no limit)"),
+        (config.source.drift_strength >= 0, "[source] drift_strength must be >= 0 (0: the kind's usual strength)"),
+        (
+            config.source.drift != "class_shift" or config.source.drift_strength <= 1,
+            "[source] drift_strength of class_shift is a share of the class mix: use 0-1",
+        ),
+        (config.source.drift_after >= 0, "[source] drift_after must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

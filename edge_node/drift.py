@@ -86,6 +86,11 @@ def class_mix(y: NDArray[np.integer], num_classes: int) -> NDArray[np.float64]:
     return counts / max(len(y), 1)
 
 
+# What "drift = KIND" injects when no strength is given: strong enough that the bridge's detectors
+# fire within a few windows on the demo digits (bench/drift.py measures these).
+DEFAULT_STRENGTH: dict[str, float] = {"none": 0.0, "noise": 4.0, "rotation": 20.0, "class_shift": 0.3}
+
+
 @dataclass(frozen=True)
 class DriftSpec:
     """A drift to inject, and how strong.

@@ -154,7 +154,7 @@ class ReplaySource:
 
     def __init__(self, queue: Intake, ids: InputIds, config: SourceConfig) -> None:
         from edge_node.dataset import load_digits_split
-        from edge_node.drift import DriftSpec
+        from edge_node.drift import DEFAULT_STRENGTH, DriftSpec
 
         self._queue = queue
         self._ids = ids
@@ -163,7 +163,7 @@ class ReplaySource:
         self.labels = split.labels
         rng = np.random.default_rng(config.seed)
         self._clean = (np.asarray(split.X_test), np.asarray(split.y_test))
-        spec = DriftSpec(kind=config.drift, strength=config.drift_strength)
+        spec = DriftSpec(kind=config.drift, strength=config.drift_strength or DEFAULT_STRENGTH[config.drift])
         self._drifted = spec.apply(self._clean[0], self._clean[1], rng)
         self.emitted = 0
 

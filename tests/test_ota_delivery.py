@@ -740,11 +740,12 @@ def test_cli_keys_generate_writes_a_private_key_and_prints_the_device_snippet(
     )
     pem = tmp_path / "keys" / "command-signing.pem"
     assert stat.S_IMODE(pem.stat().st_mode) == 0o600
-    snippet = out.stdout[out.stdout.index("[ota.trusted_keys]") :]
+    # The last printed line goes under [ota.trusted_keys].
+    snippet = out.stdout.strip().splitlines()[-1]
     edge_toml = tmp_path / "edge.toml"
     edge_toml.write_text(
         f'[device]\nfleet_id = "{FLEET}"\ndevice_id = "{DEVICE}"\n[model]\npath = "{demo_models["edge"].path}"\n'
-        + snippet,
+        f"[ota.trusted_keys]\n{snippet}\n",
         encoding="utf-8",
     )
     config = load_edge_config(edge_toml, environ={})
@@ -785,6 +786,10 @@ def test_cli_models_add_and_list(tmp_path: Path, demo_models: dict[str, DemoMode
     assert (tmp_path / "state" / "models" / f"{cloud.sha256}.onnx").read_bytes() == cloud.path.read_bytes()
     renamed = cli("models", "add", str(demo_models["edge"].path), "--name", "tiny", "--version", "0.1")
     assert renamed.returncode == 0, renamed.stderr
+    assert f"declares model_version {demo_models['edge'].version}; registering it as 0.1" in renamed.stderr
+    # README's old mistake: the same file under a second version is allowed, but said out loud.
+    again = cli("models", "add", str(demo_models["edge"].path), "--name", "tiny", "--version", "0.2")
+    assert again.returncode == 0 and "byte for byte tiny 0.1" in again.stderr
     clash = cli("models", "add", str(demo_models["edge"].path), "--name", cloud.name, "--version", cloud.version)
     assert clash.returncode == 1 and "immutable" in clash.stderr
     listed = cli("models", "list")
@@ -792,7 +797,7 @@ def test_cli_models_add_and_list(tmp_path: Path, demo_models: dict[str, DemoMode
     lines = listed.stdout.splitlines()
     assert lines[0].split()[:4] == ["NAME", "VERSION", "SHA256", "SIZE"]
     rows = {tuple(line.split()[:2]): line for line in lines[1:]}
-    assert set(rows) == {(cloud.name, cloud.version), ("tiny", "0.1")}
+    assert set(rows) == {(cloud.name, cloud.version), ("tiny", "0.1"), ("tiny", "0.2")}
     assert cloud.sha256[:16] in rows[(cloud.name, cloud.version)]
 
 
