@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,18 @@ class ModelStore:
     def artifact_path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.onnx"
 
-    async def add(self, path: Path, name: str | None = None, version: str | None = None) -> ModelRecord:
-        """Validate, copy into the store and register `path`; name/version default to its metadata."""
+    async def add(
+        self,
+        path: Path,
+        name: str | None = None,
+        version: str | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> ModelRecord:
+        """Validate, copy into the store and register `path`; name/version default to its metadata.
+
+        `warn` hears about likely mistakes that are still allowed: a version other than the one the
+        file declares, and a file already registered under another name or version (an "update" to
+        identical bytes)."""
         path = Path(path)
         inspected = await asyncio.to_thread(_inspect, path)
         meta = inspected.metadata
@@ -157,6 +168,16 @@ class ModelStore:
         if not version:
             raise ModelStoreError(f"{path} has no 'model_version' in its metadata: pass --version")
         _check_ref(name, version)
+        if warn is not None:
+            declared = meta.get("model_version")
+            if declared and declared != version:
+                warn(f"{path.name} declares model_version {declared}; registering it as {version}")
+            for other in await self._select(ModelRow.sha256 == inspected.sha256):
+                if (other.name, other.version) != (name, version):
+                    warn(
+                        f"{path.name} is byte for byte {other.name} {other.version} (sha256 {other.sha256[:12]}…): "
+                        f"devices updated to {name} {version} would run the same model"
+                    )
         record = ModelRecord(
             name=name,
             version=version,
@@ -273,7 +294,9 @@ async def _with_store(args: argparse.Namespace, action: str) -> int:
     try:
         await registry.create()
         if action == "add":
-            record = await store.add(args.path, args.name, args.version)
+            record = await store.add(
+                args.path, args.name, args.version, warn=lambda text: print(f"warning: {text}", file=sys.stderr)
+            )
             print(f"added {record.name} {record.version} sha256={record.sha256} size={record.size} path={record.path}")
         else:
             _print_table(await store.list())
