@@ -36,7 +36,7 @@ lock-upgrade:
 	@$(MAKE) --no-print-directory lock UV_FLAGS=--upgrade
 
 models: setup
-	$(PY) -m edge_node.demo_models --out build/models
+	$(PY) -m demokit.models --out build/models
 
 schemas: setup
 	$(PY) -m schemas.export

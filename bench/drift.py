@@ -2,12 +2,12 @@
 
 Telemetry windows are made the way an edge node makes them, in-process for speed: the digits held-out
 set is replayed in order (cycled, as `ReplaySource` does), each batch goes through the real demo edge
-model (ONNX Runtime), `edge_node.routing.decide` and an `edge_node.telemetry.Window`, and every
+model (ONNX Runtime), `edge_node.routing.confidence.decide` and an `edge_node.telemetry.Window`, and every
 window becomes a real `Telemetry` message (`build_telemetry`) whose builtins form is what the bridge
 scores (`WindowStats.from_body`, as the ingest path does). The latency of each window is the measured
-model run time. Drift is injected with `edge_node.drift.DriftSpec` from window `--drift-at` on.
+model run time. Drift is injected with `demokit.drift.DriftSpec` from window `--drift-at` on.
 
-The detector is `cloud_bridge.drift.Detector`, the same maths the bridge runs on its stored state.
+The detector is `cloud_bridge.drift.scoring.Detector`, the same maths the bridge runs on its stored state.
 Per kind (noise, rotation, class shift, plus a latency regression) and several seeds it reports the
 delay from the first drifted window to the first firing alert, in windows; stationary runs give the
 false-alert rate (firing alerts per 1000 windows). Baseline: the first windows (default) or the
@@ -37,14 +37,14 @@ import numpy.typing as npt
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_bridge.drift import Detector, DriftSettings, Transition, WindowStats
-from cloud_bridge.drift_store import DriftStore
-from cloud_bridge.ingest import telemetry_row
-from cloud_bridge.registry import Batch, Registry, TelemetryRow
-from edge_node.demo_models import build_demo_models, load_split, read_model_metadata
-from edge_node.drift import DriftSpec
-from edge_node.model import Classifier
-from edge_node.routing import decide
+from cloud_bridge.drift.scoring import Detector, DriftSettings, Transition, WindowStats
+from cloud_bridge.drift.store import DriftStore
+from cloud_bridge.ingest.ingestor import telemetry_row
+from cloud_bridge.registry.registry import Batch, Registry, TelemetryRow
+from demokit.drift import DriftSpec
+from demokit.models import build_demo_models, load_split, read_model_metadata
+from edge_node.inference.model import Classifier
+from edge_node.routing.confidence import decide
 from edge_node.telemetry import TelemetryContext, Window, build_telemetry
 from schemas import OutboxStats, Providers, Telemetry, to_builtins
 
@@ -144,7 +144,7 @@ def run_case(
     seeds: int,
     mix: dict[str, float] | None,
 ) -> CaseResult:
-    from cloud_bridge.drift import reference_baseline
+    from cloud_bridge.drift.scoring import reference_baseline
 
     result = CaseResult(name, delays=[], kinds={}, headroom={})
     assert result.delays is not None and result.kinds is not None and result.headroom is not None

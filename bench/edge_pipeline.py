@@ -53,15 +53,15 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from demokit.models import build_demo_models, load_split
 from edge_node.config import EdgeConfig, validate
-from edge_node.demo_models import build_demo_models, load_split
-from edge_node.escalation import Escalations
-from edge_node.intake import InputItem, Intake
-from edge_node.model import Classifier
-from edge_node.outbox import Outbox
-from edge_node.pipeline import Pipeline, intake_bound
-from edge_node.sampling import UncertaintySampler
+from edge_node.inference.model import Classifier
+from edge_node.inference.pipeline import Pipeline, intake_bound
+from edge_node.input.intake import InputItem, Intake
+from edge_node.routing.escalation import Escalations
+from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import Window
+from edge_node.uplink.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

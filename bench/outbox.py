@@ -5,8 +5,8 @@ Measured against a private mosquitto (`devservers.Mosquitto`, queue limits raise
 1. bare paho-mqtt 2.x: one client publishes N QoS 1 messages (same in-flight window as the link,
    MQTT 5 like the link) and the time runs until the last PUBACK. No subscriber: QoS 1 covers the
    publisher->broker hop, which is what both sides are limited by.
-2. the durable path, `edge_node.outbox.Outbox` (real SQLite file, WAL, synchronous=NORMAL) drained
-   by `edge_node.link.Link`:
+2. the durable path, `edge_node.uplink.outbox.Outbox` (real SQLite file, WAL, synchronous=NORMAL) drained
+   by `edge_node.uplink.link.Link`:
    (a) enqueue alone (`put_many` in chunks, each awaited until committed),
    (b) drain of a pre-filled outbox (from link start to the last PUBACK),
    (c) end to end: a producer `put_many`s chunks while the connected link drains, until the last
@@ -45,8 +45,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devservers import Mosquitto
-from edge_node.link import IncomingMessage, Link, LinkConfig
-from edge_node.outbox import Outbox, OutMessage, Priority
+from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
+from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 
 log = logging.getLogger(__name__)
 

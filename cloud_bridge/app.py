@@ -17,21 +17,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud_bridge.alerts import AlertPublisher
-from cloud_bridge.commands import CommandSender
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
-from cloud_bridge.deltas import DeltaStore
-from cloud_bridge.drift_store import DriftStore, load_reference_mixes
-from cloud_bridge.escalation import CloudModel, Escalator, escalation_filter
-from cloud_bridge.ingest import Ingestor, ingest_filters
-from cloud_bridge.keys import load_signer
-from cloud_bridge.models import ModelStore
+from cloud_bridge.drift.alerts import AlertPublisher
+from cloud_bridge.drift.store import DriftStore, load_reference_mixes
+from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
+from cloud_bridge.ingest.ingestor import Ingestor, ingest_filters
+from cloud_bridge.models.store import ModelStore
 from cloud_bridge.mqtt import Incoming, MqttConnection
-from cloud_bridge.registry import Registry
-from cloud_bridge.rollout import RolloutDriver
-from cloud_bridge.samples import prune_samples
-from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, agreement_line
+from cloud_bridge.ota.commands import CommandSender
+from cloud_bridge.ota.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
+from cloud_bridge.ota.deltas import DeltaStore
+from cloud_bridge.ota.keys import load_signer
+from cloud_bridge.registry.registry import Registry
+from cloud_bridge.rollout.driver import RolloutDriver
+from cloud_bridge.samples.cli import prune_samples
+from cloud_bridge.tsdb.lines import TsdbSettings, TsdbWriter, agreement_line
 from schemas.topics import Channel
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,14 @@ import logging
 import sys
 from pathlib import Path
 
-from cloud_bridge import commands, keys, models, quantize, rollout_cli, samples
 from cloud_bridge.app import run_bridge
-from cloud_bridge.config import ConfigError, load_config
+from cloud_bridge.config import load_config
+from cloud_bridge.errors import ConfigError
+from cloud_bridge.models import quantize
+from cloud_bridge.models import store as models
+from cloud_bridge.ota import commands, keys
+from cloud_bridge.rollout import cli as rollout_cli
+from cloud_bridge.samples import cli as samples
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,15 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from cloud_bridge.drift import DriftSettings
+from cloud_bridge.drift.scoring import DriftSettings
+from cloud_bridge.errors import ConfigError
 from schemas.errors import TopicError
 from schemas.topics import Topics, validate_id
 
 ENV_PREFIX = "CLOUD_BRIDGE_"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid: the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class OtaConfig:
-    """Model OTA (cloud_bridge/models.py, commands.py, delivery.py). Without `signing_key` the bridge
+    """Model OTA (cloud_bridge/models/store.py, commands.py, delivery.py). Without `signing_key` the bridge
     still serves chunks but sends no commands (logged once at start)."""
 
     model_store: str | None = None  # default: {state_dir}/models
@@ -101,13 +98,13 @@ class OtaConfig:
     # A request for a chunk sent this recently is answered by that send (devices behind one gateway).
     coalesce_s: float = 0.5
     # Offer a binary patch from the device's current model when it is at most this fraction of the
-    # new model (cloud_bridge/deltas.py); 0 sends whole models only.
+    # new model (cloud_bridge/ota/deltas.py); 0 sends whole models only.
     delta_max_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
 class SamplesConfig:
-    """The archive of uncertain samples for labelers (cloud_bridge/samples.py), pruned hourly."""
+    """The archive of uncertain samples for labelers (cloud_bridge/samples/cli.py), pruned hourly."""
 
     max_rows: int = 1_000_000  # oldest-archived rows beyond this are deleted; 0 = no row bound
     max_age_days: float = 90.0  # rows archived longer ago are deleted; 0 = no age bound
@@ -115,7 +112,7 @@ class SamplesConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Canary rollouts (cloud_bridge/rollout.py). The thresholds are the defaults of every stage;
+    """Canary rollouts (cloud_bridge/rollout/driver.py). The thresholds are the defaults of every stage;
     `cloud-bridge rollout start --thresholds` overrides them per rollout or per stage."""
 
     enabled: bool = True
@@ -137,7 +134,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class DriftConfig(DriftSettings):
-    """Drift detection (cloud_bridge/drift.py; thresholds documented there). The baseline class mix is
+    """Drift detection (cloud_bridge/drift/scoring.py; thresholds documented there). The baseline class mix is
     the model's reference mix when the bridge knows the model (the files in `reference_models`, or the
     registry's model store by sha256), else that of the first `baseline_windows` windows."""
 

@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_bridge.config import MqttConfig
+from cloud_bridge.errors import MqttError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ _MISC_INTERVAL_S = 0.5
 _READS_PER_WAKEUP = 256
 _RECONNECT_MIN_S = 0.2
 _RECONNECT_MAX_S = 10.0
-
-
-class MqttError(RuntimeError):
-    """The broker refused us, or a publish/subscribe could not be sent."""
 
 
 @dataclass(frozen=True, slots=True)

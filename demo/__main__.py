@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from cloud_bridge.cli import main as cloud_cli
-from cloud_bridge.keys import GeneratedKey, generate
+from cloud_bridge.ota.keys import GeneratedKey, generate
 from demo.report import write_report
 from demo.watch import FleetWatch
+from demokit.models import DemoModel, build_demo_models, build_edge_model
 from devservers import Mosquitto
-from edge_node.demo_models import DemoModel, build_demo_models, build_edge_model
 from schemas import Topics
 
 RATE_HZ = 40.0

@@ -21,18 +21,19 @@ from pathlib import Path
 from typing import Literal
 
 from edge_node import __version__
-from edge_node.commands import Installer, OtaAgent, build_agent
 from edge_node.config import EdgeConfig
-from edge_node.escalation import Escalations
-from edge_node.intake import Intake
-from edge_node.link import IncomingMessage, Link, LinkConfig
-from edge_node.model import Classifier
-from edge_node.outbox import Outbox, OutboxError, OutMessage, Priority
-from edge_node.pipeline import Pipeline, intake_bound
-from edge_node.sampling import UncertaintySampler
-from edge_node.slots import Boot, CommandAcks, InstallPolicy, SlotManager, SlotStore, boot_slots
-from edge_node.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
+from edge_node.errors import OutboxError
+from edge_node.inference.model import Classifier
+from edge_node.inference.pipeline import Pipeline, intake_bound
+from edge_node.input.intake import Intake
+from edge_node.input.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
+from edge_node.ota.agent import Installer, OtaAgent, build_agent
+from edge_node.ota.slots import Boot, CommandAcks, InstallPolicy, SlotManager, SlotStore, boot_slots
+from edge_node.routing.escalation import Escalations
+from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
+from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
+from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 from schemas import (
     Channel,
     DecodeError,
@@ -76,10 +77,10 @@ class EdgeNode:
         self._drops = _Deltas()
         self._pipeline: Pipeline | None = None
         self._write_errors_reported = 0
-        # Defaults to the node's SlotManager (edge_node/slots.py); set before run() to replace it.
+        # Defaults to the node's SlotManager (edge_node/ota/slots.py); set before run() to replace it.
         self.installer: Installer | None = None
         self.ota: OtaAgent | None = None
-        # A/B model slots (edge_node/slots.py): the default installer; the model to start with.
+        # A/B model slots (edge_node/ota/slots.py): the default installer; the model to start with.
         self.slots: SlotManager | None = None
         self._slot_store = SlotStore(config.ota_state_dir / "slots")
         self._boot: Boot | None = None
@@ -96,7 +97,7 @@ class EdgeNode:
     # ---- wiring ------------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.config
-        # The persisted active slot, else the factory model ([model] path); see edge_node/slots.py.
+        # The persisted active slot, else the factory model ([model] path); see edge_node/ota/slots.py.
         self._boot = await asyncio.to_thread(
             boot_slots, self._slot_store, cfg.model.path, self._load_model, cfg.ota.crash_loop_limit
         )

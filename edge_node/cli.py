@@ -49,7 +49,7 @@ async def _run(config_path: Path) -> int:
 
 def _check(config_path: Path) -> int:
     from edge_node.config import load_config
-    from edge_node.model import Classifier
+    from edge_node.inference.model import Classifier
 
     config = load_config(config_path)
     classifier = Classifier.load(config.model.path, config.model.providers, config.model.intra_op_threads)

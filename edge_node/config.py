@@ -99,7 +99,7 @@ class SourceConfig:
     loop: bool = True
     seed: int = 0
     drift: Literal["none", "noise", "rotation", "class_shift"] = "none"
-    # 0 = the kind's usual strength (edge_node.drift.DEFAULT_STRENGTH: noise sigma 4, 20 degrees,
+    # 0 = the kind's usual strength (demokit.drift.DEFAULT_STRENGTH: noise sigma 4, 20 degrees,
     # 30% of the class mix), so `drift = "rotation"` alone injects a drift a detector should see.
     drift_strength: float = 0.0
     drift_after: int = 0  # inputs replayed before the drift starts
@@ -117,7 +117,7 @@ class OtaConfig:
     max_clock_skew_s: float = 300.0  # tolerance on a command's issued_at / expires_at
     # A command issued this much earlier than the newest accepted one is refused as a replay.
     replay_window_s: float = 7 * 24 * 3600.0
-    # Install (edge_node/slots.py). After a switch the new model is on probation this long: an
+    # Install (edge_node/ota/slots.py). After a switch the new model is on probation this long: an
     # exception in its run, a higher error/rejection rate or a lower mean confidence than the old
     # model's (beyond the allowances below) switches back. Rates are compared only past
     # probation_min_inferences inputs.
@@ -315,7 +315,7 @@ def validate(config: EdgeConfig) -> None:
         (
             config.model.path.exists(),
             f"[model] path {config.model.path} does not exist: build the demo models with "
-            "`python -m edge_node.demo_models --out build/models` or point it at your .onnx file",
+            "`python -m demokit.models --out build/models` or point it at your .onnx file",
         ),
         (len(config.model.providers) > 0, "[model] providers must list at least one execution provider"),
         (config.model.intra_op_threads >= 1, "[model] intra_op_threads must be at least 1"),

@@ -21,10 +21,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from common.files import file_sha256
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeConfig, validate
-from edge_node.files import file_sha256
-from edge_node.routing import softmax_rows
+from edge_node.routing.confidence import softmax_rows
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, decode_tensor, encode, new_msg_id
 
 

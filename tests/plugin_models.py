@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DemoModel, build_demo_models, load_split
+from demokit.dataset import DigitsSplit
+from demokit.models import DemoModel, build_demo_models, load_split
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud_bridge.config import BridgeConfig
-from cloud_bridge.models import ModelStore
-from cloud_bridge.registry import Registry
-from cloud_bridge.rollout import RolloutStore
+from cloud_bridge.models.store import ModelStore
+from cloud_bridge.registry.registry import Registry
+from cloud_bridge.rollout.driver import RolloutStore
 
 FLEET = "f1"
 

@@ -16,9 +16,9 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import load_config
-from cloud_bridge.registry import SeenMessage
+from cloud_bridge.registry.registry import SeenMessage
+from demokit.models import DemoModel
 from devservers import Mosquitto
-from edge_node.demo_models import DemoModel
 from schemas import Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples

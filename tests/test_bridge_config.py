@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_bridge.config import ConfigError, load_config
+from cloud_bridge.config import load_config
+from cloud_bridge.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -17,18 +17,10 @@ import pytest
 from sqlalchemy import insert, text
 
 from bench.drift import DigitsStream, StreamSpec
-from cloud_bridge.alerts import AlertStats
 from cloud_bridge.app import Bridge, running_bridge
-from cloud_bridge.config import (
-    BridgeConfig,
-    ConfigError,
-    FleetConfig,
-    InfluxConfig,
-    MqttConfig,
-    RegistryConfig,
-    load_config,
-)
-from cloud_bridge.drift import (
+from cloud_bridge.config import BridgeConfig, FleetConfig, InfluxConfig, MqttConfig, RegistryConfig, load_config
+from cloud_bridge.drift.alerts import AlertStats
+from cloud_bridge.drift.scoring import (
     Detector,
     DriftSettings,
     KindState,
@@ -41,9 +33,10 @@ from cloud_bridge.drift import (
     score_all,
     step,
 )
-from cloud_bridge.drift_store import DriftStore, alert_id
-from cloud_bridge.models import ModelStore
-from cloud_bridge.registry import (
+from cloud_bridge.drift.store import DriftStore, alert_id
+from cloud_bridge.errors import ConfigError
+from cloud_bridge.models.store import ModelStore
+from cloud_bridge.registry.registry import (
     AlertRow,
     Batch,
     DriftEpisodeRow,
@@ -51,11 +44,11 @@ from cloud_bridge.registry import (
     Registry,
     TelemetryRow,
 )
-from cloud_bridge.tsdb import alert_line, drift_line
+from cloud_bridge.tsdb.lines import alert_line, drift_line
+from demokit.dataset import DigitsSplit
+from demokit.models import DEFAULT_VERSION, DemoModel, build_edge_model
 from devservers import Mosquitto, VictoriaMetrics
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DEFAULT_VERSION, DemoModel, build_edge_model
-from edge_node.model import Classifier
+from edge_node.inference.model import Classifier
 from schemas import Alert, Telemetry, decode, encode, new_msg_id, to_builtins
 from schemas.topics import Channel, Topics
 from tests.edge_harness import RunningNode, edge_config

@@ -15,11 +15,11 @@ from paho.mqtt.properties import Properties
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
-from cloud_bridge.escalation import CloudModel
-from cloud_bridge.registry import Agreement, Registry
+from cloud_bridge.escalation.escalator import CloudModel
+from cloud_bridge.registry.registry import Agreement, Registry
+from demokit.dataset import DigitsSplit
+from demokit.models import DemoModel
 from devservers import Mosquitto
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DemoModel
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, encode, encode_tensor, new_msg_id
 from schemas.topics import Channel, Topics
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from cloud_bridge.config import load_config as load_bridge_config
+from demokit.models import cloud_config, edge_config
 from edge_node.config import load_config as load_edge_config
-from edge_node.demo_models import cloud_config, edge_config
 from tests.broker_stack import MOSQUITTO_DIR, REPO, Pki, env_name, make_pki
 
 COMPOSE = REPO / "compose.yaml"
@@ -205,7 +205,7 @@ def _container_paths(service: dict[str, Any], pki: Pki, scratch: Path) -> dict[s
             volume = scratch / source
             volume.mkdir(parents=True, exist_ok=True)
             if source == "models":
-                # What the `models` init service writes there (python -m edge_node.demo_models --out /models).
+                # What the `models` init service writes there (python -m demokit.models --out /models).
                 for config in (edge_config(), cloud_config()):
                     (volume / config.file_name).write_bytes(b"")
             paths[target] = volume

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from numpy.typing import NDArray
 
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import (
+from demokit.dataset import DigitsSplit
+from demokit.models import (
     DemoModel,
     build_demo_models,
     build_edge_model,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from demokit.models import DemoModel
 from devservers import Mosquitto
-from edge_node.demo_models import DemoModel
 from schemas import Telemetry
 from tests.edge_harness import RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Collector

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DemoModel
-from edge_node.drift import DriftSpec, RotateBackend, add_noise, class_mix, class_mix_shift, rotate
+from demokit.dataset import DigitsSplit
+from demokit.drift import DriftSpec, RotateBackend, add_noise, class_mix, class_mix_shift, rotate
+from demokit.models import DemoModel
 
 
 def _edge_confidence(

@@ -16,11 +16,11 @@ import numpy as np
 import orjson
 import pytest
 
+from demokit.dataset import DigitsSplit
+from demokit.models import DemoModel
 from devservers import Mosquitto
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DemoModel
-from edge_node.model import Classifier
-from edge_node.routing import decide, decide_logits, decide_scores, softmax_rows
+from edge_node.inference.model import Classifier
+from edge_node.routing.confidence import decide, decide_logits, decide_scores, softmax_rows
 from edge_node.telemetry import FOLD_ROWS, Window, pool_features
 from schemas import Input, Results, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
 from tests.edge_harness import CloudResponder, RunningNode, edge_config, wait_connected

@@ -72,7 +72,7 @@ def test_what_keys_generate_prints_pastes_into_the_examples(tmp_path: Path, demo
     """README's OTA steps: the lines `cloud-bridge keys generate` prints go into the example files as
     they are (under [ota.trusted_keys] and [ota]) and load."""
     from cloud_bridge.config import load_config as load_bridge
-    from cloud_bridge.keys import generate
+    from cloud_bridge.ota.keys import generate
     from edge_node.config import load_config as load_edge
 
     made = generate(tmp_path / "keys")

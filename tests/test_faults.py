@@ -19,9 +19,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from demokit.models import DemoModel
 from devservers import Mosquitto
-from edge_node.demo_models import DemoModel
-from edge_node.outbox import Outbox
+from edge_node.uplink.outbox import Outbox
 from schemas import Topics, decode_for_topic
 from schemas.messages import Telemetry
 from tests.edge_harness import edge_node_process

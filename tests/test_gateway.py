@@ -22,10 +22,10 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
-from cloud_bridge.registry import ResultRow, TelemetryRow
+from cloud_bridge.registry.registry import ResultRow, TelemetryRow
+from demokit.models import DemoModel, build_model, load_split
+from demokit.models import edge_config as edge_train_config
 from devservers import Mosquitto, TcpProxy
-from edge_node.demo_models import DemoModel, build_model, load_split
-from edge_node.demo_models import edge_config as edge_train_config
 from schemas import Results, Topics, decode_for_topic
 from tests.broker_stack import BRIDGE, MOSQUITTO_DIR, Client, Pki, make_pki, start_cloud, start_gateway
 from tests.edge_harness import RunningNode, edge_config

@@ -29,11 +29,11 @@ import yaml
 from bench.drift import DigitsStream, StreamSpec
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, InfluxConfig, MqttConfig
-from cloud_bridge.rollout import rollout_line
+from cloud_bridge.rollout.driver import rollout_line
+from demokit.dataset import DigitsSplit
+from demokit.models import DEFAULT_VERSION, DemoModel, build_edge_model
 from devservers import Mosquitto, VictoriaMetrics
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DEFAULT_VERSION, DemoModel, build_edge_model
-from edge_node.model import Classifier
+from edge_node.inference.model import Classifier
 from schemas import (
     CommandAck,
     EscalationRequest,

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from edge_node.intake import InputItem, Intake, IntakeFull
-from edge_node.sources import InputIds, MqttInputSource
+from edge_node.errors import IntakeFull
+from edge_node.input.intake import InputItem, Intake
+from edge_node.input.sources import InputIds, MqttInputSource
 from schemas import Input, encode, encode_tensor, new_msg_id
 
 

@@ -20,8 +20,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devservers import Mosquitto, TcpProxy
-from edge_node.link import IncomingMessage, Link, LinkConfig
-from edge_node.outbox import Outbox, OutMessage, Priority
+from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
+from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 
 WAIT = 20.0
@@ -356,7 +356,7 @@ async def test_closed_before_connack_keeps_mqtt5_and_backs_off(
     broker = mosquitto_factory(start=False)  # the upstream: its port is known, nothing listens yet
     proxy = tcp_proxy(broker.host, broker.port)
     attempts, min_s = 4, 0.3
-    caplog.set_level(logging.WARNING, logger="edge_node.link")
+    caplog.set_level(logging.WARNING, logger="edge_node.uplink.link")
     async with running_link(tmp_path, proxy.host, proxy.port, protocol="auto", reconnect_min_s=min_s) as rig:
         await eventually(lambda: rig.link.stats.connect_failures >= attempts, what="failed attempts")
         # The proxy accepted each attempt (reset before CONNACK), it did not refuse the TCP connect.
@@ -367,7 +367,7 @@ async def test_closed_before_connack_keeps_mqtt5_and_backs_off(
         await asyncio.to_thread(broker.start)
         await asyncio.wait_for(rig.link.wait_connected(), WAIT)
         assert rig.link.stats.protocol == "mqtt5"
-    records = [r for r in caplog.records if r.name == "edge_node.link"]
+    records = [r for r in caplog.records if r.name == "edge_node.uplink.link"]
     assert not [r.getMessage() for r in records if "falling back" in r.getMessage()]
     # Each failure is logged just before its backoff sleep starts: consecutive failures are at
     # least reconnect_min_s apart (full jitter draws from [min, cap]); a load spike only widens them.

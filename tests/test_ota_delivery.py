@@ -3,7 +3,7 @@
 Real Mosquitto, the real bridge (`running_bridge`: ModelStore, CommandSender, ChunkServer), real edge
 nodes in-process (tests/edge_harness.py), a real TCP proxy for the cut. The artifact is the demo cloud
 model (~200 KB) in 4 KB chunks, so a download has ~50 chunks. The installer is a stand-in that records
-the verified file and acks "done": the real one (edge_node/slots.py) is tested by its own suite.
+the verified file and acks "done": the real one (edge_node/ota/slots.py) is tested by its own suite.
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ import pytest
 from onnx import numpy_helper
 
 from cloud_bridge.app import Bridge, running_bridge
-from cloud_bridge.commands import CommandSender, command_states
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, OtaConfig
-from cloud_bridge.models import ModelRecord, ModelStore, ModelStoreError
-from cloud_bridge.registry import Registry
+from cloud_bridge.errors import ModelStoreError
+from cloud_bridge.models.store import ModelRecord, ModelStore
+from cloud_bridge.ota.commands import CommandSender, command_states
+from cloud_bridge.registry.registry import Registry
+from demokit.models import DemoModel
 from devservers import Mosquitto
 from edge_node.app import EdgeNode
-from edge_node.commands import CommandGuard, CommandRejected, GuardPolicy, OtaAgent
 from edge_node.config import load_config as load_edge_config
-from edge_node.demo_models import DemoModel
-from edge_node.download import Artifact, Downloader, Staging
+from edge_node.errors import CommandRejected
+from edge_node.ota.agent import CommandGuard, GuardPolicy, OtaAgent
+from edge_node.ota.download import Artifact, Downloader, Staging
 from schemas import (
     Command,
     CommandAck,
@@ -79,7 +81,7 @@ BRIDGE_CLI = [sys.executable, "-m", "cloud_bridge.cli"]
 
 
 class RecordingInstaller:
-    """Stand-in for edge_node/slots.py: remembers what it was handed and acks "done"."""
+    """Stand-in for edge_node/ota/slots.py: remembers what it was handed and acks "done"."""
 
     def __init__(self) -> None:
         self.node: EdgeNode | None = None
@@ -839,7 +841,8 @@ async def test_cli_cmd_ping_waits_for_the_done_ack(
 
 
 def test_bridge_ota_config_defaults_overrides_and_errors(tmp_path: Path) -> None:
-    from cloud_bridge.config import ConfigError, load_config
+    from cloud_bridge.config import load_config
+    from cloud_bridge.errors import ConfigError
 
     config = load_config(None, env={"CLOUD_BRIDGE_STATE_DIR": str(tmp_path)})
     assert config.ota.signing_key is None and config.ota.chunk_size == 65536

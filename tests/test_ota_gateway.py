@@ -37,11 +37,11 @@ from pathlib import Path
 import pytest
 
 from cloud_bridge.app import Bridge, running_bridge
-from cloud_bridge.commands import CommandSender, CommandState, command_states
 from cloud_bridge.config import BridgeConfig, MqttConfig, OtaConfig
-from cloud_bridge.registry import ResultRow
+from cloud_bridge.ota.commands import CommandSender, CommandState, command_states
+from cloud_bridge.registry.registry import ResultRow
+from demokit.models import DemoModel, build_edge_model
 from devservers import Mosquitto, TcpProxy
-from edge_node.demo_models import DemoModel, build_edge_model
 from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Results, Topics, decode, decode_for_topic
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, write_private_key
 from tests.broker_stack import BRIDGE, Client, CloudBroker, Pki, make_pki, start_cloud, start_gateway

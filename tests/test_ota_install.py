@@ -3,7 +3,7 @@
 Real parts only: real ONNX models (demo edge variants, and broken ones derived from them with the
 onnx package), a real Mosquitto, a real edge node (in-process, or as a process killed with SIGKILL
 for the crash loop), real slot files and outbox. Commands reach the node signed over MQTT where the
-path matters (edge_node/commands.py hands the verified file to the SlotManager); the finer cases
+path matters (edge_node/ota/agent.py hands the verified file to the SlotManager); the finer cases
 call the node's SlotManager directly, as that glue does.
 """
 
@@ -25,14 +25,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from common.files import file_sha256
+from demokit.models import DemoModel, build_edge_model, load_split
 from devservers import Mosquitto
 from edge_node.config import EdgeConfig, load_config
-from edge_node.demo_models import DemoModel, build_edge_model, load_split
 from edge_node.errors import ConfigError
-from edge_node.files import file_sha256
-from edge_node.health import HealthPolicy, check_health
-from edge_node.model import Classifier
-from edge_node.slots import STATE_FILE, SlotManager, SlotState, SlotStore, boot_slots
+from edge_node.inference.model import Classifier
+from edge_node.ota.health import HealthPolicy, check_health
+from edge_node.ota.slots import STATE_FILE, SlotManager, SlotState, SlotStore, boot_slots
 from schemas import (
     Channel,
     Command,

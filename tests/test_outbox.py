@@ -14,16 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.outbox import (
-    Outbox,
-    OutboxClosedError,
-    OutboxCorruptError,
-    OutboxFullError,
-    OutboxUnavailableError,
-    OutMessage,
-    Priority,
-    Stored,
-)
+from edge_node.errors import OutboxClosedError, OutboxCorruptError, OutboxFullError, OutboxUnavailableError
+from edge_node.uplink.outbox import Outbox, OutMessage, Priority, Stored
 
 WAIT = 10.0
 
@@ -233,7 +225,7 @@ async def test_closed_outbox_refuses_and_wakes_takers(tmp_path: Path) -> None:
 
 _CHILD = """
 import asyncio, sys
-from edge_node.outbox import Outbox, OutMessage, Priority
+from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 
 async def main() -> None:
     ob = await Outbox.open(sys.argv[1], 10**9, synchronous=sys.argv[2])

@@ -16,19 +16,26 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from demokit.dataset import DigitsSplit
+from demokit.models import DemoModel
 from devservers import Mosquitto
 from edge_node.config import EdgeConfig
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DemoModel
-from edge_node.escalation import Escalations
-from edge_node.intake import InputItem, Intake
-from edge_node.model import Classifier
-from edge_node.outbox import Outbox, OutMessage
-from edge_node.pipeline import BATCH_JOB_S, INTAKE_BATCHES, INTAKE_MAX_BYTES, MAX_SERIAL_ROWS, SERIAL_JOB_S, Pipeline
-from edge_node.runcost import RECENT, REPROBE, RunCost
-from edge_node.sampling import UncertaintySampler
-from edge_node.sources import DirectorySource, InputIds
+from edge_node.inference.model import Classifier
+from edge_node.inference.pipeline import (
+    BATCH_JOB_S,
+    INTAKE_BATCHES,
+    INTAKE_MAX_BYTES,
+    MAX_SERIAL_ROWS,
+    SERIAL_JOB_S,
+    Pipeline,
+)
+from edge_node.inference.runcost import RECENT, REPROBE, RunCost
+from edge_node.input.intake import InputItem, Intake
+from edge_node.input.sources import DirectorySource, InputIds
+from edge_node.routing.escalation import Escalations
+from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import Window
+from edge_node.uplink.outbox import Outbox, OutMessage
 from schemas import Results, Telemetry, Topics, decode_for_topic
 from tests.edge_harness import RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Answered, Collector

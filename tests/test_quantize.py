@@ -14,9 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from cloud_bridge.cli import main as cli_main
-from cloud_bridge.quantize import QuantizeError, QuantizeOptions, load_calibration, quantize
-from edge_node.dataset import DigitsSplit
-from edge_node.demo_models import DemoModel, build_edge_model
+from cloud_bridge.errors import QuantizeError
+from cloud_bridge.models.quantize import QuantizeOptions, load_calibration, quantize
+from demokit.dataset import DigitsSplit
+from demokit.models import DemoModel, build_edge_model
 
 # Generous: the module fixture trains two models first, slow on a loaded 2-core machine.
 pytestmark = pytest.mark.timeout(300)

@@ -25,19 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.cli import main as cli_main
-from cloud_bridge.config import (
-    BridgeConfig,
-    ConfigError,
-    InfluxConfig,
-    MqttConfig,
-    OtaConfig,
-    RolloutConfig,
-    load_config,
-)
-from cloud_bridge.keys import GeneratedKey, generate
-from cloud_bridge.models import ModelRecord, ModelStore
-from cloud_bridge.registry import Registry
-from cloud_bridge.rollout import (
+from cloud_bridge.config import BridgeConfig, InfluxConfig, MqttConfig, OtaConfig, RolloutConfig, load_config
+from cloud_bridge.errors import ConfigError
+from cloud_bridge.models.store import ModelRecord, ModelStore
+from cloud_bridge.ota.keys import GeneratedKey, generate
+from cloud_bridge.registry.registry import Registry
+from cloud_bridge.rollout.driver import (
     FleetDevice,
     NewRollout,
     RolloutStore,
@@ -47,7 +40,7 @@ from cloud_bridge.rollout import (
     selection_key,
     stage_target,
 )
-from cloud_bridge.rollout_policy import (
+from cloud_bridge.rollout.policy import (
     GroupStats,
     Thresholds,
     aggregate,

@@ -19,9 +19,9 @@ import pytest
 from cloud_bridge.app import running_bridge
 from cloud_bridge.cli import main as cli_main
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig, OtaConfig, RolloutConfig
-from cloud_bridge.keys import GeneratedKey, generate
+from cloud_bridge.ota.keys import GeneratedKey, generate
+from demokit.models import DemoModel, build_edge_model
 from devservers import Mosquitto
-from edge_node.demo_models import DemoModel, build_edge_model
 from tests.edge_harness import RunningNode, edge_config
 from tests.rollout_helpers import FLEET, Db
 

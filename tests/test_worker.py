@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from edge_node.demo_models import DemoModel
-from edge_node.model import Classifier
-from edge_node.worker import ModelWorker
+from demokit.models import DemoModel
+from edge_node.inference.model import Classifier
+from edge_node.inference.worker import ModelWorker
 
 
 async def test_runs_in_its_own_thread_in_order_and_times_the_model(demo_models: dict[str, DemoModel]) -> None:

@@ -1,0 +1,3 @@
+"""Device messages in: validated against schemas/, deduplicated by msg_id, stored
+in one registry transaction per batch, then acknowledged to the broker.
+"""

@@ -1,0 +1,332 @@
+"""The model store: content-addressed ONNX artifacts (`root/{sha256}.onnx`) plus a `models` registry table.
+
+`add` validates a file by loading it with ONNX Runtime and reads what devices and rollouts need from
+its metadata_props (labels, input spec, reference class mix: the demo models carry them, see
+demokit/models.py). A name+version is immutable: registering it again with other bytes is
+refused, with the same bytes it is a no-op. Several name+versions may share one artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from cloud_bridge.config import load_config
+from cloud_bridge.errors import ModelStoreError
+from cloud_bridge.registry.registry import ModelRow, Registry
+from schemas.messages import ModelRef
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    version: str
+    sha256: str
+    size: int
+    path: Path
+    labels: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    reference_mix: dict[str, float]
+    added_at: float
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version, sha256=self.sha256)
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    sha256: str
+    size: int
+    metadata: dict[str, str]
+    input_shape: tuple[int, ...]
+
+
+def _inspect(path: Path) -> _Inspected:
+    """Hash the file and load it with ONNX Runtime (a file ORT cannot load is no model)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelStoreError(f"cannot read model file {path}: {exc}") from None
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for every kind of bad file
+        raise ModelStoreError(f"{path} is not a loadable ONNX model: {exc}") from None
+    shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    return _Inspected(hashlib.sha256(data).hexdigest(), len(data), meta, shape)
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any) -> Any:
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ModelStoreError(f"{path}: metadata_props {key!r} is not valid JSON") from None
+
+
+def _labels(meta: dict[str, str], path: Path) -> tuple[str, ...]:
+    labels = _json_meta(meta, "labels", path, None)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelStoreError(
+            f"{path}: metadata_props 'labels' must be a JSON list of class names (see demokit/models.py)"
+        )
+    return tuple(labels)
+
+
+def _reference_mix(meta: dict[str, str], path: Path) -> dict[str, float]:
+    mix = _json_meta(meta, "reference_class_mix", path, {})
+    if not isinstance(mix, dict) or not all(isinstance(v, int | float) for v in mix.values()):
+        raise ModelStoreError(f"{path}: metadata_props 'reference_class_mix' must map label -> fraction")
+    return {str(k): float(v) for k, v in mix.items()}
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """Copy into place via a temp file + fsync + rename: a reader never sees a partial artifact."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-", suffix=".onnx")
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            while block := inp.read(1 << 20):
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _record(row: ModelRow) -> ModelRecord:
+    return ModelRecord(
+        name=row.name,
+        version=row.version,
+        sha256=row.sha256,
+        size=row.size,
+        path=Path(row.path),
+        labels=tuple(row.labels),
+        input_shape=tuple(row.input_shape),
+        reference_mix=dict(row.reference_mix),
+        added_at=row.added_at,
+    )
+
+
+class ModelStore:
+    """Artifacts under `root`, their metadata in the registry's `models` table."""
+
+    def __init__(self, root: Path, registry: Registry) -> None:
+        # Absolute: the table stores artifact paths, and the CLI may run from another directory.
+        self.root = Path(root).resolve()
+        self.registry = registry
+
+    def artifact_path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.onnx"
+
+    async def add(
+        self,
+        path: Path,
+        name: str | None = None,
+        version: str | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> ModelRecord:
+        """Validate, copy into the store and register `path`; name/version default to its metadata.
+
+        `warn` hears about likely mistakes that are still allowed: a version other than the one the
+        file declares, and a file already registered under another name or version (an "update" to
+        identical bytes)."""
+        path = Path(path)
+        inspected = await asyncio.to_thread(_inspect, path)
+        meta = inspected.metadata
+        name = name or meta.get("model_name") or path.stem
+        version = version or meta.get("model_version")
+        if not version:
+            raise ModelStoreError(f"{path} has no 'model_version' in its metadata: pass --version")
+        _check_ref(name, version)
+        if warn is not None:
+            declared = meta.get("model_version")
+            if declared and declared != version:
+                warn(f"{path.name} declares model_version {declared}; registering it as {version}")
+            for other in await self._select(ModelRow.sha256 == inspected.sha256):
+                if (other.name, other.version) != (name, version):
+                    warn(
+                        f"{path.name} is byte for byte {other.name} {other.version} (sha256 {other.sha256[:12]}…): "
+                        f"devices updated to {name} {version} would run the same model"
+                    )
+        record = ModelRecord(
+            name=name,
+            version=version,
+            sha256=inspected.sha256,
+            size=inspected.size,
+            path=self.artifact_path(inspected.sha256),
+            labels=_labels(meta, path),
+            input_shape=inspected.input_shape,
+            reference_mix=_reference_mix(meta, path),
+            added_at=time.time(),
+        )
+        existing = await self._find(name, version)
+        if existing is not None:
+            return self._same_or_refuse(existing, record, path)
+        if not record.path.exists():
+            await asyncio.to_thread(_copy_atomic, path, record.path)
+        try:
+            await self._insert(record)
+        except IntegrityError:
+            # Another process registered the same name+version between our read and insert.
+            existing = await self._find(name, version)
+            assert existing is not None
+            return self._same_or_refuse(existing, record, path)
+        log.info("model added name=%s version=%s sha256=%s size=%d", name, version, record.sha256[:12], record.size)
+        return record
+
+    @staticmethod
+    def _same_or_refuse(existing: ModelRecord, record: ModelRecord, path: Path) -> ModelRecord:
+        if existing.sha256 != record.sha256:
+            raise ModelStoreError(
+                f"model {record.name} {record.version} is already registered with sha256 {existing.sha256[:12]}…; "
+                f"{path} has {record.sha256[:12]}…: a version is immutable, register it under a new --version"
+            )
+        return existing
+
+    async def _insert(self, record: ModelRecord) -> None:
+        async with self.registry.engine.begin() as conn:
+            await conn.execute(
+                insert(ModelRow).values(
+                    name=record.name,
+                    version=record.version,
+                    sha256=record.sha256,
+                    size=record.size,
+                    path=str(record.path),
+                    labels=list(record.labels),
+                    input_shape=list(record.input_shape),
+                    reference_mix=record.reference_mix,
+                    added_at=record.added_at,
+                )
+            )
+
+    async def _select(self, *where: Any) -> list[ModelRecord]:
+        async with self.registry.engine.connect() as conn:
+            result = await conn.execute(select(ModelRow.__table__).where(*where))
+            return [_record(ModelRow(**dict(row._mapping))) for row in result]
+
+    async def _find(self, name: str, version: str) -> ModelRecord | None:
+        found = await self._select(ModelRow.name == name, ModelRow.version == version)
+        return found[0] if found else None
+
+    async def get(self, name: str, version: str) -> ModelRecord:
+        record = await self._find(name, version)
+        if record is None:
+            raise ModelStoreError(
+                f"model {name} {version} is not registered: add it with `cloud-bridge models add PATH`"
+            )
+        return record
+
+    async def get_by_sha(self, sha256: str) -> ModelRecord | None:
+        found = await self._select(ModelRow.sha256 == sha256)
+        return min(found, key=lambda r: r.added_at) if found else None
+
+    async def list(self) -> list[ModelRecord]:
+        records = await self._select()
+        return sorted(records, key=lambda r: (r.name, r.added_at))
+
+
+def _check_ref(name: str, version: str) -> None:
+    if not re.match(_NAME_RE, name):
+        raise ModelStoreError(f"model name {name!r} must match {_NAME_RE}")
+    if not re.match(_VERSION_RE, version):
+        raise ModelStoreError(f"model version {version!r} must match {_VERSION_RE}")
+
+
+# ---- CLI: `cloud-bridge models add|list` ---------------------------------------------------------
+
+
+def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    models = sub.add_parser("models", help="register and list model artifacts for OTA updates")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    add = msub.add_parser(
+        "add",
+        help="validate an .onnx file, copy it into the content-addressed store and register it",
+        description="Name and version default to the model's metadata_props (model_name, model_version).",
+    )
+    add.add_argument("path", type=Path, help="the .onnx file")
+    add.add_argument("--name", default=None, help="model name (default: metadata model_name or file stem)")
+    add.add_argument("--version", default=None, help="model version (default: metadata model_version)")
+    add.add_argument("--config", type=Path, default=None, help="the bridge's TOML config (state_dir, [ota])")
+    add.set_defaults(handler=_cli_add)
+    lst = msub.add_parser("list", help="print the registered models as a table")
+    lst.add_argument("--config", type=Path, default=None, help="the bridge's TOML config (state_dir, [ota])")
+    lst.set_defaults(handler=_cli_list)
+
+
+def _store_from_args(args: argparse.Namespace) -> tuple[ModelStore, Registry]:
+    config = load_config(args.config)
+    registry = Registry(config.registry_url)
+    return ModelStore(config.model_store_dir, registry), registry
+
+
+async def _with_store(args: argparse.Namespace, action: str) -> int:
+    store, registry = _store_from_args(args)
+    try:
+        await registry.create()
+        if action == "add":
+            record = await store.add(
+                args.path, args.name, args.version, warn=lambda text: print(f"warning: {text}", file=sys.stderr)
+            )
+            print(f"added {record.name} {record.version} sha256={record.sha256} size={record.size} path={record.path}")
+        else:
+            _print_table(await store.list())
+        return 0
+    except ModelStoreError as exc:
+        print(f"cloud-bridge models {action}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await registry.close()
+
+
+def _print_table(records: list[ModelRecord]) -> None:
+    header = ("NAME", "VERSION", "SHA256", "SIZE", "LABELS", "INPUT", "ADDED")
+    rows = [
+        (
+            r.name,
+            r.version,
+            r.sha256[:16],
+            str(r.size),
+            str(len(r.labels)),
+            "x".join(str(d) for d in r.input_shape),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.added_at)),
+        )
+        for r in records
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cli_add(args: argparse.Namespace) -> int:
+    return asyncio.run(_with_store(args, "add"))
+
+
+def _cli_list(args: argparse.Namespace) -> int:
+    return asyncio.run(_with_store(args, "list"))

@@ -1,0 +1,223 @@
+"""`cloud-bridge rollout start|status|abort`: operate canary rollouts (cloud_bridge/rollout/driver.py).
+
+The CLI talks to the registry database only: `start` inserts a rollout row that the running bridge
+(whichever holds its lease) picks up on its next tick; `abort` marks it aborted and, with
+`--rollback`, asks the bridge to send rollback commands to the devices that took it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cloud_bridge.config import BridgeConfig, load_config
+from cloud_bridge.errors import ModelStoreError, RolloutError
+from cloud_bridge.models.store import ModelStore
+from cloud_bridge.ota.commands import command_states
+from cloud_bridge.registry.registry import Registry
+from cloud_bridge.rollout.driver import NewRollout, RolloutStore, parse_stages
+from cloud_bridge.rollout.policy import THRESHOLD_NAMES, parse_thresholds
+
+EXIT_USAGE = 2
+
+_THRESHOLDS_HELP = (
+    "override a threshold for every stage (name=value) or for one stage (PCT:name=value, PCT a value of "
+    "--stages); repeatable or comma-separated. Names: " + ", ".join(THRESHOLD_NAMES)
+)
+
+
+def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rollout = sub.add_parser(
+        "rollout",
+        help="canary rollouts of a model version across a fleet, gated by telemetry",
+        description=(
+            "Stage by stage (e.g. 5%%, 25%%, 100%% of the fleet, devices picked by hash of rollout id + device "
+            "id, offline ones skipped), the running bridge sends signed model updates, waits for every "
+            "device to install, then compares the canary's telemetry with the rest of the fleet over a "
+            "window: escalation rate, edge/cloud agreement, confidence, rejection rate, latency p95, and "
+            "install failures. It promotes when the window passes and rolls every device back when a "
+            "threshold is crossed, recording why. Defaults come from [rollout] in the bridge config."
+        ),
+    )
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True)
+    start = rsub.add_parser("start", help="start a rollout (the running bridge drives it)")
+    start.add_argument("--model", required=True, help="registered model name (`cloud-bridge models list`)")
+    start.add_argument("--version", required=True, help="registered model version to roll out")
+    start.add_argument("--stages", default="5,25,100", help="cumulative fleet percentages (default 5,25,100)")
+    start.add_argument("--fleet", default=None, help="fleet id (default: the only fleet the registry knows)")
+    start.add_argument("--window-s", type=float, default=None, help="watch window per stage ([rollout] window_s)")
+    start.add_argument("--thresholds", action="append", default=[], help=_THRESHOLDS_HELP)
+    start.add_argument("--config", type=Path, default=None, help="the bridge's TOML config")
+    start.set_defaults(handler=_run(_start))
+    status = rsub.add_parser("status", help="list rollouts, or show one with its devices and last evaluation")
+    status.add_argument("id", nargs="?", default=None, help="rollout id (default: list all)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.add_argument("--config", type=Path, default=None, help="the bridge's TOML config")
+    status.set_defaults(handler=_run(_status))
+    abort = rsub.add_parser("abort", help="stop a running rollout where it is")
+    abort.add_argument("id", help="rollout id")
+    abort.add_argument("--rollback", action="store_true", help="also roll back every device that took it")
+    abort.add_argument("--reason", default="aborted by operator", help="recorded as the rollout's reason")
+    abort.add_argument("--config", type=Path, default=None, help="the bridge's TOML config")
+    abort.set_defaults(handler=_run(_abort))
+
+
+Action = Callable[[argparse.Namespace, BridgeConfig, Registry], Awaitable[int]]
+
+
+def _run(action: Action) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        return asyncio.run(_with_registry(args, action))
+
+    return handler
+
+
+async def _with_registry(args: argparse.Namespace, action: Action) -> int:
+    config = load_config(args.config)
+    registry = Registry(config.registry_url)
+    try:
+        await registry.create()
+        return await action(args, config, registry)
+    except (RolloutError, ModelStoreError, ValueError) as exc:
+        print(f"cloud-bridge rollout {args.rollout_command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        await registry.close()
+
+
+async def _start(args: argparse.Namespace, config: BridgeConfig, registry: Registry) -> int:
+    stages = parse_stages(args.stages)
+    overrides = parse_thresholds(args.thresholds)
+    unknown = sorted(k for k in overrides if k != "*" and int(k) not in stages)
+    if unknown:
+        raise RolloutError(f"--thresholds name stages {', '.join(unknown)} that are not in --stages {args.stages}")
+    window_s = config.rollout.window_s if args.window_s is None else args.window_s
+    if window_s <= 0:
+        raise RolloutError(f"--window-s {window_s} must be greater than 0")
+    record = await ModelStore(config.model_store_dir, registry).get(args.model, args.version)
+    store = RolloutStore(registry)
+    fleet_id = args.fleet or await _only_fleet(store)
+    rollout_id = await store.create(NewRollout(fleet_id, record, stages, window_s, overrides))
+    print(rollout_id)
+    print(
+        f"started rollout of {record.name} {record.version} (sha256 {record.sha256[:12]}) to fleet {fleet_id}: "
+        f"stages {','.join(map(str, stages))}%, window {window_s:g}s; the running bridge drives it "
+        f"(`cloud-bridge rollout status {rollout_id}`)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _only_fleet(store: RolloutStore) -> str:
+    fleets = await store.fleets()
+    if len(fleets) != 1:
+        known = ", ".join(fleets) or "none yet (no device has reported)"
+        raise RolloutError(f"pass --fleet: the registry knows fleets {known}")
+    return fleets[0]
+
+
+async def _status(args: argparse.Namespace, config: BridgeConfig, registry: Registry) -> int:
+    store = RolloutStore(registry)
+    if args.id is None:
+        rollouts = await store.all()
+        if args.json:
+            print(json.dumps(rollouts, indent=2, default=str))
+        else:
+            _print_table(_summary_rows(rollouts))
+        return 0
+    rollout = await store.get(args.id)
+    if rollout is None:
+        raise RolloutError(f"no rollout {args.id}: list them with `cloud-bridge rollout status`")
+    devices = await _devices_with_acks(store, registry, args.id)
+    if args.json:
+        print(json.dumps({**rollout, "devices": devices}, indent=2, default=str))
+        return 0
+    _print_detail(rollout, devices)
+    return 0
+
+
+async def _devices_with_acks(store: RolloutStore, registry: Registry, rollout_id: str) -> list[dict[str, Any]]:
+    acks = {s.cmd_id: s for s in await command_states(registry, rollout_id=rollout_id)}
+    out = []
+    for row in await store.devices(rollout_id):
+        rollback = acks.get(row["rollback_cmd_id"] or "")
+        out.append({**row, "rollback_state": None if rollback is None else (rollback.state or "sent")})
+    return out
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+
+
+def _summary_rows(rollouts: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("ID", "FLEET", "MODEL", "STAGES", "STAGE", "STATE", "PHASE", "UPDATED", "REASON")]
+    for r in rollouts:
+        stages = r["stages"]
+        rows.append(
+            (
+                r["id"],
+                r["fleet_id"],
+                f"{r['model_name']} {r['model_version']}",
+                ",".join(map(str, stages)),
+                f"{stages[min(r['stage'], len(stages) - 1)]}%",
+                r["state"],
+                r["phase"],
+                _when(r["updated_at"]),
+                (r["reason"] or "")[:80],
+            )
+        )
+    return rows
+
+
+def _print_detail(rollout: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+    _print_table(_summary_rows([rollout]))
+    print(f"\nreason: {rollout['reason'] or '-'}")
+    evaluation = rollout.get("last_eval") or {}
+    if evaluation:
+        print(f"last evaluation ({_when(evaluation.get('at'))}): {evaluation['verdict']}: {evaluation['reason']}")
+        for check in evaluation.get("checks", []):
+            verdict = {True: "ok", False: "FAIL", None: "n/a"}[check["passed"]]
+            canary, control = _num(check["canary"]), _num(check["control"])
+            print(f"  {check['metric']:<18} canary {canary:<10} control {control:<10} {check['limit']}  {verdict}")
+    print()
+    rows: list[tuple[str, ...]] = [("DEVICE", "STAGE", "PREVIOUS", "STATE", "ROLLBACK", "REASON")]
+    for d in devices:
+        rows.append(
+            (
+                d["device_id"],
+                str(rollout["stages"][d["stage"]]) + "%",
+                f"{d['previous_name'] or '-'} {d['previous_version'] or ''}".strip(),
+                d["state"],
+                d["rollback_state"] or "-",
+                (d["reason"] or "")[:60],
+            )
+        )
+    _print_table(rows)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def _abort(args: argparse.Namespace, config: BridgeConfig, registry: Registry) -> int:
+    store = RolloutStore(registry)
+    rollout = await store.get(args.id)
+    if rollout is None:
+        raise RolloutError(f"no rollout {args.id}: list them with `cloud-bridge rollout status`")
+    if not await store.abort(args.id, args.reason, args.rollback):
+        raise RolloutError(f"rollout {args.id} is {rollout['state']}, not running: nothing to abort")
+    then = "; the bridge sends rollback commands on its next tick" if args.rollback else ""
+    print(f"rollout {args.id} aborted at stage {rollout['stages'][rollout['stage']]}%{then}")
+    return 0

@@ -1,0 +1,3 @@
+"""Uncertain samples for labelers: the archive in the registry, exports to .npy/PNG
+and Label Studio tasks, and a live tail.
+"""

@@ -1,0 +1,310 @@
+"""Samples for labelers: `cloud-bridge samples export|tail`, and the archive's size/age bound.
+
+Ingestion archives every `sample/1` message in the registry's `samples` table (tensor bytes
+included). `export` turns a slice of that archive into files a labeling tool imports
+(cloud_bridge/samples/export.py), `tail` prints samples live (cloud_bridge/samples/tail.py), and
+`prune_samples` keeps the archive within `[samples] max_rows` / `max_age_days` (called from the
+bridge's hourly prune).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import and_, delete, func, or_, select
+
+from cloud_bridge.config import BridgeConfig, SamplesConfig, load_config
+from cloud_bridge.errors import ConfigError, ExportError
+from cloud_bridge.registry.registry import Registry, SampleRow
+from cloud_bridge.samples.export import (
+    ExportFilter,
+    ExportOptions,
+    ExportStats,
+    export_samples,
+    read_cursor,
+    summarize,
+    write_cursor,
+)
+from cloud_bridge.samples.tail import TailOptions, TailStats, tail_samples
+from schemas.errors import TopicError
+from schemas.topics import validate_id
+
+_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIX = re.compile(r"^\d+(?:\.\d+)?$")
+LAST = "last"
+REASONS = ("entropy", "margin")
+
+
+def parse_when(text: str, now: float) -> float:
+    """A point in time as unix seconds: ISO 8601 (no zone = UTC), unix seconds, or an age like "2h"."""
+    value = text.strip()
+    if _UNIX.match(value):
+        return float(value)
+    ago = _AGO.match(value)
+    if ago:
+        return now - float(ago[1]) * _UNITS_S[ago[2]]
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use ISO 8601 (2026-11-26T08:00:00Z), unix seconds (1795638016) "
+            "or an age (90s, 30m, 2h, 7d, 2w)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def parse_model(text: str | None) -> tuple[str | None, str | None]:
+    """`NAME` or `NAME@VERSION`."""
+    if text is None:
+        return None, None
+    name, _, version = text.partition("@")
+    if not name:
+        raise ValueError(f"--model {text!r}: give NAME or NAME@VERSION, e.g. digits-edge@1.0.0")
+    return name, version or None
+
+
+# ---- pruning ------------------------------------------------------------------------------------
+
+
+async def prune_samples(registry: Registry, bounds: SamplesConfig, now: float) -> int:
+    """Delete samples archived more than `max_age_days` ago, then the oldest beyond `max_rows`."""
+    deleted = 0
+    s = SampleRow
+    async with registry.engine.begin() as conn:
+        if bounds.max_age_days > 0:
+            cutoff = now - bounds.max_age_days * 86400.0
+            old = or_(s.received_at < cutoff, and_(s.received_at.is_(None), s.ts < cutoff))
+            deleted += int((await conn.execute(delete(s).where(old))).rowcount)
+        if bounds.max_rows > 0:
+            rows = int((await conn.execute(select(func.count()).select_from(s))).scalar_one())
+            excess = rows - bounds.max_rows
+            if excess > 0:
+                oldest = select(s.msg_id).order_by(func.coalesce(s.received_at, s.ts), s.msg_id).limit(excess)
+                deleted += int((await conn.execute(delete(s).where(s.msg_id.in_(oldest.scalar_subquery())))).rowcount)
+    return deleted
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
+def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    samples = sub.add_parser(
+        "samples",
+        help="export archived uncertain samples for labelers, or watch them live",
+        description="Uncertain inputs that devices sent for labeling (topic fleet/FLEET/DEVICE/samples). "
+        "See README 'Samples for labelers' for the payload and the export format.",
+    )
+    ssub = samples.add_subparsers(dest="samples_command", required=True)
+    _add_export(ssub)
+    _add_tail(ssub)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the bridge's TOML config (registry and MQTT settings are read from it)",
+    )
+
+
+def _add_export(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = ssub.add_parser(
+        "export",
+        help="write archived samples as .npy (+ .png) files with a JSONL manifest",
+        description="Writes DIR/inputs/MSG_ID.npy (and .png for image-shaped inputs) and appends one JSON line "
+        "per sample to DIR/manifest.jsonl. Re-running skips samples already in the manifest. Times are ISO 8601 "
+        "(no zone = UTC), unix seconds, or an age such as 2h or 7d; --since last resumes after the last sample "
+        "exported to DIR with the same --fleet/--device/--model/--reason (the first run exports everything).",
+    )
+    _add_config(export)
+    export.add_argument("--since", required=True, help="device time lower bound (inclusive), or 'last'")
+    export.add_argument("--until", default=None, help="device time upper bound (exclusive)")
+    export.add_argument("--fleet", default=None, help="only this fleet id")
+    export.add_argument("--device", default=None, help="only this device id")
+    export.add_argument("--model", default=None, help="only this edge model: NAME or NAME@VERSION")
+    export.add_argument("--reason", choices=REASONS, default=None, help="only samples sent for this reason")
+    export.add_argument("--limit", type=int, default=None, help="at most this many samples (in archive order)")
+    export.add_argument("--out", type=Path, required=True, help="export directory (created if missing)")
+    export.add_argument(
+        "--format",
+        choices=("jsonl", "label-studio"),
+        default="jsonl",
+        help="label-studio also writes DIR/label-studio.json (a task list to import) from the whole manifest",
+    )
+    export.add_argument(
+        "--image-url-prefix",
+        default="",
+        help="prepended to file paths in label-studio.json, e.g. '/data/local-files/?d=exports/week48/'",
+    )
+    export.add_argument(
+        "--png-zoom", type=int, default=0, help="integer upscale of PNGs (0 = auto: longer side >= 64 px)"
+    )
+    export.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    export.set_defaults(handler=_cli_export)
+
+
+def _add_tail(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tail = ssub.add_parser(
+        "tail",
+        help="print samples live as devices send them (until Ctrl-C)",
+        description="Subscribes with its own client id and a clean session (not the bridges' shared "
+        "subscription, so it takes nothing away from them) and prints one line per sample. Invalid payloads "
+        "are reported on stderr and skipped.",
+    )
+    _add_config(tail)
+    tail.add_argument("--fleet", default="+", help="only this fleet id (default: all)")
+    tail.add_argument("--device", default="+", help="only this device id (default: all)")
+    tail.add_argument("--count", type=int, default=None, help="exit after this many samples")
+    tail.add_argument("--json", action="store_true", help="print each sample payload as received (JSON lines)")
+    tail.set_defaults(handler=_cli_tail)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"cloud-bridge samples {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_ids(args: argparse.Namespace) -> None:
+    for kind in ("fleet", "device"):
+        value = getattr(args, kind)
+        if value not in (None, "+"):
+            validate_id(f"--{kind}", value)
+
+
+def _load(args: argparse.Namespace) -> BridgeConfig:
+    config = load_config(args.config)
+    url = config.registry_url
+    if args.samples_command == "export" and url.startswith("sqlite"):
+        db = Path(url.split(":///", 1)[-1])
+        if not db.is_file():
+            raise ConfigError(
+                f"no registry database at {db}: run the bridge first, or pass the bridge's --config "
+                "(its state_dir or [registry] url locates the archive)"
+            )
+    return config
+
+
+@dataclass(frozen=True)
+class _ExportRequest:
+    flt: ExportFilter
+    options: ExportOptions
+    resume: bool
+    quiet: bool
+
+
+def _export_request(args: argparse.Namespace) -> _ExportRequest:
+    now = time.time()
+    resume = args.since.strip().lower() == LAST
+    if resume and args.until is not None:
+        raise ValueError("--until cannot be combined with --since last (the cursor follows archive order)")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit {args.limit} must be a positive number of samples")
+    name, version = parse_model(args.model)
+    flt = ExportFilter(
+        since=None if resume else parse_when(args.since, now),
+        until=None if args.until is None else parse_when(args.until, now),
+        fleet=args.fleet,
+        device=args.device,
+        model_name=name,
+        model_version=version,
+        reason=args.reason,
+    )
+    options = ExportOptions(
+        out_dir=args.out,
+        limit=args.limit,
+        png_zoom=args.png_zoom,
+        label_studio=args.format == "label-studio",
+        image_url_prefix=args.image_url_prefix,
+    )
+    return _ExportRequest(flt, options, resume, args.quiet)
+
+
+def _cli_export(args: argparse.Namespace) -> int:
+    try:
+        _check_ids(args)
+        config = _load(args)
+        request = _export_request(args)
+    except (ConfigError, ValueError, TopicError) as exc:
+        return _fail("export", str(exc))
+    try:
+        stats = asyncio.run(_run_export(config, request))
+    except (ExportError, OSError) as exc:
+        print(f"cloud-bridge samples export: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported to {request.options.out_dir}: {summarize(stats)}")
+    return 0
+
+
+async def _run_export(config: BridgeConfig, request: _ExportRequest) -> ExportStats:
+    flt = request.flt
+    out = request.options.out_dir
+    if request.resume:
+        cursor = await asyncio.to_thread(read_cursor, out, flt) if out.is_dir() else None
+        flt = ExportFilter(**{**flt.__dict__, "after": cursor})
+
+    def progress(stats: ExportStats) -> None:
+        if not request.quiet:
+            print(f"cloud-bridge samples export: {summarize(stats)}", file=sys.stderr, flush=True)
+
+    registry = Registry(config.registry_url)
+    try:
+        stats = await export_samples(registry, flt, request.options, progress)
+    finally:
+        await registry.close()
+    if request.resume and stats.cursor is not None:
+        await asyncio.to_thread(write_cursor, out, flt, stats.cursor)
+    return stats
+
+
+def _cli_tail(args: argparse.Namespace) -> int:
+    try:
+        _check_ids(args)
+        config = _load(args)
+        if args.count is not None and args.count <= 0:
+            raise ValueError(f"--count {args.count} must be a positive number of samples")
+    except (ConfigError, ValueError, TopicError) as exc:
+        return _fail("tail", str(exc))
+    options = TailOptions(fleet=args.fleet, device=args.device, count=args.count, as_json=args.json)
+    return asyncio.run(_run_tail(config, options))
+
+
+async def _run_tail(config: BridgeConfig, options: TailOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    def warn(line: str) -> None:
+        print(f"cloud-bridge samples tail: {line}", file=sys.stderr, flush=True)
+
+    def subscribed(topic: str) -> None:
+        warn(f"subscribed to {topic} on {config.mqtt.host}:{config.mqtt.port}")
+
+    stats = TailStats()
+    tail = asyncio.create_task(tail_samples(config, options, emit, warn, subscribed, stats))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({tail, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    # Ctrl-C / SIGTERM is the normal way to end a tail without --count: exit 0 either way.
+    for task in (tail, stopped):
+        task.cancel()
+    await asyncio.gather(tail, stopped, return_exceptions=True)
+    warn(f"printed {stats.printed} samples, {stats.invalid} invalid payloads skipped")
+    failure = None if tail.cancelled() else tail.exception()
+    if failure is not None:
+        raise failure
+    return 0

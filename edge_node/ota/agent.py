@@ -1,0 +1,404 @@
+"""Commands from the cloud on `.../cmd`: verified by `CommandGuard`, run one at a time by `OtaAgent`.
+
+A command is acted on only if it is signed by a trusted key (schemas/signing.py), addressed to this
+device, within its validity (with `max_clock_skew_s`), and not a replay: accepted cmd_ids are
+remembered durably in `state_dir/accepted_commands.json` (written atomically), and a command issued
+more than `replay_window_s` before the newest accepted one is refused too (its id may have been
+forgotten). Every refusal is acked "rejected" with a reason that starts with its code (unsigned,
+unknown_key, bad_signature, bad_key, wrong_device, expired, not_yet_valid, replayed) and is counted.
+
+Accepted commands are acked "received" and queued. "ping" is acked "done". "model_update" downloads
+(edge_node/ota/download.py) and hands the verified file to the `Installer`; a newer model_update
+supersedes a queued or downloading one (acked "failed", reason "superseded"). The accepted
+model_update is kept in `state_dir/pending_update.json` until it finishes, so a restart resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from common.files import write_atomic
+from edge_node.config import EdgeConfig
+from edge_node.errors import CommandRejected, DownloadError, OutboxError
+from edge_node.ota.download import ChunkSubscriptions, Downloader
+from edge_node.uplink.link import IncomingMessage
+from edge_node.uplink.outbox import OutMessage, Priority
+from schemas.codec import decode, encode
+from schemas.errors import DecodeError
+from schemas.messages import AckState, Command, CommandAck, ModelRef
+from schemas.msgid import new_msg_id
+from schemas.signing import Ed25519PublicKey, SignatureError, parse_public_key, verify_command
+from schemas.topics import Channel, Topics
+
+log = logging.getLogger(__name__)
+
+_ACCEPTED_FILE = "accepted_commands.json"
+_PENDING_FILE = "pending_update.json"
+
+
+class Installer(Protocol):
+    """Installs a verified model file (A/B slots, health check, swap); sends its own acks
+    (installing/installed/done/health_failed/rolled_back). Implemented in edge_node/ota/slots.py."""
+
+    async def install(self, model_path: Path, command: Command) -> None: ...
+
+    async def rollback(self, command: Command) -> None: ...
+
+
+class Outbound(Protocol):
+    async def put(self, msg: OutMessage) -> None: ...
+
+
+def trusted_keys(config: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
+    return {key_id: parse_public_key(text) for key_id, text in config.items()}
+
+
+def _write_json_atomic(path: Path, body: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(body).encode())
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    fleet_id: str
+    device_id: str
+    max_clock_skew_s: float = 300.0
+    replay_window_s: float = 7 * 24 * 3600.0
+
+
+class CommandGuard:
+    """Decides whether a command may run, and remembers the accepted ones across restarts."""
+
+    def __init__(self, state_dir: Path, trusted: Mapping[str, Ed25519PublicKey], policy: GuardPolicy) -> None:
+        self._path = Path(state_dir) / _ACCEPTED_FILE
+        self._trusted = dict(trusted)
+        self._policy = policy
+        self._accepted: dict[str, float] = {}
+        self._newest = 0.0
+        self.rejected: Counter[str] = Counter()
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            body = json.loads(self._path.read_text(encoding="utf-8"))
+            self._accepted = {str(k): float(v) for k, v in body["accepted"].items()}
+            self._newest = float(body["newest_issued_at"])
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Refusing everything forever would brick the device; the window rule still guards replays
+            # of old commands once a new one is accepted.
+            log.error("replay record %s is unreadable (%s): starting a new one", self._path, exc)
+
+    def check(self, command: Command, now: float | None = None) -> None:
+        """Return if `command` may run, else raise CommandRejected (counted by code)."""
+        try:
+            self._check(command, time.time() if now is None else now)
+        except CommandRejected as exc:
+            self.rejected[exc.code] += 1
+            raise
+
+    def verify_signature(self, command: Command) -> None:
+        try:
+            verify_command(command, self._trusted)
+        except SignatureError as exc:
+            raise CommandRejected(exc.code, str(exc)) from None
+
+    def _check(self, command: Command, now: float) -> None:
+        self.verify_signature(command)
+        p = self._policy
+        if (command.fleet_id, command.device_id) != (p.fleet_id, p.device_id):
+            raise CommandRejected(
+                "wrong_device",
+                f"command {command.cmd_id} is for {command.fleet_id}/{command.device_id}, "
+                f"this is {p.fleet_id}/{p.device_id}",
+            )
+        if now > command.expires_at + p.max_clock_skew_s:
+            raise CommandRejected("expired", f"command {command.cmd_id} expired {now - command.expires_at:.0f}s ago")
+        if command.issued_at > now + p.max_clock_skew_s:
+            raise CommandRejected(
+                "not_yet_valid",
+                f"command {command.cmd_id} is issued {command.issued_at - now:.0f}s in the future: "
+                "check the device's clock",
+            )
+        if command.cmd_id in self._accepted:
+            raise CommandRejected("replayed", f"command {command.cmd_id} was already accepted")
+        if command.issued_at < self._newest - p.replay_window_s:
+            raise CommandRejected(
+                "replayed",
+                f"command {command.cmd_id} was issued {self._newest - command.issued_at:.0f}s before the newest "
+                f"accepted command (window {p.replay_window_s:.0f}s)",
+            )
+
+    async def accept(self, command: Command) -> None:
+        """Remember `command` durably (call before acting on it)."""
+        self._accepted[command.cmd_id] = command.issued_at
+        self._newest = max(self._newest, command.issued_at)
+        horizon = self._newest - self._policy.replay_window_s
+        # Older ids are refused by the window rule anyway: the record stays bounded.
+        self._accepted = {k: v for k, v in self._accepted.items() if v >= horizon}
+        body = {"newest_issued_at": self._newest, "accepted": dict(self._accepted)}
+        await asyncio.to_thread(_write_json_atomic, self._path, body)
+
+
+class AckSender:
+    """Puts CommandAcks in the outbox (CONTROL priority); also used by the Installer."""
+
+    def __init__(self, topics: Topics, fleet_id: str, device_id: str, outbox: Outbound) -> None:
+        self._topic = topics.device(fleet_id, device_id, Channel.CMD_ACK)
+        self._fleet_id = fleet_id
+        self._device_id = device_id
+        self._outbox = outbox
+        self.sent: Counter[str] = Counter()
+
+    async def send(
+        self,
+        command: Command,
+        state: AckState,
+        *,
+        reason: str | None = None,
+        progress: float | None = None,
+        model: ModelRef | None = None,
+        active_slot: Literal["A", "B"] | None = None,
+    ) -> None:
+        ack = CommandAck(
+            msg_id=new_msg_id(),
+            fleet_id=self._fleet_id,
+            device_id=self._device_id,
+            ts=time.time(),
+            cmd_id=command.cmd_id,
+            state=state,
+            reason=None if reason is None else reason[:1024],
+            progress=progress,
+            model=model if model is not None else (command.update.model if command.update else None),
+            active_slot=active_slot,
+            rollout_id=command.rollout_id,
+        )
+        try:
+            await self._outbox.put(
+                OutMessage(topic=self._topic, payload=encode(ack), priority=Priority.CONTROL, msg_id=ack.msg_id)
+            )
+        except OutboxError as exc:
+            log.error("command ack not stored cmd_id=%s state=%s error=%s", command.cmd_id, state, exc)
+            return
+        self.sent[state] += 1
+
+
+@dataclass
+class AgentStats:
+    received: int = 0
+    undecodable: int = 0
+    accepted: int = 0
+    superseded: int = 0
+    failed: int = 0
+
+
+class OtaAgent:
+    """Receives commands and chunks from the link, runs commands one at a time."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        guard: CommandGuard,
+        acks: AckSender,
+        downloader: Downloader,
+        installer: Installer | None,
+    ) -> None:
+        self._pending_path = Path(state_dir) / _PENDING_FILE
+        self.guard = guard
+        self.acks = acks
+        self.downloader = downloader
+        self.installer = installer
+        self._queue: deque[Command] = deque()
+        self._wake = asyncio.Event()
+        self._download: asyncio.Task[Path] | None = None
+        # The link runs each message's handler as its own task: one at a time keeps the replay
+        # record, the acks and the queue in arrival order.
+        self._intake = asyncio.Lock()
+        self._running: Command | None = None
+        self.stats = AgentStats()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # ---- inbound (from the link's message callback) ------------------------------------------
+
+    async def on_command(self, message: IncomingMessage) -> None:
+        """Verify, record and queue; the link acks the MQTT message after this returns."""
+        async with self._intake:
+            await self._take(message)
+
+    async def _take(self, message: IncomingMessage) -> None:
+        self.stats.received += 1
+        try:
+            command = decode(message.payload, Command)
+        except DecodeError as exc:
+            self.stats.undecodable += 1
+            log.warning("undecodable command topic=%s error=%s", message.topic, exc)
+            return
+        try:
+            self.guard.check(command)
+        except CommandRejected as exc:
+            log.warning("command rejected cmd_id=%s action=%s reason=%s", command.cmd_id, command.action, exc)
+            await self.acks.send(command, "rejected", reason=str(exc))
+            return
+        if command.action == "model_update":
+            await asyncio.to_thread(_write_json_atomic, self._pending_path, json.loads(encode(command)))
+        await self.guard.accept(command)
+        self.stats.accepted += 1
+        log.info("command accepted cmd_id=%s action=%s", command.cmd_id, command.action)
+        await self.acks.send(command, "received")
+        await self._enqueue(command)
+
+    def on_chunk(self, message: IncomingMessage) -> None:
+        self.downloader.offer(message.topic, message.payload)
+
+    async def _enqueue(self, command: Command) -> None:
+        if command.action == "model_update":
+            for old in [c for c in self._queue if c.action == "model_update"]:
+                self._queue.remove(old)
+                await self._supersede(old, command)
+            running = self._running
+            if running is not None and running.action == "model_update" and self._download is not None:
+                self._download.cancel(f"superseded by {command.cmd_id}")
+        self._queue.append(command)
+        self.idle.clear()
+        self._wake.set()
+
+    async def _supersede(self, old: Command, new: Command) -> None:
+        self.stats.superseded += 1
+        await self.acks.send(old, "failed", reason=f"superseded: a newer model_update {new.cmd_id} arrived")
+
+    # ---- the worker --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._resume()
+        while True:
+            if not self._queue:
+                self.idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            command = self._queue.popleft()
+            self._running = command
+            try:
+                await self._execute(command)
+            except Exception as exc:
+                # A failing command (disk full, installer bug) must not take the node down with it.
+                log.exception("command crashed cmd_id=%s action=%s", command.cmd_id, command.action)
+                self._clear_pending(command)
+                await self._fail(command, f"error: {type(exc).__name__}: {exc}")
+            finally:
+                self._running = None
+
+    async def _resume(self) -> None:
+        """Re-queue the model_update a previous run accepted but did not finish."""
+        try:
+            raw = await asyncio.to_thread(self._pending_path.read_bytes)
+        except FileNotFoundError:
+            return
+        try:
+            command = decode(raw, Command)
+            self.guard.verify_signature(command)
+        except (DecodeError, CommandRejected) as exc:
+            log.error("pending update %s is not usable (%s): dropping it", self._pending_path, exc)
+            self._pending_path.unlink(missing_ok=True)
+            return
+        log.info("resuming model_update cmd_id=%s after a restart", command.cmd_id)
+        self._queue.append(command)
+
+    async def _execute(self, command: Command) -> None:
+        if command.action == "ping":
+            await self.acks.send(command, "done")
+        elif command.action == "rollback":
+            if self.installer is None:
+                await self._fail(command, "no_installer: this node has no model installer configured")
+            else:
+                await self.installer.rollback(command)
+        else:
+            await self._update(command)
+
+    async def _update(self, command: Command) -> None:
+        self._download = asyncio.create_task(self.downloader.fetch(command))
+        try:
+            path = await self._download
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # shutdown: the pending file stays, the next run resumes
+            self.stats.superseded += 1
+            await self.acks.send(command, "failed", reason="superseded: a newer model_update arrived")
+            return
+        except DownloadError as exc:
+            await self._fail(command, str(exc))
+            self._clear_pending(command)
+            return
+        finally:
+            self._download = None
+        self._clear_pending(command)
+        await self.acks.send(command, "verifying", progress=1.0)
+        if self.installer is None:
+            await self._fail(command, f"no_installer: model verified at {path} but this node cannot install it")
+            return
+        await self.installer.install(path, command)
+
+    async def _fail(self, command: Command, reason: str) -> None:
+        self.stats.failed += 1
+        log.warning("command failed cmd_id=%s reason=%s", command.cmd_id, reason)
+        await self.acks.send(command, "failed", reason=reason)
+
+    def _clear_pending(self, command: Command) -> None:
+        # Only this command's record: a newer update may already have replaced the file.
+        try:
+            raw = self._pending_path.read_bytes()
+            if decode(raw, Command).cmd_id == command.cmd_id:
+                self._pending_path.unlink()
+        except (FileNotFoundError, DecodeError):
+            return
+
+
+def build_agent(
+    config: EdgeConfig,
+    outbox: Outbound,
+    subscriptions: ChunkSubscriptions,
+    installer: Installer | None,
+    local_models: Callable[[], list[Path]] = list,
+) -> OtaAgent:
+    """The command guard, acks, downloader and agent of one node, from its config; `local_models`
+    lists model files the node has outside its content store (bases for patches)."""
+    dev, ota = config.device, config.ota
+    state_dir = config.ota_state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    topics = config.topics
+    acks = AckSender(topics, dev.fleet_id, dev.device_id, outbox)
+    guard = CommandGuard(
+        state_dir,
+        trusted_keys(ota.trusted_keys),
+        GuardPolicy(dev.fleet_id, dev.device_id, ota.max_clock_skew_s, ota.replay_window_s),
+    )
+    if not ota.trusted_keys:
+        log.warning("no [ota] trusted_keys configured: every command will be rejected as unknown_key")
+
+    async def progress(command: Command, fraction: float) -> None:
+        await acks.send(command, "downloading", progress=fraction)
+
+    downloader = Downloader(
+        state_dir,
+        topics,
+        dev.fleet_id,
+        dev.device_id,
+        outbox,
+        subscriptions,
+        progress,
+        ota.chunk_timeout_s,
+        ota.chunk_timeout_max_s,
+        local_models,
+    )
+    return OtaAgent(state_dir, guard, acks, downloader, installer)
