@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import subprocess
@@ -21,15 +20,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from common.config import from_dict
 from common.files import file_sha256
 from edge_node.app import EdgeNode
-from edge_node.config import EdgeConfig, validate
+from edge_node.config import EdgeConfig
+from edge_node.errors import ConfigError
 from edge_node.routing.confidence import softmax_rows
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, decode_tensor, encode, new_msg_id
 
 
 def edge_config(tmp_path: Path, port: int, model: Path, **sections: dict[str, Any]) -> EdgeConfig:
-    base = EdgeConfig()
     values: dict[str, Any] = {
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "keepalive": 5},
         "device": {"fleet_id": "f1", "device_id": "dev-1"},
@@ -40,13 +40,8 @@ def edge_config(tmp_path: Path, port: int, model: Path, **sections: dict[str, An
     }
     for name, overrides in sections.items():
         values.setdefault(name, {}).update(overrides)
-    built = {
-        name: dataclasses.replace(getattr(base, name), **values.get(name, {}))
-        for name in (f.name for f in dataclasses.fields(EdgeConfig))
-    }
-    config = EdgeConfig(**built)
-    validate(config)
-    return config
+    # The same conversion and checks as a TOML file.
+    return from_dict(EdgeConfig, values, tmp_path, ConfigError)
 
 
 class RunningNode:

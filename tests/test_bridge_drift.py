@@ -218,12 +218,12 @@ def test_tsdb_lines_for_drift_and_alerts() -> None:
 
 
 def test_drift_config_is_validated() -> None:
-    config = load_config(None, {"CLOUD_BRIDGE_DRIFT__PSI_HIGH": "0.4", "CLOUD_BRIDGE_DRIFT__FIRE_AFTER": "2"})
+    config = load_config(None, {"CLOUD_BRIDGE__DRIFT__PSI_HIGH": "0.4", "CLOUD_BRIDGE__DRIFT__FIRE_AFTER": "2"})
     assert config.drift.psi_high == 0.4 and config.drift.fire_after == 2
     with pytest.raises(ConfigError, match=r"\[drift\] psi_low = 0.5 must not exceed psi_high"):
-        load_config(None, {"CLOUD_BRIDGE_DRIFT__PSI_LOW": "0.5"})
+        load_config(None, {"CLOUD_BRIDGE__DRIFT__PSI_LOW": "0.5"})
     with pytest.raises(ConfigError, match="reference_models"):
-        load_config(None, {"CLOUD_BRIDGE_DRIFT__REFERENCE_MODELS": "/nonexistent/model.onnx"})
+        load_config(None, {"CLOUD_BRIDGE__DRIFT__REFERENCE_MODELS": "/nonexistent/model.onnx"})
 
 
 # ---- real digits windows through the real demo edge model -----------------------------------------

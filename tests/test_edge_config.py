@@ -59,9 +59,9 @@ def test_one_provider_from_the_environment_needs_no_list(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"EDGE_NODE__MQTT__PORT": "eighty"}, "[mqtt] port = 'eighty' (from the environment) is not a valid TOML"),
+        ({"EDGE_NODE__MQTT__PORT": "eighty"}, "[mqtt] port = 'eighty' (from the environment) must be an integer"),
         ({"EDGE_NODE__MQTT__PORT": "1.5"}, "[mqtt] port must be an integer"),
-        ({"EDGE_NODE__ROUTING__ESCALATE": "yes"}, "[routing] escalate = 'yes' (from the environment)"),
+        ({"EDGE_NODE__ROUTING__ESCALATE": "maybe"}, "[routing] escalate = 'maybe' (from the environment) must be"),
         ({"EDGE_NODE_MQTT__HOST": "x"}, "EDGE_NODE_MQTT__HOST: use EDGE_NODE__SECTION__KEY"),
         ({"EDGE_NODE__MQTT": "x"}, "EDGE_NODE__MQTT: use EDGE_NODE__SECTION__KEY"),
         ({"EDGE_NODE__MQTT__HOTS": "x"}, "unknown key(s) [mqtt] hots"),
@@ -71,3 +71,33 @@ def test_bad_overrides_name_the_variable_or_key(tmp_path: Path, env: dict[str, s
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path), environ=env)
     assert needle in str(info.value)
+
+
+def test_yes_and_no_from_the_environment_are_booleans(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path), environ={"EDGE_NODE__ROUTING__ESCALATE": "No"})
+    assert config.routing.escalate is False
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ('kind = "camera"', "[source] kind = 'camera' is not allowed: use one of 'mqtt', 'directory', 'replay'"),
+        ('kind = "mqtt"\nrate_hz = 5', '[source] rate_hz of kind = "mqtt": known keys are kind'),
+        ('kind = "directory"', '[source] kind = "directory" needs path = "DIR"'),
+        ('kind = "replay"\ndrift = "class_shift"\ndrift_strength = 3.0', "[source] drift_strength of class_shift"),
+    ],
+)
+def test_source_kinds_take_only_their_own_keys(tmp_path: Path, source: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, TOML + "[source]\n" + source + "\n"), environ={})
+    assert needle in str(info.value)
+
+
+def test_a_source_kind_builds_its_own_config(tmp_path: Path) -> None:
+    from edge_node.config import DirectorySourceConfig, MqttSourceConfig, ReplaySourceConfig
+
+    assert load_config(_write(tmp_path), environ={}).source == MqttSourceConfig()
+    replay = load_config(_write(tmp_path, TOML + '[source]\nkind = "replay"\nrate_hz = 5\n'), environ={})
+    assert replay.source == ReplaySourceConfig(rate_hz=5.0)
+    inbox = load_config(_write(tmp_path, TOML + '[source]\nkind = "directory"\npath = "inbox"\n'), environ={})
+    assert inbox.source == DirectorySourceConfig(path=tmp_path / "inbox")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -41,8 +42,10 @@ def config_keys(root: type[typing.Any]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {"": set()}
     for field in dataclasses.fields(root):
         hint = hints[field.name]
-        if dataclasses.is_dataclass(hint):
-            out[field.name] = {f.name for f in dataclasses.fields(hint)}
+        # A tagged union ([source]) documents the keys of every kind.
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if all(dataclasses.is_dataclass(m) for m in members):
+            out[field.name] = {f.name for m in members for f in dataclasses.fields(m)}
         else:
             out[""].add(field.name)
     return out
@@ -88,4 +91,4 @@ def test_what_keys_generate_prints_pastes_into_the_examples(tmp_path: Path, demo
 
     cloud = tmp_path / "cloud.toml"
     cloud.write_text((EXAMPLES / "cloud.toml").read_text().replace("[ota]\n", "[ota]\n" + made.bridge_toml()))
-    assert load_bridge(cloud, env={}).ota.signing_key == str(made.private_path)
+    assert load_bridge(cloud, env={}).ota.signing_key == made.private_path

@@ -844,15 +844,15 @@ def test_bridge_ota_config_defaults_overrides_and_errors(tmp_path: Path) -> None
     from cloud_bridge.config import load_config
     from cloud_bridge.errors import ConfigError
 
-    config = load_config(None, env={"CLOUD_BRIDGE_STATE_DIR": str(tmp_path)})
+    config = load_config(None, env={"CLOUD_BRIDGE__STATE_DIR": str(tmp_path)})
     assert config.ota.signing_key is None and config.ota.chunk_size == 65536
     assert config.model_store_dir == tmp_path / "models"
-    env = {"CLOUD_BRIDGE_STATE_DIR": str(tmp_path), "CLOUD_BRIDGE_OTA__CHUNK_SIZE": "4096"}
+    env = {"CLOUD_BRIDGE__STATE_DIR": str(tmp_path), "CLOUD_BRIDGE__OTA__CHUNK_SIZE": "4096"}
     assert load_config(None, env=env).ota.chunk_size == 4096
     with pytest.raises(ConfigError, match=r"\[ota\] chunk_size = 512"):
-        load_config(None, env={**env, "CLOUD_BRIDGE_OTA__CHUNK_SIZE": "512"})
+        load_config(None, env={**env, "CLOUD_BRIDGE__OTA__CHUNK_SIZE": "512"})
     with pytest.raises(ConfigError, match=r"\[ota\] signing_key .* `cloud-bridge keys generate"):
-        load_config(None, env={**env, "CLOUD_BRIDGE_OTA__SIGNING_KEY": str(tmp_path / "missing.pem")})
+        load_config(None, env={**env, "CLOUD_BRIDGE__OTA__SIGNING_KEY": str(tmp_path / "missing.pem")})
 
 
 def test_edge_ota_config_trusted_keys_and_errors(tmp_path: Path) -> None:

@@ -260,7 +260,9 @@ def node_config(
     ota = {**OTA_DEFAULTS, "state_dir": tmp_path / "ota", **kw.pop("ota", {})}
     if key is not None:
         ota["trusted_keys"] = {key_id_of(key): public_key_b64(key)}
-    source = {"kind": "replay", "rate_hz": 250.0, "loop": True, **kw.pop("source", {})}
+    given = kw.pop("source", {})
+    replay = {"kind": "replay", "rate_hz": 250.0, "loop": True}
+    source = {**replay, **given} if given.get("kind", "replay") == "replay" else given
     return edge_config(tmp_path, port, model, ota=ota, source=source, routing={"escalate": False}, **kw)
 
 

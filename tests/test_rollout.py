@@ -687,11 +687,11 @@ async def test_abort_with_rollback_is_carried_out_by_the_running_bridge(
 def test_rollout_config_section_and_env_overrides(tmp_path: Path) -> None:
     path = tmp_path / "cloud.toml"
     path.write_text("[rollout]\nwindow_s = 120\nmax_agreement_drop = 0.02\n", encoding="utf-8")
-    config = load_config(path, env={"CLOUD_BRIDGE_ROLLOUT__MIN_INFERENCES": "500"})
+    config = load_config(path, env={"CLOUD_BRIDGE__ROLLOUT__MIN_INFERENCES": "500"})
     assert (config.rollout.window_s, config.rollout.max_agreement_drop) == (120.0, 0.02)
     thresholds = base_thresholds(config.rollout)
     assert (thresholds.min_inferences, thresholds.max_agreement_drop) == (500, 0.02)
     with pytest.raises(ConfigError, match=r"\[rollout\] lease_s = 5.0 must exceed 2 x tick_s"):
-        load_config(None, env={"CLOUD_BRIDGE_ROLLOUT__LEASE_S": "5", "CLOUD_BRIDGE_ROLLOUT__TICK_S": "5"})
-    with pytest.raises(ConfigError, match=r"unknown key \[rollout\] 'window'"):
-        load_config(None, env={"CLOUD_BRIDGE_ROLLOUT__WINDOW": "5"})
+        load_config(None, env={"CLOUD_BRIDGE__ROLLOUT__LEASE_S": "5", "CLOUD_BRIDGE__ROLLOUT__TICK_S": "5"})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \[rollout\] window: known keys"):
+        load_config(None, env={"CLOUD_BRIDGE__ROLLOUT__WINDOW": "5"})

@@ -84,7 +84,7 @@ _SCORE_LIMIT = 1e12  # alerts carry finite numbers only (JSON has no infinity)
 _CODEC_CACHE = 20_000
 
 
-def load_reference_mixes(paths: Iterable[str]) -> dict[str, dict[str, float]]:
+def load_reference_mixes(paths: Iterable[str | Path]) -> dict[str, dict[str, float]]:
     """sha256 -> reference class mix of every .onnx file given (or inside a given directory)."""
     import onnxruntime as ort
 

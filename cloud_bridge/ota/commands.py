@@ -330,7 +330,7 @@ async def _send_and_wait(args: argparse.Namespace) -> int:
             username=config.mqtt.username,
             password=config.mqtt.password,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            tls_params=aiomqtt.TLSParameters(ca_certs=config.mqtt.tls_ca) if config.mqtt.tls_ca else None,
+            tls_params=aiomqtt.TLSParameters(ca_certs=str(config.mqtt.tls_ca)) if config.mqtt.tls_ca else None,
         ) as client:
 
             async def publish(topic: str, payload: bytes, qos: int, expiry: int | None) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edge_node.config import SourceConfig
+from edge_node.config import ReplaySourceConfig, SourceConfig
 from edge_node.errors import InputRejected, IntakeFull
 from edge_node.input.intake import InputItem, Intake
 from schemas import DecodeError, Input, decode, decode_tensor
@@ -152,7 +152,7 @@ class DirectorySource:
 class ReplaySource:
     """The digits held-out set replayed at `rate_hz`, with optional drift injected after `drift_after`."""
 
-    def __init__(self, queue: Intake, ids: InputIds, config: SourceConfig) -> None:
+    def __init__(self, queue: Intake, ids: InputIds, config: ReplaySourceConfig) -> None:
         from demokit.dataset import load_digits_split
         from demokit.drift import DEFAULT_STRENGTH, DriftSpec
 

@@ -1,0 +1,76 @@
+"""[ingest], [escalation] and [drift]: how device messages are taken in, answered and watched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud_bridge.drift.scoring import DriftSettings
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    dead_letter_max_bytes: int = 4096
+    batch_max: int = 1000
+    dedup_cache: int = 100_000
+    # How long a msg_id stays in the registry for dedup: must exceed how long a message can be
+    # redelivered (the bridge's session expiry plus device outbox retries).
+    seen_retention_s: float = 7 * 86400
+
+    def validate(self) -> None:
+        for name in ("dead_letter_max_bytes", "batch_max", "seen_retention_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
+
+
+@dataclass(frozen=True)
+class EscalationConfig:
+    # Also spelled `model_path`.
+    model: Path | None = field(default=None, metadata={"aliases": ("model_path",)})
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    max_concurrency: int = 2
+    max_batch: int = 64
+
+    def validate(self) -> None:
+        for name in ("max_concurrency", "max_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
+        if self.model is not None and not self.model.is_file():
+            raise ValueError(
+                f"model = '{self.model}' does not exist: point it at the cloud .onnx file "
+                "or remove the key to run without escalation answers"
+            )
+
+
+@dataclass(frozen=True)
+class DriftConfig(DriftSettings):
+    """Drift detection (cloud_bridge/drift/scoring.py; thresholds documented there). The baseline class
+    mix is the model's reference mix when the bridge knows the model (the files in `reference_models`,
+    or the registry's model store by sha256), else that of the first `baseline_windows` windows."""
+
+    enabled: bool = True
+    reference_models: tuple[Path, ...] = ()  # .onnx files or directories of them
+
+    def validate(self) -> None:
+        for name in ("baseline_windows", "recent_windows", "min_samples", "fire_after", "resolve_after"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
+        for name in ("psi_pseudocount", "latency_budget_ms", "feature_z"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
+        if self.cooldown_s < 0 or self.latency_floor_ms < 0:
+            raise ValueError("cooldown_s and latency_floor_ms must be >= 0")
+        for low, high in (
+            ("psi_low", "psi_high"),
+            ("confidence_drop_low", "confidence_drop_high"),
+            ("feature_fraction_low", "feature_fraction_high"),
+            ("latency_ratio_low", "latency_ratio_high"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"{low} = {getattr(self, low)} must not exceed {high} = {getattr(self, high)}: "
+                    "an alert resolves below the low threshold and fires above the high one"
+                )
+        for path in self.reference_models:
+            if not path.exists():
+                raise ValueError(f"reference_models: '{path}' does not exist; list .onnx files or directories")

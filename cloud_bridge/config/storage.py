@@ -1,0 +1,45 @@
+"""[registry], [influx] and [samples]: where the bridge keeps what it ingests, and for how long."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    url: str = ""  # default: SQLite in state_dir; postgresql+asyncpg://... for several bridges
+
+    def validate(self) -> None:
+        if self.url and not self.url.split(":", 1)[0].startswith(("sqlite", "postgresql")):
+            raise ValueError(f"url = {self.url!r}: use sqlite+aiosqlite:///PATH or postgresql+asyncpg://...")
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    url: str | None = None
+    org: str = "edgefleet"
+    bucket: str = "edgefleet"
+    token: str = ""
+    batch_lines: int = 5000
+    flush_interval_s: float = 0.5
+    buffer_max_lines: int = 100_000
+    retry_max_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url = {self.url!r} must start with http:// or https://")
+        for name in ("batch_lines", "buffer_max_lines"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """The archive of uncertain samples for labelers (cloud_bridge/samples), pruned hourly."""
+
+    max_rows: int = 1_000_000  # oldest-archived rows beyond this are deleted; 0 = no row bound
+    max_age_days: float = 90.0  # rows archived longer ago are deleted; 0 = no age bound
+
+    def validate(self) -> None:
+        if self.max_rows < 0 or self.max_age_days < 0:
+            raise ValueError("max_rows and max_age_days must be >= 0 (0 turns that bound off)")

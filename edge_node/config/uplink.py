@@ -1,0 +1,51 @@
+"""[mqtt] and [outbox]: how the node reaches its broker, and what it keeps while it cannot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""  # default: edge-<device_id>
+    username: str | None = None
+    password: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive: int = 30
+    protocol: Literal["auto", "mqtt5", "mqtt311"] = "auto"
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+    inflight_window: int = 64
+    topic_prefix: str = "fleet"
+
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError("port must be 1-65535")
+        if self.keepalive < 5:
+            raise ValueError("keepalive must be at least 5 seconds")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("reconnect_min_s must be > 0 and <= reconnect_max_s")
+        if self.inflight_window < 1:
+            raise ValueError("inflight_window must be at least 1")
+        if self.tls_ca is not None and not self.tls_ca.is_file():
+            raise ValueError(f"tls_ca {self.tls_ca} does not exist: point it at the broker's CA certificate")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: Path = Path("state/outbox.sqlite")
+    max_bytes: int = 64 * 1024 * 1024
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+    def validate(self) -> None:
+        if self.max_bytes < 64 * 1024:
+            raise ValueError("max_bytes must be at least 65536")
