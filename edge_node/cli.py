@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from pathlib import Path
 
+from common import logs
 from edge_node import __version__
 from edge_node.errors import EdgeError
 
@@ -24,14 +24,6 @@ acknowledged it.
 Configuration: a TOML file (see examples/edge.toml); any key can be overridden with an environment
 variable EDGE_NODE__SECTION__KEY, e.g. EDGE_NODE__MQTT__HOST=gateway.local.
 """
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def _run(config_path: Path) -> int:
@@ -74,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-node", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"edge-node {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    logs.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the node until SIGTERM/SIGINT (then drain and exit 0)")
     run.add_argument("--config", type=Path, required=True, help="TOML configuration file")
@@ -85,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    logs.setup(args.log_level, args.log_format)
     try:
         if args.command == "check":
             return _check(args.config)
