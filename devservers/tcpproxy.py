@@ -9,6 +9,10 @@ target. Faults, applied to live connections at once:
 - `restore()`: forward again; black-holed connections are reset (a TCP stream cannot recover lost
   bytes), so clients reconnect.
 
+`tap`, if given, is called in the loop thread with every chunk of bytes as it is delivered:
+`tap(connection_number, "up" | "down", data)` (up: client to target). bench/uplink.py feeds it to
+`devservers.mqttwire.WireCounter` to count an MQTT client's bytes per topic at the TCP level.
+
 It runs its own selector loop in a daemon thread, so sync and asyncio tests use it alike; every control
 call returns once the loop thread has applied it.
 """
@@ -37,6 +41,7 @@ _CONTROL_TIMEOUT_S = 10.0
 _LISTEN_BACKLOG = 128
 
 Direction = Literal["client", "server"]
+Tap = Callable[[int, Literal["up", "down"], bytes], None]
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,16 @@ class TcpProxy:
     """Forwards 127.0.0.1:`port` to `target_host`:`target_port`, with injectable faults."""
 
     def __init__(
-        self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1", listen_port: int = 0
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        tap: Tap | None = None,
     ) -> None:
         self.target = (target_host, target_port)
+        self._tap = tap
         self.listen_host = listen_host
         self._requested_port = listen_port
         self._port = 0
@@ -366,6 +378,8 @@ class TcpProxy:
 
     def _flush(self, pipe: _Pipe, which: Direction, side: _Side) -> None:
         sent = side.sock.send(side.out)
+        if self._tap is not None and sent:
+            self._tap(pipe.number, "up" if which == "server" else "down", bytes(side.out[:sent]))
         del side.out[:sent]
         if which == "server":
             self._bump(bytes_up=sent)
