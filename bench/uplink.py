@@ -1,0 +1,195 @@
+"""Bytes an edge node costs on a billed link, counted at the TCP level, per channel, per encoding.
+
+A real `edge-node` (replaying the demo digits) talks to a private Mosquitto through a counting TCP
+proxy (`devservers.TcpProxy` with a `devservers.mqttwire.WireCounter` tap), while a real
+`cloud-bridge` with the demo cloud model answers its escalations. Every byte in both directions is
+booked to the channel of the MQTT packet it belongs to (PUBACKs to the channel they acknowledge,
+CONNECT/PINGREQ/SUBSCRIBE to the protocol), so the figures are what an LTE plan would bill, not
+payload sizes.
+
+For each uplink encoding and each input rate (idle = no inputs, keepalive and telemetry only; 1, 20
+and 100 Hz), the node runs for a warm-up, then the counters are read over a steady window. Printed:
+bytes per inference (up + down), MB per device-day, and each channel's share. The last line is the
+headline: `ratio X json/compact bytes-per-inference` at 20 Hz (with one encoding measured, the
+ratio is 1.00).
+
+Run: `.venv/bin/python bench/uplink.py` (about 4 minutes; `--seconds` shortens it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from demokit.models import build_demo_models
+from devservers import Mosquitto, TcpProxy
+from devservers.mqttwire import WireCounter
+
+DAY_S = 86_400
+RATES = (0.0, 1.0, 20.0, 100.0)  # 0 = idle
+ENCODINGS = ("json",)
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Measured:
+    encoding: str
+    rate_hz: float
+    seconds: float
+    by_channel: dict[tuple[str, str], int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_channel.values())
+
+    @property
+    def per_inference(self) -> float:
+        return self.total / (self.rate_hz * self.seconds) if self.rate_hz else float("nan")
+
+    @property
+    def mb_per_day(self) -> float:
+        return self.total / self.seconds * DAY_S / MB
+
+
+def _edge_toml(work: Path, name: str, port: int, model: Path, rate_hz: float, encoding: str) -> Path:
+    source = f'kind = "replay"\nrate_hz = {rate_hz}\nloop = true\n' if rate_hz else 'kind = "mqtt"\n'
+    path = work / f"{name}.toml"
+    path.write_text(
+        f"""
+[mqtt]
+port = {port}
+[device]
+fleet_id = "bench"
+device_id = "{name}"
+[model]
+path = "{model}"
+[outbox]
+path = "{work / name / "outbox.sqlite"}"
+[source]
+{source}"""
+        + (f'[uplink]\nencoding = "{encoding}"\n' if encoding != "json" else "")
+    )
+    return path
+
+
+def _bridge_toml(work: Path, port: int, cloud_model: Path) -> Path:
+    path = work / "cloud.toml"
+    path.write_text(
+        f"""
+state_dir = "{work / "bridge-state"}"
+[mqtt]
+port = {port}
+[escalation]
+model = "{cloud_model}"
+[drift]
+enabled = false
+[rollout]
+enabled = false
+"""
+    )
+    return path
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure(
+    work: Path, broker: Mosquitto, model: Path, encoding: str, rate_hz: float, warmup: float, seconds: float
+) -> Measured:
+    counter = WireCounter()
+    proxy = TcpProxy("127.0.0.1", broker.port, tap=counter.feed)
+    proxy.start()
+    name = f"{encoding}-{int(rate_hz)}hz"
+    config = _edge_toml(work, name, proxy.port, model, rate_hz, encoding)
+    node = _spawn([sys.executable, "-m", "edge_node.cli", "run", "--config", str(config)], work / f"{name}.log")
+    try:
+        time.sleep(warmup)
+        if node.poll() is not None:
+            raise RuntimeError(f"edge node exited early ({node.returncode}); see {work / f'{name}.log'}")
+        before = counter.snapshot()
+        start = time.monotonic()
+        time.sleep(seconds)
+        after = counter.snapshot()
+        elapsed = time.monotonic() - start
+    finally:
+        _stop(node)
+        proxy.stop()
+    by_channel = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    return Measured(encoding, rate_hz, elapsed, {k: v for k, v in by_channel.items() if v})
+
+
+def _print(results: list[Measured]) -> None:
+    print(f"{'encoding':<9} {'rate':>6} {'B/inference':>12} {'MB/day':>9}  top channels (share of bytes, up+down)")
+    for m in results:
+        shares: dict[str, int] = {}
+        for (_, channel), n in m.by_channel.items():
+            shares[channel.removeprefix("ack:")] = shares.get(channel.removeprefix("ack:"), 0) + n
+        top = sorted(shares.items(), key=lambda kv: -kv[1])[:6]
+        text = ", ".join(f"{c} {n / m.total:.0%}" for c, n in top)
+        rate = "idle" if not m.rate_hz else f"{m.rate_hz:g} Hz"
+        per = "-" if not m.rate_hz else f"{m.per_inference:.1f}"
+        print(f"{m.encoding:<9} {rate:>6} {per:>12} {m.mb_per_day:>9.2f}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="steady window per run (default 20)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window opens (default 5)")
+    parser.add_argument("--encodings", default=",".join(ENCODINGS), help="comma-separated (default: all)")
+    args = parser.parse_args(argv)
+    encodings = [e for e in args.encodings.split(",") if e]
+    with tempfile.TemporaryDirectory(prefix="bench-uplink-") as tmp:
+        work = Path(tmp)
+        models = build_demo_models(work / "models")
+        broker = Mosquitto(work / "broker")
+        broker.start()
+        bridge = _spawn(
+            [
+                sys.executable,
+                "-m",
+                "cloud_bridge.cli",
+                "run",
+                "--config",
+                str(_bridge_toml(work, broker.port, models["cloud"].path)),
+            ],
+            work / "bridge.log",
+        )
+        results: list[Measured] = []
+        try:
+            for encoding in encodings:
+                for rate in RATES:
+                    results.append(
+                        measure(work, broker, models["edge"].path, encoding, rate, args.warmup, args.seconds)
+                    )
+                    print(f"measured {encoding} at {rate:g} Hz", file=sys.stderr, flush=True)
+        finally:
+            _stop(bridge)
+            broker.stop()
+    _print(results)
+    at20 = {m.encoding: m.per_inference for m in results if m.rate_hz == 20.0}
+    base, best = at20.get("json", float("nan")), at20.get(encodings[-1], float("nan"))
+    print(f"20 Hz: {base:.1f} B/inference json, {best:.1f} {encodings[-1]}")
+    print(f"ratio {base / best:.2f} json/{'compact' if 'compact' in at20 else encodings[-1]} bytes-per-inference")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
