@@ -9,15 +9,17 @@ from pathlib import Path
 
 import aiomqtt
 import msgspec
+import psutil
 import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, InfluxConfig, MqttConfig
 from cloud_bridge.tsdb.lines import TsdbSettings, TsdbWriter, escape_tag, format_field, line, telemetry_lines
-from devservers import Mosquitto, VictoriaMetrics
+from devservers import InfluxDBError, Mosquitto, VictoriaMetrics
 from schemas import Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples
+from tests.plugin_servers import InfluxDBFactory
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -196,3 +198,20 @@ async def test_lines_left_at_close_while_tsdb_down_are_replayed_by_the_next_writ
     second.dispose()
     exported = await asyncio.to_thread(victoria.export, '{__name__="outage_test_value"}')
     assert sorted(int(v) for s in exported for v in s.values) == list(range(120))
+
+
+# -- the InfluxDB 1.x test server ------------------------------------------------------------------
+
+
+def test_influxdb_devserver_listens_only_on_its_own_ports_and_keeps_data(influxdb_factory: InfluxDBFactory) -> None:
+    server = influxdb_factory(auth=True)
+    listening = {c.laddr.port for c in psutil.Process(server.pid).net_connections() if c.status == "LISTEN"}
+    assert listening == {server.port, server.rpc_port} and not listening & {8086, 8088, 8082}
+    server.create_database("keep")
+    server.write_lines(["m,t=a v=1 1700000000000"], "keep")
+    server.restart()
+    (result,) = server.query('SELECT "v" FROM "m"', "keep")
+    assert result["series"][0]["values"] == [[1700000000000, 1]]
+    # auth is on: without credentials the server refuses the query.
+    with pytest.raises(InfluxDBError, match="401"):
+        server.query("SHOW DATABASES", auth=False)
