@@ -14,7 +14,7 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, InfluxConfig, MqttConfig
-from cloud_bridge.tsdb.lines import TsdbSettings, TsdbWriter, escape_tag, format_field, line, telemetry_lines
+from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, escape_tag, format_field, line, telemetry_lines
 from devservers import InfluxDBError, Mosquitto, VictoriaMetrics
 from schemas import Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
