@@ -55,13 +55,27 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class InfluxConfig:
     url: str | None = None
+    # "v2": /api/v2/write with org, bucket, token (InfluxDB 2.x, 3.x, 1.8+); "v1": /write with database,
+    # retention_policy, username/password or token (InfluxDB 1.x; 2.x through a DBRP mapping; 3.x).
+    api: str = "v2"
     org: str = "edgefleet"
     bucket: str = "edgefleet"
     token: str = ""
+    database: str = "edgefleet"
+    retention_policy: str = ""  # "": the database's default
+    username: str | None = None
+    password: str | None = None
     batch_lines: int = 5000
     flush_interval_s: float = 0.5
     buffer_max_lines: int = 100_000
     retry_max_s: float = 10.0
+    spill_max_bytes: int = 256 * 1024 * 1024  # state_dir/tsdb-spill; past it the oldest lines are dropped
+
+    def __post_init__(self) -> None:
+        if self.api not in ("v1", "v2"):
+            raise ConfigError(f'[influx] api = {self.api!r} must be "v1" (InfluxDB 1.x /write) or "v2" (/api/v2/write)')
+        if self.spill_max_bytes <= 0:
+            raise ConfigError(f"[influx] spill_max_bytes = {self.spill_max_bytes} must be greater than 0")
 
 
 @dataclass(frozen=True)
