@@ -46,7 +46,7 @@ def test_telemetry_lines_cover_the_window() -> None:
     lines = telemetry_lines(telemetry)
     ts = str(round(telemetry.window_end * 1000))
     assert all(ln.endswith(" " + ts) for ln in lines)
-    tags = "device=dev-1,fleet=f1,model=digits-edge,model_version=1.0.0"
+    tags = "device=dev-1,fleet=f1,model=digits-edge,version=1.0.0"
     assert lines[0].startswith(f"inference,{tags} count=100i,rejected=2i,latency_p50=0.1,")
     assert "escalations_timed_out=2i" in lines[0] and "outbox_evicted=1i" in lines[0]
     assert "edge_latency_p95=0.2," in lines[0]
@@ -88,7 +88,7 @@ async def test_telemetry_lands_in_victoria_with_tags_fields_and_window_end(
         assert await bridge.tsdb.flush(deadline_s=10)
         assert bridge.tsdb.written == 4
     ts = round(telemetry.window_end * 1000)
-    tags = (("device", "dev-9"), ("fleet", "f1"), ("model", "digits-edge"), ("model_version", "1.0.0"))
+    tags = (("device", "dev-9"), ("fleet", "f1"), ("model", "digits-edge"), ("version", "1.0.0"))
     assert await asyncio.to_thread(series, victoria, "inference_count") == {tags: [(ts, 100.0)]}
     assert await asyncio.to_thread(series, victoria, "inference_latency_p99") == {tags: [(ts, 0.5)]}
     assert await asyncio.to_thread(series, victoria, "inference_edge_latency_p95") == {tags: [(ts, 0.2)]}
@@ -279,7 +279,7 @@ async def test_v1_api_writes_telemetry_to_influxdb_1x_and_the_status_line_counts
         'SELECT "count", "latency_p99", "edge_latency_p95" FROM "inference" GROUP BY *', db
     )
     (series,) = result["series"]
-    assert series["tags"] == {"device": "dev-v1", "fleet": "f1", "model": "digits-edge", "model_version": "1.0.0"}
+    assert series["tags"] == {"device": "dev-v1", "fleet": "f1", "model": "digits-edge", "version": "1.0.0"}
     assert series["values"] == [[ts, 100, 0.5, 0.2]]
     (result,) = influxdb_session.query('SELECT "count" FROM "class_counts" GROUP BY "class"', db)
     assert {s["tags"]["class"]: s["values"] for s in result["series"]} == {"3": [[ts, 40]], "8": [[ts, 60]]}

@@ -1,5 +1,9 @@
 """InfluxDB line protocol for what the bridge stores as series, formatted by hand.
 
+One tag vocabulary for every measurement: `fleet`, `device`, `model` (name) and `version` (model
+version), plus `class` (class_counts), `metric` (drift), `kind` (alert), `rollout` and `stage`
+(rollout, whose lines cloud_bridge/rollout/driver.py formats with `line`).
+
 Why by hand: influxdb-client spends its time building `Point` objects (docs/traps.md #5); formatting
 strings is 6-8x faster. A point's timestamp is the telemetry `window_end` (ms), so a replayed message
 rewrites the same point instead of adding one.
@@ -57,7 +61,7 @@ def telemetry_lines(message: Telemetry) -> list[str]:
             "fleet": message.fleet_id,
             "device": message.device_id,
             "model": message.model.name,
-            "model_version": message.model.version,
+            "version": message.model.version,
         }
     )
     ts = f" {round(message.window_end * 1000)}"
@@ -108,13 +112,19 @@ def _class_tag(label: str) -> str:
 
 
 def status_line(fleet_id: str, device_id: str, online: bool, ts: float, model: str = "", version: str = "") -> str:
-    tags = {"fleet": fleet_id, "device": device_id, "model": model, "model_version": version}
+    tags = {"fleet": fleet_id, "device": device_id, "model": model, "version": version}
     return line("device_status", tags, {"online": int(online)}, round(ts * 1000))
 
 
 def agreement_line(fleet_id: str, device_id: str, version: str, agreed: int, answered: int, ts: float) -> str:
-    tags = {"fleet": fleet_id, "device": device_id, "model_version": version}
-    fields: dict[str, FieldValue] = {"agreement": agreed / answered if answered else 0.0, "answered": answered}
+    tags = {"fleet": fleet_id, "device": device_id, "version": version}
+    # agreed and answered too, so a dashboard can sum both over any interval: a mean of ratios would
+    # weigh a flush with 1 answer like one with 1,000.
+    fields: dict[str, FieldValue] = {
+        "agreement": agreed / answered if answered else 0.0,
+        "agreed": agreed,
+        "answered": answered,
+    }
     return line("escalation", tags, fields, round(ts * 1000))
 
 
