@@ -1,5 +1,5 @@
-"""Series for Grafana: line protocol formatted here (lines.py), written in batches to InfluxDB and
-spilled to disk while it is down (writer.py).
+"""Series for Grafana: line protocol formatted here (lines.py) and written in batches to InfluxDB's
+1.x or v2 API (writer.py, api.py, transport.py), spilled to a bounded disk queue while it is down (spill.py).
 """
 
 from cloud_bridge.tsdb.lines import (
