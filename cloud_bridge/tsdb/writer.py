@@ -13,7 +13,9 @@ a bridge restart loses nothing. What each answer means is api.py's business:
   fix, logged once; the lines are kept (memory, then spill), and one probe write goes out every
   `blocked_retry_s` until the server accepts again.
 
-`status()` is the writer's part of the bridge's periodic status line.
+`status()` is the writer's part of the bridge's periodic status line: lines written, pending (memory
+and spill), spill bytes, failed attempts (retried), rejected lines (dropped as bad), lines dropped by
+the spill bound, attempts refused for the destination or credentials, and whether that is the case now.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class TsdbWriter:
         return (
             f"tsdb_written={self.written} tsdb_pending={self.pending} tsdb_spill_bytes={self._spill.disk_bytes} "
             f"tsdb_failures={self.failures} tsdb_rejected={self.rejected} tsdb_dropped={self.dropped} "
-            f"tsdb_blocked={'yes' if self.blocked else 'no'}"
+            f"tsdb_refused={self.blocked_attempts} tsdb_blocked={'yes' if self.blocked else 'no'}"
         )
 
     def add(self, lines: Iterable[str]) -> None:
