@@ -112,7 +112,8 @@ class View:
         for name in sorted(variables, key=len, reverse=True):
             value = variable_value(variables[name], getattr(self, name))
             query = query.replace("${" + name + "}", value)
-            query = re.sub(rf"\${name}\b", lambda _m, v=value: v, query)  # type: ignore[misc]
+            # The value is a replacement template here: its backslashes (regex escapes) must stay literal.
+            query = re.sub(rf"\${name}\b", value.replace("\\", "\\\\"), query)
         text = interval_text(self.interval_ms)
         query = query.replace("$timeFilter", f"time >= {self.start_ms}ms and time <= {self.end_ms}ms")
         query = query.replace("$interval", text).replace("$__interval_ms", str(self.interval_ms))
