@@ -3,7 +3,7 @@
 Lines wait in a bounded memory buffer; past `buffer_max_lines` the oldest go to the spill on disk
 (spill.py: bounded by `spill_max_bytes`, oldest dropped first), which is replayed first once writes
 succeed again. At shutdown, what cannot be written is spilled for the next start, so a TSDB restart or
-a bridge restart loses nothing. What each answer means is api.py's business:
+a bridge restart loses nothing short of the spill's bound. What each answer means is api.py's business:
 
 - down or busy (no answer, 5xx, 429): keep everything, retry after a backoff doubling from
   `flush_interval_s` to `retry_max_s`; one warning when it starts, one line when it recovers.
@@ -11,7 +11,7 @@ a bridge restart loses nothing. What each answer means is api.py's business:
   the valid ones); the server's message is logged once per status code.
 - wrong destination or credentials (401, 403, 404...): `blocked` holds the server's message and the
   fix, logged once; the lines are kept (memory, then spill), and one probe write goes out every
-  `blocked_retry_s` until the server accepts again.
+  `blocked_retry_s` (60 s) until the server accepts again.
 
 `status()` is the writer's part of the bridge's periodic status line: lines written, pending (memory
 and spill), spill bytes, failed attempts (retried), rejected lines (dropped as bad), lines dropped by
