@@ -10,7 +10,7 @@ UV_COMPILE := $(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --univ
 setup:
 	@scripts/setup.sh
 
-# The demo needs only Mosquitto; the tests also need victoria-metrics and a PostgreSQL server binary.
+# The demo needs only Mosquitto; the tests also start victoria-metrics, InfluxDB 1.x and PostgreSQL.
 demo:
 	@WITH_TEST_SERVERS=0 scripts/setup.sh
 	$(PY) -m demo

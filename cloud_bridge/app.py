@@ -31,7 +31,7 @@ from cloud_bridge.ota.keys import load_signer
 from cloud_bridge.registry.registry import Registry
 from cloud_bridge.rollout.driver import RolloutDriver
 from cloud_bridge.samples.cli import prune_samples
-from cloud_bridge.tsdb.lines import TsdbSettings, TsdbWriter, agreement_line
+from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, agreement_line
 from schemas.topics import Channel
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,7 @@ class Bridge:
         await asyncio.to_thread(Path(cfg.state_dir).mkdir, parents=True, exist_ok=True)
         await self.registry.create()
         if cfg.influx.url is not None:
-            self.tsdb = TsdbWriter(
-                TsdbSettings(
-                    url=cfg.influx.url,
-                    org=cfg.influx.org,
-                    bucket=cfg.influx.bucket,
-                    token=cfg.influx.token,
-                    spill_path=Path(cfg.state_dir) / "tsdb-spill.lp",
-                    batch_lines=cfg.influx.batch_lines,
-                    flush_interval_s=cfg.influx.flush_interval_s,
-                    buffer_max_lines=cfg.influx.buffer_max_lines,
-                    retry_max_s=cfg.influx.retry_max_s,
-                )
-            )
+            self.tsdb = TsdbWriter(TsdbSettings.from_config(cfg.influx, Path(cfg.state_dir)))
         subscriptions = [(f, 1) for f in ingest_filters(self.topics, cfg.fleet.share_group, cfg.fleet.shared)]
         model: CloudModel | None = None
         if cfg.escalation.model is not None:
@@ -282,7 +270,7 @@ class Bridge:
         esc = self.escalator.stats if self.escalator is not None else None
         log.info(
             "bridge status msgs_per_s=%.1f received=%d stored=%d dead_letters=%d dups=%d backlog=%d "
-            "escalations_answered=%d escalations_expired=%d tsdb_pending=%d connected=%s",
+            "escalations_answered=%d escalations_expired=%d %s connected=%s",
             rate,
             received,
             ing.stored if ing else 0,
@@ -291,7 +279,7 @@ class Bridge:
             self.ingestor.backlog if self.ingestor else 0,
             esc.answered if esc else 0,
             esc.expired if esc else 0,
-            self.tsdb.pending if self.tsdb is not None else 0,
+            self.tsdb.status() if self.tsdb is not None else "tsdb=off",
             self.mqtt.connected if self.mqtt is not None else False,
         )
 

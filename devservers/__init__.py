@@ -1,5 +1,7 @@
-"""Real local servers (mosquitto, victoria-metrics) and a fault-injecting TCP proxy for tests, bench and demo."""
+"""Real local servers (mosquitto, victoria-metrics, InfluxDB 1.x) and a fault-injecting TCP proxy for
+tests, bench and demo."""
 
+from devservers.influxdb import InfluxDB, InfluxDBError, find_influxd
 from devservers.mosquitto import Listener, Mosquitto, MosquittoError, find_mosquitto
 from devservers.ports import PortWaitError, free_port, free_ports, wait_for_port
 from devservers.tcpproxy import ProxyStats, TcpProxy
@@ -7,6 +9,8 @@ from devservers.victoria import ExportedSeries, VictoriaError, VictoriaMetrics, 
 
 __all__ = [
     "ExportedSeries",
+    "InfluxDB",
+    "InfluxDBError",
     "Listener",
     "Mosquitto",
     "MosquittoError",
@@ -15,6 +19,7 @@ __all__ = [
     "TcpProxy",
     "VictoriaError",
     "VictoriaMetrics",
+    "find_influxd",
     "find_mosquitto",
     "find_victoria_metrics",
     "free_port",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine for `make demo` / `make test`: system servers the demo and the tests start
-# (Mosquitto, victoria-metrics as the InfluxDB-protocol test server), then the venv.
+# (Mosquitto; victoria-metrics for the InfluxDB v2 write API; Debian's InfluxDB 1.x, whose InfluxQL
+# runs the dashboard's queries), then the venv.
 # Idempotent: installs only what is missing, reinstalls the venv only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,10 @@ if [ "${WITH_TEST_SERVERS:-1}" = 1 ]; then
   # The registry tests start a private PostgreSQL server (never the one on :5432).
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || NEED_PKGS+=(postgresql)
   command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] || NEED_PKGS+=(victoria-metrics)
+  # Debian 12's `influxdb` is InfluxDB 1.6.7 (/usr/bin/influxd). The tests start their own influxd on
+  # free ports (devservers/influxdb.py); where systemd runs, the package also enables a system
+  # service on 8086/8088, which the tests never use (stop it with `systemctl disable --now influxdb`).
+  command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || NEED_PKGS+=(influxdb)
 fi
 
 if [ "${#NEED_PKGS[@]}" -gt 0 ]; then

@@ -1,4 +1,5 @@
-"""Pytest fixtures for the real local servers of devservers/: mosquitto, victoria-metrics, a TCP proxy.
+"""Pytest fixtures for the real local servers of devservers/: mosquitto, victoria-metrics, InfluxDB 1.x,
+a TCP proxy.
 
 Every server runs in the test's tmp dir on a free port and is stopped at teardown even when the test
 failed. A broker whose log says it dropped queued messages (docs/traps.md #1) fails the test that used
@@ -15,12 +16,18 @@ from typing import Any, Protocol
 
 import pytest
 
-from devservers import Mosquitto, TcpProxy, VictoriaMetrics
+from devservers import InfluxDB, Mosquitto, TcpProxy, VictoriaMetrics
 
 
 class MosquittoFactory(Protocol):
     def __call__(self, *, start: bool = True, expect_drops: bool = False, **options: Any) -> Mosquitto:
         """A new broker (options: see `Mosquitto.__init__`), started unless `start=False`."""
+        ...
+
+
+class InfluxDBFactory(Protocol):
+    def __call__(self, *, start: bool = True, auth: bool = False) -> InfluxDB:
+        """A new InfluxDB 1.x (with `auth`, users required; admin credentials on the object)."""
         ...
 
 
@@ -92,6 +99,37 @@ def victoria_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victo
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def influxdb_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB]:
+    """One InfluxDB 1.x (Debian's influxd) for the session: each test creates and uses its own database."""
+    server = InfluxDB(tmp_path_factory.mktemp("influxdb_session"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def influxdb_factory(tmp_path: Path) -> Iterator[InfluxDBFactory]:
+    """Private InfluxDB 1.x servers for tests that stop them or need auth; all stopped at teardown."""
+    servers: list[InfluxDB] = []
+
+    def make(*, start: bool = True, auth: bool = False) -> InfluxDB:
+        server = InfluxDB(tmp_path / f"influxdb{len(servers)}", auth=auth)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        with contextlib.ExitStack() as stack:
+            for server in servers:
+                stack.callback(server.stop)
 
 
 @pytest.fixture

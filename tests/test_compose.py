@@ -193,6 +193,34 @@ def test_influxdb_and_grafana_environment(services: dict[str, dict[str, Any]]) -
     assert {k for k in grafana_env if not k.startswith("GF_")} == referenced
 
 
+def test_grafana_reads_influxql_through_the_dbrp_mapping_compose_creates(services: dict[str, dict[str, Any]]) -> None:
+    """InfluxDB 2 answers InfluxQL only for a database mapped to a bucket: the init script maps the
+    database the datasource queries to the bucket the bridge writes."""
+    influx, grafana = services["influxdb"], services["grafana"]
+    init_dir = dict((t, s) for s, t in _volumes(influx))["/docker-entrypoint-initdb.d"]
+    scripts = sorted((REPO / init_dir).glob("*.sh"))
+    assert scripts and all(p.stat().st_mode & 0o111 for p in scripts), "the image runs only executable *.sh"
+    (script,) = scripts
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text(encoding="utf-8")
+    assert "influx v1 dbrp create" in text and "--rp autogen" in text and "--default" in text
+    assert '--db "${DOCKER_INFLUXDB_INIT_BUCKET}"' in text and '--bucket-id "${DOCKER_INFLUXDB_INIT_BUCKET_ID}"' in text
+    (source,) = yaml.safe_load((REPO / "grafana" / "provisioning" / "datasources" / "influxdb.yaml").read_text())[
+        "datasources"
+    ]
+    assert source["jsonData"]["version"] == "InfluxQL"
+    database = re.fullmatch(r"\$\{([A-Z_]+)\}", source["jsonData"]["dbName"])
+    assert database is not None
+    # The datasource's database is the bucket InfluxDB set up, which the bridge writes (api v2).
+    assert grafana["environment"][database.group(1)] == influx["environment"]["DOCKER_INFLUXDB_INIT_BUCKET"]
+    assert (
+        services["cloud-bridge"]["environment"]["CLOUD_BRIDGE__INFLUX__BUCKET"]
+        == influx["environment"]["DOCKER_INFLUXDB_INIT_BUCKET"]
+    )
+    assert source["secureJsonData"]["httpHeaderValue1"] == "Token ${INFLUXDB_TOKEN}"
+    assert grafana["environment"]["INFLUXDB_TOKEN"] == influx["environment"]["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"]
+
+
 def _container_paths(service: dict[str, Any], pki: Pki, scratch: Path) -> dict[str, Path]:
     """Container path -> host path for what this service sees: image files and its mounts."""
     paths = dict(_image_files())
@@ -256,7 +284,7 @@ def test_python_services_load_with_the_real_config_loaders(
             assert svc["environment"]["EDGE_NODE__MQTT__PASSWORD"].startswith(f"${{{env_name(device)}:")
             assert device in pki.passwords and edge.mqtt.tls_ca is not None and edge.mqtt.port == 8883
         else:
-            assert all(k.startswith("CLOUD_BRIDGE_") for k in env), f"{name}: env the bridge does not read"
+            assert all(k.startswith("CLOUD_BRIDGE__") for k in env), f"{name}: env not in the bridge's form"
             bridge = load_bridge_config(config_file, env=env)
             assert bridge.mqtt.username in _acl_users() and bridge.mqtt.username in pki.passwords
             assert bridge.mqtt.client_id == bridge.mqtt.username, "use_username_as_clientid makes them equal"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -17,17 +18,27 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class InfluxConfig:
     url: str | None = None
+    # "v2": /api/v2/write with org, bucket, token (InfluxDB 2.x, 3.x, 1.8+); "v1": /write with database,
+    # retention_policy, username/password or token (InfluxDB 1.x; 2.x through a DBRP mapping; 3.x).
+    api: Literal["v1", "v2"] = "v2"
     org: str = "edgefleet"
     bucket: str = "edgefleet"
     token: str = ""
+    database: str = "edgefleet"
+    retention_policy: str = ""  # "": the database's default
+    username: str | None = None
+    password: str | None = None
     batch_lines: int = 5000
     flush_interval_s: float = 0.5
     buffer_max_lines: int = 100_000
     retry_max_s: float = 10.0
+    spill_max_bytes: int = 256 * 1024 * 1024  # state_dir/tsdb-spill; past it the oldest lines are dropped
 
     def validate(self) -> None:
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url = {self.url!r} must start with http:// or https://")
+        if self.spill_max_bytes <= 0:
+            raise ValueError(f"spill_max_bytes = {self.spill_max_bytes} must be greater than 0")
         for name in ("batch_lines", "buffer_max_lines"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")

@@ -37,7 +37,7 @@ from cloud_bridge.registry.registry import (
     SampleRow,
     TelemetryRow,
 )
-from cloud_bridge.tsdb.lines import TsdbWriter, status_line, telemetry_lines
+from cloud_bridge.tsdb import TsdbWriter, status_line, telemetry_lines
 from cloud_bridge.workqueue import WorkQueue
 from schemas.codec import decode_for_topic, to_builtins
 from schemas.errors import DecodeError

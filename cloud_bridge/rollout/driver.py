@@ -63,7 +63,7 @@ from cloud_bridge.rollout.policy import (
     judge_window,
     thresholds_for,
 )
-from cloud_bridge.tsdb.lines import FieldValue, TsdbWriter, line
+from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
 from schemas.messages import Command
 
 log = logging.getLogger(__name__)
