@@ -2,7 +2,7 @@
 # Prepare this machine for `make demo` / `make test`: system servers the demo and the tests start
 # (Mosquitto; victoria-metrics for the InfluxDB v2 write API; Debian's InfluxDB 1.x, whose InfluxQL
 # runs the dashboard's queries), then the venv.
-# Idempotent: installs only what is missing, reinstalls the venv only when pyproject.toml changed.
+# Idempotent: installs only what is missing, rebuilds the venv only when the lock or the project changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
