@@ -41,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from common.files import write_atomic
+from common.numeric import softmax
 from demokit.dataset import DATASET_LICENCE, DATASET_NAME, NUM_FEATURES, PIXEL_MAX, DigitsSplit
 
 if TYPE_CHECKING:
@@ -413,10 +414,7 @@ def _set_health_reference(model: onnx.ModelProto, output_kind: OutputKind, split
     step = max(1, len(split.X_test) // HEALTH_REFERENCE_ROWS)
     inputs = np.ascontiguousarray(split.X_test[::step][:HEALTH_REFERENCE_ROWS], dtype=np.float32)
     (scores,) = _session(model.SerializeToString()).run(None, {INPUT_NAME: inputs})
-    scores = np.asarray(scores, dtype=np.float64)
-    if output_kind == "logits":
-        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-        scores /= scores.sum(axis=1, keepdims=True)
+    scores = softmax(scores, np.float64) if output_kind == "logits" else np.asarray(scores, dtype=np.float64)
     reference = {"inputs": inputs.tolist(), "probabilities": np.round(scores, 6).tolist()}
     props = {p.key: p.value for p in model.metadata_props}
     props["health_reference"] = json.dumps(reference)

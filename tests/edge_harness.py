@@ -22,9 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common.files import file_sha256
+from common.numeric import softmax
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeConfig, validate
-from edge_node.routing.confidence import softmax_rows
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, decode_tensor, encode, new_msg_id
 
 
@@ -109,7 +109,7 @@ class CloudResponder:
             time.sleep(self.delay_s)
         x = decode_tensor(request.input).reshape(1, -1).astype(np.float32)
         out = np.asarray(self.session.run(None, {self.session.get_inputs()[0].name: x})[0], dtype=np.float32)
-        probs = softmax_rows(out)[0] if self.logits else out[0]
+        probs = softmax(out)[0] if self.logits else out[0]
         i = int(probs.argmax())
         reply = EscalationReply(
             msg_id=new_msg_id(),

@@ -20,8 +20,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from common.files import file_sha256
+from common.numeric import softmax
 from edge_node.errors import InputRejected, ModelLoadError
-from edge_node.routing.confidence import softmax_rows
 from schemas import ModelRef
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Classifier:
         """Class probabilities [N, C] from what `scores` returned for a batch of N."""
         flat = np.asarray(scores, dtype=np.float32).reshape(scores.shape[0], -1)
         if self.info.output_kind == "logits":
-            return softmax_rows(flat)
+            return softmax(flat)
         return flat
 
     def check_input(self, value: npt.NDArray[Any]) -> npt.NDArray[Any]:
