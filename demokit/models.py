@@ -35,14 +35,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.files import write_atomic
 from common.numeric import softmax
+from common.onnx import open_session, read_card
 from demokit.dataset import DATASET_LICENCE, DATASET_NAME, NUM_FEATURES, PIXEL_MAX, DigitsSplit
+from schemas.modelcard import ModelCard, OutputKind
 
 if TYPE_CHECKING:
     import onnx
@@ -71,7 +73,9 @@ EDGE_MAX_ITER = 200
 CLOUD_MAX_ITER = 200
 L2_ALPHA = 1e-3
 
-OutputKind = Literal["logits", "probabilities"]
+
+class ModelFileError(Exception):
+    """A model file the demo kit reads is not an ONNX classifier with valid metadata (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -197,10 +201,10 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
     started = time.perf_counter()
     layers = _train(config, split)
     model = _to_onnx(config, layers, split.labels)
-    predictions = _predict(model.SerializeToString(), split.X_test)
+    predictions = _predict(model.SerializeToString(), path, split.X_test)
     accuracy = float(np.mean(predictions == split.y_test))
     _set_metadata(model, config, split.labels, accuracy, _class_mix(predictions, split.labels))
-    _set_health_reference(model, config.output_kind, split)
+    _set_health_reference(model, path, config.output_kind, split)
     data = model.SerializeToString()
     write_atomic(path, data)  # a reader (or a cache check) never sees a half-written model
     _verify_file(path, split, accuracy)
@@ -212,27 +216,25 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
         time.perf_counter() - started,
         path,
     )
-    return _demo_model(path, config.kind, read_model_metadata(path), hashlib.sha256(data).hexdigest())
+    return _demo_model(path, config.kind, read_model_card(path), hashlib.sha256(data).hexdigest())
 
 
-def read_model_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file, read with onnxruntime (no onnx package needed)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
+def read_model_card(path: Path) -> ModelCard:
+    """What an ONNX file's metadata says (common/onnx.py, read with onnxruntime: no onnx package needed);
+    raises ModelFileError for a file that is not a classifier with valid metadata."""
+    return read_card(path, error=ModelFileError)
 
 
 def evaluate_accuracy(path: Path, split: DigitsSplit | None = None) -> float:
     """Held-out accuracy of an exported file, run through onnxruntime."""
     split = split if split is not None else load_split()
-    predictions = _predict(path.read_bytes(), split.X_test)
+    predictions = _predict(path.read_bytes(), path, split.X_test)
     return float(np.mean(predictions == split.y_test))
 
 
 def measure_latency_us(path: Path, sample: NDArray[np.float32], runs: int = 2000) -> float:
     """Mean wall time of one batch-1 ``InferenceSession.run`` in microseconds."""
-    session = _session(path.read_bytes())
+    session = _session(path.read_bytes(), path)
     feed = {INPUT_NAME: np.ascontiguousarray(sample.reshape(1, NUM_FEATURES), dtype=np.float32)}
     for _ in range(min(100, runs)):
         session.run(None, feed)
@@ -253,25 +255,27 @@ def _cached_model(path: Path, config: TrainConfig) -> DemoModel | None:
     if not path.exists():
         return None
     try:
-        metadata = read_model_metadata(path)
-    except Exception as exc:  # a truncated or foreign file is rebuilt, not trusted
+        card = read_model_card(path)
+        if card.train_config != config.to_json():
+            logger.info("cached model does not match config path=%s", path)
+            return None
+        return _demo_model(path, config.kind, card, hashlib.sha256(path.read_bytes()).hexdigest())
+    except ModelFileError as exc:  # a truncated or foreign file is rebuilt, not trusted
         logger.warning("unreadable cached model path=%s error=%s", path, exc)
         return None
-    if metadata.get("train_config") != config.to_json():
-        logger.info("cached model does not match config path=%s", path)
-        return None
-    return _demo_model(path, config.kind, metadata, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
-def _demo_model(path: Path, kind: str, metadata: dict[str, str], sha256: str) -> DemoModel:
+def _demo_model(path: Path, kind: str, card: ModelCard, sha256: str) -> DemoModel:
+    if card.heldout_accuracy is None:
+        raise ModelFileError(f"model {path} has no 'heldout_accuracy' metadata: the demo kit did not build it")
     return DemoModel(
         kind=kind,
-        name=metadata["model_name"],
-        version=metadata["model_version"],
+        name=card.name,
+        version=card.version,
         path=path,
         sha256=sha256,
-        heldout_accuracy=float(metadata["heldout_accuracy"]),
-        labels=tuple(json.loads(metadata["labels"])),
+        heldout_accuracy=card.heldout_accuracy,
+        labels=card.labels,
     )
 
 
@@ -407,13 +411,13 @@ def _set_metadata(
     helper.set_model_props(model, dict(sorted(props.items())))
 
 
-def _set_health_reference(model: onnx.ModelProto, output_kind: OutputKind, split: DigitsSplit) -> None:
+def _set_health_reference(model: onnx.ModelProto, path: Path, output_kind: OutputKind, split: DigitsSplit) -> None:
     """Add `health_reference`: held-out inputs and the probabilities this very graph gives them."""
     from onnx import helper
 
     step = max(1, len(split.X_test) // HEALTH_REFERENCE_ROWS)
     inputs = np.ascontiguousarray(split.X_test[::step][:HEALTH_REFERENCE_ROWS], dtype=np.float32)
-    (scores,) = _session(model.SerializeToString()).run(None, {INPUT_NAME: inputs})
+    (scores,) = _session(model.SerializeToString(), path).run(None, {INPUT_NAME: inputs})
     scores = softmax(scores, np.float64) if output_kind == "logits" else np.asarray(scores, dtype=np.float64)
     reference = {"inputs": inputs.tolist(), "probabilities": np.round(scores, 6).tolist()}
     props = {p.key: p.value for p in model.metadata_props}
@@ -426,18 +430,14 @@ def _class_mix(predictions: NDArray[np.int64], labels: tuple[str, ...]) -> dict[
     return {label: round(float(count) / len(predictions), 6) for label, count in zip(labels, counts, strict=True)}
 
 
-def _session(model_bytes: bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # One thread: these models are tiny, and thread hand-offs cost more than they save on 2 cores.
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+def _session(model_bytes: bytes, path: Path) -> Any:
+    """A one-thread CPU session of a model's bytes (`path`: the file they are or will be, for errors)."""
+    session, _ = open_session(path, error=ModelFileError, data=model_bytes)
+    return session
 
 
-def _predict(model_bytes: bytes, features: NDArray[np.float32]) -> NDArray[np.int64]:
-    (scores,) = _session(model_bytes).run(None, {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)})
+def _predict(model_bytes: bytes, path: Path, features: NDArray[np.float32]) -> NDArray[np.int64]:
+    (scores,) = _session(model_bytes, path).run(None, {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)})
     return np.asarray(np.argmax(scores, axis=1), dtype=np.int64)
 
 
