@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -41,7 +40,7 @@ from typing import Literal
 
 import msgspec
 
-from common.files import file_sha256, fsync_dir, write_atomic
+from common.files import copy_atomic, file_sha256, fsync_dir, write_atomic
 from edge_node.config import OtaConfig
 from edge_node.errors import ModelLoadError, OutboxError, SlotError, Unhealthy
 from edge_node.inference.model import Classifier
@@ -155,11 +154,10 @@ class SlotStore:
                 # so sharing the inode is safe and costs no space.
                 os.link(source, partial)
             except OSError:
-                shutil.copyfile(source, partial)
-                with partial.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            partial.replace(dest)
-            fsync_dir(dest.parent)
+                copy_atomic(source, dest)
+            else:
+                partial.replace(dest)
+                fsync_dir(dest.parent)
         return SlotRecord(model=model, file=rel, installed_at=time.time())
 
     def prune(self, state: SlotState | None) -> None:
