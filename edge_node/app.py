@@ -23,8 +23,9 @@ from typing import Literal
 from edge_node import __version__
 from edge_node.config import EdgeConfig
 from edge_node.errors import OutboxError
+from edge_node.inference.batching import intake_bound
 from edge_node.inference.model import Classifier
-from edge_node.inference.pipeline import Pipeline, intake_bound
+from edge_node.inference.pipeline import Pipeline
 from edge_node.input.intake import Intake
 from edge_node.input.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
 from edge_node.ota.agent import Installer, OtaAgent, build_agent

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from edge_node.errors import InputRejected, Unhealthy
 from edge_node.inference.model import Classifier, ModelInfo
-from edge_node.inference.pipeline import ModelStats
+from edge_node.inference.stats import ModelStats
 from schemas.modelcard import HealthReference
 
 REFERENCE_KEY = "health_reference"
