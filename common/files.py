@@ -29,8 +29,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: readers see the old or the new bytes, never a mix, even after a crash."""
+def write_atomic(path: Path, data: bytes, *, parents: bool = False) -> None:
+    """Replace `path` with `data`: readers see the old or the new bytes, never a mix, even after a crash.
+    With `parents`, missing directories above `path` are created first."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     _replace_atomic(path, lambda f: f.write(data))
 
 
