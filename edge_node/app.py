@@ -27,7 +27,8 @@ from edge_node.inference.batching import intake_bound
 from edge_node.inference.model import Classifier
 from edge_node.inference.pipeline import Pipeline
 from edge_node.input.intake import Intake
-from edge_node.input.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
+from edge_node.input.replay import ReplaySource
+from edge_node.input.sources import DirectorySource, InputIds, MqttInputSource, Source, describe
 from edge_node.ota.acks import CommandAcks
 from edge_node.ota.agent import Installer, OtaAgent, build_agent
 from edge_node.ota.boot import Boot, boot_slots
