@@ -186,7 +186,7 @@ def read_signature(session: ort.InferenceSession, path: Path, *, error: type[Exc
     spec = inputs[0]
     dtype = ORT_DTYPES.get(spec.type)
     if dtype is None:
-        raise error(f"model {path} input {spec.name!r} has type {spec.type}, which the node cannot feed")
+        raise error(f"model {path} input {spec.name!r} has type {spec.type}, which cannot be fed from numpy")
     dims = list(spec.shape)
     if not dims:
         raise error(f"model {path} input {spec.name!r} is a scalar; a batch dimension is needed")

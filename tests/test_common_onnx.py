@@ -170,3 +170,34 @@ def test_a_quantized_models_record_and_every_prop_are_kept(tmp_path: Path) -> No
     assert card.quantization == QuantizationRecord(**record)  # type: ignore[arg-type]
     assert card.reference_class_mix == {"a": 0.5, "b": 0.25, "c": 0.25}
     assert card.metadata == props and card.declares("model_version")
+
+
+def _identity(path: Path, inputs: list[tuple[str, int, list[int | str]]]) -> Path:
+    """A graph passing its first input through (the signature checks never run it)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [inputs[0][0]], ["out"])],
+        "g",
+        [helper.make_tensor_value_info(name, kind, shape) for name, kind, shape in inputs],
+        [helper.make_tensor_value_info("out", inputs[0][1], inputs[0][2])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            [("a", TensorProto.FLOAT, ["N", 4]), ("b", TensorProto.FLOAT, ["N", 4])],
+            "must have exactly one input and an output",
+        ),
+        ([("x", TensorProto.STRING, ["N", 4])], "has type tensor\\(string\\), which cannot be fed"),
+        ([("x", TensorProto.FLOAT, [])], "is a scalar; a batch dimension is needed"),
+        ([("x", TensorProto.FLOAT, ["N", "width"])], "has dynamic feature dims .*only the batch may vary"),
+    ],
+)
+def test_inputs_a_program_cannot_feed_are_refused(
+    tmp_path: Path, inputs: list[tuple[str, int, list[int | str]]], message: str
+) -> None:
+    with pytest.raises(BadModel, match=message):
+        load_model(_identity(tmp_path / "odd.onnx", inputs), error=BadModel)
