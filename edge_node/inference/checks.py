@@ -1,8 +1,8 @@
 """The checks a batch's inputs pass before the model runs: shape, dtype, finite values.
 
 The common case (every input already is what the model takes) is checked for the whole batch at
-once (`stack_if_clean`); otherwise each input is checked on its own (`Classifier.check_input`),
-and only the bad ones are rejected, each saying why.
+once (`stack_if_clean`); otherwise each input is checked on its own (`check_each`, with
+`Classifier.check_input`), and only the bad ones are rejected, each saying why.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from edge_node.inference.model import Classifier
 from edge_node.input.intake import InputItem
 
 
-def check_batch(
+def check_each(
     items: list[InputItem], classifier: Classifier, reject: Callable[[InputItem, InputRejected], None]
 ) -> tuple[list[InputItem], npt.NDArray[Any] | None]:
-    """The inputs the model can take and their batch (None when there are none); `reject` hears
-    about each other input (its `error` is set)."""
-    batch = stack_if_clean(items, classifier)
-    if batch is not None:
-        return items, batch
+    """Input by input (when `stack_if_clean` found the batch not clean): the inputs the model can
+    take and their batch (None when there are none); `reject` hears about each other input (its
+    `error` is set)."""
     good: list[InputItem] = []
     arrays: list[npt.NDArray[Any]] = []
     for item in items:

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from edge_node.config import EdgeConfig
 from edge_node.errors import InputRejected, OutboxError
 from edge_node.inference.batching import CommitGroup, intake_bound, job_size
-from edge_node.inference.checks import check_batch
+from edge_node.inference.checks import check_each, stack_if_clean
 from edge_node.inference.dispatch import run_one_by_one, start_run
 from edge_node.inference.model import Classifier, ModelInfo
 from edge_node.inference.runcost import RunCost
@@ -187,7 +187,9 @@ class Pipeline:
             queue.resize(bound)
         items = queue.get_batch_nowait(take)
         stats = self._activity.stats(classifier.info.ref.sha256)
-        good, batch = check_batch(items, classifier, lambda item, exc: self._rejected(item, exc, stats))
+        good, batch = items, stack_if_clean(items, classifier)
+        if batch is None:  # not the common case: check input by input, reject just the bad ones
+            good, batch = check_each(items, classifier, lambda item, exc: self._rejected(item, exc, stats))
         if batch is None:
             return _Started(items, classifier, stats, good, np.empty(0), None)
         run = start_run(self._worker, classifier, cost, batch, per_run)
