@@ -42,7 +42,7 @@ from cloud_bridge.drift.store import DriftStore
 from cloud_bridge.ingest.ingestor import telemetry_row
 from cloud_bridge.registry.registry import Batch, Registry, TelemetryRow
 from demokit.drift import DriftSpec
-from demokit.models import build_demo_models, load_split, read_model_metadata
+from demokit.models import build_demo_models, load_split, read_model_card
 from edge_node.inference.model import Classifier
 from edge_node.routing.confidence import decide
 from edge_node.telemetry import TelemetryContext, Window, build_telemetry
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = build_demo_models(args.models)["edge"]
     split = load_split()
     stream = DigitsStream(Classifier.load(demo.path), np.asarray(split.X_test), np.asarray(split.y_test))
-    mix = json.loads(read_model_metadata(demo.path)["reference_class_mix"]) if args.reference else None
+    mix = read_model_card(demo.path).reference_class_mix if args.reference else None
     spec = StreamSpec(args.window_size, args.windows, args.drift_at)
     settings = DriftSettings()
     results = [

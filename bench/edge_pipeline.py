@@ -55,8 +55,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from demokit.models import build_demo_models, load_split
 from edge_node.config import EdgeConfig, validate
+from edge_node.inference.batching import intake_bound
 from edge_node.inference.model import Classifier
-from edge_node.inference.pipeline import Pipeline, intake_bound
+from edge_node.inference.pipeline import Pipeline
 from edge_node.input.intake import InputItem, Intake
 from edge_node.routing.escalation import Escalations
 from edge_node.routing.sampling import UncertaintySampler

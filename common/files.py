@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def file_sha256(path: Path) -> str:
@@ -26,12 +29,30 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: readers see the old or the new bytes, never a mix, even after a crash."""
+def write_atomic(path: Path, data: bytes, *, parents: bool = False) -> None:
+    """Replace `path` with `data`: readers see the old or the new bytes, never a mix, even after a crash.
+    With `parents`, missing directories above `path` are created first."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_atomic(path, lambda f: f.write(data))
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """Replace `path` with a copy of `source` (read in blocks, not into memory), as `write_atomic` does."""
+
+    def copy(out: BinaryIO) -> None:
+        with source.open("rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+
+    _replace_atomic(path, copy)
+
+
+def _replace_atomic(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Fill a temporary file next to `path`, fsync it, rename it over `path`, fsync the directory."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -21,56 +21,71 @@ training configuration matches is reused rather than retrained. Edge variants fo
 tests (a better v1.1.0, a deliberately bad model) come from :func:`build_edge_model`.
 
 scikit-learn and onnx are needed for building only; reading metadata needs onnxruntime alone.
+Training is demokit/training.py's, the ONNX graph and its metadata demokit/export.py's; this module
+builds, caches and verifies the files, reads them back, and is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.files import write_atomic
-from demokit.dataset import DATASET_LICENCE, DATASET_NAME, NUM_FEATURES, PIXEL_MAX, DigitsSplit
+from common.onnx import read_card
+from demokit.dataset import NUM_FEATURES, DigitsSplit
+from demokit.export import (
+    INPUT_NAME,
+    ModelFileError,
+    class_mix,
+    cpu_session,
+    predict,
+    set_health_reference,
+    set_metadata,
+    to_onnx,
+)
+from demokit.training import SPLIT_SEED, TEST_FRACTION, TrainConfig, model_file_name, train
+from schemas.modelcard import ModelCard
 
-if TYPE_CHECKING:
-    import onnx
+__all__ = [
+    "CLOUD_NAME",
+    "DEFAULT_VERSION",
+    "EDGE_NAME",
+    "DemoModel",
+    "ModelFileError",
+    "TrainConfig",
+    "build_demo_models",
+    "build_edge_model",
+    "build_model",
+    "cloud_config",
+    "count_parameters",
+    "edge_config",
+    "evaluate_accuracy",
+    "load_split",
+    "main",
+    "measure_latency_us",
+    "model_file_name",
+    "read_model_card",
+]
 
 logger = logging.getLogger(__name__)
 
-# Bump when training or export changes in a way that alters the files, so cached files are rebuilt.
-BUILDER_REVISION = 2
-OPSET = 17
-# IR 8 is the revision that introduced opset 17; every onnxruntime >= 1.12 loads it.
-IR_VERSION = 8
-# All models share one held-out set, whatever their training seed, so their accuracies compare and
-# the replay source (which replays the test split) never shows a model its own training data.
-SPLIT_SEED = 0
-TEST_FRACTION = 0.3
-INPUT_NAME = "input"
 EDGE_NAME = "digits-edge"
 CLOUD_NAME = "digits-cloud"
 DEFAULT_VERSION = "1.0.0"
 EDGE_HIDDEN: tuple[int, ...] = (12,)
 CLOUD_HIDDEN: tuple[int, ...] = (256, 128)
-# Held-out rows shipped as the OTA health-check reference (spread over the test split).
-HEALTH_REFERENCE_ROWS = 8
 # Few enough epochs that the small edge model stays modest (≈95 %) and the build stays fast.
 EDGE_MAX_ITER = 200
 CLOUD_MAX_ITER = 200
-L2_ALPHA = 1e-3
-
-OutputKind = Literal["logits", "probabilities"]
 
 
 @dataclass(frozen=True)
@@ -84,39 +99,6 @@ class DemoModel:
     sha256: str
     heldout_accuracy: float
     labels: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a model file's bytes; recorded in it to validate the cache."""
-
-    kind: str
-    name: str
-    version: str
-    hidden: tuple[int, ...]
-    output_kind: OutputKind
-    seed: int
-    max_iter: int
-    shuffle_labels: bool = False
-    alpha: float = L2_ALPHA
-    builder_revision: int = BUILDER_REVISION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @property
-    def file_name(self) -> str:
-        return model_file_name(self.name, self.version)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    weight: NDArray[np.float32]  # [in, out], used as Gemm(X, W) + b
-    bias: NDArray[np.float32]
-
-
-def model_file_name(name: str, version: str) -> str:
-    return f"{name}-{version}.onnx"
 
 
 def edge_config(
@@ -194,12 +176,12 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
             logger.info("reusing cached model path=%s", path)
             return cached
     started = time.perf_counter()
-    layers = _train(config, split)
-    model = _to_onnx(config, layers, split.labels)
-    predictions = _predict(model.SerializeToString(), split.X_test)
+    layers = train(config, split)
+    model = to_onnx(config, layers, split.labels)
+    predictions = predict(model.SerializeToString(), path, split.X_test)
     accuracy = float(np.mean(predictions == split.y_test))
-    _set_metadata(model, config, split.labels, accuracy, _class_mix(predictions, split.labels))
-    _set_health_reference(model, config.output_kind, split)
+    set_metadata(model, config, split.labels, accuracy, class_mix(predictions, split.labels))
+    set_health_reference(model, path, config.output_kind, split)
     data = model.SerializeToString()
     write_atomic(path, data)  # a reader (or a cache check) never sees a half-written model
     _verify_file(path, split, accuracy)
@@ -211,27 +193,25 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
         time.perf_counter() - started,
         path,
     )
-    return _demo_model(path, config.kind, read_model_metadata(path), hashlib.sha256(data).hexdigest())
+    return _demo_model(path, config.kind, read_model_card(path), hashlib.sha256(data).hexdigest())
 
 
-def read_model_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file, read with onnxruntime (no onnx package needed)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
+def read_model_card(path: Path) -> ModelCard:
+    """What an ONNX file's metadata says (common/onnx.py, read with onnxruntime: no onnx package needed);
+    raises ModelFileError for a file that is not a classifier with valid metadata."""
+    return read_card(path, error=ModelFileError)
 
 
 def evaluate_accuracy(path: Path, split: DigitsSplit | None = None) -> float:
     """Held-out accuracy of an exported file, run through onnxruntime."""
     split = split if split is not None else load_split()
-    predictions = _predict(path.read_bytes(), split.X_test)
+    predictions = predict(path.read_bytes(), path, split.X_test)
     return float(np.mean(predictions == split.y_test))
 
 
 def measure_latency_us(path: Path, sample: NDArray[np.float32], runs: int = 2000) -> float:
     """Mean wall time of one batch-1 ``InferenceSession.run`` in microseconds."""
-    session = _session(path.read_bytes())
+    session = cpu_session(path.read_bytes(), path)
     feed = {INPUT_NAME: np.ascontiguousarray(sample.reshape(1, NUM_FEATURES), dtype=np.float32)}
     for _ in range(min(100, runs)):
         session.run(None, feed)
@@ -252,195 +232,28 @@ def _cached_model(path: Path, config: TrainConfig) -> DemoModel | None:
     if not path.exists():
         return None
     try:
-        metadata = read_model_metadata(path)
-    except Exception as exc:  # a truncated or foreign file is rebuilt, not trusted
+        card = read_model_card(path)
+        if card.train_config != config.to_json():
+            logger.info("cached model does not match config path=%s", path)
+            return None
+        return _demo_model(path, config.kind, card, hashlib.sha256(path.read_bytes()).hexdigest())
+    except ModelFileError as exc:  # a truncated or foreign file is rebuilt, not trusted
         logger.warning("unreadable cached model path=%s error=%s", path, exc)
         return None
-    if metadata.get("train_config") != config.to_json():
-        logger.info("cached model does not match config path=%s", path)
-        return None
-    return _demo_model(path, config.kind, metadata, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
-def _demo_model(path: Path, kind: str, metadata: dict[str, str], sha256: str) -> DemoModel:
+def _demo_model(path: Path, kind: str, card: ModelCard, sha256: str) -> DemoModel:
+    if card.heldout_accuracy is None:
+        raise ModelFileError(f"model {path} has no 'heldout_accuracy' metadata: the demo kit did not build it")
     return DemoModel(
         kind=kind,
-        name=metadata["model_name"],
-        version=metadata["model_version"],
+        name=card.name,
+        version=card.version,
         path=path,
         sha256=sha256,
-        heldout_accuracy=float(metadata["heldout_accuracy"]),
-        labels=tuple(json.loads(metadata["labels"])),
+        heldout_accuracy=card.heldout_accuracy,
+        labels=card.labels,
     )
-
-
-def _train(config: TrainConfig, split: DigitsSplit) -> list[_Layer]:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    # One global scale (pixels / 16), not per-pixel standardisation: border pixels are almost always
-    # blank, and dividing by their tiny spread made a little noise or a 10° rotation wreck accuracy.
-    mean = np.zeros(NUM_FEATURES, dtype=np.float64)
-    std = np.full(NUM_FEATURES, PIXEL_MAX, dtype=np.float64)
-    targets = np.asarray(split.y_train)
-    if config.shuffle_labels:
-        targets = np.random.default_rng(config.seed).permutation(targets)
-    classifier = MLPClassifier(
-        hidden_layer_sizes=config.hidden,
-        activation="relu",
-        alpha=config.alpha,
-        max_iter=config.max_iter,
-        random_state=config.seed,
-    )
-    with warnings.catch_warnings():
-        # Stopping before convergence is deliberate for the modest and the bad edge models.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        classifier.fit((split.X_train - mean) / std, targets)
-    weights = [np.asarray(w, dtype=np.float64) for w in classifier.coefs_]
-    biases = [np.asarray(b, dtype=np.float64) for b in classifier.intercepts_]
-    return _fold_scaling(weights, biases, mean, std)
-
-
-def _fold_scaling(
-    weights: list[NDArray[np.float64]],
-    biases: list[NDArray[np.float64]],
-    mean: NDArray[np.float64],
-    std: NDArray[np.float64],
-) -> list[_Layer]:
-    # ((x - mean) / std) @ W + b == x @ (W / std[:, None]) + (b - (mean / std) @ W),
-    # so the exported graph takes raw pixels.
-    first_weight = weights[0] / std[:, None]
-    first_bias = biases[0] - (mean / std) @ weights[0]
-    folded = [(first_weight, first_bias), *zip(weights[1:], biases[1:], strict=True)]
-    return [_Layer(weight=w.astype(np.float32), bias=b.astype(np.float32)) for w, b in folded]
-
-
-def _to_onnx(config: TrainConfig, layers: list[_Layer], labels: tuple[str, ...]) -> onnx.ModelProto:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
-    current = INPUT_NAME
-    for index, layer in enumerate(layers):
-        weight_name, bias_name, out_name = f"W{index}", f"B{index}", f"dense{index}"
-        initializers += [
-            numpy_helper.from_array(layer.weight, weight_name),
-            numpy_helper.from_array(layer.bias, bias_name),
-        ]
-        is_last = index == len(layers) - 1
-        if is_last and config.output_kind == "logits":
-            out_name = "logits"
-        nodes.append(helper.make_node("Gemm", [current, weight_name, bias_name], [out_name], name=f"gemm{index}"))
-        current = out_name
-        if not is_last:
-            nodes.append(helper.make_node("Relu", [current], [f"relu{index}"], name=f"relu{index}"))
-            current = f"relu{index}"
-    if config.output_kind == "probabilities":
-        nodes.append(helper.make_node("Softmax", [current], ["probabilities"], axis=1, name="softmax"))
-        current = "probabilities"
-    graph = helper.make_graph(
-        nodes,
-        config.name,
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", NUM_FEATURES])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["N", len(labels)])],
-        initializer=initializers,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        ir_version=IR_VERSION,
-        producer_name="edgefleet.demo_models",
-        producer_version=str(BUILDER_REVISION),
-        doc_string=_doc_string(config, layers),
-    )
-    onnx.checker.check_model(model)
-    return model
-
-
-def _doc_string(config: TrainConfig, layers: list[_Layer]) -> str:
-    shape = "→".join([str(NUM_FEATURES), *(str(layer.bias.shape[0]) for layer in layers)])
-    trained_on = "SHUFFLED labels (deliberately bad)" if config.shuffle_labels else "the digits train split"
-    return (
-        f"{config.name} {config.version}: ReLU MLP {shape} trained on {trained_on} "
-        f"({DATASET_NAME}, {DATASET_LICENCE}). Input '{INPUT_NAME}': raw pixels float32 [N, 64] in 0..16 "
-        f"(scaling folded into the first layer). Output '{config.output_kind}': {config.output_kind}."
-    )
-
-
-def _set_metadata(
-    model: onnx.ModelProto,
-    config: TrainConfig,
-    labels: tuple[str, ...],
-    accuracy: float,
-    class_mix: dict[str, float],
-) -> None:
-    from onnx import helper
-
-    input_spec = {
-        "name": INPUT_NAME,
-        "shape": [None, NUM_FEATURES],
-        "dtype": "float32",
-        "value_range": [0, int(PIXEL_MAX)],
-        "layout": "8x8 grayscale, row-major",
-    }
-    dataset = {
-        "name": DATASET_NAME,
-        "licence": DATASET_LICENCE,
-        "source": "sklearn.datasets.load_digits",
-        "split_seed": SPLIT_SEED,
-        "test_fraction": TEST_FRACTION,
-    }
-    props = {
-        "labels": json.dumps(list(labels)),
-        "input_spec": json.dumps(input_spec),
-        "output_kind": config.output_kind,
-        "model_name": config.name,
-        "model_version": config.version,
-        "heldout_accuracy": f"{accuracy:.6f}",
-        "reference_class_mix": json.dumps(class_mix),
-        "dataset": json.dumps(dataset),
-        "seed": str(config.seed),
-        "train_config": config.to_json(),
-    }
-    helper.set_model_props(model, dict(sorted(props.items())))
-
-
-def _set_health_reference(model: onnx.ModelProto, output_kind: OutputKind, split: DigitsSplit) -> None:
-    """Add `health_reference`: held-out inputs and the probabilities this very graph gives them."""
-    from onnx import helper
-
-    step = max(1, len(split.X_test) // HEALTH_REFERENCE_ROWS)
-    inputs = np.ascontiguousarray(split.X_test[::step][:HEALTH_REFERENCE_ROWS], dtype=np.float32)
-    (scores,) = _session(model.SerializeToString()).run(None, {INPUT_NAME: inputs})
-    scores = np.asarray(scores, dtype=np.float64)
-    if output_kind == "logits":
-        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-        scores /= scores.sum(axis=1, keepdims=True)
-    reference = {"inputs": inputs.tolist(), "probabilities": np.round(scores, 6).tolist()}
-    props = {p.key: p.value for p in model.metadata_props}
-    props["health_reference"] = json.dumps(reference)
-    helper.set_model_props(model, dict(sorted(props.items())))
-
-
-def _class_mix(predictions: NDArray[np.int64], labels: tuple[str, ...]) -> dict[str, float]:
-    counts = np.bincount(predictions, minlength=len(labels))
-    return {label: round(float(count) / len(predictions), 6) for label, count in zip(labels, counts, strict=True)}
-
-
-def _session(model_bytes: bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # One thread: these models are tiny, and thread hand-offs cost more than they save on 2 cores.
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def _predict(model_bytes: bytes, features: NDArray[np.float32]) -> NDArray[np.int64]:
-    (scores,) = _session(model_bytes).run(None, {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)})
-    return np.asarray(np.argmax(scores, axis=1), dtype=np.int64)
 
 
 def _verify_file(path: Path, split: DigitsSplit, expected_accuracy: float) -> None:

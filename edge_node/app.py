@@ -23,12 +23,17 @@ from typing import Literal
 from edge_node import __version__
 from edge_node.config import EdgeConfig
 from edge_node.errors import OutboxError
+from edge_node.inference.batching import intake_bound
 from edge_node.inference.model import Classifier
-from edge_node.inference.pipeline import Pipeline, intake_bound
+from edge_node.inference.pipeline import Pipeline
 from edge_node.input.intake import Intake
-from edge_node.input.sources import DirectorySource, InputIds, MqttInputSource, ReplaySource, Source, describe
+from edge_node.input.replay import ReplaySource
+from edge_node.input.sources import DirectorySource, InputIds, MqttInputSource, Source, describe
+from edge_node.ota.acks import CommandAcks
 from edge_node.ota.agent import Installer, OtaAgent, build_agent
-from edge_node.ota.slots import Boot, CommandAcks, InstallPolicy, SlotManager, SlotStore, boot_slots
+from edge_node.ota.boot import Boot, boot_slots
+from edge_node.ota.installer import InstallPolicy, SlotManager
+from edge_node.ota.slots import SlotStore
 from edge_node.routing.escalation import Escalations
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
@@ -77,7 +82,7 @@ class EdgeNode:
         self._drops = _Deltas()
         self._pipeline: Pipeline | None = None
         self._write_errors_reported = 0
-        # Defaults to the node's SlotManager (edge_node/ota/slots.py); set before run() to replace it.
+        # Defaults to the node's SlotManager (edge_node/ota/installer.py); set before run() to replace it.
         self.installer: Installer | None = None
         self.ota: OtaAgent | None = None
         # A/B model slots (edge_node/ota/slots.py): the default installer; the model to start with.
@@ -97,7 +102,7 @@ class EdgeNode:
     # ---- wiring ------------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.config
-        # The persisted active slot, else the factory model ([model] path); see edge_node/ota/slots.py.
+        # The persisted active slot, else the factory model ([model] path); see edge_node/ota/boot.py.
         self._boot = await asyncio.to_thread(
             boot_slots, self._slot_store, cfg.model.path, self._load_model, cfg.ota.crash_loop_limit
         )

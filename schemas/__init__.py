@@ -1,6 +1,5 @@
-"""The wire contract shared by edge_node and cloud_bridge: topics, messages and their codec.
-
-Nothing else in the project builds a topic or a payload.
+"""The wire contract shared by edge_node and cloud_bridge: topics, messages and their codec,
+and what a model file's metadata holds (`ModelCard`). Nothing else builds a topic or a payload.
 """
 
 from schemas.codec import (
@@ -48,6 +47,7 @@ from schemas.messages import (
     TopK,
     schema_name,
 )
+from schemas.modelcard import ModelCard
 from schemas.msgid import msg_id_time, new_msg_id
 from schemas.tensor import decode_tensor, encode_tensor
 from schemas.topics import AlertsTopic, Channel, DeviceTopic, ModelTopic, Topics, validate_id
@@ -74,6 +74,7 @@ __all__ = [
     "Input",
     "LatencyStats",
     "Message",
+    "ModelCard",
     "ModelChunk",
     "ModelChunkRequest",
     "ModelDelta",

@@ -4,7 +4,7 @@ The signature covers `canonical_bytes(command)` (every field but `signature`, ke
 any change to any field, including the target device, the expiry or the model hash, breaks it.
 Keys: a private key is a PKCS#8 PEM file that never leaves the cloud; a public key travels as
 base64 of its 32 raw bytes (fits in a TOML config); a key id defaults to a fingerprint of it.
-Expiry and replay are the device's policy (edge_node/ota/agent.py), not part of the signature.
+Expiry and replay are the device's policy (edge_node/ota/guard.py), not part of the signature.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from paho.mqtt.properties import Properties
 
 from common.config import from_dict
 from common.files import file_sha256
+from common.numeric import softmax
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeConfig
 from edge_node.errors import ConfigError
-from edge_node.routing.confidence import softmax_rows
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, decode_tensor, encode, new_msg_id
 
 
@@ -104,7 +104,7 @@ class CloudResponder:
             time.sleep(self.delay_s)
         x = decode_tensor(request.input).reshape(1, -1).astype(np.float32)
         out = np.asarray(self.session.run(None, {self.session.get_inputs()[0].name: x})[0], dtype=np.float32)
-        probs = softmax_rows(out)[0] if self.logits else out[0]
+        probs = softmax(out)[0] if self.logits else out[0]
         i = int(probs.argmax())
         reply = EscalationReply(
             msg_id=new_msg_id(),

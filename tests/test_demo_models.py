@@ -19,8 +19,9 @@ from demokit.models import (
     build_demo_models,
     build_edge_model,
     main,
-    read_model_metadata,
+    read_model_card,
 )
+from schemas.modelcard import DatasetRecord, InputSpec
 
 REQUIRED_KEYS = {
     "labels",
@@ -58,7 +59,7 @@ def test_accuracy_floors_and_cloud_beats_edge(demo_models: dict[str, DemoModel],
     assert cloud > edge
     for model, measured in ((demo_models["edge"], edge), (demo_models["cloud"], cloud)):
         assert model.heldout_accuracy == pytest.approx(measured, abs=1e-6)
-        assert float(read_model_metadata(model.path)["heldout_accuracy"]) == pytest.approx(measured, abs=1e-6)
+        assert read_model_card(model.path).heldout_accuracy == pytest.approx(measured, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -69,26 +70,23 @@ def test_metadata_present_and_parseable(
     demo_models: dict[str, DemoModel], digits: DigitsSplit, kind: str, name: str, output_kind: str
 ) -> None:
     model = demo_models[kind]
-    metadata = read_model_metadata(model.path)
-    assert metadata.keys() >= REQUIRED_KEYS
-    assert json.loads(metadata["labels"]) == DIGIT_LABELS
-    assert json.loads(metadata["input_spec"]) == {
-        "name": "input",
-        "shape": [None, 64],
-        "dtype": "float32",
-        "value_range": [0, 16],
-        "layout": "8x8 grayscale, row-major",
-    }
-    assert metadata["output_kind"] == output_kind
-    assert (metadata["model_name"], metadata["model_version"]) == (name, "1.0.0")
-    assert metadata["seed"] == "0"
-    dataset = json.loads(metadata["dataset"])
-    assert dataset["licence"] == "CC BY 4.0"
-    assert "digits" in dataset["name"]
+    card = read_model_card(model.path)
+    assert card.metadata.keys() >= REQUIRED_KEYS and all(card.declares(key) for key in REQUIRED_KEYS)
+    assert json.loads(card.metadata["labels"]) == DIGIT_LABELS and card.labels == tuple(DIGIT_LABELS)
+    assert card.input_spec == InputSpec(
+        name="input", shape=[None, 64], dtype="float32", value_range=[0, 16], layout="8x8 grayscale, row-major"
+    )
+    assert card.output_kind == output_kind
+    assert (card.name, card.version) == (name, "1.0.0")
+    assert card.seed == 0
+    assert isinstance(card.dataset, DatasetRecord) and card.dataset.licence == "CC BY 4.0"
+    assert card.dataset.name is not None and "digits" in card.dataset.name
+    assert card.quantization is None  # a float build
+    assert card.health_reference is not None and len(card.health_reference.probabilities) == 8
     assert name in _session(model).get_modelmeta().description
 
-    mix = json.loads(metadata["reference_class_mix"])
-    assert list(mix) == DIGIT_LABELS
+    mix = card.reference_class_mix
+    assert mix is not None and list(mix) == DIGIT_LABELS
     predicted = np.argmax(_run(model, digits.X_test), axis=1)
     expected = np.bincount(predicted, minlength=10) / len(predicted)
     np.testing.assert_allclose([mix[label] for label in DIGIT_LABELS], expected, atol=1e-6)
@@ -102,14 +100,14 @@ def test_metadata_present_and_parseable(
 @pytest.mark.parametrize("kind", ["edge", "cloud"])
 def test_graph_io_matches_declared_spec(demo_models: dict[str, DemoModel], kind: str) -> None:
     session = _session(demo_models[kind])
-    metadata = read_model_metadata(demo_models[kind].path)
+    card = read_model_card(demo_models[kind].path)
     (graph_input,) = session.get_inputs()
     (graph_output,) = session.get_outputs()
-    assert graph_input.name == json.loads(metadata["input_spec"])["name"]
+    assert card.input_spec is not None and graph_input.name == card.input_spec.name
     assert graph_input.type == "tensor(float)"
     assert isinstance(graph_input.shape[0], str)  # a named, dynamic batch dimension
     assert graph_input.shape[1] == 64
-    assert graph_output.name == metadata["output_kind"]
+    assert graph_output.name == card.output_kind
     assert graph_output.shape[1] == 10
 
 
@@ -164,7 +162,7 @@ def test_mismatching_or_broken_files_are_rebuilt(demo_models: dict[str, DemoMode
     shutil.copyfile(demo_models["edge"].path, edge_file)
     other_seed = build_edge_model(tmp_path, "1.0.0", seed=1)
     assert other_seed.path == edge_file
-    assert read_model_metadata(edge_file)["seed"] == "1"
+    assert read_model_card(edge_file).seed == 1
     assert other_seed.sha256 != demo_models["edge"].sha256
 
     edge_file.write_bytes(b"not an onnx model")
@@ -176,11 +174,11 @@ def test_edge_variants_for_rollouts(demo_models: dict[str, DemoModel], digits: D
     better = build_edge_model(tmp_path, "1.1.0", hidden=(32,))
     bad = build_edge_model(tmp_path, "0.9.0-bad", shuffle_labels=True)
     assert better.path.name == "digits-edge-1.1.0.onnx"
-    assert read_model_metadata(better.path)["model_version"] == "1.1.0"
+    assert read_model_card(better.path).version == "1.1.0"
     assert _accuracy(better, digits) > _accuracy(demo_models["edge"], digits)
     assert _accuracy(bad, digits) < 0.3
     assert bad.heldout_accuracy == pytest.approx(_accuracy(bad, digits), abs=1e-6)
-    assert read_model_metadata(bad.path)["output_kind"] == "logits"
+    assert read_model_card(bad.path).output_kind == "logits"
 
 
 def test_cli_prints_table(demo_models: dict[str, DemoModel], capsys: pytest.CaptureFixture[str]) -> None:

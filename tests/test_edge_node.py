@@ -16,11 +16,12 @@ import numpy as np
 import orjson
 import pytest
 
+from common.numeric import softmax
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel
 from devservers import Mosquitto
 from edge_node.inference.model import Classifier
-from edge_node.routing.confidence import decide, decide_logits, decide_scores, softmax_rows
+from edge_node.routing.confidence import decide, decide_logits, decide_scores
 from edge_node.telemetry import FOLD_ROWS, Window, pool_features
 from schemas import Input, Results, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
 from tests.edge_harness import CloudResponder, RunningNode, edge_config, wait_connected
@@ -96,7 +97,7 @@ def test_decide_on_logits_gives_what_decide_gives_on_their_softmax() -> None:
         rng.standard_normal((5, 1)).astype(np.float32),
     ]
     for logits in cases:
-        fused, plain = decide_logits(logits, 0.6), decide(softmax_rows(logits), 0.6)
+        fused, plain = decide_logits(logits, 0.6), decide(softmax(logits), 0.6)
         np.testing.assert_allclose(fused.probs, plain.probs, atol=1e-6)
         np.testing.assert_array_equal(fused.top1, plain.top1)
         np.testing.assert_array_equal(fused.confidence, plain.confidence)  # the same 1 / s, bit for bit
@@ -108,7 +109,7 @@ def test_decide_on_logits_gives_what_decide_gives_on_their_softmax() -> None:
     logits = cases[0]
     shaped = decide_scores(logits.reshape(64, 10, 1, 1), "logits", 0.6)
     np.testing.assert_array_equal(shaped.confidence, decide_logits(logits, 0.6).confidence)
-    probs = softmax_rows(logits)
+    probs = softmax(logits)
     np.testing.assert_array_equal(decide_scores(probs, "probabilities", 0.6).confidence, decide(probs, 0.6).confidence)
 
 

@@ -3,7 +3,7 @@
 Real Mosquitto, the real bridge (`running_bridge`: ModelStore, CommandSender, ChunkServer), real edge
 nodes in-process (tests/edge_harness.py), a real TCP proxy for the cut. The artifact is the demo cloud
 model (~200 KB) in 4 KB chunks, so a download has ~50 chunks. The installer is a stand-in that records
-the verified file and acks "done": the real one (edge_node/ota/slots.py) is tested by its own suite.
+the verified file and acks "done": the real one (edge_node/ota/installer.py) is tested by its own suite.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from devservers import Mosquitto
 from edge_node.app import EdgeNode
 from edge_node.config import load_config as load_edge_config
 from edge_node.errors import CommandRejected
-from edge_node.ota.agent import CommandGuard, GuardPolicy, OtaAgent
-from edge_node.ota.download import Artifact, Downloader, Staging
+from edge_node.ota.agent import OtaAgent
+from edge_node.ota.download import Downloader
+from edge_node.ota.guard import CommandGuard, GuardPolicy
+from edge_node.ota.staging import Artifact, Staging
 from schemas import (
     Command,
     CommandAck,
@@ -81,7 +83,7 @@ BRIDGE_CLI = [sys.executable, "-m", "cloud_bridge.cli"]
 
 
 class RecordingInstaller:
-    """Stand-in for edge_node/ota/slots.py: remembers what it was handed and acks "done"."""
+    """Stand-in for edge_node/ota/installer.py: remembers what it was handed and acks "done"."""
 
     def __init__(self) -> None:
         self.node: EdgeNode | None = None

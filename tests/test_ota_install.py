@@ -3,7 +3,7 @@
 Real parts only: real ONNX models (demo edge variants, and broken ones derived from them with the
 onnx package), a real Mosquitto, a real edge node (in-process, or as a process killed with SIGKILL
 for the crash loop), real slot files and outbox. Commands reach the node signed over MQTT where the
-path matters (edge_node/ota/agent.py hands the verified file to the SlotManager); the finer cases
+path matters (edge_node/ota/agent.py hands the verified file to the SlotManager, installer.py); the finer cases
 call the node's SlotManager directly, as that glue does.
 """
 
@@ -31,8 +31,10 @@ from devservers import Mosquitto
 from edge_node.config import EdgeConfig, load_config
 from edge_node.errors import ConfigError
 from edge_node.inference.model import Classifier
+from edge_node.ota.boot import boot_slots
 from edge_node.ota.health import HealthPolicy, check_health
-from edge_node.ota.slots import STATE_FILE, SlotManager, SlotState, SlotStore, boot_slots
+from edge_node.ota.installer import SlotManager
+from edge_node.ota.slots import STATE_FILE, SlotState, SlotStore
 from schemas import (
     Channel,
     Command,

@@ -20,15 +20,15 @@ from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel
 from devservers import Mosquitto
 from edge_node.config import EdgeConfig
-from edge_node.inference.model import Classifier
-from edge_node.inference.pipeline import (
+from edge_node.inference.batching import (
     BATCH_JOB_S,
     INTAKE_BATCHES,
     INTAKE_MAX_BYTES,
     MAX_SERIAL_ROWS,
     SERIAL_JOB_S,
-    Pipeline,
 )
+from edge_node.inference.model import Classifier
+from edge_node.inference.pipeline import Pipeline
 from edge_node.inference.runcost import RECENT, REPROBE, RunCost
 from edge_node.input.intake import InputItem, Intake
 from edge_node.input.sources import DirectorySource, InputIds

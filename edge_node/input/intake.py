@@ -37,6 +37,13 @@ class InputItem:
     on_done: Callable[[InputItem, bool], None] | None = field(default=None, repr=False)
 
 
+def notify_done(items: list[InputItem], ok: bool) -> None:
+    """Tell each item's source how it ended: answered and durable (`ok`), or rejected."""
+    for item in items:
+        if item.on_done is not None:
+            item.on_done(item, ok)
+
+
 class Intake:
     """A bounded FIFO of InputItems with batch hand-over and `join()` (see the module docstring)."""
 

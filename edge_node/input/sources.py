@@ -1,4 +1,5 @@
-"""Where inputs come from: an MQTT input topic, a watched directory, or a dataset replay.
+"""Where inputs come from: an MQTT input topic, a watched directory, or a dataset replay
+(edge_node/input/replay.py).
 
 Every source turns what it reads into `InputItem`s on the pipeline's bounded intake
 (edge_node/input/intake.py). An input that cannot even be read becomes an item carrying its rejection, so
@@ -13,12 +14,11 @@ import secrets
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
-from edge_node.config import ReplaySourceConfig, SourceConfig
+from edge_node.config import SourceConfig
 from edge_node.errors import InputRejected, IntakeFull
 from edge_node.input.intake import InputItem, Intake
 from schemas import DecodeError, Input, decode, decode_tensor
@@ -149,59 +149,6 @@ class DirectorySource:
         self._seen.discard(name)
 
 
-class ReplaySource:
-    """The digits held-out set replayed at `rate_hz`, with optional drift injected after `drift_after`."""
-
-    def __init__(self, queue: Intake, ids: InputIds, config: ReplaySourceConfig) -> None:
-        from demokit.dataset import load_digits_split
-        from demokit.drift import DEFAULT_STRENGTH, DriftSpec
-
-        self._queue = queue
-        self._ids = ids
-        self.config = config
-        split = load_digits_split(seed=config.seed)
-        self.labels = split.labels
-        rng = np.random.default_rng(config.seed)
-        self._clean = (np.asarray(split.X_test), np.asarray(split.y_test))
-        spec = DriftSpec(kind=config.drift, strength=config.drift_strength or DEFAULT_STRENGTH[config.drift])
-        self._drifted = spec.apply(self._clean[0], self._clean[1], rng)
-        self.emitted = 0
-
-    def _pick(self, n: int) -> tuple[npt.NDArray[Any], str, str]:
-        drifting = self.config.drift != "none" and n >= self.config.drift_after
-        X, y = self._drifted if drifting else self._clean
-        i = n % len(y)
-        return X[i], self.labels[int(y[i])], f"replay:{'drift:' if drifting else ''}{i}"
-
-    def _items(self, due: int, now: float) -> list[InputItem]:
-        """The inputs due by now that were not emitted yet (many at once when the rate is high)."""
-        items: list[InputItem] = []
-        for n in range(self.emitted, due):
-            x, truth, ref = self._pick(n)
-            items.append(InputItem(self._ids.next(), x, now, truth=truth, source_ref=ref))
-        self.emitted = due
-        return items
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        period = 1.0 / self.config.rate_hz
-        size = len(self._clean[1])
-        total = self.config.limit or (None if self.config.loop else size)
-        start = loop.time()
-        while total is None or self.emitted < total:
-            # Emit every item that is due by now (in one hand-over, at most what the intake holds,
-            # so a pipeline that fell behind does not make the source build a backlog in memory),
-            # then sleep until the next one: high rates need no sleep per item, and the schedule
-            # does not drift with processing time.
-            due = min(int((loop.time() - start) / period) + 1, self.emitted + self._queue.maxsize)
-            if total is not None:
-                due = min(due, total)
-            if self.emitted < due:
-                await self._queue.put_many(self._items(due, loop.time()))
-            await asyncio.sleep(max(0.0, start + self.emitted * period - loop.time()))
-        log.info("replay finished emitted=%d", self.emitted)
-
-
 def describe(config: SourceConfig) -> str:
     if config.kind == "directory":
         return f"directory {config.path}"
@@ -210,4 +157,4 @@ def describe(config: SourceConfig) -> str:
     return "mqtt input topic"
 
 
-__all__ = ["DirectorySource", "InputIds", "MqttInputSource", "ReplaySource", "Source", "describe"]
+__all__ = ["DirectorySource", "InputIds", "MqttInputSource", "Source", "describe"]

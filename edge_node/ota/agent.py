@@ -1,13 +1,9 @@
-"""Commands from the cloud on `.../cmd`: verified by `CommandGuard`, run one at a time by `OtaAgent`.
+"""Commands from the cloud on `.../cmd`: verified by `CommandGuard` (edge_node/ota/guard.py), run one
+at a time by `OtaAgent`.
 
-A command is acted on only if it is signed by a trusted key (schemas/signing.py), addressed to this
-device, within its validity (with `max_clock_skew_s`), and not a replay: accepted cmd_ids are
-remembered durably in `state_dir/accepted_commands.json` (written atomically), and a command issued
-more than `replay_window_s` before the newest accepted one is refused too (its id may have been
-forgotten). Every refusal is acked "rejected" with a reason that starts with its code (unsigned,
-unknown_key, bad_signature, bad_key, wrong_device, expired, not_yet_valid, replayed) and is counted.
-
-Accepted commands are acked "received" and queued. "ping" is acked "done". "model_update" downloads
+A command the guard refuses (signature, addressing, freshness, replay) is acked "rejected" with a
+reason that starts with its code, and counted. Accepted commands are acked "received" (acks:
+edge_node/ota/acks.py) and queued. "ping" is acked "done". "model_update" downloads
 (edge_node/ota/download.py) and hands the verified file to the `Installer`; a newer model_update
 supersedes a queued or downloading one (acked "failed", reason "superseded"). The accepted
 model_update is kept in `state_dir/pending_update.json` until it finishes, so a restart resumes it.
@@ -16,180 +12,36 @@ model_update is kept in `state_dir/pending_update.json` until it finishes, so a 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from common.files import write_atomic
 from edge_node.config import EdgeConfig
-from edge_node.errors import CommandRejected, DownloadError, OutboxError
+from edge_node.errors import CommandRejected, DownloadError
+from edge_node.ota.acks import CommandAcks, Outbound
 from edge_node.ota.download import ChunkSubscriptions, Downloader
+from edge_node.ota.guard import CommandGuard, GuardPolicy, trusted_keys
 from edge_node.uplink.link import IncomingMessage
-from edge_node.uplink.outbox import OutMessage, Priority
 from schemas.codec import decode, encode
 from schemas.errors import DecodeError
-from schemas.messages import AckState, Command, CommandAck, ModelRef
-from schemas.msgid import new_msg_id
-from schemas.signing import Ed25519PublicKey, SignatureError, parse_public_key, verify_command
-from schemas.topics import Channel, Topics
+from schemas.messages import Command
 
 log = logging.getLogger(__name__)
 
-_ACCEPTED_FILE = "accepted_commands.json"
 _PENDING_FILE = "pending_update.json"
 
 
 class Installer(Protocol):
     """Installs a verified model file (A/B slots, health check, swap); sends its own acks
-    (installing/installed/done/health_failed/rolled_back). Implemented in edge_node/ota/slots.py."""
+    (installing/installed/done/health_failed/rolled_back). Implemented in edge_node/ota/installer.py."""
 
     async def install(self, model_path: Path, command: Command) -> None: ...
 
     async def rollback(self, command: Command) -> None: ...
-
-
-class Outbound(Protocol):
-    async def put(self, msg: OutMessage) -> None: ...
-
-
-def trusted_keys(config: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
-    return {key_id: parse_public_key(text) for key_id, text in config.items()}
-
-
-def _write_json_atomic(path: Path, body: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(body).encode())
-
-
-@dataclass(frozen=True)
-class GuardPolicy:
-    fleet_id: str
-    device_id: str
-    max_clock_skew_s: float = 300.0
-    replay_window_s: float = 7 * 24 * 3600.0
-
-
-class CommandGuard:
-    """Decides whether a command may run, and remembers the accepted ones across restarts."""
-
-    def __init__(self, state_dir: Path, trusted: Mapping[str, Ed25519PublicKey], policy: GuardPolicy) -> None:
-        self._path = Path(state_dir) / _ACCEPTED_FILE
-        self._trusted = dict(trusted)
-        self._policy = policy
-        self._accepted: dict[str, float] = {}
-        self._newest = 0.0
-        self.rejected: Counter[str] = Counter()
-        self._load()
-
-    def _load(self) -> None:
-        try:
-            body = json.loads(self._path.read_text(encoding="utf-8"))
-            self._accepted = {str(k): float(v) for k, v in body["accepted"].items()}
-            self._newest = float(body["newest_issued_at"])
-        except FileNotFoundError:
-            return
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Refusing everything forever would brick the device; the window rule still guards replays
-            # of old commands once a new one is accepted.
-            log.error("replay record %s is unreadable (%s): starting a new one", self._path, exc)
-
-    def check(self, command: Command, now: float | None = None) -> None:
-        """Return if `command` may run, else raise CommandRejected (counted by code)."""
-        try:
-            self._check(command, time.time() if now is None else now)
-        except CommandRejected as exc:
-            self.rejected[exc.code] += 1
-            raise
-
-    def verify_signature(self, command: Command) -> None:
-        try:
-            verify_command(command, self._trusted)
-        except SignatureError as exc:
-            raise CommandRejected(exc.code, str(exc)) from None
-
-    def _check(self, command: Command, now: float) -> None:
-        self.verify_signature(command)
-        p = self._policy
-        if (command.fleet_id, command.device_id) != (p.fleet_id, p.device_id):
-            raise CommandRejected(
-                "wrong_device",
-                f"command {command.cmd_id} is for {command.fleet_id}/{command.device_id}, "
-                f"this is {p.fleet_id}/{p.device_id}",
-            )
-        if now > command.expires_at + p.max_clock_skew_s:
-            raise CommandRejected("expired", f"command {command.cmd_id} expired {now - command.expires_at:.0f}s ago")
-        if command.issued_at > now + p.max_clock_skew_s:
-            raise CommandRejected(
-                "not_yet_valid",
-                f"command {command.cmd_id} is issued {command.issued_at - now:.0f}s in the future: "
-                "check the device's clock",
-            )
-        if command.cmd_id in self._accepted:
-            raise CommandRejected("replayed", f"command {command.cmd_id} was already accepted")
-        if command.issued_at < self._newest - p.replay_window_s:
-            raise CommandRejected(
-                "replayed",
-                f"command {command.cmd_id} was issued {self._newest - command.issued_at:.0f}s before the newest "
-                f"accepted command (window {p.replay_window_s:.0f}s)",
-            )
-
-    async def accept(self, command: Command) -> None:
-        """Remember `command` durably (call before acting on it)."""
-        self._accepted[command.cmd_id] = command.issued_at
-        self._newest = max(self._newest, command.issued_at)
-        horizon = self._newest - self._policy.replay_window_s
-        # Older ids are refused by the window rule anyway: the record stays bounded.
-        self._accepted = {k: v for k, v in self._accepted.items() if v >= horizon}
-        body = {"newest_issued_at": self._newest, "accepted": dict(self._accepted)}
-        await asyncio.to_thread(_write_json_atomic, self._path, body)
-
-
-class AckSender:
-    """Puts CommandAcks in the outbox (CONTROL priority); also used by the Installer."""
-
-    def __init__(self, topics: Topics, fleet_id: str, device_id: str, outbox: Outbound) -> None:
-        self._topic = topics.device(fleet_id, device_id, Channel.CMD_ACK)
-        self._fleet_id = fleet_id
-        self._device_id = device_id
-        self._outbox = outbox
-        self.sent: Counter[str] = Counter()
-
-    async def send(
-        self,
-        command: Command,
-        state: AckState,
-        *,
-        reason: str | None = None,
-        progress: float | None = None,
-        model: ModelRef | None = None,
-        active_slot: Literal["A", "B"] | None = None,
-    ) -> None:
-        ack = CommandAck(
-            msg_id=new_msg_id(),
-            fleet_id=self._fleet_id,
-            device_id=self._device_id,
-            ts=time.time(),
-            cmd_id=command.cmd_id,
-            state=state,
-            reason=None if reason is None else reason[:1024],
-            progress=progress,
-            model=model if model is not None else (command.update.model if command.update else None),
-            active_slot=active_slot,
-            rollout_id=command.rollout_id,
-        )
-        try:
-            await self._outbox.put(
-                OutMessage(topic=self._topic, payload=encode(ack), priority=Priority.CONTROL, msg_id=ack.msg_id)
-            )
-        except OutboxError as exc:
-            log.error("command ack not stored cmd_id=%s state=%s error=%s", command.cmd_id, state, exc)
-            return
-        self.sent[state] += 1
 
 
 @dataclass
@@ -208,7 +60,7 @@ class OtaAgent:
         self,
         state_dir: Path,
         guard: CommandGuard,
-        acks: AckSender,
+        acks: CommandAcks,
         downloader: Downloader,
         installer: Installer | None,
     ) -> None:
@@ -250,7 +102,7 @@ class OtaAgent:
             await self.acks.send(command, "rejected", reason=str(exc))
             return
         if command.action == "model_update":
-            await asyncio.to_thread(_write_json_atomic, self._pending_path, json.loads(encode(command)))
+            await asyncio.to_thread(write_atomic, self._pending_path, encode(command), parents=True)
         await self.guard.accept(command)
         self.stats.accepted += 1
         log.info("command accepted cmd_id=%s action=%s", command.cmd_id, command.action)
@@ -377,7 +229,7 @@ def build_agent(
     state_dir = config.ota_state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     topics = config.topics
-    acks = AckSender(topics, dev.fleet_id, dev.device_id, outbox)
+    acks = CommandAcks(outbox, topics, dev.fleet_id, dev.device_id)
     guard = CommandGuard(
         state_dir,
         trusted_keys(ota.trusted_keys),

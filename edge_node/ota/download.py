@@ -2,7 +2,7 @@
 
     state_dir/models/{sha256}.onnx        the content store: only whole, verified files ever land here
     state_dir/staging/{sha256}.part       chunks written at their offsets as they arrive
-    state_dir/staging/{sha256}.bitmap     which chunks of .part are durably written (JSON, atomic)
+    state_dir/staging/{sha256}.bitmap     which chunks of .part are durably written (edge_node/ota/staging.py)
 
 A download subscribes to the model's chunk topic, asks (through the outbox, so the request survives
 a cut) for every chunk its bitmap lacks, writes each chunk whose sha256 matches, and records it in the
@@ -23,12 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
-import json
 import logging
-import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,8 +33,10 @@ from typing import Protocol
 
 import bsdiff4
 
-from common.files import file_sha256, fsync_dir, write_atomic
+from common.files import file_sha256, write_atomic
 from edge_node.errors import DownloadError
+from edge_node.ota.acks import Outbound
+from edge_node.ota.staging import Artifact, Staging
 from edge_node.uplink.outbox import OutMessage, Priority
 from schemas.codec import decode_for_topic, encode
 from schemas.errors import DecodeError
@@ -59,10 +57,6 @@ class ChunkSubscriptions(Protocol):
     def add_subscription(self, topic: str, qos: int = 1) -> None: ...
 
     def remove_subscription(self, topic: str) -> None: ...
-
-
-class Outbound(Protocol):
-    async def put(self, msg: OutMessage) -> None: ...
 
 
 # (command, progress 0..1) -> sends a "downloading" ack
@@ -87,109 +81,6 @@ class DownloadStats:
     patch_fallbacks: int = 0  # patches that failed: the whole model was fetched instead
     # The chunk indexes of every request sent (for operators' logs and tests).
     requested: list[list[int]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """What one download fetches: an update's model, or the patch it offers (ModelDelta)."""
-
-    sha256: str
-    size: int
-    chunk_size: int
-    chunks: int  # as announced (checked against size and chunk_size)
-    chunk_topic: str
-
-    @classmethod
-    def model(cls, update: ModelUpdate) -> Artifact:
-        return cls(update.model.sha256, update.size, update.chunk_size, update.chunks, update.chunk_topic)
-
-    @classmethod
-    def patch(cls, update: ModelUpdate) -> Artifact:
-        assert update.delta is not None
-        d = update.delta
-        return cls(d.sha256, d.size, update.chunk_size, d.chunks, d.chunk_topic)
-
-    @property
-    def expected_chunks(self) -> int:
-        return max(1, math.ceil(self.size / self.chunk_size))
-
-
-class Staging:
-    """The part file and its bitmap for one artifact. Blocking I/O: call from a worker thread."""
-
-    def __init__(self, directory: Path, artifact: Artifact) -> None:
-        sha = artifact.sha256
-        self.artifact = artifact
-        self.chunks = artifact.expected_chunks
-        self.part = directory / f"{sha}.part"
-        self.bitmap_path = directory / f"{sha}.bitmap"
-        self.have = bytearray((self.chunks + 7) // 8)
-        self._header = {"sha256": sha, "size": artifact.size, "chunk_size": artifact.chunk_size, "chunks": self.chunks}
-
-    def load(self) -> int:
-        """Resume from a bitmap that describes this same artifact; returns how many chunks it holds."""
-        self.part.parent.mkdir(parents=True, exist_ok=True)
-        resumed = False
-        try:
-            saved = json.loads(self.bitmap_path.read_text(encoding="utf-8"))
-            have = base64.b64decode(saved["have"])
-            same = {k: saved.get(k) for k in self._header} == self._header and len(have) == len(self.have)
-            if same and self.part.exists():
-                self.have[:] = have
-                resumed = True
-        except FileNotFoundError:
-            pass
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-            log.warning("unreadable download bitmap %s (%s): starting that model again", self.bitmap_path, exc)
-        if not resumed:
-            # Bytes without a bitmap vouching for them are not trusted: start from an empty file.
-            self.have[:] = bytes(len(self.have))
-            self.part.write_bytes(b"")
-            self.bitmap_path.unlink(missing_ok=True)
-        return self.count()
-
-    def holds(self, index: int) -> bool:
-        return bool(self.have[index >> 3] & (1 << (index & 7)))
-
-    def count(self) -> int:
-        return sum(bin(b).count("1") for b in self.have)
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.chunks) if not self.holds(i)]
-
-    def write(self, chunks: list[tuple[int, bytes]]) -> None:
-        """Write chunks at their offsets, fsync, then record them (a bit never covers unsynced data)."""
-        fd = os.open(self.part, os.O_WRONLY)
-        try:
-            for index, data in chunks:
-                os.pwrite(fd, data, index * self.artifact.chunk_size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        for index, _ in chunks:
-            self.have[index >> 3] |= 1 << (index & 7)
-        body = {**self._header, "have": base64.b64encode(bytes(self.have)).decode()}
-        write_atomic(self.bitmap_path, json.dumps(body).encode())
-
-    def finish(self, dest: Path) -> str | None:
-        """Verify size and sha256, then move into the content store; else discard and say why."""
-        size = self.part.stat().st_size
-        if size != self.artifact.size:
-            self.discard()
-            return f"assembled {size} bytes, the command announced {self.artifact.size}"
-        digest = file_sha256(self.part)
-        if digest != self.artifact.sha256:
-            self.discard()
-            return f"assembled file has sha256 {digest}, the command announced {self.artifact.sha256}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.part, dest)
-        fsync_dir(dest.parent)
-        self.bitmap_path.unlink(missing_ok=True)
-        return None
-
-    def discard(self) -> None:
-        self.part.unlink(missing_ok=True)
-        self.bitmap_path.unlink(missing_ok=True)
 
 
 def _check_artifact(topics: Topics, fleet_id: str, artifact: Artifact) -> None:
@@ -435,12 +326,6 @@ class Downloader:
             self.stats.requests += 1
             self.stats.requested.append(indexes)
 
-    def discard_staging(self, sha256: str) -> None:
-        """Forget a partial download (e.g. superseded by a newer model)."""
-        for suffix in (".part", ".bitmap"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.staging_dir / f"{sha256}{suffix}").unlink()
-
 
 def _chunk_problem(chunk: ModelChunk, chunks: int) -> str | None:
     if chunk.chunks != chunks:
@@ -466,5 +351,4 @@ def _apply_patch(base: Path, patch: Path, dest: Path, update: ModelUpdate) -> No
             "patch_failed",
             f"the patched model is not {update.model.sha256[:12]} ({len(data)} bytes, {update.size} announced)",
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(dest, data)
+    write_atomic(dest, data, parents=True)

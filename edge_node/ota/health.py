@@ -20,7 +20,6 @@ or a lower mean confidence than allowed means it goes back.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,8 @@ import numpy.typing as npt
 
 from edge_node.errors import InputRejected, Unhealthy
 from edge_node.inference.model import Classifier, ModelInfo
-from edge_node.inference.pipeline import ModelStats
+from edge_node.inference.stats import ModelStats
+from schemas.modelcard import HealthReference
 
 REFERENCE_KEY = "health_reference"
 # Probability rows must sum to 1 within this (float32 softmax rounding, quantized models).
@@ -99,23 +99,21 @@ def check_compatible(candidate: ModelInfo, current: ModelInfo) -> None:
 
 def reference_inputs(info: ModelInfo, recent: npt.NDArray[Any] | None) -> _Reference:
     """The shipped reference (inputs + expected probabilities), else recent inputs, else one zero input."""
-    raw = info.metadata.get(REFERENCE_KEY)
-    if raw is not None:
-        return _parse_reference(raw, info)
+    shipped = info.card.health_reference
+    if shipped is not None:
+        return _shaped_reference(shipped, info)
     if recent is not None and len(recent):
         return _Reference(np.asarray(recent, dtype=info.input_dtype), None, "recent inputs")
     return _Reference(np.zeros((1, *info.feature_shape), dtype=info.input_dtype), None, "none")
 
 
-def _parse_reference(raw: str, info: ModelInfo) -> _Reference:
+def _shaped_reference(shipped: HealthReference, info: ModelInfo) -> _Reference:
+    """The shipped reference as arrays the model takes (its JSON was decoded when the model loaded)."""
     try:
-        data = json.loads(raw)
-        inputs = np.asarray(data["inputs"], dtype=np.float64)
-        expected = np.asarray(data["probabilities"], dtype=np.float64)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise Unhealthy(
-            f"metadata {REFERENCE_KEY!r} is not a JSON object with 'inputs' and 'probabilities' lists: {exc}"
-        ) from None
+        inputs = np.asarray(shipped.inputs, dtype=np.float64)
+        expected = np.asarray(shipped.probabilities, dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # ragged lists, or values that are not numbers
+        raise Unhealthy(f"metadata {REFERENCE_KEY!r} does not hold arrays of numbers: {exc}") from None
     n = len(inputs)
     width = int(np.prod(info.feature_shape))
     if n == 0 or inputs.size != n * width or expected.shape != (n, len(info.labels)):

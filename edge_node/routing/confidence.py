@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from common.numeric import softmax
 from schemas import TopK
 
 
@@ -85,7 +86,7 @@ def decide_logits(logits: npt.NDArray[np.float32], confidence_threshold: float) 
     needs the clamps `decide` applies to a model's own "probabilities"."""
     c = logits.shape[1]
     if c < 2:
-        return decide(softmax_rows(logits), confidence_threshold)
+        return decide(softmax(logits), confidence_threshold)
     top2 = np.partition(logits, c - 2, axis=1)[:, c - 2 :]
     z = logits - top2[:, 1:]
     e = np.exp(z)
@@ -100,14 +101,6 @@ def decide_logits(logits: npt.NDArray[np.float32], confidence_threshold: float) 
         entropy=np.maximum(np.log(s) - np.einsum("ij,ij->i", probs, z), _ZERO),
         confident=confidence >= np.float32(confidence_threshold),
     )
-
-
-def softmax_rows(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
-    """Row-wise softmax of [N, C] logits, in float32."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted, dtype=np.float32)
-    out: npt.NDArray[np.float32] = exp / exp.sum(axis=1, keepdims=True)
-    return out
 
 
 def top_k(row: npt.NDArray[Any], labels: tuple[str, ...], k: int) -> list[TopK]:
