@@ -1,5 +1,5 @@
-"""The outbound message model the rest of the edge builds: its priority class, the message itself,
-and the stored row the outbox hands to the link.
+"""The message model the rest of the edge builds: an outbound message, its priority class and the
+stored row the outbox hands to the link; and the message the link hands in from the broker.
 
 Priorities order the replay (CONTROL first) and decide who may be evicted for whom (see
 `edge_node/uplink/outbox/index.py`); `message_size` is what the outbox's `max_bytes` bounds.
@@ -49,6 +49,20 @@ class Stored:
 
     row_id: int
     msg: OutMessage
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A message received from the broker (commands, escalation replies, inputs)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    message_expiry: int | None = None
 
 
 def message_size(msg: OutMessage) -> int:
