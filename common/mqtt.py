@@ -45,6 +45,9 @@ class Failure(NamedTuple):
     kind: str
     detail: str
 
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
 
 def classify_error(err: BaseException) -> Failure:
     """Classify what paho's `connect()` raised (DNS, TCP connect, TLS handshake)."""
