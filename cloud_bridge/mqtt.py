@@ -113,26 +113,31 @@ class MqttConnection:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Connect, subscribe, and keep reconnecting until `close()`; sets `ready` once subscribed."""
-        while not self._closing:
-            try:
-                await self._connect_once()
-            except MqttError as exc:
-                delay = self._backoff.next_delay()
-                log.warning(
-                    "mqtt connect failed host=%s port=%d error=%s retry_s=%.1f",
-                    self._config.host,
-                    self._config.port,
-                    exc,
-                    delay,
-                )
-                await self._sleep_unless_closing(delay)
-                continue
-            self._backoff.reset()
-            if ready is not None:
-                ready.set()
-            await self._disconnected.wait()
-            if not self._closing:
-                await self._sleep_unless_closing(self._backoff.next_delay())
+        try:
+            while not self._closing:
+                try:
+                    await self._connect_once()
+                except MqttError as exc:
+                    delay = self._backoff.next_delay()
+                    log.warning(
+                        "mqtt connect failed host=%s port=%d error=%s retry_s=%.1f",
+                        self._config.host,
+                        self._config.port,
+                        exc,
+                        delay,
+                    )
+                    await self._sleep_unless_closing(delay)
+                    continue
+                self._backoff.reset()
+                if ready is not None:
+                    ready.set()
+                await self._disconnected.wait()
+                if not self._closing:
+                    await self._sleep_unless_closing(self._backoff.next_delay())
+        finally:
+            if not self._connected.is_set():
+                # Stopped while connecting (or cancelled): no DISCONNECT to send, drop the socket.
+                self._driver.abort()
 
     async def _sleep_unless_closing(self, delay: float) -> None:
         # Waiting on the disconnected event doubles as a close() wake-up.

@@ -169,6 +169,9 @@ class LoopDriver:
         `clean_start` and `properties` are for MQTT 5 only. Raises what paho raises (OSError, its ssl
         subclasses; `classify_error` says which kind); the CONNACK arrives later, in `on_connect`.
         """
+        if self._sock is not None:
+            # A socket paho has not closed yet (e.g. no CONNACK came): paho closes it in connect().
+            self._detach(self._sock)
         self._unhook()  # nothing may call into the loop from the worker thread
         kwargs: dict[str, Any] = {}
         if clean_start is not None:
