@@ -3,32 +3,33 @@
 Why paho directly and not aiomqtt: the bridge must acknowledge a QoS 1 message only after it is
 durably handled (registry commit), which needs paho's `manual_ack=True` + `client.ack(mid, qos)`;
 aiomqtt 2.5.1 (the installed version) has no manual-ack option and acknowledges on receipt. Driving
-paho from the loop (add_reader/add_writer calling loop_read/loop_write, a timer calling loop_misc)
-also avoids aiomqtt's per-publish future and thread hops (docs/traps.md #3), and keeps every paho
-callback on the event-loop thread, so no locks are needed.
+paho from the loop (`common.mqtt.LoopDriver`: add_reader/add_writer calling loop_read/loop_write, a
+timer calling loop_misc) also avoids aiomqtt's per-publish future and thread hops (docs/traps.md #3),
+and keeps every paho callback on the event-loop thread, so no locks are needed. paho's blocking
+connect (DNS, TCP, TLS handshake) runs in a worker thread.
 
-The TCP connect itself (`client.connect`) is a blocking call on the loop; it happens only at start and
-on reconnect and is bounded by paho's connect timeout.
+Unlike the edge link, one paho client serves every connection of the process: after a reconnect
+paho re-sends the publishes a lost connection left unacknowledged (their `publish()` calls have
+failed with MqttError already). Reconnects wait a jittered exponential backoff (`common.backoff`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import select
-import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_bridge.config import MqttConfig
-from cloud_bridge.errors import MqttError
+from cloud_bridge.errors import ConfigError, MqttError
+from common.backoff import Backoff
+from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
+from common.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ class MqttConnection:
         self._on_message_cb = on_message
         self._loop = asyncio.get_running_loop()
         self._v5 = config.protocol == "mqtt5"
+        # Read once, here: a missing or malformed CA file is a ConfigError naming it.
+        self._tls = None if config.tls_ca is None else client_context(config.tls_ca, error=ConfigError)
         self._client = self._make_client()
+        self._driver = LoopDriver(self._client, misc_interval_s=_MISC_INTERVAL_S, reads_per_wakeup=_READS_PER_WAKEUP)
+        self._backoff = Backoff(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._subscribed = asyncio.Event()
@@ -73,39 +78,29 @@ class MqttConnection:
         self._pending_sub_mid: int | None = None
         self._window = asyncio.Semaphore(config.publish_window)
         self._connect_error: str | None = None
-        self._misc_task: asyncio.Task[None] | None = None
         self._session_ready = asyncio.Condition()
         self._ready_generation = 0
-        self._sock: socket.socket | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
         cfg = self._config
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-            clean_session=None if self._v5 else False,
-            manual_ack=True,
-        )
         # paho's own queues must never drop or block: the broker's Receive Maximum and our publish
         # window are the bounds.
-        client.max_inflight_messages_set(max(20, cfg.publish_window))
-        client.max_queued_messages_set(0)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls_ca is not None:
-            client.tls_set_context(ssl.create_default_context(cafile=cfg.tls_ca))
+        client = new_client(
+            client_id=cfg.client_id,
+            v5=self._v5,
+            persistent=True,
+            username=cfg.username,
+            password=cfg.password,
+            tls=self._tls,
+            max_inflight=max(20, cfg.publish_window),
+        )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
         return client
 
     @property
@@ -118,13 +113,12 @@ class MqttConnection:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Connect, subscribe, and keep reconnecting until `close()`; sets `ready` once subscribed."""
-        self._misc_task = asyncio.create_task(self._misc_loop())
-        delay = _RECONNECT_MIN_S
         try:
             while not self._closing:
                 try:
                     await self._connect_once()
-                except (OSError, MqttError) as exc:
+                except MqttError as exc:
+                    delay = self._backoff.next_delay()
                     log.warning(
                         "mqtt connect failed host=%s port=%d error=%s retry_s=%.1f",
                         self._config.host,
@@ -133,16 +127,17 @@ class MqttConnection:
                         delay,
                     )
                     await self._sleep_unless_closing(delay)
-                    delay = min(delay * 2, _RECONNECT_MAX_S)
                     continue
-                delay = _RECONNECT_MIN_S
+                self._backoff.reset()
                 if ready is not None:
                     ready.set()
                 await self._disconnected.wait()
                 if not self._closing:
-                    await self._sleep_unless_closing(delay)
+                    await self._sleep_unless_closing(self._backoff.next_delay())
         finally:
-            self._misc_task.cancel()
+            if not self._connected.is_set():
+                # Stopped while connecting (or cancelled): no DISCONNECT to send, drop the socket.
+                self._driver.abort()
 
     async def _sleep_unless_closing(self, delay: float) -> None:
         # Waiting on the disconnected event doubles as a close() wake-up.
@@ -162,12 +157,13 @@ class MqttConnection:
         self._connect_error = None
         props: Properties | None = None
         if self._v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = cfg.session_expiry_s
-            props.ReceiveMaximum = cfg.receive_maximum
-            self._client.connect(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
-        else:
-            self._client.connect(cfg.host, cfg.port, cfg.keepalive)
+            props = connect_properties(session_expiry_s=cfg.session_expiry_s, receive_maximum=cfg.receive_maximum)
+        try:
+            await self._driver.connect(
+                cfg.host, cfg.port, cfg.keepalive, clean_start=False if self._v5 else None, properties=props
+            )
+        except OSError as err:
+            raise MqttError(str(classify_error(err))) from err
         await self._wait_either(self._connected, cfg.keepalive)
         if self._connect_error is not None:
             raise MqttError(self._connect_error)
@@ -206,12 +202,6 @@ class MqttConnection:
         async with self._session_ready:
             await self._session_ready.wait_for(lambda: self._ready_generation >= generation)
 
-    async def _misc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(_MISC_INTERVAL_S)
-            if self._sock is not None:
-                self._client.loop_misc()
-
     async def close(self) -> None:
         """Disconnect cleanly (pending acks are lost: the broker redelivers them to the next session)."""
         self._closing = True
@@ -237,7 +227,7 @@ class MqttConnection:
                 raise MqttError(f"not connected: cannot publish to {topic}")
             props: Properties | None = None
             if self._v5 and (correlation_data is not None or message_expiry_s is not None):
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props = new_properties(PacketTypes.PUBLISH)
                 if correlation_data is not None:
                     props.CorrelationData = correlation_data
                 if message_expiry_s is not None:
@@ -264,7 +254,7 @@ class MqttConnection:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            self._connect_error = f"broker refused the connection: {reason}"
+            self._connect_error = str(classify_connack(reason))
             self._disconnected.set()
             return
         self._generation += 1
@@ -310,37 +300,3 @@ class MqttConnection:
             log.error("mqtt subscription refused reasons=%s", failed)
             return
         self._subscribed.set()
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._sock = sock
-        self._loop.add_reader(sock, self._read_ready)
-
-    def _read_ready(self) -> None:
-        """Read every packet already available, not one per event-loop turn (paho reads one per call).
-
-        TLS matters here too: bytes decrypted into the SSL object's buffer do not make the socket
-        readable again, so without draining `pending()` they would wait for the next TCP segment.
-        """
-        for _ in range(_READS_PER_WAKEUP):
-            if self._client.loop_read() != paho.MQTT_ERR_SUCCESS:
-                return
-            sock = self._sock
-            if sock is None:
-                return
-            pending = getattr(sock, "pending", None)
-            if pending is not None and pending() > 0:
-                continue
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._loop.remove_reader(sock)
-        self._loop.remove_writer(sock)
-        self._sock = None
-
-    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._loop.add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._loop.remove_writer(sock)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, MqttConfig
+from cloud_bridge.errors import ConfigError
 from cloud_bridge.registry.registry import ResultRow
 from devservers.ports import free_port
 from schemas import Results, encode, new_msg_id
@@ -94,3 +96,17 @@ async def test_ingest_over_tls(tmp_path: Path, mosquitto_factory: MosquittoFacto
             await bridge.ingestor.wait_for(lambda s: s.stored >= len(results))
         # One row per answer (result/2 carries several per message).
         assert await bridge.registry.count(ResultRow) == len(results) * len(template.answers)
+
+
+async def test_a_garbage_ca_file_stops_the_bridge_with_a_config_error(tmp_path: Path) -> None:
+    """At start, naming the setting and the file: not an ssl traceback at every reconnect."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN NOTHING-----\n")
+    config = BridgeConfig(
+        state_dir=str(tmp_path / "state"),
+        mqtt=MqttConfig(host="127.0.0.1", port=free_port(), client_id="bridge-bad-ca", tls_ca=str(ca)),
+    )
+    expected = rf"\[mqtt\] tls_ca {re.escape(str(ca))} holds no PEM CA certificate .*; fix: "
+    with pytest.raises(ConfigError, match=expected):
+        async with running_bridge(config):
+            pass

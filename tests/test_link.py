@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import shutil
 import subprocess
 import threading
@@ -20,6 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devservers import Mosquitto, TcpProxy
+from edge_node.errors import ConfigError
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
@@ -497,6 +499,26 @@ async def test_tls_connects_with_the_right_ca_and_reports_tls_errors(
         await eventually(lambda: rig.link.stats.connect_failures >= 1, what="a TLS failure")
         assert (rig.link.stats.last_error or "").startswith("tls:")
         assert not rig.link.is_connected
+
+
+@pytest.mark.parametrize("setting", ["tls_ca", "tls_cert"])
+async def test_a_bad_tls_file_is_a_config_error_when_the_link_is_made(tmp_path: Path, setting: str) -> None:
+    """Read once, up front: a clear error naming the file, not a traceback at every reconnect."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not PEM\n")
+    outbox = await Outbox.open(tmp_path / "outbox.db", 1_000_000)
+    try:
+        with pytest.raises(ConfigError, match=rf"\[mqtt\] {setting} {re.escape(str(bad))}.*; fix: "):
+            Link(
+                LinkConfig(host="127.0.0.1", client_id="d1", **{setting: bad}),
+                outbox,
+                will=lambda n: status("offline"),
+                birth=lambda n: status("online"),
+                subscriptions=[],
+                on_message=lambda m: None,
+            )
+    finally:
+        await outbox.close()
 
 
 async def test_close_while_the_broker_is_down_returns_promptly(tmp_path: Path, mosquitto: Mosquitto) -> None:
