@@ -28,7 +28,7 @@ from cloud_bridge.ota.commands import CommandSender
 from cloud_bridge.ota.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
 from cloud_bridge.ota.deltas import DeltaStore
 from cloud_bridge.ota.keys import load_signer
-from cloud_bridge.registry.registry import Registry
+from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.driver import RolloutDriver
 from cloud_bridge.samples.cli import prune_samples
 from cloud_bridge.tsdb.lines import TsdbSettings, TsdbWriter, agreement_line

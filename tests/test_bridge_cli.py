@@ -16,7 +16,7 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import load_config
-from cloud_bridge.registry.registry import SeenMessage
+from cloud_bridge.registry import SeenMessage
 from demokit.models import DemoModel
 from devservers import Mosquitto
 from schemas import Telemetry, encode, new_msg_id

@@ -36,7 +36,7 @@ from cloud_bridge.drift.scoring import (
 from cloud_bridge.drift.store import DriftStore, alert_id
 from cloud_bridge.errors import ConfigError
 from cloud_bridge.models.store import ModelStore
-from cloud_bridge.registry.registry import (
+from cloud_bridge.registry import (
     AlertRow,
     Batch,
     DriftEpisodeRow,

@@ -29,7 +29,7 @@ from cloud_bridge.config import BridgeConfig, InfluxConfig, MqttConfig, OtaConfi
 from cloud_bridge.errors import ConfigError
 from cloud_bridge.models.store import ModelRecord, ModelStore
 from cloud_bridge.ota.keys import GeneratedKey, generate
-from cloud_bridge.registry.registry import Registry
+from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.driver import (
     FleetDevice,
     NewRollout,

@@ -64,7 +64,7 @@ from cloud_bridge.drift.scoring import (
     window_to_json,
 )
 from cloud_bridge.errors import ReferenceModelError
-from cloud_bridge.registry.registry import (
+from cloud_bridge.registry import (
     AlertRow,
     Batch,
     DriftEpisodeRow,

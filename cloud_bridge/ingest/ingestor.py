@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cloud_bridge.config import IngestConfig
 from cloud_bridge.drift.store import DriftRun, DriftStore, PendingAlert
 from cloud_bridge.mqtt import Incoming
-from cloud_bridge.registry.registry import (
+from cloud_bridge.registry import (
     AlertRow,
     Batch,
     CommandAckRow,

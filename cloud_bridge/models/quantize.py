@@ -419,7 +419,7 @@ async def _register(args: argparse.Namespace, result: QuantizeResult) -> int:
     from cloud_bridge.config import load_config
     from cloud_bridge.errors import ConfigError, ModelStoreError
     from cloud_bridge.models.store import ModelStore
-    from cloud_bridge.registry.registry import Registry
+    from cloud_bridge.registry import Registry
 
     try:
         config = load_config(args.config)

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cloud_bridge.config import load_config
 from cloud_bridge.errors import ModelStoreError
-from cloud_bridge.registry.registry import ModelRow, Registry
+from cloud_bridge.registry import ModelRow, Registry
 from schemas.messages import ModelRef
 
 log = logging.getLogger(__name__)

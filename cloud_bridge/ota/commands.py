@@ -31,7 +31,7 @@ from cloud_bridge.errors import ModelStoreError
 from cloud_bridge.models.store import ModelRecord, ModelStore
 from cloud_bridge.ota.deltas import DeltaArtifact, DeltaStore, delta_for_device
 from cloud_bridge.ota.keys import load_signer
-from cloud_bridge.registry.registry import CommandAckRow, CommandRow, Registry
+from cloud_bridge.registry import CommandAckRow, CommandRow, Registry
 from schemas.codec import decode, encode
 from schemas.errors import DecodeError
 from schemas.messages import Command, CommandAck, ModelDelta, ModelUpdate

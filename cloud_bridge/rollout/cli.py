@@ -20,7 +20,7 @@ from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import ModelStoreError, RolloutError
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.ota.commands import command_states
-from cloud_bridge.registry.registry import Registry
+from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.driver import NewRollout, RolloutStore, parse_stages
 from cloud_bridge.rollout.policy import THRESHOLD_NAMES, parse_thresholds
 

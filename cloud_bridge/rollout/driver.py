@@ -49,7 +49,7 @@ from cloud_bridge.config import RolloutConfig
 from cloud_bridge.errors import MqttError, RolloutError
 from cloud_bridge.models.store import ModelRecord
 from cloud_bridge.ota.commands import command_states
-from cloud_bridge.registry.registry import Device, Registry, RolloutDeviceRow, RolloutRow, TelemetryRow
+from cloud_bridge.registry import Device, Registry, RolloutDeviceRow, RolloutRow, TelemetryRow
 from cloud_bridge.rollout.policy import (
     INSTALL_FAILED,
     INSTALL_OK,

@@ -23,7 +23,7 @@ from sqlalchemy import and_, delete, func, or_, select
 
 from cloud_bridge.config import BridgeConfig, SamplesConfig, load_config
 from cloud_bridge.errors import ConfigError, ExportError
-from cloud_bridge.registry.registry import Registry, SampleRow
+from cloud_bridge.registry import Registry, SampleRow
 from cloud_bridge.samples.export import (
     ExportFilter,
     ExportOptions,

@@ -33,7 +33,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, Select, String, cast, func, select, tuple_
 
 from cloud_bridge.errors import ExportError
-from cloud_bridge.registry.registry import Registry, SampleRow
+from cloud_bridge.registry import Registry, SampleRow
 from cloud_bridge.samples.images import encode_png, image_of, zoom
 from schemas.messages import Tensor
 from schemas.tensor import decode_tensor
