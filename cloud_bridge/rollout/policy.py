@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cloud_bridge.drift.scoring import own_latency
+from cloud_bridge.drift.windows import own_latency
 
 Verdict = Literal["wait", "hold", "promote", "rollback"]
 
