@@ -21,7 +21,8 @@ from cloud_bridge.config import BridgeConfig
 from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
-from cloud_bridge.ingest.ingestor import Ingestor, ingest_filters
+from cloud_bridge.ingest.admission import ingest_filters
+from cloud_bridge.ingest.ingestor import Ingestor
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.mqtt import Incoming, MqttConnection
 from cloud_bridge.ota.commands import CommandSender
