@@ -21,8 +21,9 @@ from cloud_bridge.errors import ModelStoreError, RolloutError
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.ota.commands import command_states
 from cloud_bridge.registry import Registry
-from cloud_bridge.rollout.driver import NewRollout, RolloutStore, parse_stages
 from cloud_bridge.rollout.policy import THRESHOLD_NAMES, parse_thresholds
+from cloud_bridge.rollout.stages import parse_stages
+from cloud_bridge.rollout.store import NewRollout, RolloutStore
 
 EXIT_USAGE = 2
 
