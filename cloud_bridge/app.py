@@ -31,7 +31,7 @@ from cloud_bridge.ota.deltas import DeltaStore
 from cloud_bridge.ota.keys import load_signer
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.driver import RolloutDriver
-from cloud_bridge.samples.cli import prune_samples
+from cloud_bridge.samples.archive import prune_samples
 from cloud_bridge.tsdb.lines import TsdbSettings, TsdbWriter, agreement_line
 from schemas.topics import Channel
 

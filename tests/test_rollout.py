@@ -625,15 +625,15 @@ async def test_cli_start_status_abort(
     # No device has reported yet: the fleet must be named.
     code, _, err = await asyncio.to_thread(cli, "start", "--model", "digits-edge", "--version", "2.0.0")
     assert code == 2 and "pass --fleet" in err
-    for bad, message in (
-        (["--stages", "50,25"], "increasing percentages"),
-        (["--thresholds", "max_agreement=1"], "unknown threshold"),
-        (["--thresholds", "30:max_agreement_drop=0.1"], "not in --stages"),
-        (["--version", "9.9.9"], "not registered"),
+    for bad, message, expected in (
+        (["--stages", "50,25"], "increasing percentages", 2),  # usage errors exit 2
+        (["--thresholds", "max_agreement=1"], "unknown threshold", 2),
+        (["--thresholds", "30:max_agreement_drop=0.1"], "not in --stages", 2),
+        (["--version", "9.9.9"], "not registered", 1),  # a lookup that failed exits 1
     ):
         args = ["start", "--model", "digits-edge", "--version", "2.0.0", "--fleet", FLEET, *bad]
         code, _, err = await asyncio.to_thread(cli, *args)
-        assert code == 2 and message in err, (bad, err)
+        assert code == expected and err.startswith("cloud-bridge rollout start: ") and message in err, (bad, err)
     code, out, _ = await asyncio.to_thread(
         cli, "start", "--model", "digits-edge", "--version", "2.0.0", "--fleet", FLEET, "--stages", "10,100",
         "--thresholds", "100:max_agreement_drop=0.02", "--window-s", "60",
@@ -648,7 +648,7 @@ async def test_cli_start_status_abort(
     code, out, _ = await asyncio.to_thread(cli, "abort", rid, "--rollback")
     assert code == 0 and "aborted" in out
     code, _, err = await asyncio.to_thread(cli, "abort", rid)
-    assert code == 2 and "not running" in err
+    assert code == 1 and err == f"cloud-bridge rollout abort: rollout {rid} is aborted, not running: nothing to abort\n"
     async with Db(config) as db:
         row = await db.store.get(rid)
     assert row is not None and (row["state"], row["rollback_pending"], row["reason"]) == (

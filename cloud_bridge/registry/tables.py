@@ -69,7 +69,7 @@ class SampleRow(Base):
     predicted: Mapped[str] = mapped_column(String(64))
     truth: Mapped[str | None] = mapped_column(String(64), nullable=True)
     ts: Mapped[float] = mapped_column(Float)
-    # For labelers' exports (cloud_bridge/samples/cli.py): which exact model answered, where the input
+    # For labelers' exports (cloud_bridge/samples/export.py): which exact model answered, where the input
     # came from, and when the bridge archived it (the export cursor and the archive's age bound use
     # arrival time, so a device that was offline for hours is not skipped).
     model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
