@@ -37,10 +37,11 @@ import numpy.typing as npt
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_bridge.drift.scoring import Detector, DriftSettings, Transition, WindowStats
+from cloud_bridge.drift.scoring import Detector, DriftSettings, Transition
 from cloud_bridge.drift.store import DriftStore
-from cloud_bridge.ingest.ingestor import telemetry_row
-from cloud_bridge.registry.registry import Batch, Registry, TelemetryRow
+from cloud_bridge.drift.windows import WindowStats
+from cloud_bridge.ingest.rows import telemetry_row
+from cloud_bridge.registry import Batch, Registry, TelemetryRow
 from demokit.drift import DriftSpec
 from demokit.models import build_demo_models, load_split, read_model_card
 from edge_node.inference.model import Classifier

@@ -61,7 +61,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import load_config
-from cloud_bridge.ingest.ingestor import IngestStats, ingest_filters
+from cloud_bridge.ingest.admission import ingest_filters
+from cloud_bridge.ingest.ingestor import IngestStats
 from devservers import Mosquitto, VictoriaMetrics
 from schemas import (
     Answer,

@@ -21,16 +21,17 @@ from cloud_bridge.config import BridgeConfig
 from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
-from cloud_bridge.ingest.ingestor import Ingestor, ingest_filters
+from cloud_bridge.ingest.admission import ingest_filters
+from cloud_bridge.ingest.ingestor import Ingestor
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.mqtt import Incoming, MqttConnection
 from cloud_bridge.ota.commands import CommandSender
 from cloud_bridge.ota.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
 from cloud_bridge.ota.deltas import DeltaStore
 from cloud_bridge.ota.keys import load_signer
-from cloud_bridge.registry.registry import Registry
+from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.driver import RolloutDriver
-from cloud_bridge.samples.cli import prune_samples
+from cloud_bridge.samples.archive import prune_samples
 from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, agreement_line
 from schemas.topics import Channel
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.models.store import ModelStore
-from cloud_bridge.registry.registry import Registry
-from cloud_bridge.rollout.driver import RolloutStore
+from cloud_bridge.registry import Registry
+from cloud_bridge.rollout.store import RolloutStore
 
 FLEET = "f1"
 

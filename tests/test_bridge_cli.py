@@ -1,22 +1,30 @@
-"""`cloud-bridge run --config FILE` as a real subprocess: SIGTERM drains and exits 0, nothing is lost."""
+"""The `cloud-bridge` command: `run --config FILE` as a real subprocess (SIGTERM drains and exits 0,
+nothing is lost), help texts, and how every command reports errors and a reader that went away."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import aiomqtt
 import msgspec
 import pytest
 
+import cloud_bridge.cli.keys
 from cloud_bridge.app import running_bridge
+from cloud_bridge.cli import build_parser, main
 from cloud_bridge.config import load_config
-from cloud_bridge.registry.registry import SeenMessage
+from cloud_bridge.errors import RegistryError
+from cloud_bridge.registry import SeenMessage
 from demokit.models import DemoModel
 from devservers import Mosquitto
 from schemas import Telemetry, encode, new_msg_id
@@ -73,6 +81,86 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     out = subprocess.run([*BRIDGE, "run", "--config", str(path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "[mqtt] port" in out.stderr
+
+
+def parsers(
+    parser: argparse.ArgumentParser, name: str = "cloud-bridge"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the command tree, with its command line."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_help_text_reads_clean() -> None:
+    module_docs = {m.__doc__.strip() for n, m in sys.modules.items() if n.startswith("cloud_bridge") and m.__doc__}
+    helps = {}
+    for name, parser in parsers(build_parser()):
+        text = helps[name] = parser.format_help()
+        # argparse %-formats help strings but prints descriptions as written: `%%` shows up verbatim.
+        assert "%%" not in text, name
+        assert not re.search(r"[\w/]+\.py\b", text), f"{name} --help points at a source file:\n{text}"
+        assert (parser.description or "").strip() not in module_docs, f"{name} shows a module docstring"
+    assert len(helps) == 19 and "cloud-bridge samples tail" in helps
+    assert "5%, 25%, 100%" in " ".join(helps["cloud-bridge rollout"].split())
+    top = subprocess.run([*BRIDGE, "--help"], capture_output=True, text=True, timeout=30, check=True)
+    assert top.stdout == helps["cloud-bridge"]
+    # The installed `cloud-bridge` script runs the same main.
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "cloud-bridge"]
+    assert script.load() is main
+
+
+def test_a_bridge_error_is_one_line_on_stderr_with_its_exit_code(tmp_path: Path) -> None:
+    generate = [*BRIDGE, "keys", "generate", "--out", str(tmp_path / "keys")]
+    subprocess.run(generate, capture_output=True, timeout=30, check=True)
+    again = subprocess.run(generate, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and again.stdout == ""
+    assert re.fullmatch(r"cloud-bridge keys generate: \S+command-signing\.pem already exists: [^\n]+\n", again.stderr)
+    config = tmp_path / "cloud.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    usage = subprocess.run(
+        [*BRIDGE, "cmd", "ping", "--device", "pi-1", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (usage.returncode, usage.stderr) == (2, "cloud-bridge cmd ping: --device 'pi-1' must be FLEET/DEVICE\n")
+
+
+def test_main_reports_every_bridge_error_and_hides_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(out: Path) -> None:
+        raise RegistryError("the registry is in a state only an operator can sort out")
+
+    monkeypatch.setattr(cloud_bridge.cli.keys, "generate", fail)
+    assert main(["keys", "generate", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        "cloud-bridge keys generate: the registry is in a state only an operator can sort out\n"
+    )
+
+    def broken_pipe(out: Path) -> None:
+        raise BrokenPipeError(32, "Broken pipe")  # not from stdout, which is still there
+
+    monkeypatch.setattr(cloud_bridge.cli.keys, "generate", broken_pipe)
+    with pytest.raises(BrokenPipeError):
+        main(["keys", "generate", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("command", [["models", "list"], ["rollout", "status"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, command: list[str]) -> None:
+    config = tmp_path / "cloud.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    proc = subprocess.Popen(
+        [*BRIDGE, *command, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    # Like `cloud-bridge models list | head -0`: the reader is gone before the first line is written.
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=30), err.decode()) == (0, "")
 
 
 async def test_sigterm_drains_and_exits_0_without_losing_messages(

@@ -21,7 +21,7 @@ import pytest
 from cloud_bridge.config import IngestConfig
 from cloud_bridge.ingest.ingestor import Ingestor, IngestStats
 from cloud_bridge.mqtt import Incoming
-from cloud_bridge.registry.registry import Device, Registry, SeenMessage, TelemetryRow
+from cloud_bridge.registry import Device, Registry, SeenMessage, TelemetryRow
 from schemas import Envelope, Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples

@@ -20,23 +20,12 @@ from bench.drift import DigitsStream, StreamSpec
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, InfluxConfig, MqttConfig, RegistryConfig, load_config
 from cloud_bridge.drift.alerts import AlertStats
-from cloud_bridge.drift.scoring import (
-    Detector,
-    DriftSettings,
-    KindState,
-    Pool,
-    Score,
-    Transition,
-    WindowStats,
-    pool,
-    psi,
-    score_all,
-    step,
-)
+from cloud_bridge.drift.scoring import Detector, DriftSettings, KindState, Score, Transition, psi, score_all, step
 from cloud_bridge.drift.store import DriftStore, alert_id
+from cloud_bridge.drift.windows import Pool, WindowStats, pool
 from cloud_bridge.errors import ConfigError
 from cloud_bridge.models.store import ModelStore
-from cloud_bridge.registry.registry import (
+from cloud_bridge.registry import (
     AlertRow,
     Batch,
     DriftEpisodeRow,

@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
 from cloud_bridge.escalation.escalator import CloudModel
-from cloud_bridge.registry.registry import Agreement, Registry
+from cloud_bridge.registry import Agreement, Registry
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel
 from devservers import Mosquitto

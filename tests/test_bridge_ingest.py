@@ -14,7 +14,7 @@ import pytest
 
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, IngestConfig, MqttConfig
-from cloud_bridge.registry.registry import (
+from cloud_bridge.registry import (
     AlertRow,
     CommandAckRow,
     DeadLetter,

@@ -15,7 +15,7 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, RegistryConfig
-from cloud_bridge.registry.registry import Agreement, Device, Registry, ResultRow, SampleRow, SeenMessage, TelemetryRow
+from cloud_bridge.registry import Agreement, Device, Registry, ResultRow, SampleRow, SeenMessage, TelemetryRow
 from devservers import Mosquitto
 from devservers.ports import free_port, wait_for_port
 from schemas import Alert, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry, encode

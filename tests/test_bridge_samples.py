@@ -23,9 +23,10 @@ from sklearn.datasets import load_digits
 
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.cli import main as cli_main
+from cloud_bridge.cli.samples import parse_when
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, RegistryConfig, SamplesConfig
-from cloud_bridge.registry.registry import SampleRow
-from cloud_bridge.samples.cli import parse_when, prune_samples
+from cloud_bridge.registry import SampleRow
+from cloud_bridge.samples.archive import prune_samples
 from cloud_bridge.samples.images import encode_png, image_of, zoom
 from cloud_bridge.samples.tail import TailOptions, tail_samples
 from devservers import Mosquitto

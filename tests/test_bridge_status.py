@@ -22,8 +22,8 @@ import pytest
 
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig
-from cloud_bridge.ingest.ingestor import ingest_filters
-from cloud_bridge.registry.registry import Device, TelemetryRow
+from cloud_bridge.ingest.admission import ingest_filters
+from cloud_bridge.registry import Device, TelemetryRow
 from devservers import Mosquitto
 from schemas import Telemetry, encode
 from schemas.topics import Channel, Topics

@@ -15,7 +15,7 @@ import pytest
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, MqttConfig
 from cloud_bridge.errors import ConfigError
-from cloud_bridge.registry.registry import ResultRow
+from cloud_bridge.registry import ResultRow
 from devservers.ports import free_port
 from schemas import Results, encode, new_msg_id
 from schemas.topics import Channel, Topics

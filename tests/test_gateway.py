@@ -22,7 +22,7 @@ import pytest
 
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
-from cloud_bridge.registry.registry import ResultRow, TelemetryRow
+from cloud_bridge.registry import ResultRow, TelemetryRow
 from demokit.models import DemoModel, build_model, load_split
 from demokit.models import edge_config as edge_train_config
 from devservers import Mosquitto, TcpProxy

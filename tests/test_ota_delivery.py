@@ -33,7 +33,7 @@ from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, OtaConfig
 from cloud_bridge.errors import ModelStoreError
 from cloud_bridge.models.store import ModelRecord, ModelStore
 from cloud_bridge.ota.commands import CommandSender, command_states
-from cloud_bridge.registry.registry import Registry
+from cloud_bridge.registry import Registry
 from demokit.models import DemoModel
 from devservers import Mosquitto
 from edge_node.app import EdgeNode

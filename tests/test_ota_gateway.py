@@ -39,7 +39,7 @@ import pytest
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, MqttConfig, OtaConfig
 from cloud_bridge.ota.commands import CommandSender, CommandState, command_states
-from cloud_bridge.registry.registry import ResultRow
+from cloud_bridge.registry import ResultRow
 from demokit.models import DemoModel, build_edge_model
 from devservers import Mosquitto, TcpProxy
 from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Results, Topics, decode, decode_for_topic

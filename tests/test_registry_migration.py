@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from cloud_bridge.registry.registry import Batch, Registry, ResultRow
+from cloud_bridge.registry import Batch, Registry, ResultRow
 from tests.test_bridge_postgres import postgres_url  # noqa: F401  (the private server fixture)
 
 OLD_RESULTS = [

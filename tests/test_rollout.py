@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import subprocess
+import sys
 import threading
 import time
+import typing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,17 +33,8 @@ from cloud_bridge.config import BridgeConfig, InfluxConfig, MqttConfig, OtaConfi
 from cloud_bridge.errors import ConfigError
 from cloud_bridge.models.store import ModelRecord, ModelStore
 from cloud_bridge.ota.keys import GeneratedKey, generate
-from cloud_bridge.registry.registry import Registry
-from cloud_bridge.rollout.driver import (
-    FleetDevice,
-    NewRollout,
-    RolloutStore,
-    base_thresholds,
-    rollout_line,
-    select_stage,
-    selection_key,
-    stage_target,
-)
+from cloud_bridge.registry import Registry
+from cloud_bridge.rollout.driver import rollout_line, thresholds_from
 from cloud_bridge.rollout.policy import (
     GroupStats,
     Thresholds,
@@ -50,6 +45,8 @@ from cloud_bridge.rollout.policy import (
     parse_thresholds,
     thresholds_for,
 )
+from cloud_bridge.rollout.stages import FleetDevice, select_stage, selection_key, stage_target
+from cloud_bridge.rollout.store import NewRollout, RolloutStore
 from devservers import Mosquitto, VictoriaMetrics
 from schemas import (
     Command,
@@ -628,15 +625,15 @@ async def test_cli_start_status_abort(
     # No device has reported yet: the fleet must be named.
     code, _, err = await asyncio.to_thread(cli, "start", "--model", "digits-edge", "--version", "2.0.0")
     assert code == 2 and "pass --fleet" in err
-    for bad, message in (
-        (["--stages", "50,25"], "increasing percentages"),
-        (["--thresholds", "max_agreement=1"], "unknown threshold"),
-        (["--thresholds", "30:max_agreement_drop=0.1"], "not in --stages"),
-        (["--version", "9.9.9"], "not registered"),
+    for bad, message, expected in (
+        (["--stages", "50,25"], "increasing percentages", 2),  # usage errors exit 2
+        (["--thresholds", "max_agreement=1"], "unknown threshold", 2),
+        (["--thresholds", "30:max_agreement_drop=0.1"], "not in --stages", 2),
+        (["--version", "9.9.9"], "not registered", 1),  # a lookup that failed exits 1
     ):
         args = ["start", "--model", "digits-edge", "--version", "2.0.0", "--fleet", FLEET, *bad]
         code, _, err = await asyncio.to_thread(cli, *args)
-        assert code == 2 and message in err, (bad, err)
+        assert code == expected and err.startswith("cloud-bridge rollout start: ") and message in err, (bad, err)
     code, out, _ = await asyncio.to_thread(
         cli, "start", "--model", "digits-edge", "--version", "2.0.0", "--fleet", FLEET, "--stages", "10,100",
         "--thresholds", "100:max_agreement_drop=0.02", "--window-s", "60",
@@ -651,7 +648,7 @@ async def test_cli_start_status_abort(
     code, out, _ = await asyncio.to_thread(cli, "abort", rid, "--rollback")
     assert code == 0 and "aborted" in out
     code, _, err = await asyncio.to_thread(cli, "abort", rid)
-    assert code == 2 and "not running" in err
+    assert code == 1 and err == f"cloud-bridge rollout abort: rollout {rid} is aborted, not running: nothing to abort\n"
     async with Db(config) as db:
         row = await db.store.get(rid)
     assert row is not None and (row["state"], row["rollback_pending"], row["reason"]) == (
@@ -689,9 +686,23 @@ def test_rollout_config_section_and_env_overrides(tmp_path: Path) -> None:
     path.write_text("[rollout]\nwindow_s = 120\nmax_agreement_drop = 0.02\n", encoding="utf-8")
     config = load_config(path, env={"CLOUD_BRIDGE__ROLLOUT__MIN_INFERENCES": "500"})
     assert (config.rollout.window_s, config.rollout.max_agreement_drop) == (120.0, 0.02)
-    thresholds = base_thresholds(config.rollout)
+    thresholds = thresholds_from(config.rollout)
     assert (thresholds.min_inferences, thresholds.max_agreement_drop) == (500, 0.02)
     with pytest.raises(ConfigError, match=r"\[rollout\] lease_s = 5.0 must exceed 2 x tick_s"):
         load_config(None, env={"CLOUD_BRIDGE__ROLLOUT__LEASE_S": "5", "CLOUD_BRIDGE__ROLLOUT__TICK_S": "5"})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \[rollout\] window: known keys"):
         load_config(None, env={"CLOUD_BRIDGE__ROLLOUT__WINDOW": "5"})
+
+
+def test_thresholds_are_defined_once_by_the_policy() -> None:
+    """Thresholds names the thresholds, their types and defaults; the `[rollout]` section must carry
+    exactly those (until RolloutConfig derives from Thresholds this catches a copy that drifted)."""
+    policy = {f.name: (typing.get_type_hints(Thresholds)[f.name], f.default) for f in dataclasses.fields(Thresholds)}
+    hints = typing.get_type_hints(RolloutConfig)
+    section = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(RolloutConfig) if f.name in policy}
+    assert section == policy
+    assert thresholds_from(RolloutConfig()) == Thresholds()
+    # The config builds on the policy, so the policy must not import the config (or anything that does).
+    probe = "import sys, cloud_bridge.rollout.policy; print('cloud_bridge.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

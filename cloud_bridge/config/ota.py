@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud_bridge.rollout.policy import Thresholds
+
 
 @dataclass(frozen=True)
 class OtaConfig:
@@ -41,9 +43,11 @@ class OtaConfig:
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
-    """Canary rollouts (cloud_bridge/rollout). The thresholds are the defaults of every stage;
-    `cloud-bridge rollout start --thresholds` overrides them per rollout or per stage."""
+class RolloutConfig(Thresholds):
+    """Canary rollouts (cloud_bridge/rollout). The stage thresholds (min_inferences ...
+    max_install_failure_rate) are inherited from cloud_bridge.rollout.policy.Thresholds, which defines
+    their names, types and defaults once; here they are every stage's defaults, and `cloud-bridge
+    rollout start --thresholds` overrides them per rollout or per stage."""
 
     enabled: bool = True
     tick_s: float = 5.0
@@ -51,15 +55,6 @@ class RolloutConfig:
     lease_s: float = 60.0
     window_s: float = 600.0
     install_timeout_s: float = 1800.0
-    min_inferences: int = 200
-    min_answered: int = 20
-    max_escalation_rate_increase: float = 0.10
-    max_agreement_drop: float = 0.10
-    max_confidence_drop: float = 0.05
-    max_rejection_rate_increase: float = 0.02
-    max_latency_p95_ratio: float = 2.0
-    latency_p95_slack_ms: float = 5.0
-    max_install_failure_rate: float = 0.0
 
     def validate(self) -> None:
         for name in ("tick_s", "window_s", "install_timeout_s"):

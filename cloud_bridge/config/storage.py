@@ -46,7 +46,7 @@ class InfluxConfig:
 
 @dataclass(frozen=True)
 class SamplesConfig:
-    """The archive of uncertain samples for labelers (cloud_bridge/samples), pruned hourly."""
+    """The archive of uncertain samples for labelers (cloud_bridge/samples/archive.py), pruned hourly."""
 
     max_rows: int = 1_000_000  # oldest-archived rows beyond this are deleted; 0 = no row bound
     max_age_days: float = 90.0  # rows archived longer ago are deleted; 0 = no age bound

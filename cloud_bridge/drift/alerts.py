@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_bridge.drift.store import PendingAlert
 from cloud_bridge.errors import MqttError
-from cloud_bridge.registry.registry import DriftEpisodeRow, Registry
+from cloud_bridge.registry import DriftEpisodeRow, Registry
 from cloud_bridge.workqueue import WorkQueue
 from schemas.topics import Topics
 

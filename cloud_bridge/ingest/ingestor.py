@@ -11,15 +11,16 @@ Duplicates: a bounded cache of recently stored msg_ids drops most redeliveries f
 found by the registry's unique msg_id inside the batch's own transaction (INSERT ... ON CONFLICT DO
 NOTHING RETURNING, `Batch.narrow`), so no pre-query is needed and two bridges that both took one
 message (a redelivery to another session) store it and count it on the device exactly once.
+
+What each message writes is built in cloud_bridge/ingest/rows.py; the subscription filters and the
+recent-ids cache are in cloud_bridge/ingest/admission.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,43 +28,22 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_bridge.config import IngestConfig
 from cloud_bridge.drift.store import DriftRun, DriftStore, PendingAlert
+from cloud_bridge.ingest.admission import RecentIds
+from cloud_bridge.ingest.rows import add_message, dead_letter_row
 from cloud_bridge.mqtt import Incoming
-from cloud_bridge.registry.registry import (
-    AlertRow,
-    Batch,
-    CommandAckRow,
-    Registry,
-    ResultRow,
-    SampleRow,
-    TelemetryRow,
-)
-from cloud_bridge.tsdb import TsdbWriter, status_line, telemetry_lines
+from cloud_bridge.registry import Batch, Registry
+from cloud_bridge.tsdb import TsdbWriter
 from cloud_bridge.workqueue import WorkQueue
-from schemas.codec import decode_for_topic, to_builtins
+from schemas.codec import decode_for_topic
 from schemas.errors import DecodeError
-from schemas.messages import Alert, Answer, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry
+from schemas.messages import Envelope, Sample
 from schemas.tensor import decode_tensor
-from schemas.topics import Channel, Topics
+from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
 _RETRY_MIN_S = 0.1
 _RETRY_MAX_S = 5.0
-
-INGEST_CHANNELS = (Channel.STATUS, Channel.TELEMETRY, Channel.SAMPLES, Channel.RESULTS, Channel.CMD_ACK)
-
-
-def ingest_filters(topics: Topics, share_group: str, shared: bool) -> list[str]:
-    """The subscription filters of ingestion (shared among bridges when `shared`).
-
-    Status is never shared: brokers do not deliver retained messages to shared subscriptions
-    (MQTT 5 spec 4.8.2), so a bridge started after the devices would never learn who is online.
-    Every bridge takes every status message instead; they are few, and the msg_id dedup makes
-    the copies harmless.
-    """
-    filters = [topics.filter(ch) for ch in INGEST_CHANNELS] + [topics.alerts_filter()]
-    status = topics.filter(Channel.STATUS)
-    return [Topics.shared(share_group, f) if shared and f != status else f for f in filters]
 
 
 @dataclass
@@ -86,22 +66,6 @@ class _Plan:
     new_ids: list[str] = field(default_factory=list)
     drift: DriftRun | None = None
     received_at: float = 0.0  # when the bridge took the batch (unix seconds, its own clock)
-
-
-class RecentIds:
-    """A bounded set of recently committed msg_ids (the registry's unique key is the backstop)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, msg_id: object) -> bool:
-        return msg_id in self._ids
-
-    def add(self, msg_id: str) -> None:
-        self._ids[msg_id] = None
-        if len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
 
 
 class Ingestor:
@@ -204,7 +168,7 @@ class Ingestor:
                     # The archive keeps raw tensor bytes: refuse one whose bytes, shape and dtype disagree.
                     decode_tensor(message.input, allow_nonfinite=True)
             except DecodeError as exc:
-                plan.batch.dead_letters.append(self._dead_letter(incoming, exc, now))
+                plan.batch.dead_letters.append(dead_letter_row(incoming, exc, now, self._config.dead_letter_max_bytes))
                 continue
             plan.decoded += 1
             if message.msg_id in self._recent or message.msg_id in in_batch:
@@ -230,133 +194,6 @@ class Ingestor:
         plan.lines, plan.new_ids = [], []
         for message in messages:
             plan.new_ids.append(message.msg_id)
-            self._add_message(batch, plan.lines, message, plan.received_at)
+            add_message(batch, plan.lines, message, plan.received_at)
         # Drift is scored inside the same transaction, from the windows this batch stores.
         plan.drift = self._drift.start(batch) if self._drift is not None else None
-
-    def _dead_letter(self, incoming: Incoming, exc: DecodeError, now: float) -> dict[str, object]:
-        limit = self._config.dead_letter_max_bytes
-        log.info("dead letter topic=%s field=%s reason=%s", incoming.topic, exc.field, exc.reason[:200])
-        return {
-            "topic": incoming.topic[:1024],
-            "reason": exc.reason[:2048],
-            "field": exc.field[:256],
-            "raw": bytes(incoming.payload[:limit]),
-            "raw_size": len(incoming.payload),
-            "received_at": now,
-        }
-
-    def _add_message(self, batch: Batch, lines: list[str], message: Envelope, received_at: float) -> None:
-        delta = batch.device(message.fleet_id, message.device_id)
-        delta.messages += 1
-        delta.last_seen = max(delta.last_seen, message.ts)
-        base = {"msg_id": message.msg_id, "fleet_id": message.fleet_id, "device_id": message.device_id}
-        if isinstance(message, Telemetry):
-            delta.telemetry_windows += 1
-            delta.model = (message.model.name, message.model.version, message.model.sha256)
-            # Not `delta.online = True`: status messages alone move a known device's online state.
-            # Telemetry can be dealt to another bridge and committed after this device's last will,
-            # and would flip it back online (DeviceDelta.online).
-            batch.add_row(TelemetryRow, telemetry_row(base, message))
-            lines.extend(telemetry_lines(message))
-        elif isinstance(message, Status):
-            online = message.state == "online"
-            order, before = message.order, delta.status_order
-            # Within a batch too, a status older (lower order) than one already taken is history:
-            # the time series gets it, the device row does not (Registry orders across batches).
-            if order is None or before is None or order >= before:
-                delta.online = online
-                if order is not None:  # >= before, by the condition above
-                    delta.status_order = order
-                if message.model is not None:
-                    delta.model = (message.model.name, message.model.version, message.model.sha256)
-            model, version = ("", "") if message.model is None else (message.model.name, message.model.version)
-            # Stamped when the bridge took it, not with the status's ts: a last will's ts is when the
-            # device prepared it, at CONNECT, before that connection's birth and telemetry, so
-            # Grafana's "last status" of a dead device would be online. One clock (the bridge's)
-            # for births and wills keeps a takeover's will before the next birth whatever the
-            # device's clock says; status messages reach every bridge in the broker's order.
-            lines.append(status_line(message.fleet_id, message.device_id, online, received_at, model, version))
-        elif isinstance(message, Sample):
-            delta.samples += 1
-            batch.add_row(SampleRow, _sample_row(base, message))
-        elif isinstance(message, Results):
-            delta.results += len(message.answers)
-            version = message.model.version
-            for seq, answer in enumerate(message.answers):
-                batch.add_row(ResultRow, _result_row(base, seq, version, answer, message.ts))
-        elif isinstance(message, Result):  # result/1, from devices on older software
-            delta.results += 1
-            batch.add_row(ResultRow, _result_row(base, 0, message.model.version, message, message.ts))
-        elif isinstance(message, CommandAck):
-            batch.add_row(
-                CommandAckRow,
-                {**base, "cmd_id": message.cmd_id, "state": message.state, "reason": message.reason, "ts": message.ts},
-            )
-        elif isinstance(message, Alert):
-            batch.add_row(AlertRow, _alert_row(base, message))
-
-
-def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
-    """The registry row of a telemetry window; `base` holds its msg_id, fleet_id and device_id."""
-    return {
-        **base,
-        "model_name": m.model.name,
-        "model_version": m.model.version,
-        "window_start": m.window_start,
-        "window_end": m.window_end,
-        "count": m.count,
-        "body": to_builtins(m),
-    }
-
-
-def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
-    return {
-        **base,
-        "model_name": m.model.name,
-        "model_version": m.model.version,
-        "inference_id": m.inference_id,
-        "dtype": m.input.dtype,
-        "shape": list(m.input.shape),
-        # Already checked by decode_tensor in _build.
-        "tensor": base64.b64decode(m.input.data),
-        "topk": [{"label": t.label, "index": t.index, "prob": t.prob} for t in m.topk],
-        "entropy": m.entropy,
-        "margin": m.margin,
-        "reasons": list(m.reasons),
-        "predicted": m.predicted,
-        "truth": m.truth,
-        "ts": m.ts,
-        "model_sha256": m.model.sha256,
-        "source_ref": m.source_ref,
-        "received_at": time.time(),
-    }
-
-
-def _result_row(base: dict[str, str], seq: int, version: str, a: Answer | Result, ts: float) -> dict[str, object]:
-    """One answer's row; `seq` is its place in its message (the key is msg_id + seq)."""
-    return {
-        **base,
-        "seq": seq,
-        "inference_id": a.inference_id,
-        "model_version": version,
-        "label": a.label,
-        "path": a.path,
-        "confidence": a.confidence,
-        "truth": a.truth,
-        "ts": ts,
-    }
-
-
-def _alert_row(base: dict[str, str], m: Alert) -> dict[str, object]:
-    return {
-        **base,
-        "alert_id": m.alert_id,
-        "kind": m.kind,
-        "state": m.state,
-        "model_version": m.model.version,
-        "score": m.score,
-        "threshold": m.threshold,
-        "detail": m.detail,
-        "ts": m.ts,
-    }

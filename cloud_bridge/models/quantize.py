@@ -14,8 +14,9 @@
   17.5 us float, QDQ per-channel 62 KB at 32.8 us; per-channel weights gained no accuracy on these
   models and cost latency. `--format qdq` remains for accelerator EPs (TensorRT, QNN) that want QDQ.
 * Evaluation runs the float and the int8 file side by side on the held-out split (or an `.npz`
-  with arrays `x` and `y`): file size, accuracy and batch-1 latency p50, printed as a table. A drop
-  in accuracy beyond `--max-accuracy-drop` exits 3, deletes OUT and registers nothing.
+  with arrays `x` and `y`): file size, accuracy and batch-1 latency p50. `quantize` measures and
+  does not judge: the command (cloud_bridge/cli/models.py) prints the table and refuses a drop in
+  accuracy beyond `--max-accuracy-drop` (exit 3, OUT deleted, nothing registered).
 * The int8 file keeps the float model's metadata_props (labels, input spec, output kind, ...);
   `model_version` becomes `V` (or `<float version>+int8`), `heldout_accuracy` and
   `reference_class_mix` are re-measured on the int8 model, and `quantization` records how it was made.
@@ -23,18 +24,14 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import hashlib
 import json
 import logging
-import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +46,6 @@ QuantFormatName = Literal["qoperator", "qdq"]
 _BATCH = 64
 _LATENCY_RUNS = 500
 _WARMUP_RUNS = 50
-EXIT_OVER_BUDGET = 3
-EXIT_BAD_INPUT = 2
 
 
 @dataclass(frozen=True)
@@ -310,131 +305,3 @@ def _health_reference(path: Path, raw: str, output_kind: str | None) -> str:
         scores /= scores.sum(axis=1, keepdims=True)
     reference["probabilities"] = np.round(scores, 6).tolist()
     return json.dumps(reference)
-
-
-def format_table(result: QuantizeResult) -> str:
-    f, q = result.float_model, result.int8_model
-    header = f"{'':<14} {'float':>14} {'int8':>14} {'change':>12}"
-    rows = [
-        header,
-        "-" * len(header),
-        f"{'version':<14} {f.version:>14} {q.version:>14}",
-        f"{'size':<14} {f.size_bytes:>12,} B {q.size_bytes:>12,} B {_ratio(q.size_bytes, f.size_bytes):>12}",
-        f"{'accuracy':<14} {f.accuracy * 100:>13.2f}% {q.accuracy * 100:>13.2f}% "
-        f"{(q.accuracy - f.accuracy) * 100:>+10.2f}pp",
-        f"{'batch-1 p50':<14} {f.latency_p50_us:>11.1f} us {q.latency_p50_us:>11.1f} us "
-        f"{_ratio(q.latency_p50_us, f.latency_p50_us):>12}",
-    ]
-    return "\n".join(rows)
-
-
-def _ratio(new: float, old: float) -> str:
-    return f"x{new / old:.2f}" if old > 0 and math.isfinite(new / old) else "-"
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `models quantize` to the `models` group (cloud_bridge/models/store.py owns the group; created
-    here only if that module did not register it first)."""
-    models = sub.choices.get("models")
-    if models is None:
-        models = sub.add_parser("models", help="register, list and quantize model artifacts")
-        models.add_subparsers(dest="models_command", required=True)
-    group = next(a for a in models._actions if isinstance(a, argparse._SubParsersAction))
-    _add_quantize(group)
-
-
-def _add_quantize(models_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = models_sub.add_parser(
-        "quantize",
-        help="INT8 static quantization calibrated on real data; refuses an accuracy drop over budget",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("path", type=Path, help="the float .onnx model to quantize")
-    p.add_argument(
-        "--calibration",
-        required=True,
-        help="'digits' (the digits training split) or a directory of .npy files of real inputs",
-    )
-    p.add_argument("--out", type=Path, required=True, help="where to write the int8 .onnx file")
-    p.add_argument(
-        "--eval",
-        default="digits",
-        dest="evaluation",
-        help="held-out data: 'digits' (default, the demo models' test split) or an .npz with arrays x, y",
-    )
-    p.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=0.01,
-        help="largest allowed float-minus-int8 held-out accuracy (0.01 = one point); over it: exit 3",
-    )
-    p.add_argument("--format", choices=["qoperator", "qdq"], default="qoperator", dest="quant_format")
-    p.add_argument("--per-channel", action="store_true", help="per-channel weight scales (slower on CPU here)")
-    p.add_argument("--register", action="store_true", help="add the int8 model to the bridge's model store")
-    p.add_argument("--name", help="model name to register under (default: the file's model_name)")
-    p.add_argument("--version", help="version of the int8 model (default: the float version + '+int8')")
-    p.add_argument("--config", type=Path, default=None, help="bridge TOML config (for --register)")
-    p.set_defaults(handler=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    options = QuantizeOptions(
-        source=args.path,
-        out=args.out,
-        calibration=args.calibration,
-        evaluation=args.evaluation,
-        quant_format=args.quant_format,
-        per_channel=args.per_channel,
-        version=args.version,
-    )
-    if not args.path.is_file():
-        print(f"cloud-bridge models quantize: {args.path} does not exist: pass the float .onnx file", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        result = quantize(options)
-    except QuantizeError as exc:
-        print(f"cloud-bridge models quantize: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(format_table(result))
-    print(f"calibration: {result.calibration_source}, {result.calibration_samples} samples")
-    budget = float(args.max_accuracy_drop)
-    if result.accuracy_drop > budget:
-        args.out.unlink(missing_ok=True)
-        print(
-            f"REFUSED: accuracy drop {result.accuracy_drop * 100:.2f}pp exceeds the budget {budget * 100:.2f}pp; "
-            f"{args.out} removed and nothing registered. Calibrate on more representative data, try "
-            "--per-channel, or raise --max-accuracy-drop if the loss is acceptable.",
-            file=sys.stderr,
-        )
-        return EXIT_OVER_BUDGET
-    print(f"wrote {args.out} ({json.dumps(asdict(result.int8_model), default=str)})")
-    if args.register:
-        return asyncio.run(_register(args, result))
-    return 0
-
-
-async def _register(args: argparse.Namespace, result: QuantizeResult) -> int:
-    from cloud_bridge.config import load_config
-    from cloud_bridge.errors import ConfigError, ModelStoreError
-    from cloud_bridge.models.store import ModelStore
-    from cloud_bridge.registry.registry import Registry
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"cloud-bridge models quantize: config error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    registry = Registry(config.registry_url)
-    try:
-        await registry.create()
-        store = ModelStore(config.model_store_dir, registry)
-        record = await store.add(args.out, name=args.name, version=result.int8_model.version)
-    except ModelStoreError as exc:
-        print(f"cloud-bridge models quantize: not registered: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    finally:
-        await registry.close()
-    print(f"registered {record.name} {record.version} sha256={record.sha256}")
-    return 0

@@ -8,14 +8,12 @@ refused, with the same bytes it is a no-op. Several name+versions may share one 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,9 +25,8 @@ import onnxruntime as ort
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
-from cloud_bridge.config import load_config
 from cloud_bridge.errors import ModelStoreError
-from cloud_bridge.registry.registry import ModelRow, Registry
+from cloud_bridge.registry import ModelRow, Registry
 from schemas.messages import ModelRef
 
 log = logging.getLogger(__name__)
@@ -257,76 +254,3 @@ def _check_ref(name: str, version: str) -> None:
         raise ModelStoreError(f"model name {name!r} must match {_NAME_RE}")
     if not re.match(_VERSION_RE, version):
         raise ModelStoreError(f"model version {version!r} must match {_VERSION_RE}")
-
-
-# ---- CLI: `cloud-bridge models add|list` ---------------------------------------------------------
-
-
-def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    models = sub.add_parser("models", help="register and list model artifacts for OTA updates")
-    msub = models.add_subparsers(dest="models_command", required=True)
-    add = msub.add_parser(
-        "add",
-        help="validate an .onnx file, copy it into the content-addressed store and register it",
-        description="Name and version default to the model's metadata_props (model_name, model_version).",
-    )
-    add.add_argument("path", type=Path, help="the .onnx file")
-    add.add_argument("--name", default=None, help="model name (default: metadata model_name or file stem)")
-    add.add_argument("--version", default=None, help="model version (default: metadata model_version)")
-    add.add_argument("--config", type=Path, default=None, help="the bridge's TOML config (state_dir, [ota])")
-    add.set_defaults(handler=_cli_add)
-    lst = msub.add_parser("list", help="print the registered models as a table")
-    lst.add_argument("--config", type=Path, default=None, help="the bridge's TOML config (state_dir, [ota])")
-    lst.set_defaults(handler=_cli_list)
-
-
-def _store_from_args(args: argparse.Namespace) -> tuple[ModelStore, Registry]:
-    config = load_config(args.config)
-    registry = Registry(config.registry_url)
-    return ModelStore(config.model_store_dir, registry), registry
-
-
-async def _with_store(args: argparse.Namespace, action: str) -> int:
-    store, registry = _store_from_args(args)
-    try:
-        await registry.create()
-        if action == "add":
-            record = await store.add(
-                args.path, args.name, args.version, warn=lambda text: print(f"warning: {text}", file=sys.stderr)
-            )
-            print(f"added {record.name} {record.version} sha256={record.sha256} size={record.size} path={record.path}")
-        else:
-            _print_table(await store.list())
-        return 0
-    except ModelStoreError as exc:
-        print(f"cloud-bridge models {action}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await registry.close()
-
-
-def _print_table(records: list[ModelRecord]) -> None:
-    header = ("NAME", "VERSION", "SHA256", "SIZE", "LABELS", "INPUT", "ADDED")
-    rows = [
-        (
-            r.name,
-            r.version,
-            r.sha256[:16],
-            str(r.size),
-            str(len(r.labels)),
-            "x".join(str(d) for d in r.input_shape),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.added_at)),
-        )
-        for r in records
-    ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    for line in (header, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-
-
-def _cli_add(args: argparse.Namespace) -> int:
-    return asyncio.run(_with_store(args, "add"))
-
-
-def _cli_list(args: argparse.Namespace) -> int:
-    return asyncio.run(_with_store(args, "list"))

@@ -9,34 +9,22 @@ registry *before* it is published, so an ack (stored by ingestion in `command_ac
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import math
-import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from sqlalchemy import insert, select
 
-from cloud_bridge.config import load_config
-from cloud_bridge.errors import ModelStoreError
 from cloud_bridge.models.store import ModelRecord, ModelStore
 from cloud_bridge.ota.deltas import DeltaArtifact, DeltaStore, delta_for_device
-from cloud_bridge.ota.keys import load_signer
-from cloud_bridge.registry.registry import CommandAckRow, CommandRow, Registry
-from schemas.codec import decode, encode
-from schemas.errors import DecodeError
-from schemas.messages import Command, CommandAck, ModelDelta, ModelUpdate
+from cloud_bridge.registry import CommandAckRow, CommandRow, Registry
+from schemas.codec import encode
+from schemas.messages import Command, ModelDelta, ModelUpdate
 from schemas.msgid import new_msg_id
-from schemas.signing import Ed25519PrivateKey, SignatureError, sign_command
+from schemas.signing import Ed25519PrivateKey, sign_command
 from schemas.topics import Channel, Topics
 
 log = logging.getLogger(__name__)
@@ -267,119 +255,3 @@ async def command_states(
             )
         )
     return states
-
-
-# ---- CLI: `cloud-bridge cmd update|rollback|ping` ------------------------------------------------
-
-
-def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cmd = sub.add_parser(
-        "cmd",
-        help="send one signed command to a device and wait for its final ack",
-        description="Connects to the broker in [mqtt], signs with [ota] signing_key, publishes the command "
-        "on the device's cmd topic, prints every ack and exits 0 on done, 1 on a refusal or "
-        "failure, 3 when no final ack came within --timeout. A running bridge must serve the model chunks.",
-    )
-    csub = cmd.add_subparsers(dest="cmd_command", required=True)
-    for name, help_text in (
-        ("update", "install a registered model version (--model N --version V)"),
-        ("rollback", "return to the previously active model"),
-        ("ping", "check that the device verifies commands and answers"),
-    ):
-        p = csub.add_parser(name, help=help_text)
-        p.add_argument("--device", required=True, help="FLEET/DEVICE, e.g. demo/pi-0001")
-        p.add_argument("--config", type=Path, default=None, help="the bridge's TOML config ([mqtt], [ota])")
-        p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the final ack")
-        p.add_argument("--rollout-id", default=None, help="tag the command with a rollout id")
-        if name == "update":
-            p.add_argument("--model", required=True, help="registered model name")
-            p.add_argument("--version", required=True, help="registered model version")
-        p.set_defaults(handler=_cli_cmd, action_name=name)
-
-
-def _split_device(text: str) -> tuple[str, str]:
-    fleet, sep, device = text.partition("/")
-    if not sep or not fleet or not device:
-        raise ValueError(f"--device {text!r} must be FLEET/DEVICE")
-    return fleet, device
-
-
-def _cli_cmd(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_send_and_wait(args))
-    except (ValueError, SignatureError, ModelStoreError) as exc:
-        print(f"cloud-bridge cmd {args.action_name}: {exc}", file=sys.stderr)
-        return 2
-
-
-async def _send_and_wait(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    fleet_id, device_id = _split_device(args.device)
-    if config.ota.signing_key is None:
-        raise ValueError("[ota] signing_key is not configured: run `cloud-bridge keys generate --out DIR` first")
-    signer = load_signer(Path(config.ota.signing_key), config.ota.key_id)
-    topics = config.topics
-    registry = Registry(config.registry_url)
-    await registry.create()
-    v5 = config.mqtt.protocol == "mqtt5"
-    try:
-        async with aiomqtt.Client(
-            config.mqtt.host,
-            config.mqtt.port,
-            identifier=f"cloud-bridge-cmd-{uuid.uuid4().hex[:12]}",
-            username=config.mqtt.username,
-            password=config.mqtt.password,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            tls_params=aiomqtt.TLSParameters(ca_certs=str(config.mqtt.tls_ca)) if config.mqtt.tls_ca else None,
-        ) as client:
-
-            async def publish(topic: str, payload: bytes, qos: int, expiry: int | None) -> None:
-                props = None
-                if v5 and expiry is not None:
-                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                    props.MessageExpiryInterval = expiry
-                await client.publish(topic, payload, qos=qos, properties=props)
-
-            models = ModelStore(config.model_store_dir, registry)
-            sender = CommandSender(
-                topics,
-                signer.key,
-                signer.key_id,
-                publish,
-                config.ota.chunk_size,
-                config.ota.command_ttl_s,
-                registry=registry,
-                models=models,
-                deltas=DeltaStore(models, config.ota.delta_max_fraction),
-            )
-            await client.subscribe(topics.device(fleet_id, device_id, Channel.CMD_ACK), qos=1)
-            if args.action_name == "update":
-                record = await models.get(args.model, args.version)
-                command = await sender.send_update(fleet_id, device_id, record, rollout_id=args.rollout_id)
-            elif args.action_name == "rollback":
-                command = await sender.send_rollback(fleet_id, device_id, rollout_id=args.rollout_id)
-            else:
-                command = await sender.send_ping(fleet_id, device_id)
-            print(f"sent {command.action} cmd_id={command.cmd_id} to {fleet_id}/{device_id}", flush=True)
-            return await _wait_final(client, command, args.timeout)
-    finally:
-        await registry.close()
-
-
-async def _wait_final(client: aiomqtt.Client, command: Command, timeout_s: float) -> int:
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for message in client.messages:
-                try:
-                    ack = decode(bytes(message.payload), CommandAck)
-                except DecodeError:
-                    continue
-                if ack.cmd_id != command.cmd_id:
-                    continue
-                progress = "" if ack.progress is None else f" progress={ack.progress:.0%}"
-                print(f"ack state={ack.state}{progress}" + (f" reason={ack.reason}" if ack.reason else ""), flush=True)
-                if ack.state in FINAL_STATES:
-                    return 0 if ack.state == "done" else 1
-    except TimeoutError:
-        print(f"no final ack for cmd_id={command.cmd_id} within {timeout_s}s", file=sys.stderr)
-    return 3

@@ -26,7 +26,7 @@ from pathlib import Path
 import bsdiff4
 
 from cloud_bridge.models.store import ModelRecord, ModelStore
-from cloud_bridge.registry.registry import Registry
+from cloud_bridge.registry import Registry
 from common.files import write_atomic
 
 log = logging.getLogger(__name__)

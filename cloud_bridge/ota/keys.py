@@ -1,4 +1,4 @@
-"""Command signing keys: `cloud-bridge keys generate --out DIR`, and loading the bridge's signer.
+"""Command signing keys: generating a key pair (`cloud-bridge keys generate`), and loading the bridge's signer.
 
 The private key (PKCS#8 PEM, mode 0600) stays with the cloud; devices get the public key as base64
 in their `[ota] trusted_keys` table, under its key id.
@@ -6,11 +6,10 @@ in their `[ota] trusted_keys` table, under its key id.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud_bridge.errors import ConfigError, SigningKeyError
 from schemas.signing import (
     Ed25519PrivateKey,
     SignatureError,
@@ -32,8 +31,12 @@ class Signer:
 
 
 def load_signer(path: Path, key_id: str | None = None) -> Signer:
-    """The signing key at `path` (raises SignatureError naming the file and the fix)."""
-    key = load_private_key(Path(path))
+    """The signing key at `path`, the bridge's `[ota] signing_key`: a file that is not a usable key
+    raises ConfigError naming it and the fix."""
+    try:
+        key = load_private_key(Path(path))
+    except SignatureError as exc:
+        raise ConfigError(f"[ota] signing_key: {exc}") from exc
     return Signer(key, key_id or key_id_of(key))
 
 
@@ -54,48 +57,21 @@ class GeneratedKey:
 
 
 def generate(out_dir: Path) -> GeneratedKey:
-    """Write a new key pair into `out_dir`; refuses to overwrite an existing private key."""
+    """Write a new key pair into `out_dir`; refuses to overwrite an existing private key
+    (SigningKeyError, as for a directory that cannot be written)."""
     private_path = Path(out_dir) / PRIVATE_KEY_FILE
     if private_path.exists():
-        raise FileExistsError(
+        raise SigningKeyError(
             f"{private_path} already exists: a new key would strand every device that trusts the old one; "
             "choose another --out directory"
         )
-    key = generate_private_key()
-    write_private_key(key, private_path)
-    public = public_key_b64(key)
-    key_id = key_id_of(key)
     public_path = Path(out_dir) / PUBLIC_KEY_FILE
-    public_path.write_text(f"{key_id} {public}\n", encoding="utf-8")
-    return GeneratedKey(private_path.resolve(), public_path.resolve(), public, key_id)
-
-
-def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    keys = sub.add_parser("keys", help="manage the Ed25519 key that signs commands to devices")
-    ksub = keys.add_subparsers(dest="keys_command", required=True)
-    gen = ksub.add_parser(
-        "generate",
-        help="create a signing key pair",
-        description=f"Writes DIR/{PRIVATE_KEY_FILE} (private, mode 0600: keep it on the cloud side) and "
-        f"DIR/{PUBLIC_KEY_FILE}, then prints the public key, its key id and the TOML snippets for the "
-        "bridge ([ota] signing_key) and for devices ([ota.trusted_keys]).",
-    )
-    gen.add_argument("--out", type=Path, required=True, help="directory for the key files")
-    gen.set_defaults(handler=_cli_generate)
-
-
-def _cli_generate(args: argparse.Namespace) -> int:
     try:
-        made = generate(args.out)
-    except (FileExistsError, OSError, SignatureError) as exc:
-        print(f"cloud-bridge keys generate: {exc}", file=sys.stderr)
-        return 1
-    print(f"private key: {made.private_path} (mode 0600, never copy it to a device)")
-    print(f"public key:  {made.public_b64}")
-    print(f"key id:      {made.key_id}")
-    print("\n# bridge (cloud.toml): this line under [ota]")
-    print(made.bridge_toml())
-    print("# devices (edge.toml): this line under [ota.trusted_keys] (the last table of examples/edge.toml;")
-    print(f'# add the header if your file lacks it), or EDGE_NODE__OTA__TRUSTED_KEYS="{made.key_id}={made.public_b64}"')
-    print(made.device_toml())
-    return 0
+        key = generate_private_key()
+        write_private_key(key, private_path)
+        public = public_key_b64(key)
+        key_id = key_id_of(key)
+        public_path.write_text(f"{key_id} {public}\n", encoding="utf-8")
+    except (OSError, SignatureError) as exc:
+        raise SigningKeyError(f"cannot write the key pair to {out_dir}: {exc}") from exc
+    return GeneratedKey(private_path.resolve(), public_path.resolve(), public, key_id)

@@ -1,8 +1,9 @@
 """The bridge's registry: SQLAlchemy 2 async, SQLite (WAL, via aiosqlite) by default, PostgreSQL by URL.
 
-Tables are declared with the ORM; the hot path writes with Core bulk statements (one executemany per
-table per batch, one transaction per batch: group commit, docs/traps.md #4). Per-row ORM objects
-would cost more Python time per message than the whole budget of the bridge.
+Tables are declared with the ORM (cloud_bridge/registry/tables.py); the hot path writes with Core bulk
+statements (one executemany per table per batch, one transaction per batch: group commit,
+docs/traps.md #4). Per-row ORM objects would cost more Python time per message than the whole budget
+of the bridge.
 """
 
 from __future__ import annotations
@@ -16,15 +17,8 @@ from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
-    JSON,
-    BigInteger,
     Boolean,
-    Float,
-    Integer,
-    LargeBinary,
-    String,
     Table,
-    Text,
     and_,
     bindparam,
     case,
@@ -32,263 +26,17 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     or_,
     select,
-    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from cloud_bridge.registry.migrations import upgrade
+from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, SeenMessage
 
 log = logging.getLogger(__name__)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Device(Base):
-    __tablename__ = "devices"
-    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    online: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
-    model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    messages: Mapped[int] = mapped_column(BigInteger, default=0)
-    telemetry_windows: Mapped[int] = mapped_column(BigInteger, default=0)
-    samples: Mapped[int] = mapped_column(BigInteger, default=0)
-    results: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Status.order of the status that set `online` (None: none of the device's carried one yet).
-    status_order: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-
-
-class SeenMessage(Base):
-    __tablename__ = "seen_messages"
-    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    received_at: Mapped[float] = mapped_column(Float, index=True)
-
-
-class DeadLetter(Base):
-    __tablename__ = "dead_letters"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    topic: Mapped[str] = mapped_column(String(1024))
-    reason: Mapped[str] = mapped_column(String(2048))
-    field: Mapped[str] = mapped_column(String(256))
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
-    raw_size: Mapped[int] = mapped_column(Integer)
-    received_at: Mapped[float] = mapped_column(Float)
-
-
-class SampleRow(Base):
-    __tablename__ = "samples"
-    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
-    model_name: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[str] = mapped_column(String(64))
-    inference_id: Mapped[str] = mapped_column(String(128))
-    dtype: Mapped[str] = mapped_column(String(16))
-    shape: Mapped[list[int]] = mapped_column(JSON)
-    tensor: Mapped[bytes] = mapped_column(LargeBinary)
-    topk: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    entropy: Mapped[float] = mapped_column(Float)
-    margin: Mapped[float] = mapped_column(Float)
-    reasons: Mapped[list[str]] = mapped_column(JSON)
-    predicted: Mapped[str] = mapped_column(String(64))
-    truth: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    ts: Mapped[float] = mapped_column(Float)
-    # For labelers' exports (cloud_bridge/samples/cli.py): which exact model answered, where the input
-    # came from, and when the bridge archived it (the export cursor and the archive's age bound use
-    # arrival time, so a device that was offline for hours is not skipped).
-    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    source_ref: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    received_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
-
-
-class ResultRow(Base):
-    """One final answer; a result/2 message carries many, so the key is the message and the place."""
-
-    __tablename__ = "results"
-    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
-    inference_id: Mapped[str] = mapped_column(String(128))
-    model_version: Mapped[str] = mapped_column(String(64))
-    label: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(String(16))
-    confidence: Mapped[float] = mapped_column(Float)
-    truth: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    ts: Mapped[float] = mapped_column(Float)
-
-
-class TelemetryRow(Base):
-    __tablename__ = "telemetry"
-    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
-    model_name: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[str] = mapped_column(String(64))
-    window_start: Mapped[float] = mapped_column(Float)
-    window_end: Mapped[float] = mapped_column(Float, index=True)
-    count: Mapped[int] = mapped_column(Integer)
-    body: Mapped[dict[str, Any]] = mapped_column(JSON)
-
-
-class CommandAckRow(Base):
-    __tablename__ = "command_acks"
-    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    device_id: Mapped[str] = mapped_column(String(64))
-    cmd_id: Mapped[str] = mapped_column(String(36), index=True)
-    state: Mapped[str] = mapped_column(String(32))
-    reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
-    ts: Mapped[float] = mapped_column(Float)
-
-
-class AlertRow(Base):
-    __tablename__ = "alerts"
-    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    device_id: Mapped[str] = mapped_column(String(64))
-    alert_id: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16))
-    model_version: Mapped[str] = mapped_column(String(64))
-    score: Mapped[float] = mapped_column(Float)
-    threshold: Mapped[float] = mapped_column(Float)
-    detail: Mapped[str] = mapped_column(String(1024))
-    ts: Mapped[float] = mapped_column(Float)
-
-
-class Agreement(Base):
-    __tablename__ = "escalation_agreement"
-    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    answered: Mapped[int] = mapped_column(BigInteger, default=0)
-    agreed: Mapped[int] = mapped_column(BigInteger, default=0)
-
-
-class ModelRow(Base):
-    """A registered model artifact (cloud_bridge/models/store.py); the bytes live at `path`, named by sha256."""
-
-    __tablename__ = "models"
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    path: Mapped[str] = mapped_column(String(1024))
-    labels: Mapped[list[str]] = mapped_column(JSON)
-    input_shape: Mapped[list[int]] = mapped_column(JSON)
-    reference_mix: Mapped[dict[str, float]] = mapped_column(JSON)
-    added_at: Mapped[float] = mapped_column(Float)
-
-
-class CommandRow(Base):
-    """A signed command the cloud sent (cloud_bridge/ota/commands.py); join with command_acks on cmd_id."""
-
-    __tablename__ = "commands"
-    cmd_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
-    action: Mapped[str] = mapped_column(String(32))
-    model_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    rollout_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
-    stage: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    sent_at: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[float] = mapped_column(Float)
-
-
-class RolloutRow(Base):
-    """A canary rollout (cloud_bridge/rollout/driver.py); `owner`/`lease_until` let one bridge drive it at a time."""
-
-    __tablename__ = "rollouts"
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    model_name: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[str] = mapped_column(String(64))
-    model_sha256: Mapped[str] = mapped_column(String(64))
-    stages: Mapped[list[int]] = mapped_column(JSON)
-    stage: Mapped[int] = mapped_column(Integer, default=0)
-    phase: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    reason: Mapped[str | None] = mapped_column(String(4096), nullable=True)
-    thresholds: Mapped[dict[str, dict[str, float]]] = mapped_column(JSON)
-    window_s: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[float] = mapped_column(Float)
-    stage_started_at: Mapped[float] = mapped_column(Float)
-    watch_from: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
-    rollback_pending: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_eval: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-
-
-class RolloutDeviceRow(Base):
-    """One device of a rollout: the stage that took it, what it ran before, its update and rollback."""
-
-    __tablename__ = "rollout_devices"
-    rollout_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    fleet_id: Mapped[str] = mapped_column(String(64))
-    stage: Mapped[int] = mapped_column(Integer)
-    previous_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    previous_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    previous_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    cmd_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    state: Mapped[str] = mapped_column(String(32))
-    reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
-    rollback_cmd_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    updated_at: Mapped[float] = mapped_column(Float)
-
-
-class DriftStateRow(Base):
-    """All drift state of one (device, model version) in one row (cloud_bridge/drift/store.py): the
-    baseline, the windows it is scored on, and each kind's hysteresis. It is also the row an evaluation
-    locks, so one row read and one row write per device and batch."""
-
-    __tablename__ = "drift_states"
-    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_sha256: Mapped[str] = mapped_column(String(64))
-    source: Mapped[str] = mapped_column(String(16))
-    class_mix: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
-    class_samples: Mapped[int] = mapped_column(Integer, default=0)
-    baseline: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON text of the pooled baseline
-    # JSON text of the windows: every one so far until the baseline is frozen, then the newest few.
-    windows: Mapped[str] = mapped_column(Text, default="[]")
-    kinds: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    last_window_end: Mapped[float] = mapped_column(Float, default=0.0)
-    created_at: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[float] = mapped_column(Float)
-
-
-class DriftEpisodeRow(Base):
-    """One alert transition; the primary key is the dedup key: one firing and one resolved per episode."""
-
-    __tablename__ = "drift_episodes"
-    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
-    episode: Mapped[int] = mapped_column(Integer, primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), primary_key=True)
-    alert_msg_id: Mapped[str] = mapped_column(String(36), unique=True)
-    payload: Mapped[bytes] = mapped_column(LargeBinary)
-    published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
-    created_at: Mapped[float] = mapped_column(Float)
 
 
 @dataclass
@@ -369,41 +117,6 @@ def _device_values(key: tuple[str, str], delta: DeviceDelta) -> dict[str, Any]:
     }
 
 
-def _set_aside_old_results(conn: Connection) -> None:
-    """A registry made before result/2 keyed `results` by msg_id alone, which cannot hold a message's
-    many answers: rename it to results_v1 (kept, not dropped) so create_all makes the new table."""
-    inspector = inspect(conn)
-    if not inspector.has_table("results") or any(c["name"] == "seq" for c in inspector.get_columns("results")):
-        return
-    if inspector.has_table("results_v1"):
-        raise RuntimeError(
-            "the registry's results table has the old layout and results_v1 already exists: "
-            "rename or drop one of them, then start the bridge again"
-        )
-    log.warning("registry: renaming the old results table to results_v1 (one row per message before result/2)")
-    # Index names are per schema, not per table: the old table's would collide with the new one's.
-    pk = inspector.get_pk_constraint("results").get("name")
-    for index in inspector.get_indexes("results"):
-        conn.execute(text(f'DROP INDEX "{index["name"]}"'))
-    conn.execute(text("ALTER TABLE results RENAME TO results_v1"))
-    if conn.dialect.name == "postgresql" and pk:
-        conn.execute(text(f'ALTER TABLE results_v1 RENAME CONSTRAINT "{pk}" TO "{pk}_v1"'))
-
-
-# Columns added to existing tables since the registry was first released: (table, column, SQL type).
-_NEW_COLUMNS = (("devices", "status_order", "BIGINT"),)
-
-
-def _add_new_columns(conn: Connection) -> None:
-    """create_all makes missing tables, not missing columns: add those a registry made by an
-    earlier version lacks (nullable, so existing rows need no value)."""
-    inspector = inspect(conn)
-    for table, column, sql_type in _NEW_COLUMNS:
-        if column not in {c["name"] for c in inspector.get_columns(table)}:
-            log.warning("registry: adding column %s.%s", table, column)
-            conn.execute(text(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}'))
-
-
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     # WAL + NORMAL: a commit survives a process crash; group commit makes the fsync cost per batch.
@@ -436,9 +149,7 @@ class Registry:
 
     async def create(self) -> None:
         async with self.engine.begin() as conn:
-            await conn.run_sync(_set_aside_old_results)
-            await conn.run_sync(Base.metadata.create_all)
-            await conn.run_sync(_add_new_columns)
+            await conn.run_sync(upgrade)
 
     async def close(self) -> None:
         await self.engine.dispose()

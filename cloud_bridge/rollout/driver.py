@@ -1,15 +1,15 @@
 """Canary rollouts: stage by stage, a model version reaches a growing share of a fleet, gated by telemetry.
 
-A rollout is a `rollouts` row plus one `rollout_devices` row per device it took (cloud_bridge/registry/registry.py);
-`cloud-bridge rollout start` only inserts the row, and whichever bridge holds the row's lease drives it.
-All state is in the registry, so a bridge restart (or another bridge taking over the lease) resumes
-where the last one stopped.
+`cloud-bridge rollout start` only inserts a rollout row (cloud_bridge/rollout/store.py), and whichever
+bridge holds the row's lease drives it, here. All state is in the registry, so a bridge restart (or
+another bridge taking over the lease) resumes where the last one stopped.
 
 Lifecycle of a stage (`phase`):
 
-1. deploying: pick the stage's devices (below), send each a signed `model_update` through
-   cloud_bridge/ota/commands.py, and follow their acks. Failures (rejected, health_failed, rolled_back,
-   failed, or no final ack within `install_timeout_s`) over `max_install_failure_rate` roll back.
+1. deploying: pick the stage's devices (cloud_bridge/rollout/stages.py), send each a signed
+   `model_update` through cloud_bridge/ota/commands.py, and follow their acks. Failures (rejected,
+   health_failed, rolled_back, failed, or no final ack within `install_timeout_s`) over
+   `max_install_failure_rate` roll back.
 2. watching: once every device of the stage acked `done` (installed and through probation), compare
    the canary (rollout devices on the new model, telemetry from the moment watching began) with the
    control (fleet telemetry from any other model since `window_s` before the stage started: the rest
@@ -20,36 +20,24 @@ Lifecycle of a stage (`phase`):
    Roll back: `rolled_back` with the reason (metric, canary vs control values), and a `rollback`
    command to every device of the rollout that may run the new model.
 
-Device selection is deterministic: the fleet's devices (those already on the new model before the
-rollout are left out) sorted by sha256(rollout_id + device_id), and the first ceil(pct * N / 100) of
-them, cumulative across stages. Offline devices (registry `devices.online`) are skipped and the next
-in order is taken; a stage with fewer online devices than its share proceeds with those it has.
-
-Exactly one bridge drives a rollout: each tick it claims the row with
-`UPDATE ... SET owner = me, lease_until = now + lease_s WHERE id = ? AND (owner IS NULL OR owner = me
-OR lease_until < now)` and every later write is conditional on still being the owner. Commands are
-sent after their device row is written and the row records the cmd_id after the publish, so a crash in
-between resends (a device receiving the same update twice keeps the model it has).
+Commands are sent after their device row is written and the row records the cmd_id after the
+publish, so a crash in between resends (a device receiving the same update twice keeps the model it
+has).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
-
-from sqlalchemy import Table, or_, select, update
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from cloud_bridge.config import RolloutConfig
-from cloud_bridge.errors import MqttError, RolloutError
+from cloud_bridge.errors import MqttError
 from cloud_bridge.models.store import ModelRecord
 from cloud_bridge.ota.commands import command_states
-from cloud_bridge.registry.registry import Device, Registry, RolloutDeviceRow, RolloutRow, TelemetryRow
+from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.policy import (
     INSTALL_FAILED,
     INSTALL_OK,
@@ -57,12 +45,13 @@ from cloud_bridge.rollout.policy import (
     Decision,
     GroupStats,
     Thresholds,
-    aggregate,
     install_outcome,
     judge_install,
     judge_window,
     thresholds_for,
 )
+from cloud_bridge.rollout.stages import select_stage, split_groups
+from cloud_bridge.rollout.store import RolloutStore
 from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
 from schemas.messages import Command
 
@@ -96,245 +85,9 @@ class ModelLookup(Protocol):
     async def get(self, name: str, version: str) -> ModelRecord: ...
 
 
-# ---- selection ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FleetDevice:
-    device_id: str
-    online: bool
-    model_name: str | None = None
-    model_version: str | None = None
-    model_sha256: str | None = None
-
-
-def selection_key(rollout_id: str, device_id: str) -> str:
-    return hashlib.sha256((rollout_id + device_id).encode()).hexdigest()
-
-
-def stage_target(pct: int, fleet_size: int) -> int:
-    """ceil(pct * N / 100) in integers (no float rounding at 100 %)."""
-    return -(-pct * fleet_size // 100)
-
-
-def select_stage(
-    rollout_id: str, devices: Iterable[FleetDevice], already: set[str], target_sha: str, pct: int
-) -> list[FleetDevice]:
-    """The devices a stage adds: cumulative share `pct` of the eligible fleet, in hash order, online only."""
-    eligible = [d for d in devices if d.model_sha256 != target_sha or d.device_id in already]
-    wanted = stage_target(pct, len(eligible)) - len(already)
-    picked: list[FleetDevice] = []
-    for device in sorted(eligible, key=lambda d: selection_key(rollout_id, d.device_id)):
-        if len(picked) >= wanted:
-            break
-        if device.device_id in already or not device.online:
-            continue
-        picked.append(device)
-    return picked
-
-
-# ---- persistence ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NewRollout:
-    fleet_id: str
-    model: ModelRecord
-    stages: tuple[int, ...]
-    window_s: float
-    thresholds: dict[str, dict[str, float]]
-
-
-def parse_stages(text: str) -> tuple[int, ...]:
-    try:
-        stages = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise RolloutError(f"--stages {text!r} must be comma-separated percentages, e.g. 5,25,100") from None
-    if not stages or any(not 1 <= s <= 100 for s in stages) or list(stages) != sorted(set(stages)):
-        raise RolloutError(f"--stages {text!r} must be increasing percentages between 1 and 100, e.g. 5,25,100")
-    return stages
-
-
-def _row(result: Any) -> dict[str, Any]:
-    return dict(result._mapping)
-
-
-class RolloutStore:
-    """The rollout tables, and the fleet tables the driver reads."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self._engine = registry.engine
-        # Declarative tables are typed as FromClause; they are Tables, which insert/update need.
-        self._rollouts = cast(Table, RolloutRow.__table__)
-        self._devices = cast(Table, RolloutDeviceRow.__table__)
-
-    async def create(self, new: NewRollout, now: float | None = None) -> str:
-        now = time.time() if now is None else now
-        rollout_id = str(uuid.uuid4())
-        async with self._engine.begin() as conn:
-            running = await conn.execute(
-                select(self._rollouts.c.id).where(
-                    self._rollouts.c.fleet_id == new.fleet_id,
-                    self._rollouts.c.model_name == new.model.name,
-                    self._rollouts.c.state == "running",
-                )
-            )
-            other = running.scalar()
-            if other is not None:
-                raise RolloutError(
-                    f"rollout {other} of {new.model.name} in fleet {new.fleet_id} is still running: "
-                    f"wait for it or `cloud-bridge rollout abort {other}` first"
-                )
-            await conn.execute(
-                self._rollouts.insert().values(
-                    id=rollout_id,
-                    fleet_id=new.fleet_id,
-                    model_name=new.model.name,
-                    model_version=new.model.version,
-                    model_sha256=new.model.sha256,
-                    stages=list(new.stages),
-                    stage=0,
-                    phase="deploying",
-                    state="running",
-                    reason=None,
-                    thresholds=new.thresholds,
-                    window_s=new.window_s,
-                    created_at=now,
-                    updated_at=now,
-                    stage_started_at=now,
-                    owner=None,
-                    lease_until=0.0,
-                    rollback_pending=False,
-                )
-            )
-        return rollout_id
-
-    async def get(self, rollout_id: str) -> dict[str, Any] | None:
-        async with self._engine.connect() as conn:
-            result = await conn.execute(select(self._rollouts).where(self._rollouts.c.id == rollout_id))
-            row = result.first()
-        return None if row is None else _row(row)
-
-    async def all(self) -> list[dict[str, Any]]:
-        async with self._engine.connect() as conn:
-            result = await conn.execute(select(self._rollouts).order_by(self._rollouts.c.created_at))
-            return [_row(r) for r in result]
-
-    async def active(self) -> list[dict[str, Any]]:
-        """Rollouts with work to do: running, or with rollback commands still to send."""
-        async with self._engine.connect() as conn:
-            result = await conn.execute(
-                select(self._rollouts).where(
-                    or_(self._rollouts.c.state == "running", self._rollouts.c.rollback_pending.is_(True))
-                )
-            )
-            return [_row(r) for r in result]
-
-    async def claim(self, rollout_id: str, owner: str, now: float, lease_s: float) -> bool:
-        """Take or renew the lease; False while another live bridge holds it."""
-        t = self._rollouts
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(t)
-                .where(t.c.id == rollout_id, or_(t.c.owner.is_(None), t.c.owner == owner, t.c.lease_until < now))
-                .values(owner=owner, lease_until=now + lease_s)
-            )
-            return bool(result.rowcount == 1)
-
-    async def release(self, owner: str) -> None:
-        t = self._rollouts
-        async with self._engine.begin() as conn:
-            await conn.execute(update(t).where(t.c.owner == owner).values(owner=None, lease_until=0.0))
-
-    async def update(self, rollout_id: str, owner: str, *, expect_state: str | None = "running", **values: Any) -> bool:
-        """Change the row if this bridge still owns it (and it is still in `expect_state`)."""
-        t = self._rollouts
-        stmt = update(t).where(t.c.id == rollout_id, t.c.owner == owner)
-        if expect_state is not None:
-            stmt = stmt.where(t.c.state == expect_state)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(stmt.values(**values))
-            return bool(result.rowcount == 1)
-
-    async def abort(self, rollout_id: str, reason: str, rollback: bool, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        t = self._rollouts
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(t)
-                .where(t.c.id == rollout_id, t.c.state == "running")
-                .values(
-                    state="aborted",
-                    phase="finished",
-                    reason=reason,
-                    finished_at=now,
-                    updated_at=now,
-                    rollback_pending=rollback,
-                )
-            )
-            return bool(result.rowcount == 1)
-
-    async def devices(self, rollout_id: str) -> list[dict[str, Any]]:
-        async with self._engine.connect() as conn:
-            result = await conn.execute(
-                select(self._devices).where(self._devices.c.rollout_id == rollout_id).order_by(self._devices.c.stage)
-            )
-            return [_row(r) for r in result]
-
-    async def add_devices(self, rollout_id: str, fleet_id: str, stage: int, picked: Sequence[FleetDevice]) -> None:
-        now = time.time()
-        rows = [
-            {
-                "rollout_id": rollout_id,
-                "device_id": d.device_id,
-                "fleet_id": fleet_id,
-                "stage": stage,
-                "previous_name": d.model_name,
-                "previous_version": d.model_version,
-                "previous_sha256": d.model_sha256,
-                "cmd_id": None,
-                "state": "selected",
-                "reason": None,
-                "rollback_cmd_id": None,
-                "updated_at": now,
-            }
-            for d in picked
-        ]
-        async with self._engine.begin() as conn:
-            await conn.execute(self._devices.insert(), rows)
-
-    async def update_device(self, rollout_id: str, device_id: str, **values: Any) -> None:
-        t = self._devices
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(t)
-                .where(t.c.rollout_id == rollout_id, t.c.device_id == device_id)
-                .values(updated_at=time.time(), **values)
-            )
-
-    async def fleet(self, fleet_id: str) -> list[FleetDevice]:
-        t = Device.__table__
-        async with self._engine.connect() as conn:
-            result = await conn.execute(select(t).where(t.c.fleet_id == fleet_id))
-            return [
-                FleetDevice(r.device_id, bool(r.online), r.model_name, r.model_version, r.model_sha256) for r in result
-            ]
-
-    async def fleets(self) -> list[str]:
-        t = Device.__table__
-        async with self._engine.connect() as conn:
-            result = await conn.execute(select(t.c.fleet_id).distinct())
-            return sorted(str(f) for f in result.scalars())
-
-    async def telemetry(self, fleet_id: str, since: float) -> list[dict[str, Any]]:
-        """Telemetry rows (device_id, model_name, model_version, window_end, body) since `since`."""
-        t = TelemetryRow.__table__
-        query = select(t.c.device_id, t.c.model_name, t.c.model_version, t.c.window_end, t.c.body).where(
-            t.c.window_end >= since, t.c.fleet_id == fleet_id
-        )
-        async with self._engine.connect() as conn:
-            return [_row(r) for r in await conn.execute(query)]
-
-
-# ---- the driver -----------------------------------------------------------------------------------
-def base_thresholds(config: RolloutConfig) -> Thresholds:
+def thresholds_from(config: RolloutConfig) -> Thresholds:
+    """The stage thresholds the `[rollout]` config section sets: every name Thresholds defines, read
+    from the section by that name (the one adapter between the config and the policy)."""
     return Thresholds(**{name: getattr(config, name) for name in THRESHOLD_NAMES})
 
 
@@ -350,25 +103,6 @@ def rollout_line(rollout: dict[str, Any], devices: int, metrics: dict[str, float
     fields: dict[str, FieldValue] = {"devices": devices, "state": STATE_CODES[rollout["state"]]}
     fields.update(metrics)
     return line("rollout", tags, fields, round(now * 1000))
-
-
-def split_groups(
-    rows: Iterable[dict[str, Any]], rollout: dict[str, Any], canary_ids: set[str]
-) -> tuple[GroupStats, GroupStats]:
-    """Canary: rollout devices on the new model since watching began. Control: every other model's
-    windows since `window_s` before the stage started."""
-    target = (rollout["model_name"], rollout["model_version"])
-    watch_from = float(rollout["watch_from"])
-    control_from = float(rollout["stage_started_at"]) - float(rollout["window_s"])
-    canary: list[dict[str, Any]] = []
-    control: list[dict[str, Any]] = []
-    for row in rows:
-        is_target = (row["model_name"], row["model_version"]) == target
-        if is_target and row["device_id"] in canary_ids and row["window_end"] >= watch_from:
-            canary.append(row["body"])
-        elif not is_target and row["window_end"] >= control_from:
-            control.append(row["body"])
-    return aggregate(canary), aggregate(control)
 
 
 def _eval_record(
@@ -404,7 +138,7 @@ class RolloutDriver:
         self._models = models
         self._sender = sender
         self._config = config
-        self._base = base_thresholds(config)
+        self._base = thresholds_from(config)
         self.owner = owner
         self._tsdb = tsdb
         self._clock = clock

@@ -27,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from cloud_bridge.drift.scoring import own_latency
+from cloud_bridge.drift.windows import own_latency
+from cloud_bridge.errors import UsageError
 
 Verdict = Literal["wait", "hold", "promote", "rollback"]
 
@@ -40,7 +41,12 @@ INSTALL_FAILED = frozenset({"rejected", "health_failed", "rolled_back", "failed"
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a stage passes. Defaults come from `[rollout]`; a rollout may override them per stage."""
+    """When a stage passes: the one definition of the thresholds' names, types and defaults.
+
+    The `[rollout]` config section sets the bridge's defaults under the same names (a
+    RolloutConfig carries them: cloud_bridge/rollout/driver.py `thresholds_from`); a rollout may
+    override them for every stage or per stage (`cloud-bridge rollout start --thresholds`).
+    Nothing here may import the config: the config builds on this class."""
 
     min_inferences: int = 200
     min_answered: int = 20
@@ -58,18 +64,20 @@ class Thresholds:
 
 
 THRESHOLD_NAMES = tuple(f.name for f in dataclasses.fields(Thresholds))
-_INT_FIELDS = {"min_inferences", "min_answered"}
+# Each threshold's type (int or float) as Thresholds declares it, resolved once.
+_TYPES: dict[str, type[int] | type[float]] = get_type_hints(Thresholds)
 
 
 def _typed(name: str, value: float) -> float | int:
-    if name not in THRESHOLD_NAMES:
-        raise ValueError(f"unknown threshold {name!r}: known thresholds are {', '.join(THRESHOLD_NAMES)}")
-    return int(value) if name in _INT_FIELDS else float(value)
+    kind = _TYPES.get(name)
+    if kind is None:
+        raise UsageError(f"unknown threshold {name!r}: known thresholds are {', '.join(THRESHOLD_NAMES)}")
+    return kind(value)
 
 
 def parse_thresholds(specs: Iterable[str]) -> dict[str, dict[str, float]]:
     """Parse `--thresholds` values: "name=value[,name=value]" for every stage, "PCT:name=value" for the
-    stage whose percentage is PCT. Returns {"*": {...}, "25": {...}}; raises ValueError naming the bad part."""
+    stage whose percentage is PCT. Returns {"*": {...}, "25": {...}}; raises UsageError naming the bad part."""
     out: dict[str, dict[str, float]] = {}
     for spec in specs:
         for part in (p.strip() for p in spec.split(",")):
@@ -79,13 +87,13 @@ def parse_thresholds(specs: Iterable[str]) -> dict[str, dict[str, float]]:
             name, sep, raw = assignment.partition("=")
             name = name.strip()
             if not sep:
-                raise ValueError(f"threshold {part!r} must look like name=value or PCT:name=value")
+                raise UsageError(f"threshold {part!r} must look like name=value or PCT:name=value")
             if stage and not stage.strip().isdigit():
-                raise ValueError(f"threshold {part!r}: the stage before ':' must be a stage percentage like 25")
+                raise UsageError(f"threshold {part!r}: the stage before ':' must be a stage percentage like 25")
             try:
                 value = float(raw)
             except ValueError:
-                raise ValueError(f"threshold {part!r}: {raw!r} is not a number") from None
+                raise UsageError(f"threshold {part!r}: {raw!r} is not a number") from None
             _typed(name, value)
             out.setdefault(stage.strip() or "*", {})[name] = value
     return out

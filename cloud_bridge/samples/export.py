@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, Select, String, cast, func, select, tuple_
 
 from cloud_bridge.errors import ExportError
-from cloud_bridge.registry.registry import Registry, SampleRow
+from cloud_bridge.registry import Registry, SampleRow
 from cloud_bridge.samples.images import encode_png, image_of, zoom
 from schemas.messages import Tensor
 from schemas.tensor import decode_tensor
@@ -156,6 +157,29 @@ async def export_samples(
             last_report = time.monotonic()
     if options.label_studio:
         await asyncio.to_thread(writer.write_label_studio)
+    return stats
+
+
+async def export_resuming(
+    registry: Registry,
+    flt: ExportFilter,
+    options: ExportOptions,
+    *,
+    resume: bool,
+    progress: ProgressFn | None = None,
+) -> ExportStats:
+    """`export_samples`, and with `resume` from where the last export of the same filter set to the same
+    directory stopped (its cursor, moved on afterwards); a file that cannot be written raises ExportError."""
+    out = options.out_dir
+    try:
+        if resume:
+            cursor = await asyncio.to_thread(read_cursor, out, flt) if out.is_dir() else None
+            flt = dataclasses.replace(flt, after=cursor)
+        stats = await export_samples(registry, flt, options, progress)
+        if resume and stats.cursor is not None:
+            await asyncio.to_thread(write_cursor, out, flt, stats.cursor)
+    except OSError as exc:
+        raise ExportError(f"cannot write the export to {out}: {exc}") from exc
     return stats
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ import aiomqtt
 import paho.mqtt.client as paho
 
 from cloud_bridge.config import BridgeConfig
+from cloud_bridge.errors import ConfigError
 from cloud_bridge.samples.export import iso
+from common.tls import client_context
 from schemas.codec import decode_for_topic
 from schemas.errors import DecodeError
 from schemas.messages import Sample
@@ -132,5 +133,5 @@ def _client(config: BridgeConfig) -> aiomqtt.Client:
         # paho refuses clean_start with 3.1.1 unless it is the default (MQTT_CLEAN_START_FIRST_ONLY).
         clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         keepalive=cfg.keepalive,
-        tls_context=ssl.create_default_context(cafile=cfg.tls_ca) if cfg.tls_ca is not None else None,
+        tls_context=client_context(cfg.tls_ca, error=ConfigError) if cfg.tls_ca is not None else None,
     )

@@ -1,10 +1,8 @@
-"""Samples for labelers: `cloud-bridge samples export|tail`, and the archive's size/age bound.
+"""`cloud-bridge samples export|tail`: archived uncertain samples for labelers, and a live view.
 
-Ingestion archives every `sample/1` message in the registry's `samples` table (tensor bytes
-included). `export` turns a slice of that archive into files a labeling tool imports
-(cloud_bridge/samples/export.py), `tail` prints samples live (cloud_bridge/samples/tail.py), and
-`prune_samples` keeps the archive within `[samples] max_rows` / `max_age_days` (called from the
-bridge's hourly prune).
+`export` writes a slice of the archive (cloud_bridge/samples/archive.py) as files a labeling tool
+imports (cloud_bridge/samples/export.py); `tail` prints samples as devices send them
+(cloud_bridge/samples/tail.py).
 """
 
 from __future__ import annotations
@@ -19,20 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import and_, delete, func, or_, select
-
-from cloud_bridge.config import BridgeConfig, SamplesConfig, load_config
-from cloud_bridge.errors import ConfigError, ExportError
-from cloud_bridge.registry.registry import Registry, SampleRow
-from cloud_bridge.samples.export import (
-    ExportFilter,
-    ExportOptions,
-    ExportStats,
-    export_samples,
-    read_cursor,
-    summarize,
-    write_cursor,
-)
+from cloud_bridge.cli.common import Commands, add_config, command
+from cloud_bridge.config import BridgeConfig, load_config
+from cloud_bridge.errors import ConfigError, UsageError
+from cloud_bridge.registry import Registry
+from cloud_bridge.samples.export import ExportFilter, ExportOptions, ExportStats, export_resuming, summarize
 from cloud_bridge.samples.tail import TailOptions, TailStats, tail_samples
 from schemas.errors import TopicError
 from schemas.topics import validate_id
@@ -55,7 +44,7 @@ def parse_when(text: str, now: float) -> float:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"{text!r} is not a time: use ISO 8601 (2026-11-26T08:00:00Z), unix seconds (1795638016) "
             "or an age (90s, 30m, 2h, 7d, 2w)"
         ) from None
@@ -70,35 +59,11 @@ def parse_model(text: str | None) -> tuple[str | None, str | None]:
         return None, None
     name, _, version = text.partition("@")
     if not name:
-        raise ValueError(f"--model {text!r}: give NAME or NAME@VERSION, e.g. digits-edge@1.0.0")
+        raise UsageError(f"--model {text!r}: give NAME or NAME@VERSION, e.g. digits-edge@1.0.0")
     return name, version or None
 
 
-# ---- pruning ------------------------------------------------------------------------------------
-
-
-async def prune_samples(registry: Registry, bounds: SamplesConfig, now: float) -> int:
-    """Delete samples archived more than `max_age_days` ago, then the oldest beyond `max_rows`."""
-    deleted = 0
-    s = SampleRow
-    async with registry.engine.begin() as conn:
-        if bounds.max_age_days > 0:
-            cutoff = now - bounds.max_age_days * 86400.0
-            old = or_(s.received_at < cutoff, and_(s.received_at.is_(None), s.ts < cutoff))
-            deleted += int((await conn.execute(delete(s).where(old))).rowcount)
-        if bounds.max_rows > 0:
-            rows = int((await conn.execute(select(func.count()).select_from(s))).scalar_one())
-            excess = rows - bounds.max_rows
-            if excess > 0:
-                oldest = select(s.msg_id).order_by(func.coalesce(s.received_at, s.ts), s.msg_id).limit(excess)
-                deleted += int((await conn.execute(delete(s).where(s.msg_id.in_(oldest.scalar_subquery())))).rowcount)
-    return deleted
-
-
-# ---- CLI ----------------------------------------------------------------------------------------
-
-
-def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_subparsers(sub: Commands) -> None:
     samples = sub.add_parser(
         "samples",
         help="export archived uncertain samples for labelers, or watch them live",
@@ -110,16 +75,7 @@ def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     _add_tail(ssub)
 
 
-def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="the bridge's TOML config (registry and MQTT settings are read from it)",
-    )
-
-
-def _add_export(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_export(ssub: Commands) -> None:
     export = ssub.add_parser(
         "export",
         help="write archived samples as .npy (+ .png) files with a JSONL manifest",
@@ -128,7 +84,7 @@ def _add_export(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "(no zone = UTC), unix seconds, or an age such as 2h or 7d; --since last resumes after the last sample "
         "exported to DIR with the same --fleet/--device/--model/--reason (the first run exports everything).",
     )
-    _add_config(export)
+    add_config(export, "state_dir, [registry]")
     export.add_argument("--since", required=True, help="device time lower bound (inclusive), or 'last'")
     export.add_argument("--until", default=None, help="device time upper bound (exclusive)")
     export.add_argument("--fleet", default=None, help="only this fleet id")
@@ -152,10 +108,10 @@ def _add_export(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--png-zoom", type=int, default=0, help="integer upscale of PNGs (0 = auto: longer side >= 64 px)"
     )
     export.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    export.set_defaults(handler=_cli_export)
+    command(export, "samples export", _export)
 
 
-def _add_tail(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_tail(ssub: Commands) -> None:
     tail = ssub.add_parser(
         "tail",
         help="print samples live as devices send them (until Ctrl-C)",
@@ -163,24 +119,22 @@ def _add_tail(ssub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "subscription, so it takes nothing away from them) and prints one line per sample. Invalid payloads "
         "are reported on stderr and skipped.",
     )
-    _add_config(tail)
+    add_config(tail, "[mqtt], [fleet]")
     tail.add_argument("--fleet", default="+", help="only this fleet id (default: all)")
     tail.add_argument("--device", default="+", help="only this device id (default: all)")
     tail.add_argument("--count", type=int, default=None, help="exit after this many samples")
     tail.add_argument("--json", action="store_true", help="print each sample payload as received (JSON lines)")
-    tail.set_defaults(handler=_cli_tail)
-
-
-def _fail(command: str, message: str) -> int:
-    print(f"cloud-bridge samples {command}: {message}", file=sys.stderr)
-    return 2
+    command(tail, "samples tail", _tail)
 
 
 def _check_ids(args: argparse.Namespace) -> None:
     for kind in ("fleet", "device"):
         value = getattr(args, kind)
         if value not in (None, "+"):
-            validate_id(f"--{kind}", value)
+            try:
+                validate_id(f"--{kind}", value)
+            except TopicError as exc:
+                raise UsageError(str(exc)) from None
 
 
 def _load(args: argparse.Namespace) -> BridgeConfig:
@@ -208,9 +162,9 @@ def _export_request(args: argparse.Namespace) -> _ExportRequest:
     now = time.time()
     resume = args.since.strip().lower() == LAST
     if resume and args.until is not None:
-        raise ValueError("--until cannot be combined with --since last (the cursor follows archive order)")
+        raise UsageError("--until cannot be combined with --since last (the cursor follows archive order)")
     if args.limit is not None and args.limit <= 0:
-        raise ValueError(f"--limit {args.limit} must be a positive number of samples")
+        raise UsageError(f"--limit {args.limit} must be a positive number of samples")
     name, version = parse_model(args.model)
     flt = ExportFilter(
         since=None if resume else parse_when(args.since, now),
@@ -231,51 +185,32 @@ def _export_request(args: argparse.Namespace) -> _ExportRequest:
     return _ExportRequest(flt, options, resume, args.quiet)
 
 
-def _cli_export(args: argparse.Namespace) -> int:
-    try:
-        _check_ids(args)
-        config = _load(args)
-        request = _export_request(args)
-    except (ConfigError, ValueError, TopicError) as exc:
-        return _fail("export", str(exc))
-    try:
-        stats = asyncio.run(_run_export(config, request))
-    except (ExportError, OSError) as exc:
-        print(f"cloud-bridge samples export: {exc}", file=sys.stderr)
-        return 1
+def _export(args: argparse.Namespace) -> int:
+    _check_ids(args)
+    config = _load(args)
+    request = _export_request(args)
+    stats = asyncio.run(_run_export(config, request))
     print(f"exported to {request.options.out_dir}: {summarize(stats)}")
     return 0
 
 
 async def _run_export(config: BridgeConfig, request: _ExportRequest) -> ExportStats:
-    flt = request.flt
-    out = request.options.out_dir
-    if request.resume:
-        cursor = await asyncio.to_thread(read_cursor, out, flt) if out.is_dir() else None
-        flt = ExportFilter(**{**flt.__dict__, "after": cursor})
-
     def progress(stats: ExportStats) -> None:
         if not request.quiet:
             print(f"cloud-bridge samples export: {summarize(stats)}", file=sys.stderr, flush=True)
 
     registry = Registry(config.registry_url)
     try:
-        stats = await export_samples(registry, flt, request.options, progress)
+        return await export_resuming(registry, request.flt, request.options, resume=request.resume, progress=progress)
     finally:
         await registry.close()
-    if request.resume and stats.cursor is not None:
-        await asyncio.to_thread(write_cursor, out, flt, stats.cursor)
-    return stats
 
 
-def _cli_tail(args: argparse.Namespace) -> int:
-    try:
-        _check_ids(args)
-        config = _load(args)
-        if args.count is not None and args.count <= 0:
-            raise ValueError(f"--count {args.count} must be a positive number of samples")
-    except (ConfigError, ValueError, TopicError) as exc:
-        return _fail("tail", str(exc))
+def _tail(args: argparse.Namespace) -> int:
+    _check_ids(args)
+    config = _load(args)
+    if args.count is not None and args.count <= 0:
+        raise UsageError(f"--count {args.count} must be a positive number of samples")
     options = TailOptions(fleet=args.fleet, device=args.device, count=args.count, as_json=args.json)
     return asyncio.run(_run_tail(config, options))
 

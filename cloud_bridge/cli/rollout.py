@@ -13,18 +13,17 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
+from cloud_bridge.cli.common import Commands, add_config, command, open_registry, print_table
 from cloud_bridge.config import BridgeConfig, load_config
-from cloud_bridge.errors import ModelStoreError, RolloutError
+from cloud_bridge.errors import RolloutError, UsageError
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.ota.commands import command_states
-from cloud_bridge.registry.registry import Registry
-from cloud_bridge.rollout.driver import NewRollout, RolloutStore, parse_stages
+from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.policy import THRESHOLD_NAMES, parse_thresholds
-
-EXIT_USAGE = 2
+from cloud_bridge.rollout.stages import parse_stages
+from cloud_bridge.rollout.store import NewRollout, RolloutStore
 
 _THRESHOLDS_HELP = (
     "override a threshold for every stage (name=value) or for one stage (PCT:name=value, PCT a value of "
@@ -32,12 +31,12 @@ _THRESHOLDS_HELP = (
 )
 
 
-def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_subparsers(sub: Commands) -> None:
     rollout = sub.add_parser(
         "rollout",
         help="canary rollouts of a model version across a fleet, gated by telemetry",
         description=(
-            "Stage by stage (e.g. 5%%, 25%%, 100%% of the fleet, devices picked by hash of rollout id + device "
+            "Stage by stage (e.g. 5%, 25%, 100% of the fleet, devices picked by hash of rollout id + device "
             "id, offline ones skipped), the running bridge sends signed model updates, waits for every "
             "device to install, then compares the canary's telemetry with the rest of the fleet over a "
             "window: escalation rate, edge/cloud agreement, confidence, rejection rate, latency p95, and "
@@ -53,19 +52,19 @@ def add_subparsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     start.add_argument("--fleet", default=None, help="fleet id (default: the only fleet the registry knows)")
     start.add_argument("--window-s", type=float, default=None, help="watch window per stage ([rollout] window_s)")
     start.add_argument("--thresholds", action="append", default=[], help=_THRESHOLDS_HELP)
-    start.add_argument("--config", type=Path, default=None, help="the bridge's TOML config")
-    start.set_defaults(handler=_run(_start))
+    add_config(start, "state_dir, [registry], [ota], [rollout]")
+    command(start, "rollout start", _run(_start))
     status = rsub.add_parser("status", help="list rollouts, or show one with its devices and last evaluation")
     status.add_argument("id", nargs="?", default=None, help="rollout id (default: list all)")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    status.add_argument("--config", type=Path, default=None, help="the bridge's TOML config")
-    status.set_defaults(handler=_run(_status))
+    add_config(status, "state_dir, [registry]")
+    command(status, "rollout status", _run(_status))
     abort = rsub.add_parser("abort", help="stop a running rollout where it is")
     abort.add_argument("id", help="rollout id")
     abort.add_argument("--rollback", action="store_true", help="also roll back every device that took it")
     abort.add_argument("--reason", default="aborted by operator", help="recorded as the rollout's reason")
-    abort.add_argument("--config", type=Path, default=None, help="the bridge's TOML config")
-    abort.set_defaults(handler=_run(_abort))
+    add_config(abort, "state_dir, [registry]")
+    command(abort, "rollout abort", _run(_abort))
 
 
 Action = Callable[[argparse.Namespace, BridgeConfig, Registry], Awaitable[int]]
@@ -80,15 +79,8 @@ def _run(action: Action) -> Callable[[argparse.Namespace], int]:
 
 async def _with_registry(args: argparse.Namespace, action: Action) -> int:
     config = load_config(args.config)
-    registry = Registry(config.registry_url)
-    try:
-        await registry.create()
+    async with open_registry(config.registry_url) as registry:
         return await action(args, config, registry)
-    except (RolloutError, ModelStoreError, ValueError) as exc:
-        print(f"cloud-bridge rollout {args.rollout_command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        await registry.close()
 
 
 async def _start(args: argparse.Namespace, config: BridgeConfig, registry: Registry) -> int:
@@ -96,10 +88,10 @@ async def _start(args: argparse.Namespace, config: BridgeConfig, registry: Regis
     overrides = parse_thresholds(args.thresholds)
     unknown = sorted(k for k in overrides if k != "*" and int(k) not in stages)
     if unknown:
-        raise RolloutError(f"--thresholds name stages {', '.join(unknown)} that are not in --stages {args.stages}")
+        raise UsageError(f"--thresholds name stages {', '.join(unknown)} that are not in --stages {args.stages}")
     window_s = config.rollout.window_s if args.window_s is None else args.window_s
     if window_s <= 0:
-        raise RolloutError(f"--window-s {window_s} must be greater than 0")
+        raise UsageError(f"--window-s {window_s} must be greater than 0")
     record = await ModelStore(config.model_store_dir, registry).get(args.model, args.version)
     store = RolloutStore(registry)
     fleet_id = args.fleet or await _only_fleet(store)
@@ -118,7 +110,7 @@ async def _only_fleet(store: RolloutStore) -> str:
     fleets = await store.fleets()
     if len(fleets) != 1:
         known = ", ".join(fleets) or "none yet (no device has reported)"
-        raise RolloutError(f"pass --fleet: the registry knows fleets {known}")
+        raise UsageError(f"pass --fleet: the registry knows fleets {known}")
     return fleets[0]
 
 
@@ -129,7 +121,7 @@ async def _status(args: argparse.Namespace, config: BridgeConfig, registry: Regi
         if args.json:
             print(json.dumps(rollouts, indent=2, default=str))
         else:
-            _print_table(_summary_rows(rollouts))
+            print_table(_summary_rows(rollouts))
         return 0
     rollout = await store.get(args.id)
     if rollout is None:
@@ -176,7 +168,7 @@ def _summary_rows(rollouts: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 
 
 def _print_detail(rollout: dict[str, Any], devices: list[dict[str, Any]]) -> None:
-    _print_table(_summary_rows([rollout]))
+    print_table(_summary_rows([rollout]))
     print(f"\nreason: {rollout['reason'] or '-'}")
     evaluation = rollout.get("last_eval") or {}
     if evaluation:
@@ -198,17 +190,11 @@ def _print_detail(rollout: dict[str, Any], devices: list[dict[str, Any]]) -> Non
                 (d["reason"] or "")[:60],
             )
         )
-    _print_table(rows)
+    print_table(rows)
 
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
-
-
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def _abort(args: argparse.Namespace, config: BridgeConfig, registry: Registry) -> int:

@@ -1,0 +1,148 @@
+"""What one device message writes: its registry row (per message type), its device's counters in the
+batch, and its TSDB lines; and the dead-letter row of a payload that failed to decode.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+
+from cloud_bridge.mqtt import Incoming
+from cloud_bridge.registry import AlertRow, Batch, CommandAckRow, ResultRow, SampleRow, TelemetryRow
+from cloud_bridge.tsdb.lines import status_line, telemetry_lines
+from schemas.codec import to_builtins
+from schemas.errors import DecodeError
+from schemas.messages import Alert, Answer, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def add_message(batch: Batch, lines: list[str], message: Envelope, received_at: float) -> None:
+    """Add what `message` writes to `batch` (its row, its device's counters) and its TSDB lines to `lines`."""
+    delta = batch.device(message.fleet_id, message.device_id)
+    delta.messages += 1
+    delta.last_seen = max(delta.last_seen, message.ts)
+    base = {"msg_id": message.msg_id, "fleet_id": message.fleet_id, "device_id": message.device_id}
+    if isinstance(message, Telemetry):
+        delta.telemetry_windows += 1
+        delta.model = (message.model.name, message.model.version, message.model.sha256)
+        # Not `delta.online = True`: status messages alone move a known device's online state.
+        # Telemetry can be dealt to another bridge and committed after this device's last will,
+        # and would flip it back online (DeviceDelta.online).
+        batch.add_row(TelemetryRow, telemetry_row(base, message))
+        lines.extend(telemetry_lines(message))
+    elif isinstance(message, Status):
+        online = message.state == "online"
+        order, before = message.order, delta.status_order
+        # Within a batch too, a status older (lower order) than one already taken is history:
+        # the time series gets it, the device row does not (Registry orders across batches).
+        if order is None or before is None or order >= before:
+            delta.online = online
+            if order is not None:  # >= before, by the condition above
+                delta.status_order = order
+            if message.model is not None:
+                delta.model = (message.model.name, message.model.version, message.model.sha256)
+        model, version = ("", "") if message.model is None else (message.model.name, message.model.version)
+        # Stamped when the bridge took it, not with the status's ts: a last will's ts is when the
+        # device prepared it, at CONNECT, before that connection's birth and telemetry, so
+        # Grafana's "last status" of a dead device would be online. One clock (the bridge's)
+        # for births and wills keeps a takeover's will before the next birth whatever the
+        # device's clock says; status messages reach every bridge in the broker's order.
+        lines.append(status_line(message.fleet_id, message.device_id, online, received_at, model, version))
+    elif isinstance(message, Sample):
+        delta.samples += 1
+        batch.add_row(SampleRow, _sample_row(base, message))
+    elif isinstance(message, Results):
+        delta.results += len(message.answers)
+        version = message.model.version
+        for seq, answer in enumerate(message.answers):
+            batch.add_row(ResultRow, _result_row(base, seq, version, answer, message.ts))
+    elif isinstance(message, Result):  # result/1, from devices on older software
+        delta.results += 1
+        batch.add_row(ResultRow, _result_row(base, 0, message.model.version, message, message.ts))
+    elif isinstance(message, CommandAck):
+        batch.add_row(
+            CommandAckRow,
+            {**base, "cmd_id": message.cmd_id, "state": message.state, "reason": message.reason, "ts": message.ts},
+        )
+    elif isinstance(message, Alert):
+        batch.add_row(AlertRow, _alert_row(base, message))
+
+
+def dead_letter_row(incoming: Incoming, exc: DecodeError, now: float, limit: int) -> dict[str, object]:
+    """The dead_letters row of a payload that failed to decode; the first `limit` bytes are kept."""
+    log.info("dead letter topic=%s field=%s reason=%s", incoming.topic, exc.field, exc.reason[:200])
+    return {
+        "topic": incoming.topic[:1024],
+        "reason": exc.reason[:2048],
+        "field": exc.field[:256],
+        "raw": bytes(incoming.payload[:limit]),
+        "raw_size": len(incoming.payload),
+        "received_at": now,
+    }
+
+
+def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
+    """The registry row of a telemetry window; `base` holds its msg_id, fleet_id and device_id."""
+    return {
+        **base,
+        "model_name": m.model.name,
+        "model_version": m.model.version,
+        "window_start": m.window_start,
+        "window_end": m.window_end,
+        "count": m.count,
+        "body": to_builtins(m),
+    }
+
+
+def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
+    return {
+        **base,
+        "model_name": m.model.name,
+        "model_version": m.model.version,
+        "inference_id": m.inference_id,
+        "dtype": m.input.dtype,
+        "shape": list(m.input.shape),
+        # Already checked by decode_tensor in Ingestor._plan.
+        "tensor": base64.b64decode(m.input.data),
+        "topk": [{"label": t.label, "index": t.index, "prob": t.prob} for t in m.topk],
+        "entropy": m.entropy,
+        "margin": m.margin,
+        "reasons": list(m.reasons),
+        "predicted": m.predicted,
+        "truth": m.truth,
+        "ts": m.ts,
+        "model_sha256": m.model.sha256,
+        "source_ref": m.source_ref,
+        "received_at": time.time(),
+    }
+
+
+def _result_row(base: dict[str, str], seq: int, version: str, a: Answer | Result, ts: float) -> dict[str, object]:
+    """One answer's row; `seq` is its place in its message (the key is msg_id + seq)."""
+    return {
+        **base,
+        "seq": seq,
+        "inference_id": a.inference_id,
+        "model_version": version,
+        "label": a.label,
+        "path": a.path,
+        "confidence": a.confidence,
+        "truth": a.truth,
+        "ts": ts,
+    }
+
+
+def _alert_row(base: dict[str, str], m: Alert) -> dict[str, object]:
+    return {
+        **base,
+        "alert_id": m.alert_id,
+        "kind": m.kind,
+        "state": m.state,
+        "model_version": m.model.version,
+        "score": m.score,
+        "threshold": m.threshold,
+        "detail": m.detail,
+        "ts": m.ts,
+    }

@@ -1,0 +1,213 @@
+"""The rollout tables (`rollouts`, `rollout_devices`), and the fleet tables the driver reads.
+
+A rollout is a `rollouts` row plus one `rollout_devices` row per device it took
+(cloud_bridge/registry/tables.py). Exactly one bridge drives a rollout: each tick it claims the row
+with `UPDATE ... SET owner = me, lease_until = now + lease_s WHERE id = ? AND (owner IS NULL OR
+owner = me OR lease_until < now)`, and every later write is conditional on still being the owner.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, or_, select, update
+
+from cloud_bridge.errors import RolloutError
+from cloud_bridge.models.store import ModelRecord
+from cloud_bridge.registry import Device, Registry, RolloutDeviceRow, RolloutRow, TelemetryRow
+from cloud_bridge.rollout.stages import FleetDevice
+
+
+@dataclass(frozen=True)
+class NewRollout:
+    fleet_id: str
+    model: ModelRecord
+    stages: tuple[int, ...]
+    window_s: float
+    thresholds: dict[str, dict[str, float]]
+
+
+def _row(result: Any) -> dict[str, Any]:
+    return dict(result._mapping)
+
+
+class RolloutStore:
+    """The rollout tables, and the fleet tables the driver reads."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._engine = registry.engine
+        # Declarative tables are typed as FromClause; they are Tables, which insert/update need.
+        self._rollouts = cast(Table, RolloutRow.__table__)
+        self._devices = cast(Table, RolloutDeviceRow.__table__)
+
+    async def create(self, new: NewRollout, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        rollout_id = str(uuid.uuid4())
+        async with self._engine.begin() as conn:
+            running = await conn.execute(
+                select(self._rollouts.c.id).where(
+                    self._rollouts.c.fleet_id == new.fleet_id,
+                    self._rollouts.c.model_name == new.model.name,
+                    self._rollouts.c.state == "running",
+                )
+            )
+            other = running.scalar()
+            if other is not None:
+                raise RolloutError(
+                    f"rollout {other} of {new.model.name} in fleet {new.fleet_id} is still running: "
+                    f"wait for it or `cloud-bridge rollout abort {other}` first"
+                )
+            await conn.execute(
+                self._rollouts.insert().values(
+                    id=rollout_id,
+                    fleet_id=new.fleet_id,
+                    model_name=new.model.name,
+                    model_version=new.model.version,
+                    model_sha256=new.model.sha256,
+                    stages=list(new.stages),
+                    stage=0,
+                    phase="deploying",
+                    state="running",
+                    reason=None,
+                    thresholds=new.thresholds,
+                    window_s=new.window_s,
+                    created_at=now,
+                    updated_at=now,
+                    stage_started_at=now,
+                    owner=None,
+                    lease_until=0.0,
+                    rollback_pending=False,
+                )
+            )
+        return rollout_id
+
+    async def get(self, rollout_id: str) -> dict[str, Any] | None:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(select(self._rollouts).where(self._rollouts.c.id == rollout_id))
+            row = result.first()
+        return None if row is None else _row(row)
+
+    async def all(self) -> list[dict[str, Any]]:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(select(self._rollouts).order_by(self._rollouts.c.created_at))
+            return [_row(r) for r in result]
+
+    async def active(self) -> list[dict[str, Any]]:
+        """Rollouts with work to do: running, or with rollback commands still to send."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(self._rollouts).where(
+                    or_(self._rollouts.c.state == "running", self._rollouts.c.rollback_pending.is_(True))
+                )
+            )
+            return [_row(r) for r in result]
+
+    async def claim(self, rollout_id: str, owner: str, now: float, lease_s: float) -> bool:
+        """Take or renew the lease; False while another live bridge holds it."""
+        t = self._rollouts
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(t)
+                .where(t.c.id == rollout_id, or_(t.c.owner.is_(None), t.c.owner == owner, t.c.lease_until < now))
+                .values(owner=owner, lease_until=now + lease_s)
+            )
+            return bool(result.rowcount == 1)
+
+    async def release(self, owner: str) -> None:
+        t = self._rollouts
+        async with self._engine.begin() as conn:
+            await conn.execute(update(t).where(t.c.owner == owner).values(owner=None, lease_until=0.0))
+
+    async def update(self, rollout_id: str, owner: str, *, expect_state: str | None = "running", **values: Any) -> bool:
+        """Change the row if this bridge still owns it (and it is still in `expect_state`)."""
+        t = self._rollouts
+        stmt = update(t).where(t.c.id == rollout_id, t.c.owner == owner)
+        if expect_state is not None:
+            stmt = stmt.where(t.c.state == expect_state)
+        async with self._engine.begin() as conn:
+            result = await conn.execute(stmt.values(**values))
+            return bool(result.rowcount == 1)
+
+    async def abort(self, rollout_id: str, reason: str, rollback: bool, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        t = self._rollouts
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(t)
+                .where(t.c.id == rollout_id, t.c.state == "running")
+                .values(
+                    state="aborted",
+                    phase="finished",
+                    reason=reason,
+                    finished_at=now,
+                    updated_at=now,
+                    rollback_pending=rollback,
+                )
+            )
+            return bool(result.rowcount == 1)
+
+    async def devices(self, rollout_id: str) -> list[dict[str, Any]]:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(self._devices).where(self._devices.c.rollout_id == rollout_id).order_by(self._devices.c.stage)
+            )
+            return [_row(r) for r in result]
+
+    async def add_devices(self, rollout_id: str, fleet_id: str, stage: int, picked: Sequence[FleetDevice]) -> None:
+        now = time.time()
+        rows = [
+            {
+                "rollout_id": rollout_id,
+                "device_id": d.device_id,
+                "fleet_id": fleet_id,
+                "stage": stage,
+                "previous_name": d.model_name,
+                "previous_version": d.model_version,
+                "previous_sha256": d.model_sha256,
+                "cmd_id": None,
+                "state": "selected",
+                "reason": None,
+                "rollback_cmd_id": None,
+                "updated_at": now,
+            }
+            for d in picked
+        ]
+        async with self._engine.begin() as conn:
+            await conn.execute(self._devices.insert(), rows)
+
+    async def update_device(self, rollout_id: str, device_id: str, **values: Any) -> None:
+        t = self._devices
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(t)
+                .where(t.c.rollout_id == rollout_id, t.c.device_id == device_id)
+                .values(updated_at=time.time(), **values)
+            )
+
+    async def fleet(self, fleet_id: str) -> list[FleetDevice]:
+        t = Device.__table__
+        async with self._engine.connect() as conn:
+            result = await conn.execute(select(t).where(t.c.fleet_id == fleet_id))
+            return [
+                FleetDevice(r.device_id, bool(r.online), r.model_name, r.model_version, r.model_sha256) for r in result
+            ]
+
+    async def fleets(self) -> list[str]:
+        t = Device.__table__
+        async with self._engine.connect() as conn:
+            result = await conn.execute(select(t.c.fleet_id).distinct())
+            return sorted(str(f) for f in result.scalars())
+
+    async def telemetry(self, fleet_id: str, since: float) -> list[dict[str, Any]]:
+        """Telemetry rows (device_id, model_name, model_version, window_end, body) since `since`."""
+        t = TelemetryRow.__table__
+        query = select(t.c.device_id, t.c.model_name, t.c.model_version, t.c.window_end, t.c.body).where(
+            t.c.window_end >= since, t.c.fleet_id == fleet_id
+        )
+        async with self._engine.connect() as conn:
+            return [_row(r) for r in await conn.execute(query)]
