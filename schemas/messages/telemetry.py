@@ -1,0 +1,155 @@
+"""What a device reports about itself: its online status (birth/last will) and aggregated telemetry windows."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct, field
+
+from schemas.messages.base import (
+    Count,
+    Counts,
+    Envelope,
+    ModelRef,
+    Name,
+    NonNeg,
+    Prob,
+    Ts,
+)
+
+
+# ---- status ----------------------------------------------------------------------------------
+class Status(Envelope, kw_only=True, tag="status/1"):
+    """Retained on .../status: "online" as birth on every connect, "offline" as last will or at shutdown."""
+
+    state: Literal["online", "offline"]
+    reason: Literal["connected", "shutdown", "connection_lost"]
+    model: ModelRef | None = None
+    providers: Annotated[list[Name], Meta(max_length=16)] = field(default_factory=list)
+    software: Annotated[str, Meta(max_length=64)] = ""
+    started_at: Ts | None = None
+    protocol: Literal["mqtt5", "mqtt311"] | None = None
+    # The device's connection this status belongs to: it grows with every CONNECT, across restarts.
+    # A birth and the last will of one connection carry the same number. Consumers order status
+    # messages by (connection, offline after online), not by arrival: several bridges deduplicating
+    # one stream can commit them in any order, and a will's `ts` is when it was prepared, at CONNECT.
+    connection: Count | None = None
+
+    @property
+    def order(self) -> int | None:
+        """Where this status stands among the device's: later connections after earlier ones, and
+        within one connection "offline" after "online" (None from devices that send no connection)."""
+        return None if self.connection is None else 2 * self.connection + (self.state == "offline")
+
+
+# ---- telemetry -------------------------------------------------------------------------------
+class LatencyStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Inference latency in milliseconds over the window (input accepted -> result final at the edge)."""
+
+    p50: NonNeg
+    p95: NonNeg
+    p99: NonNeg
+    max: NonNeg
+    mean: NonNeg
+
+
+class ConfidenceStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Top-1 probability over the window; `p05` is the 5% quantile (the unsure tail)."""
+
+    mean: Prob
+    p05: Prob
+    min: Prob
+
+
+class EntropyStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Shannon entropy of the class distribution, in nats."""
+
+    mean: NonNeg
+    p95: NonNeg
+    max: NonNeg
+
+
+class EscalationCounts(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Escalations to the cloud model in the window, by outcome."""
+
+    sent: Count = 0
+    answered: Count = 0
+    timed_out: Count = 0
+    offline_fallback: Count = 0
+    shed: Annotated[int, Meta(ge=0, description="not sent: too many outstanding")] = 0
+    errors: Count = 0
+    agreed: Annotated[int, Meta(ge=0, description="answered with the edge's label")] = 0
+
+
+class SampleCounts(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    sent: Count = 0
+    skipped_budget: Annotated[int, Meta(ge=0, description="uncertain but over max_per_minute")] = 0
+
+
+class OutboxStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The durable uplink buffer: depth and bytes now, drops in the window by priority class."""
+
+    depth: Count = 0
+    bytes: Count = 0
+    evicted: Counts = field(default_factory=dict)
+    expired: Counts = field(default_factory=dict)
+    available: bool = True
+    write_errors: Annotated[
+        int, Meta(ge=0, description="writes the outbox refused (disk full, read-only, I/O): their messages are lost")
+    ] = 0
+
+
+class Resources(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    cpu_percent: NonNeg
+    rss_mb: NonNeg
+
+
+class Providers(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """ONNX Runtime execution providers: requested in config vs really active in the session."""
+
+    requested: Annotated[list[Name], Meta(max_length=16)]
+    active: Annotated[list[Name], Meta(max_length=16)]
+    fallback: bool
+
+
+class FeatureStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Per-feature mean/std of the inputs in the window (pooled to at most 256 features) for drift."""
+
+    n: Count
+    dims: Annotated[int, Meta(ge=0, description="features in the raw input before pooling")]
+    mean: Annotated[list[float], Meta(max_length=256)]
+    std: Annotated[list[float], Meta(max_length=256)]
+
+
+class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
+    """One aggregated window, published every interval_s. `ts` equals `window_end`."""
+
+    model: ModelRef
+    window_start: Ts
+    window_end: Ts
+    window_seq: Annotated[int, Meta(ge=0, description="windows since the node started")]
+    count: Annotated[int, Meta(ge=0, description="inferences finished in the window")]
+    rejected: Annotated[int, Meta(ge=0, description="inputs refused (bad shape/dtype/NaN/undecodable)")] = 0
+    rejected_reasons: Counts = field(default_factory=dict)
+    latency_ms: Annotated[
+        LatencyStats | None, Meta(description="every final answer, accepted -> final (cloud round trips included)")
+    ] = None
+    edge_latency_ms: Annotated[
+        LatencyStats | None,
+        Meta(description="answers final at the edge only: the device's own speed, without cloud round trips"),
+    ] = None
+    confidence: ConfidenceStats | None = None
+    entropy: EntropyStats | None = None
+    class_counts: Counts = field(default_factory=dict)
+    paths: Annotated[Counts, Meta(description="final answers by path: edge, cloud, edge_fallback")] = field(
+        default_factory=dict
+    )
+    escalations: EscalationCounts = field(default_factory=EscalationCounts)
+    samples: SampleCounts = field(default_factory=SampleCounts)
+    outbox: OutboxStats = field(default_factory=OutboxStats)
+    resources: Resources | None = None
+    providers: Providers | None = None
+    features: FeatureStats | None = None
+
+
+# ---- inference traffic -------------------------------------------------------------------------
