@@ -16,9 +16,12 @@ class IngestConfig:
     # How long a msg_id stays in the registry for dedup: must exceed how long a message can be
     # redelivered (the bridge's session expiry plus device outbox retries).
     seen_retention_s: float = 7 * 86400
+    # How often each device is told what was stored (confirm/1): shorter frees device outboxes
+    # sooner, longer sends fewer downlink messages (one per device per interval with traffic).
+    confirm_interval_s: float = 2.0
 
     def validate(self) -> None:
-        for name in ("dead_letter_max_bytes", "batch_max", "seen_retention_s"):
+        for name in ("dead_letter_max_bytes", "batch_max", "seen_retention_s", "confirm_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
 

@@ -7,6 +7,10 @@ transaction (group commit), hands the telemetry lines to the TSDB writer and onl
 whole batch. Invalid payloads become dead-letter rows in the same transaction and are acked too:
 redelivering them would never make them valid.
 
+Confirmations: after the commit, the seqs of everything the batch holds durably (new messages,
+duplicates of stored ones, dead letters) go to the Confirmer (confirm.py), which tells each device
+what it may delete from its outbox; status messages tell it each device's outbox epoch.
+
 Duplicates: a bounded cache of recently stored msg_ids drops most redeliveries for free; the rest are
 found by the registry's unique msg_id inside the batch's own transaction (INSERT ... ON CONFLICT DO
 NOTHING RETURNING, `Batch.narrow`), so no pre-query is needed and two bridges that both took one
@@ -29,14 +33,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from cloud_bridge.config import IngestConfig
 from cloud_bridge.drift.store import DriftRun, DriftStore, PendingAlert
 from cloud_bridge.ingest.admission import RecentIds
+from cloud_bridge.ingest.confirm import Confirmer, Key, seq_of
 from cloud_bridge.ingest.rows import add_message, dead_letter_row
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.registry import Batch, Registry
 from cloud_bridge.tsdb import TsdbWriter
 from cloud_bridge.workqueue import WorkQueue
 from schemas.codec import decode_for_topic
-from schemas.errors import DecodeError
-from schemas.messages import Envelope, Sample
+from schemas.errors import DecodeError, TopicError
+from schemas.messages import Envelope, Sample, Status
 from schemas.tensor import decode_tensor
 from schemas.topics import Topics
 
@@ -66,6 +71,7 @@ class _Plan:
     new_ids: list[str] = field(default_factory=list)
     drift: DriftRun | None = None
     received_at: float = 0.0  # when the bridge took the batch (unix seconds, its own clock)
+    confirm: dict[Key, list[int]] = field(default_factory=dict)  # seqs to confirm once committed
 
 
 class Ingestor:
@@ -80,8 +86,10 @@ class Ingestor:
         tsdb: TsdbWriter | None = None,
         drift: DriftStore | None = None,
         on_alerts: Callable[[Sequence[PendingAlert]], None] | None = None,
+        confirmer: Confirmer | None = None,
     ) -> None:
         self._drift = drift
+        self._confirmer = confirmer
         self._on_alerts = on_alerts
         self._topics = topics
         self._registry = registry
@@ -127,6 +135,9 @@ class Ingestor:
                 delay = min(delay * 2, _RETRY_MAX_S)
         for msg_id in plan.new_ids:
             self._recent.add(msg_id)
+        if self._confirmer is not None:
+            for key, seqs in plan.confirm.items():
+                self._confirmer.stored(key, seqs)
         lines = plan.lines
         if plan.drift is not None:
             lines.extend(plan.drift.lines)
@@ -169,8 +180,13 @@ class Ingestor:
                     decode_tensor(message.input, allow_nonfinite=True)
             except DecodeError as exc:
                 plan.batch.dead_letters.append(dead_letter_row(incoming, exc, now, self._config.dead_letter_max_bytes))
+                self._confirm_dead_letter(plan, incoming)
                 continue
             plan.decoded += 1
+            if message.seq is not None:
+                plan.confirm.setdefault((message.fleet_id, message.device_id), []).append(message.seq)
+            if isinstance(message, Status) and message.outbox_epoch and self._confirmer is not None:
+                self._confirmer.epoch_seen((message.fleet_id, message.device_id), message.outbox_epoch, message.order)
             if message.msg_id in self._recent or message.msg_id in in_batch:
                 continue
             in_batch.add(message.msg_id)
@@ -179,6 +195,20 @@ class Ingestor:
         self._fill(plan, candidates)
         plan.batch.narrow = lambda fresh: self._narrow(plan, candidates, fresh)
         return plan
+
+    def _confirm_dead_letter(self, plan: _Plan, incoming: Incoming) -> None:
+        """A dead letter is stored too: confirm it if its payload still names a seq (sending it again
+        would never make it valid)."""
+        if self._confirmer is None:
+            return
+        seq = seq_of(incoming.payload)
+        if seq is None:
+            return
+        try:
+            where = self._topics.parse_device(incoming.topic)
+        except TopicError:
+            return
+        plan.confirm.setdefault((where.fleet_id, where.device_id), []).append(seq)
 
     def _narrow(self, plan: _Plan, candidates: list[Envelope], fresh: set[str]) -> None:
         """Keep the messages the registry had not stored yet (rebuilt only when that changes the plan:
