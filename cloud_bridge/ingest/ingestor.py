@@ -34,7 +34,7 @@ from cloud_bridge.config import IngestConfig
 from cloud_bridge.drift.store import DriftRun, DriftStore, PendingAlert
 from cloud_bridge.ingest.admission import RecentIds
 from cloud_bridge.ingest.confirm import Confirmer, Key, seq_of
-from cloud_bridge.ingest.rows import add_message, dead_letter_row
+from cloud_bridge.ingest.rows import add_message, dead_letter_row, shift_times
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.registry import Batch, Registry
 from cloud_bridge.tsdb import TsdbWriter
@@ -59,6 +59,7 @@ class IngestStats:
     dead_letters: int = 0
     batches: int = 0
     commit_failures: int = 0
+    future_ts: int = 0  # messages dated too far ahead of the bridge's clock (clamped or dead-lettered)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Ingestor:
         self._queue: WorkQueue[Incoming] = WorkQueue()
         self._recent = RecentIds(config.dedup_cache)
         self._progress = asyncio.Condition()
+        self._clock_warned: dict[str, float] = {}  # device -> when its clock was last reported ahead
         self.stats = IngestStats()
 
     def submit(self, message: Incoming) -> None:
@@ -182,6 +184,9 @@ class Ingestor:
                 plan.batch.dead_letters.append(dead_letter_row(incoming, exc, now, self._config.dead_letter_max_bytes))
                 self._confirm_dead_letter(plan, incoming)
                 continue
+            ahead = message.ts - now
+            if ahead > self._config.max_future_s and not self._in_time(plan, incoming, message, ahead, now):
+                continue
             plan.decoded += 1
             if message.seq is not None:
                 plan.confirm.setdefault((message.fleet_id, message.device_id), []).append(message.seq)
@@ -195,6 +200,32 @@ class Ingestor:
         self._fill(plan, candidates)
         plan.batch.narrow = lambda fresh: self._narrow(plan, candidates, fresh)
         return plan
+
+    def _in_time(self, plan: _Plan, incoming: Incoming, message: Envelope, ahead: float, now: float) -> bool:
+        """A message dated `ahead` seconds in the future (a device clock running ahead): clamp its
+        times to its arrival (True: store it) or dead-letter it (False); counted either way."""
+        self.stats.future_ts += 1
+        device = f"{message.fleet_id}/{message.device_id}"
+        limit = self._config.max_future_s
+        if self._config.future_ts == "dead_letter":
+            reason = f"ts is {ahead:.0f} s ahead of the bridge's clock (limit [ingest] max_future_s = {limit:g})"
+            exc = DecodeError(reason + ": the device's clock is wrong", field="$.ts", schema=None)
+            plan.batch.dead_letters.append(dead_letter_row(incoming, exc, now, self._config.dead_letter_max_bytes))
+            if message.seq is not None and self._confirmer is not None:
+                plan.confirm.setdefault((message.fleet_id, message.device_id), []).append(message.seq)
+            return False
+        shift_times(message, -ahead)
+        if self._clock_warned.get(device, 0.0) < now - 3600.0:
+            self._clock_warned[device] = now
+            while len(self._clock_warned) > 10_000:
+                self._clock_warned.pop(next(iter(self._clock_warned)))
+            log.warning(
+                "device clock ahead device=%s ahead_s=%.0f: times clamped to arrival (limit [ingest] max_future_s=%g)",
+                device,
+                ahead,
+                limit,
+            )
+        return True
 
     def _confirm_dead_letter(self, plan: _Plan, incoming: Incoming) -> None:
         """A dead letter is stored too: confirm it if its payload still names a seq (sending it again
