@@ -101,8 +101,10 @@ def start_gateway(
     cloud_address: str,
     name: str = "gateway",
     source: Path = MOSQUITTO_DIR / "gateway.conf",
+    expect_drops: bool = False,
 ) -> Mosquitto:
-    """The gateway broker; `source` replaces the shipped file only for a test of a rejected alternative."""
+    """The gateway broker; `source` replaces the shipped file only for a test of a rejected alternative
+    or of a deliberately small queue (`expect_drops`: its log may say it dropped messages)."""
     rendered = ShippedConfig(
         source,
         files={
@@ -115,7 +117,7 @@ def start_gateway(
         main_port=1883,
         addresses={SHIPPED_CLOUD_ADDRESS: cloud_address},
     )
-    return factory(name=name, config_renderer=rendered)
+    return factory(name=name, config_renderer=rendered, expect_drops=expect_drops)
 
 
 @dataclass
