@@ -16,6 +16,7 @@ import pytest
 from cloud_bridge.cli import main as cli_main
 from cloud_bridge.errors import QuantizeError
 from cloud_bridge.models.quantize import QuantizeOptions, load_calibration, quantize
+from common.numeric import softmax
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel, build_edge_model
 
@@ -99,9 +100,7 @@ def test_wide_model_int8_is_smaller_loads_and_stays_within_budget(
     # The OTA health-check reference now holds the int8 model's own outputs (a device compares them).
     reference = json.loads(meta["health_reference"])
     (logits,) = session.run(None, {"input": np.asarray(reference["inputs"], dtype=np.float32)})
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(reference["probabilities"], probs, atol=1e-5)
+    np.testing.assert_allclose(reference["probabilities"], softmax(logits, np.float64), atol=1e-5)
 
 
 def test_calibration_is_the_real_training_split(digits: DigitsSplit) -> None:
