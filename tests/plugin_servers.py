@@ -1,5 +1,5 @@
 """Pytest fixtures for the real local servers of devservers/: mosquitto, victoria-metrics, InfluxDB 1.x,
-a TCP proxy.
+a TCP proxy; and a private PostgreSQL (tests/postgres.py).
 
 Every server runs in the test's tmp dir on a free port and is stopped at teardown even when the test
 failed. A broker whose log says it dropped queued messages (docs/traps.md #1) fails the test that used
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import pytest
 
 from devservers import InfluxDB, Mosquitto, TcpProxy, VictoriaMetrics
+from tests.postgres import postgres_server
 
 
 class MosquittoFactory(Protocol):
@@ -130,6 +131,14 @@ def influxdb_factory(tmp_path: Path) -> Iterator[InfluxDBFactory]:
         with contextlib.ExitStack() as stack:
             for server in servers:
                 stack.callback(server.stop)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A private PostgreSQL server for this test, its URL (skipped without the server or asyncpg)."""
+    pytest.importorskip("asyncpg", reason="asyncpg is needed for PostgreSQL: pip install asyncpg")
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture

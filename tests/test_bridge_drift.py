@@ -43,7 +43,6 @@ from schemas.topics import Channel, Topics
 from tests.edge_harness import RunningNode, edge_config
 from tests.factories import MODEL
 from tests.mqtt_collector import Collector
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (fixture, used by name)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -508,7 +507,7 @@ def telemetry_batch(message: Telemetry) -> Batch:
 
 
 async def test_postgresql_evaluations_of_one_device_wait_for_each_other(
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     stream: DigitsStream,
 ) -> None:
     # Every window scores far above the threshold against this reference mix, so `above` counts windows.

@@ -32,7 +32,6 @@ from cloud_bridge.samples.tail import TailOptions, tail_samples
 from devservers import Mosquitto
 from schemas import ModelRef, Sample, TopK, encode, encode_tensor, new_msg_id
 from schemas.topics import Channel, Topics
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (a fixture: a private PostgreSQL)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -309,7 +308,7 @@ def test_export_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFi
 async def test_export_cursor_filters_and_prune_on_postgresql(
     tmp_path: Path,
     mosquitto: Mosquitto,
-    postgres_url: str,  # noqa: F811  (the fixture imported above)
+    postgres_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The same queries on PostgreSQL: row-value cursor, JSON-as-text reason filter, prune subquery."""

@@ -64,7 +64,6 @@ from schemas import (
 from schemas.codec import to_builtins
 from schemas.topics import Channel, Topics
 from tests.rollout_helpers import FLEET, Db
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (a fixture: a private PostgreSQL)
 
 pytestmark = pytest.mark.timeout(90)
 
