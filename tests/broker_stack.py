@@ -23,6 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from devservers import Mosquitto, free_ports
 from devservers.mosquitto_conf import ShippedConfig
 from tests.plugin_servers import MosquittoFactory
+from tests.poll import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "mosquitto"
@@ -205,9 +206,13 @@ class Client:
 
     def wait_for(self, predicate: Callable[[list[tuple[str, bytes]]], bool], timeout: float = 10.0) -> None:
         """Block until `predicate(messages so far)` holds; AssertionError after `timeout` seconds."""
+        if not self.holds_within(predicate, timeout):
+            raise AssertionError(f"condition not met in {timeout} s; received {self.received()[:5]}")
+
+    def holds_within(self, predicate: Callable[[list[tuple[str, bytes]]], bool], timeout: float) -> bool:
+        """Whether `predicate(messages so far)` holds within `timeout` seconds."""
         with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self.messages), timeout):
-                raise AssertionError(f"condition not met in {timeout} s; received {self.messages[:5]}")
+            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
 
     def wait_messages(self, count: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
         with self._cond:
@@ -229,3 +234,19 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PROBE_TOPIC = "fleet/probe/probe/cmd"
+
+
+def wait_bridged(local: Client, cloud: Client, timeout: float) -> None:
+    """Wait until the gateway's bridge has subscribed on the cloud: a probe sent by `cloud` reaches
+    `local` (connected to the gateway). Until then the cloud drops commands (nobody subscribed to
+    them), so the probe is sent again until one arrives."""
+    local.subscribe(PROBE_TOPIC)
+
+    def probe_arrives() -> bool:
+        cloud.publish(PROBE_TOPIC, b"probe")
+        return local.holds_within(lambda got: any(topic == PROBE_TOPIC for topic, _ in got), 0.5)
+
+    wait_for(probe_arrives, timeout, "the gateway bridge to subscribe on the cloud", interval=0)
