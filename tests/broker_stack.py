@@ -1,13 +1,13 @@
 """The shipped production brokers (mosquitto/cloud.conf, mosquitto/gateway.conf) started for tests.
 
-Credentials come from the shipped generator (scripts/gen-certs.sh) into the test's tmp dir; the configs
-are rendered by devservers.mosquitto_conf with only paths, ports and the bridge address changed.
+Credentials come from the shipped generator (scripts/gen-certs.sh, the `pki` fixture of tests/pki.py);
+the configs are rendered by devservers.mosquitto_conf with only paths, ports and the bridge address
+changed.
 """
 
 from __future__ import annotations
 
 import ssl
-import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,50 +22,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from devservers import Mosquitto, free_ports
 from devservers.mosquitto_conf import ShippedConfig
+from tests.pki import GATEWAY, REPO, Pki
 from tests.plugin_servers import MosquittoFactory
 from tests.poll import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "mosquitto"
-GEN_CERTS = REPO / "scripts" / "gen-certs.sh"
-GATEWAY = "gateway-01"
-BRIDGE = "cloud-bridge"
 SHIPPED_CLOUD_ADDRESS = "cloud-broker.example.net:8884"
-
-
-@dataclass(frozen=True)
-class Pki:
-    """What scripts/gen-certs.sh wrote: CA, server cert, gateway client certs, passwords by account."""
-
-    dir: Path
-    passwords: dict[str, str]
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    def password(self, account: str) -> str:
-        return self.passwords[account]
-
-
-def env_name(account: str) -> str:
-    """The credentials.env variable of an account, as gen-certs.sh names it."""
-    return "".join(c if c.isalnum() else "_" for c in account.upper()) + "_MQTT_PASSWORD"
-
-
-def make_pki(out: Path, devices: list[str]) -> Pki:
-    """Run the shipped generator; return its outputs."""
-    subprocess.run(
-        ["bash", str(GEN_CERTS), "-o", str(out), "-d", ",".join(devices), "-g", GATEWAY, "-b", BRIDGE],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    values = dict(
-        line.split("=", 1) for line in (out / "credentials.env").read_text(encoding="utf-8").splitlines() if line
-    )
-    passwords = {account: values[env_name(account)] for account in [BRIDGE, *devices]}
-    return Pki(out, passwords)
 
 
 @dataclass

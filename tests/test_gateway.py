@@ -25,17 +25,9 @@ from demokit.models import DemoModel, build_model, load_split
 from demokit.models import edge_config as edge_train_config
 from devservers import Mosquitto, TcpProxy
 from schemas import Results, Topics, decode_for_topic
-from tests.broker_stack import (
-    BRIDGE,
-    MOSQUITTO_DIR,
-    Client,
-    Pki,
-    make_pki,
-    start_cloud,
-    start_gateway,
-    wait_bridged,
-)
+from tests.broker_stack import MOSQUITTO_DIR, Client, start_cloud, start_gateway, wait_bridged
 from tests.edge_harness import RunningNode, edge_config
+from tests.pki import BRIDGE, Pki
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 from tests.poll import wait_for_async
 
@@ -44,11 +36,6 @@ pytestmark = pytest.mark.timeout(90)
 DEVICE = "dev-1"
 SHIPPED_GATEWAY = MOSQUITTO_DIR / "gateway.conf"
 _POLL_S = 0.1
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki") / "pki", [DEVICE])
 
 
 @pytest.fixture(scope="module")

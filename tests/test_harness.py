@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import itertools
 import os
 import re
 import signal
+import socket
+import ssl
 import sys
 import time
 import tomllib
@@ -19,6 +23,7 @@ from edge_node.config import load_config as load_edge_config
 from schemas.signing import generate_private_key, public_key_b64
 from tests.config_files import toml_text, write_bridge_config, write_edge_config
 from tests.edge_harness import edge_config
+from tests.pki import Issued, TlsFiles
 from tests.poll import wait_for, wait_for_async
 from tests.processes import running, stop, wait_logged
 
@@ -179,3 +184,44 @@ def test_a_bridge_config_file_has_its_state_under_the_test_and_the_given_section
     )
     assert Path(config.state_dir) == tmp_path / "state" and config.status_interval_s == 0.5
     assert (config.mqtt.client_id, config.mqtt.port, config.fleet.share_group) == ("b1", 1883, "g")
+
+
+# ---- certificates --------------------------------------------------------------------------------
+
+
+def _handshake(tls: TlsFiles, trusted: Path, client_cert: Issued | None = None) -> str | None:
+    """A TLS handshake over a socket pair: the server serves `tls.server` (and asks for a client
+    certificate signed by `tls.ca`), the client trusts `trusted` and checks the name 127.0.0.1.
+    Returns the server's view of the client certificate's CN, None without one."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tls.server.cert, tls.server.key)
+    server_ctx.load_verify_locations(tls.ca.cert)
+    server_ctx.verify_mode = ssl.CERT_OPTIONAL
+    client_ctx = ssl.create_default_context(cafile=str(trusted))
+    if client_cert is not None:
+        client_ctx.load_cert_chain(client_cert.cert, client_cert.key)
+    left, right = socket.socketpair()
+    with left, right, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        served = pool.submit(lambda: server_ctx.wrap_socket(left, server_side=True))
+        try:
+            with client_ctx.wrap_socket(right, server_hostname="127.0.0.1"):
+                peer = served.result(10).getpeercert()
+        finally:
+            right.close()  # a failed client handshake must not leave the server side waiting
+            with contextlib.suppress(ssl.SSLError, OSError):
+                served.result(10)
+    return None if not peer else dict(x[0] for x in peer["subject"])["commonName"]
+
+
+def test_the_throwaway_ca_issues_what_hostname_checking_clients_and_servers_accept(
+    tls: TlsFiles, tmp_path: Path
+) -> None:
+    assert _handshake(tls, tls.ca.cert) is None
+    assert _handshake(tls, tls.ca.cert, tls.ca.client(tmp_path, "dev-7")) == "dev-7"
+    with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+        _handshake(tls, tls.other_ca.cert)
+    assert tls.listener_lines() == (
+        f"cafile {tls.ca.cert}",
+        f"certfile {tls.server.cert}",
+        f"keyfile {tls.server.key}",
+    )

@@ -7,8 +7,6 @@ import contextlib
 import itertools
 import logging
 import re
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -24,6 +22,7 @@ from devservers import Mosquitto, TcpProxy
 from edge_node.errors import ConfigError
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
+from tests.pki import TlsFiles
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 from tests.poll import wait_for_async
 
@@ -431,69 +430,20 @@ async def test_blackholed_link_is_detected_by_keepalive_and_recovers(
             assert rig.link.stats.reconnects >= 1
 
 
-def _make_ca_and_server_cert(d: Path, name: str) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl CLI)."""
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca, key, csr, cert = (d / f"{name}-{x}" for x in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        f"/CN={name}-ca",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca),
-    )
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
-    ext = d / f"{name}-ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        str(ext),
-        "-out",
-        str(cert),
-    )
-    return ca, cert, key
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make certificates")
 async def test_tls_connects_with_the_right_ca_and_reports_tls_errors(
-    tmp_path: Path, mosquitto_factory: MosquittoFactory
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, tls: TlsFiles
 ) -> None:
-    ca, cert, key = await asyncio.to_thread(_make_ca_and_server_cert, tmp_path / "pki", "good")
-    other_ca, _, _ = await asyncio.to_thread(_make_ca_and_server_cert, tmp_path / "pki", "other")
     broker = mosquitto_factory(start=False)
-    tls_port = broker.add_listener(lines=(f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"))
+    tls_port = broker.add_listener(lines=tls.listener_lines())
     await asyncio.to_thread(broker.start)
-    async with running_link(tmp_path / "good", "127.0.0.1", tls_port, tls_ca=ca) as rig:
+    async with running_link(tmp_path / "good", "127.0.0.1", tls_port, tls_ca=tls.ca.cert) as rig:
         await asyncio.wait_for(rig.link.wait_connected(), WAIT)
         await rig.outbox.put(msg(1))
         await wait_for_async(
             lambda: rig.link.stats.published == 2, WAIT, "birth and message PUBACKed over TLS", interval=0.01
         )
         assert rig.link.stats.window == 100  # the broker's Receive Maximum (max_inflight_messages)
-    async with running_link(tmp_path / "bad", "127.0.0.1", tls_port, tls_ca=other_ca) as rig:
+    async with running_link(tmp_path / "bad", "127.0.0.1", tls_port, tls_ca=tls.other_ca.cert) as rig:
         await wait_for_async(lambda: rig.link.stats.connect_failures >= 1, WAIT, "a TLS failure", interval=0.01)
         assert (rig.link.stats.last_error or "").startswith("tls:")
         assert not rig.link.is_connected

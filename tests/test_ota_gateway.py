@@ -42,18 +42,10 @@ from demokit.models import DemoModel, build_edge_model
 from devservers import ManagedProcess, Mosquitto, TcpProxy
 from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Results, Topics, decode, decode_for_topic
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, write_private_key
-from tests.broker_stack import (
-    BRIDGE,
-    Client,
-    CloudBroker,
-    Pki,
-    make_pki,
-    start_cloud,
-    start_gateway,
-    wait_bridged,
-)
+from tests.broker_stack import Client, CloudBroker, start_cloud, start_gateway, wait_bridged
 from tests.config_files import write_edge_config
 from tests.mqtt_collector import Answered
+from tests.pki import BRIDGE, Pki
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 from tests.poll import wait_for_async
 from tests.processes import run_edge_node
@@ -84,11 +76,6 @@ _POLL_S = 0.1
 class Models:
     base: DemoModel  # the factory model every device starts on (digits-edge 1.0.0, 12 hidden units)
     new: DemoModel  # the update (digits-edge 1.1.0, 128 hidden units: ~43 KB, ~11 chunks of 4 KB)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki") / "pki", list(DEVICES))
 
 
 @pytest.fixture(scope="module")
