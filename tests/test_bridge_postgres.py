@@ -11,27 +11,10 @@ from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, RegistryConfig
 from cloud_bridge.registry import Agreement, Device, Registry, ResultRow, SampleRow, SeenMessage, TelemetryRow
 from devservers import Mosquitto
-from schemas import Alert, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry, encode
-from schemas.topics import Channel, Topics
-from tests.factories import examples
+from schemas import Alert, Result, Results, encode
+from tests.factories import CHANNEL_OF, examples, topic_for
 
 pytestmark = pytest.mark.timeout(90)
-
-TOPICS = Topics()
-CHANNEL_OF: dict[type[Envelope], Channel] = {
-    Status: Channel.STATUS,
-    Telemetry: Channel.TELEMETRY,
-    Sample: Channel.SAMPLES,
-    Result: Channel.RESULTS,  # result/1, from devices on older software
-    Results: Channel.RESULTS,
-    CommandAck: Channel.CMD_ACK,
-}
-
-
-def topic_for(message: Envelope) -> str:
-    if isinstance(message, Alert):
-        return TOPICS.alerts(message.fleet_id)
-    return TOPICS.device(message.fleet_id, message.device_id, CHANNEL_OF[type(message)])
 
 
 async def test_ingest_and_dedup_on_postgresql(tmp_path: Path, mosquitto: Mosquitto, postgres_url: str) -> None:
