@@ -20,9 +20,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cloud_bridge.config import BridgeConfig, MqttConfig
 from devservers import Mosquitto, free_ports
 from devservers.mosquitto_conf import ShippedConfig
-from tests.pki import GATEWAY, REPO, Pki
+from tests.pki import BRIDGE, GATEWAY, REPO, Pki
 from tests.plugin_servers import MosquittoFactory
 from tests.poll import wait_for
 
@@ -79,6 +80,20 @@ def start_gateway(
         addresses={SHIPPED_CLOUD_ADDRESS: cloud_address},
     )
     return factory(name=name, config_renderer=rendered)
+
+
+def cloud_bridge_config(tmp_path: Path, tls_port: int, pki: Pki, **sections: Any) -> BridgeConfig:
+    """The cloud bridge on the cloud broker's TLS listener, with its own account; `sections` as
+    BridgeConfig takes them."""
+    mqtt = MqttConfig(
+        host="127.0.0.1",
+        port=tls_port,
+        client_id=BRIDGE,
+        username=BRIDGE,
+        password=pki.password(BRIDGE),
+        tls_ca=str(pki.ca),
+    )
+    return BridgeConfig(state_dir=str(tmp_path / "bridge"), mqtt=mqtt, **sections)
 
 
 @dataclass

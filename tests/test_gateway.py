@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from cloud_bridge.app import running_bridge
-from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
+from cloud_bridge.config import EscalationConfig
 from cloud_bridge.registry import ResultRow, TelemetryRow
 from demokit.models import DemoModel, build_model, load_split
 from demokit.models import edge_config as edge_train_config
 from devservers import Mosquitto, TcpProxy
 from schemas import Results, Topics, decode_for_topic
-from tests.broker_stack import MOSQUITTO_DIR, Client, start_cloud, start_gateway, wait_bridged
+from tests.broker_stack import MOSQUITTO_DIR, Client, cloud_bridge_config, start_cloud, start_gateway, wait_bridged
 from tests.edge_harness import RunningNode, edge_config
 from tests.pki import BRIDGE, Pki
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
@@ -111,17 +111,7 @@ async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
     tmp_path: Path,
 ) -> None:
     cloud_port, link, gateway = _stack(mosquitto_factory, tcp_proxy, pki)
-    bridge_config = BridgeConfig(
-        state_dir=str(tmp_path / "bridge"),
-        mqtt=MqttConfig(
-            host="127.0.0.1",
-            port=cloud_port,
-            client_id=BRIDGE,
-            username=BRIDGE,
-            password=pki.password(BRIDGE),
-            tls_ca=str(pki.ca),
-        ),
-    )
+    bridge_config = cloud_bridge_config(tmp_path, cloud_port, pki)
     # The device's own LTE link to the gateway, cut later so that its outbox has to hold data too.
     device_link = tcp_proxy("127.0.0.1", gateway.port)
     node_config = edge_config(
@@ -264,19 +254,9 @@ async def test_escalations_are_answered_through_the_gateway(
     """The bridge link speaks MQTT 3.1.1, which drops the MQTT 5 Response Topic and Correlation Data the
     node sets: the answer must still come back, on the fixed reply topic, matched by request_id."""
     cloud_port, _, gateway = _stack(mosquitto_factory, tcp_proxy, pki)
-    bridge_config = BridgeConfig(
-        state_dir=str(tmp_path / "bridge"),
-        mqtt=MqttConfig(
-            host="127.0.0.1",
-            port=cloud_port,
-            client_id=BRIDGE,
-            username=BRIDGE,
-            password=pki.password(BRIDGE),
-            tls_ca=str(pki.ca),
-        ),
-        # The edge model stands in for the cloud model: what matters here is the round trip.
-        escalation=EscalationConfig(model=str(edge_model.path)),
-    )
+    # The edge model stands in for the cloud model: what matters here is the round trip.
+    escalation = EscalationConfig(model=str(edge_model.path))
+    bridge_config = cloud_bridge_config(tmp_path, cloud_port, pki, escalation=escalation)
     node_config = edge_config(
         tmp_path,
         gateway.port,

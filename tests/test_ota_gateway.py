@@ -35,14 +35,14 @@ from pathlib import Path
 import pytest
 
 from cloud_bridge.app import Bridge, running_bridge
-from cloud_bridge.config import BridgeConfig, MqttConfig, OtaConfig
+from cloud_bridge.config import BridgeConfig, OtaConfig
 from cloud_bridge.ota.commands import CommandSender, CommandState, command_states
 from cloud_bridge.registry import ResultRow
 from demokit.models import DemoModel, build_edge_model
 from devservers import ManagedProcess, Mosquitto, TcpProxy
 from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Results, Topics, decode, decode_for_topic
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, write_private_key
-from tests.broker_stack import Client, CloudBroker, start_cloud, start_gateway, wait_bridged
+from tests.broker_stack import Client, CloudBroker, cloud_bridge_config, start_cloud, start_gateway, wait_bridged
 from tests.config_files import write_edge_config
 from tests.mqtt_collector import Answered
 from tests.pki import BRIDGE, Pki
@@ -134,18 +134,8 @@ def gateway_watcher(stack: Stack, pki: Pki) -> Client:
 
 
 def bridge_config(tmp_path: Path, stack: Stack, pki: Pki, key_path: Path) -> BridgeConfig:
-    return BridgeConfig(
-        state_dir=str(tmp_path / "bridge"),
-        mqtt=MqttConfig(
-            host="127.0.0.1",
-            port=stack.cloud.tls_port,
-            client_id=BRIDGE,
-            username=BRIDGE,
-            password=pki.password(BRIDGE),
-            tls_ca=str(pki.ca),
-        ),
-        ota=OtaConfig(signing_key=str(key_path), chunk_size=CHUNK, max_chunks_per_s=CHUNKS_PER_S),
-    )
+    ota = OtaConfig(signing_key=str(key_path), chunk_size=CHUNK, max_chunks_per_s=CHUNKS_PER_S)
+    return cloud_bridge_config(tmp_path, stack.cloud.tls_port, pki, ota=ota)
 
 
 # ---- edge nodes as processes -------------------------------------------------------------------
