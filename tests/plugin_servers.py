@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -80,37 +80,40 @@ def mosquitto(mosquitto_factory: MosquittoFactory) -> Mosquitto:
     return mosquitto_factory(name="mosquitto")
 
 
-@pytest.fixture
-def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
-    """A started victoria-metrics with an empty data dir, for this test only."""
-    server = VictoriaMetrics(tmp_path / "victoria")
+class _Server(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ServerT = TypeVar("ServerT", bound=_Server)
+
+
+def _serving(server: ServerT) -> Iterator[ServerT]:
+    """Start `server` for a fixture's life; stopped even when the test failed."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    """A started victoria-metrics with an empty data dir, for this test only."""
+    yield from _serving(VictoriaMetrics(tmp_path / "victoria"))
 
 
 @pytest.fixture(scope="session")
 def victoria_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
     """One victoria-metrics for the session: tests sharing it must use their own measurement names."""
-    server = VictoriaMetrics(tmp_path_factory.mktemp("victoria_session"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(VictoriaMetrics(tmp_path_factory.mktemp("victoria_session")))
 
 
 @pytest.fixture(scope="session")
 def influxdb_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB]:
     """One InfluxDB 1.x (Debian's influxd) for the session: each test creates and uses its own database."""
-    server = InfluxDB(tmp_path_factory.mktemp("influxdb_session"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(InfluxDB(tmp_path_factory.mktemp("influxdb_session")))
 
 
 @pytest.fixture
