@@ -417,6 +417,16 @@ class SimFleet:
         with self.lock:
             return [c for c in self.commands[device] if c.action == "rollback"]
 
+    async def wait_back_on(self, model: ModelRef, devices: list[str]) -> None:
+        """Until each of `devices` runs `model` again (their rollback commands are acked at once)."""
+        await wait_for_async(
+            lambda: {d: self.models[d] for d in devices},
+            10,
+            f"{devices} back on {model.version}",
+            until=lambda models: all(m == model for m in models.values()),
+            interval=POLL_S,
+        )
+
 
 @contextlib.asynccontextmanager
 async def telemetry_flowing(fleet: SimFleet, every_s: float = 0.2) -> AsyncIterator[None]:
@@ -529,13 +539,7 @@ async def test_degraded_canary_is_rolled_back_with_the_reason_and_tsdb_events(
                 rid = await db.store.create(NewRollout(FLEET, record, (50, 100), 30.0, {}))
                 final = await db.wait_rollout(rid, lambda r: r["state"] != "running" and not r["rollback_pending"])
                 canaries = [d["device_id"] for d in await db.store.devices(rid)]
-                await wait_for_async(
-                    lambda: [fleet.models[d] for d in canaries],
-                    10,
-                    "the canaries back on the old model",
-                    until=lambda ms: all(m == OLD for m in ms),
-                    interval=POLL_S,
-                )
+                await fleet.wait_back_on(OLD, canaries)
                 assert bridge.tsdb is not None and await bridge.tsdb.flush(deadline_s=10)
     # Rolled back early (window 30 s) on agreement, with both values recorded.
     assert final["state"] == "rolled_back" and final["stage"] == 0
@@ -674,13 +678,7 @@ async def test_abort_with_rollback_is_carried_out_by_the_running_bridge(
                 assert await asyncio.to_thread(cli_main, args) == 0
                 final = await db.wait_rollout(rid, lambda r: not r["rollback_pending"])
                 took = [d["device_id"] for d in await db.store.devices(rid)]
-                await wait_for_async(
-                    lambda: [fleet.models[d] for d in took],
-                    10,
-                    "the devices that took the update back on the old model",
-                    until=lambda ms: all(m == OLD for m in ms),
-                    interval=POLL_S,
-                )
+                await fleet.wait_back_on(OLD, took)
     assert (final["state"], final["reason"]) == ("aborted", "ops: freeze")
     assert len(took) == 2
     for device in DEVICES:
