@@ -27,8 +27,9 @@ from cloud_bridge.registry import ResultRow, TelemetryRow
 from demokit.models import DemoModel
 from devservers import Mosquitto, TcpProxy
 from edge_node.app import EdgeNode
-from tests.broker_stack import BRIDGE, MOSQUITTO_DIR, make_pki, start_cloud, start_gateway
+from tests.broker_stack import start_cloud, start_gateway
 from tests.edge_harness import RunningNode, edge_config
+from tests.pki import BRIDGE, REPO, Pki
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
 
 INPUTS = 2400
@@ -160,14 +161,19 @@ async def test_control_with_broker_delivery_the_same_outages_lose_messages(
 
 
 async def test_a_gateway_whose_queue_overflowed_during_a_cut_loses_nothing(
-    mosquitto_factory: MosquittoFactory, tcp_proxy: TcpProxyFactory, demo_models: dict[str, DemoModel], tmp_path: Path
+    mosquitto_factory: MosquittoFactory,
+    tcp_proxy: TcpProxyFactory,
+    pki: Pki,
+    demo_models: dict[str, DemoModel],
+    tmp_path: Path,
 ) -> None:
     """The gateway acknowledges the device's messages, queues them for the cloud while its uplink is
     dead, and drops past its queue bound: the device must not have deleted what the gateway dropped."""
-    pki = make_pki(tmp_path / "pki", [DEVICE])
     small = tmp_path / "gateway.conf"
     small.write_text(
-        re.sub(r"(?m)^max_queued_messages .*$", "max_queued_messages 30", (MOSQUITTO_DIR / "gateway.conf").read_text())
+        re.sub(
+            r"(?m)^max_queued_messages .*$", "max_queued_messages 30", (REPO / "mosquitto" / "gateway.conf").read_text()
+        )
     )
     cloud = start_cloud(mosquitto_factory, pki)
     uplink = tcp_proxy("127.0.0.1", cloud.gateway_port)
