@@ -1,9 +1,7 @@
-"""Tensors on the wire: numpy arrays <-> `Tensor` (dtype, shape, base64 little-endian bytes)."""
+"""Tensors on the wire: numpy arrays <-> `Tensor` (dtype, shape, little-endian bytes)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from typing import Any
 
@@ -27,7 +25,7 @@ def encode_tensor(array: npt.ArrayLike) -> Tensor:
         raise TensorError(f"dtype {name} cannot go on the wire (supported: {', '.join(_DTYPES)})")
     data = np.ascontiguousarray(arr, dtype=_DTYPES[name]).tobytes()
     dtype: DType = name  # type: ignore[assignment]
-    return Tensor(dtype=dtype, shape=list(arr.shape), data=base64.b64encode(data).decode("ascii"))
+    return Tensor(dtype=dtype, shape=list(arr.shape), data=data)
 
 
 def decode_tensor(tensor: Tensor, *, field: str = "$.input", allow_nonfinite: bool = False) -> npt.NDArray[Any]:
@@ -37,10 +35,7 @@ def decode_tensor(tensor: Tensor, *, field: str = "$.input", allow_nonfinite: bo
     NaN answers with NaN probabilities that look like a confident class downstream.
     """
     dtype = _DTYPES[tensor.dtype]
-    try:
-        raw = base64.b64decode(tensor.data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise TensorError(f"data is not valid base64: {exc}", field=f"{field}.data") from None
+    raw = tensor.data
     expected = math.prod(tensor.shape) * dtype.itemsize
     if len(raw) != expected:
         raise TensorError(

@@ -203,7 +203,7 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
         CommandAck(**env(), cmd_id=cmd_id, state="downloading", progress=0.5, model=CLOUD, active_slot="A"),
         ModelChunkRequest(**env(), cmd_id=cmd_id, sha256="cd" * 32, chunks=[0, 2, 3]),
         ModelChunk(
-            **env(), sha256="cd" * 32, index=2, chunks=4, chunk_sha256=hashlib.sha256(b"abc").hexdigest(), data="YWJj"
+            **env(), sha256="cd" * 32, index=2, chunks=4, chunk_sha256=hashlib.sha256(b"abc").hexdigest(), data=b"abc"
         ),
         Alert(
             **env(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from pathlib import Path
 
@@ -87,7 +86,7 @@ async def test_every_message_type_is_stored(tmp_path: Path, mosquitto: Mosquitto
     assert device["last_seen"] >= status.ts
     (row,) = samples
     assert row["msg_id"] == sample.msg_id
-    assert row["tensor"] == base64.b64decode(sample.input.data)
+    assert row["tensor"] == sample.input.data
     assert row["shape"] == [1, 64] and row["dtype"] == "float32"
     assert row["topk"][0] == {"label": "3", "index": 3, "prob": 0.55}
     assert row["truth"] == "8" and row["reasons"] == ["margin"]

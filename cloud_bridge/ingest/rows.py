@@ -4,7 +4,6 @@ batch, and its TSDB lines; and the dead-letter row of a payload that failed to d
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 
@@ -113,7 +112,7 @@ def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
         "dtype": m.input.dtype,
         "shape": list(m.input.shape),
         # Already checked by decode_tensor in Ingestor._plan.
-        "tensor": base64.b64decode(m.input.data),
+        "tensor": m.input.data,
         "topk": [{"label": t.label, "index": t.index, "prob": t.prob} for t in m.topk],
         "entropy": m.entropy,
         "margin": m.margin,

@@ -19,7 +19,6 @@ An unknown sha256, an index past the end, or an undecodable request is logged an
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 import math
@@ -257,7 +256,7 @@ class ChunkServer:
             index=index,
             chunks=chunks,
             chunk_sha256=hashlib.sha256(data).hexdigest(),
-            data=base64.b64encode(data).decode(),
+            data=data,
         )
         try:
             await self._publish(self._topics.model_chunks(fleet_id, record.sha256), encode(chunk), 1)

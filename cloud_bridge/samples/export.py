@@ -17,7 +17,6 @@ is never held in memory or in one long read transaction.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import io
 import json
@@ -220,7 +219,7 @@ class ExportWriter:
 
     def _write_files(self, row: Mapping[str, Any]) -> dict[str, Any]:
         msg_id = row["msg_id"]
-        tensor = Tensor(dtype=row["dtype"], shape=list(row["shape"]), data=base64.b64encode(row["tensor"]).decode())
+        tensor = Tensor(dtype=row["dtype"], shape=list(row["shape"]), data=bytes(row["tensor"]))
         array = decode_tensor(tensor, field=f"samples[{msg_id}].tensor", allow_nonfinite=True)
         npy = f"{INPUTS}/{msg_id}.npy"
         _write_new(self.options.out_dir / npy, _npy_bytes(array))

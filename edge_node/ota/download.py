@@ -21,8 +21,6 @@ verified, the whole model is fetched instead.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import logging
 import time
@@ -281,12 +279,7 @@ class Downloader:
                 self.stats.duplicate_chunks += 1
                 continue
             reason = _chunk_problem(chunk, staging.chunks)
-            data = b""
-            if reason is None:
-                try:
-                    data = base64.b64decode(chunk.data, validate=True)
-                except (binascii.Error, ValueError):
-                    reason = "data is not valid base64"
+            data = chunk.data
             if reason is None:
                 if hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
                     reason = "data does not hash to chunk_sha256"

@@ -21,7 +21,8 @@ Count = Annotated[int, Meta(ge=0)]
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
 NonNeg = Annotated[float, Meta(ge=0.0)]
 Text = Annotated[str, Meta(max_length=1024)]
-Base64 = Annotated[str, Meta(max_length=16 * 1024 * 1024, description="standard base64, padded")]
+# Raw bytes: standard base64 (padded) in JSON, binary in msgpack (no third more for the encoding).
+Bytes = Annotated[bytes, Meta(max_length=12 * 1024 * 1024, description="base64 in JSON, raw bytes in msgpack")]
 Counts = Annotated[dict[Label, Count], Meta(max_length=1024)]
 Floats = Annotated[list[float], Meta(max_length=1024)]
 DType = Literal["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
@@ -36,11 +37,11 @@ class ModelRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Tensor(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """An n-d array: raw little-endian bytes of `dtype`, C order, base64 encoded."""
+    """An n-d array: the raw little-endian bytes of `dtype` in C order (base64 in JSON)."""
 
     dtype: DType
     shape: Annotated[list[Annotated[int, Meta(ge=0, le=1 << 24)]], Meta(max_length=8)]
-    data: Base64
+    data: Bytes
 
 
 class TopK(Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -106,7 +106,7 @@ class ModelChunk(Envelope, kw_only=True, tag="model_chunk/1"):
     index: ChunkIndex
     chunks: Annotated[int, Meta(ge=1, le=1 << 20)]
     chunk_sha256: Sha256
-    data: Annotated[str, Meta(max_length=2 * 1024 * 1024, description="standard base64, padded")]
+    data: Annotated[bytes, Meta(max_length=1 << 20, description="the chunk's bytes (base64 in JSON)")]
 
 
 # ---- alerts ------------------------------------------------------------------------------------
