@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 import orjson
 
+from schemas.compact import is_compact, loads_compact
 from schemas.errors import DecodeError, TopicError
 from schemas.messages import (
     Alert,
@@ -57,6 +58,7 @@ CHANNEL_TYPES: dict[Channel, type[Envelope]] = {
     Channel.STATUS: Status,
     Channel.TELEMETRY: Telemetry,
     Channel.SAMPLES: Sample,
+    Channel.SAMPLES_JSON: Sample,
     Channel.RESULTS: Results,
     Channel.INPUT: Input,
     Channel.ESCALATE: EscalationRequest,
@@ -102,6 +104,9 @@ def to_builtins(message: Envelope) -> dict[str, Any]:
 def _loads(data: bytes | bytearray | memoryview | str, limit: int, expected: str | None) -> Any:
     if len(data) > limit:
         raise DecodeError(f"payload is {len(data)} bytes, the limit is {limit}", schema=expected)
+    if is_compact(data):
+        assert not isinstance(data, str)
+        return loads_compact(data, limit, expected)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -110,7 +115,7 @@ def _loads(data: bytes | bytearray | memoryview | str, limit: int, expected: str
 
 def _convert(obj: Any, message_type: Any, expected: str | None) -> Any:
     if not isinstance(obj, dict):
-        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", schema=expected)
+        raise DecodeError(f"expected a JSON object (or a compact map), got {type(obj).__name__}", schema=expected)
     try:
         return msgspec.convert(obj, message_type, strict=True)
     except msgspec.ValidationError as exc:

@@ -3,6 +3,7 @@
     {prefix}/{fleet_id}/{device_id}/status          retained birth ("online") and last will ("offline")
     {prefix}/{fleet_id}/{device_id}/telemetry       aggregated window every interval_s
     {prefix}/{fleet_id}/{device_id}/samples         uncertain samples for labelers
+    {prefix}/{fleet_id}/{device_id}/samples/json    the archived samples as JSON, cloud -> labelers
     {prefix}/{fleet_id}/{device_id}/results         per-inference results for local consumers
     {prefix}/{fleet_id}/{device_id}/input           input tensors (an input source)
     {prefix}/{fleet_id}/{device_id}/escalate        escalation request, device -> cloud
@@ -44,6 +45,7 @@ class Channel(enum.StrEnum):
     STATUS = "status"
     TELEMETRY = "telemetry"
     SAMPLES = "samples"
+    SAMPLES_JSON = "samples/json"
     RESULTS = "results"
     INPUT = "input"
     ESCALATE = "escalate"

@@ -50,6 +50,9 @@ class TopK(Struct, frozen=True, kw_only=True, omit_defaults=True):
     prob: Prob
 
 
+# Payload encodings a program reads besides JSON (schemas/compact.py), e.g. "msgpack+deflate/1".
+Encodings = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=8)]
+
 # A device's outbox numbers every message the cloud confirms (confirm/1), in put order; with the
 # outbox's epoch (status/1 `outbox_epoch`) it names one stored message of one device.
 Seq = Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from msgspec import Meta
+from msgspec import Meta, field
 
-from schemas.messages.base import Envelope, Epoch, MsgId, Seq, Ts
+from schemas.messages.base import Encodings, Envelope, Epoch, MsgId, Seq, Ts
 
 SeqRange = Annotated[list[Seq], Meta(min_length=2, max_length=2, description="first and last seq, inclusive")]
 
@@ -33,8 +33,10 @@ class ClockRequest(Envelope, kw_only=True, tag="clock/1"):
 
 
 class ClockReply(Envelope, kw_only=True, tag="clock_reply/1"):
-    """The cloud's time: `received` when the request arrived, `ts` when this reply left (cloud clock)."""
+    """The cloud's time: `received` when the request arrived, `ts` when this reply left (cloud clock).
+    `accepts`: the encodings the cloud reads besides JSON, so a device may switch to one."""
 
     request_id: MsgId
     request_ts: Ts
     received: Ts
+    accepts: Encodings = field(default_factory=list)

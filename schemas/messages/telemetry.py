@@ -10,6 +10,7 @@ from msgspec import Meta, Struct, field
 from schemas.messages.base import (
     Count,
     Counts,
+    Encodings,
     Envelope,
     Epoch,
     ModelRef,
@@ -39,6 +40,8 @@ class Status(Envelope, kw_only=True, tag="status/1"):
     # The identity of the device's outbox file: confirmations (confirm/1) name it, so a device whose
     # outbox was replaced ignores confirmations meant for the old one.
     outbox_epoch: Epoch | None = None
+    # The encodings this device reads besides JSON: the cloud answers it in one of them.
+    accepts: Encodings = field(default_factory=list)
 
     @property
     def order(self) -> int | None:

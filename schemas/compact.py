@@ -1,0 +1,73 @@
+"""The compact encoding of messages, for links billed per byte: the same typed messages as msgpack,
+deflated against a preset dictionary.
+
+JSON repeats every field name in every message and carries tensors as base64; on a small message
+MQTT's framing and the names cost more than the information. A compact payload is a frame:
+
+    byte 0   0xC1: a byte msgpack never uses and JSON cannot start with, so a reader tells a compact
+             payload from a JSON one by its first byte, on any broker and through MQTT 3.1.1 gateways
+             that drop MQTT 5 properties (JSON starts with '{')
+    byte 1   the format: 1 = msgpack, raw deflate (no zlib header or checksum: MQTT runs over TCP,
+             and the decoded message is validated) with the preset dictionary schemas.compact_dict.DICT_V1
+    rest     the body
+
+Bytes fields (tensors, model chunks) travel raw. Both ends announce what they read (`ENCODING`):
+devices in status/1 `accepts`, bridges in clock_reply/1 `accepts`; a device writes compact only once
+a bridge said it reads it, and a bridge answers a device in compact only if the device said so.
+MQTT 5 publishes also carry CONTENT_TYPE for consumers that route on it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import msgspec
+
+from schemas.compact_dict import DICT_V1
+from schemas.errors import DecodeError
+from schemas.messages import Envelope
+
+MARKER = 0xC1
+FORMAT_V1 = 1
+ENCODING = "msgpack+deflate/1"  # the name devices and bridges announce
+CONTENT_TYPE = "application/vnd.edgefleet.msgpack+deflate.1"
+_HEADER = bytes((MARKER, FORMAT_V1))
+_LEVEL = 6  # level 9 gains under 1% on these messages for twice the CPU
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def is_compact(data: bytes | bytearray | memoryview | str) -> bool:
+    return not isinstance(data, str) and len(data) > 0 and data[0] == MARKER
+
+
+def encode_compact(message: Envelope) -> bytes:
+    """The frame of one message (see the module docstring)."""
+    deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, zdict=DICT_V1)
+    return _HEADER + deflate.compress(_ENCODER.encode(message)) + deflate.flush()
+
+
+def loads_compact(data: bytes | bytearray | memoryview, limit: int, expected: str | None) -> Any:
+    """The builtins (dicts, lists, bytes...) of a compact frame, at most `limit` bytes unpacked."""
+    if len(data) < 2 or data[1] != FORMAT_V1:
+        version = data[1] if len(data) > 1 else None
+        raise DecodeError(
+            f"compact payload of unknown format {version} (this reader knows {FORMAT_V1})", schema=expected
+        )
+    inflate = zlib.decompressobj(-15, zdict=DICT_V1)
+    try:
+        raw = inflate.decompress(bytes(data[2:]), limit)
+        if inflate.unconsumed_tail:
+            raise DecodeError(f"payload unpacks to more than the limit of {limit} bytes", schema=expected)
+        raw += inflate.flush()
+    except zlib.error as exc:
+        raise DecodeError(f"malformed compact payload: {exc}", schema=expected) from None
+    if not inflate.eof:
+        raise DecodeError("malformed compact payload: truncated", schema=expected)
+    try:
+        return msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed msgpack: {exc}", schema=expected) from None
+
+
+__all__ = ["CONTENT_TYPE", "ENCODING", "MARKER", "encode_compact", "is_compact", "loads_compact"]
