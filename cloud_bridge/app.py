@@ -35,6 +35,7 @@ from cloud_bridge.ota.keys import load_signer
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.driver import RolloutDriver
 from cloud_bridge.samples.archive import prune_samples
+from cloud_bridge.samples.feed import SampleFeed
 from cloud_bridge.tsdb import TsdbSettings, TsdbWriter, agreement_line
 from schemas.topics import Channel
 
@@ -65,6 +66,7 @@ class Bridge:
         self.escalator: Escalator | None = None
         self.ingestor: Ingestor | None = None
         self.confirmer: Confirmer | None = None
+        self.feed = SampleFeed(config.topics, self._publish_chunk)
         self.clock: ClockServer | None = None
         self.mqtt: MqttConnection | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -116,6 +118,7 @@ class Bridge:
             drift=self.drift,
             on_alerts=self.alerts.submit if self.alerts is not None else None,
             confirmer=self.confirmer,
+            on_samples=self.feed.stored,
         )
         if model is not None:
             self.escalator = Escalator(self.topics, model, cfg.escalation, self._publish, self.mqtt.ack)
@@ -141,6 +144,7 @@ class Bridge:
                 tsdb_task = tg.create_task(self.tsdb.run()) if self.tsdb is not None else None
                 status_task = tg.create_task(self._status_loop())
                 confirm_task = tg.create_task(self.confirmer.run(), name="confirmations")
+                workers.append(tg.create_task(self.feed.run(), name="samples-feed"))
                 await self._stop.wait()
                 await self._drain(workers, tsdb_task, confirm_task)
                 status_task.cancel()
@@ -241,6 +245,7 @@ class Bridge:
         log.info("bridge draining")
         assert self.ingestor is not None and self.mqtt is not None
         await self.ingestor.close()
+        await self.feed.close()
         if self.escalator is not None:
             await self.escalator.close()
         if self.rollouts is not None:

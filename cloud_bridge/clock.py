@@ -5,7 +5,8 @@ the request arrived and, as its `ts`, when the reply left; with its own send and
 device computes the offset NTP's way. Requests are taken from a shared subscription like the other
 device channels (any bridge may answer), acked at once (an old answer measures nothing, so a
 request is never worth redelivering), and answered QoS 1 with a short expiry on the
-device's clock/reply topic (with the request's Correlation Data under MQTT 5).
+device's clock/reply topic (with the request's Correlation Data under MQTT 5). The reply says which
+encodings the bridge reads besides JSON (`accepts`): a device on "auto" switches to compact then.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from cloud_bridge.errors import MqttError
 from cloud_bridge.mqtt import Incoming
 from schemas.codec import decode, encode
+from schemas.compact import ENCODING, encode_compact, is_compact
 from schemas.errors import DecodeError
 from schemas.messages import ClockReply, ClockRequest
 from schemas.msgid import new_msg_id
@@ -68,12 +70,14 @@ class ClockServer:
             request_id=request.msg_id,
             request_ts=request.ts,
             received=received,
+            accepts=[ENCODING],
         )
         # Always the device's own reply topic, whatever Response Topic it named: a device must not be
         # able to make the bridge publish anywhere else.
         topic = self._topics.device(request.fleet_id, request.device_id, Channel.CLOCK_REPLY)
         try:
-            await self._publish(topic, encode(reply), 1, incoming.correlation_data, REPLY_EXPIRY_S)
+            payload = encode_compact(reply) if is_compact(incoming.payload) else encode(reply)
+            await self._publish(topic, payload, 1, incoming.correlation_data, REPLY_EXPIRY_S)
         except MqttError as exc:
             self.stats.failed += 1
             log.warning("clock reply not published device=%s/%s error=%s", request.fleet_id, request.device_id, exc)

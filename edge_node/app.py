@@ -40,7 +40,7 @@ from edge_node.uplink.clock import ClockSync
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox
 from edge_node.uplink.outbox.sent import Confirming
-from edge_node.uplink.wire import device_wire
+from edge_node.uplink.wire import Wire, device_wire
 from schemas import Channel, ClockReply, Confirm, DecodeError, EscalationReply, ModelTopic, Providers, decode
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class EdgeNode:
         self.link: Link | None = None
         self.reporter: Reporter | None = None
         self.clock: ClockSync | None = None
+        self._wire: Wire | None = None
         self.ready = asyncio.Event()
         self._pipeline: Pipeline | None = None
         # Defaults to the node's SlotManager (edge_node/ota/installer.py); set before run() to replace it.
@@ -111,7 +112,7 @@ class EdgeNode:
     async def _serve(self, classifier: Classifier, outbox: Outbox) -> None:
         cfg = self.config
         dev = cfg.device
-        wire = device_wire(cfg, outbox)
+        self._wire = wire = device_wire(cfg, outbox)
         self.clock = clock = ClockSync(wire, dev.fleet_id, dev.device_id)
         self.reporter = reporter = Reporter(cfg, wire, outbox, clock, self._classifier, self.stats)
         escalations = Escalations(cfg.routing.max_outstanding)
@@ -136,7 +137,7 @@ class EdgeNode:
             on_connected=self._ask_the_time,
         )
         self._pipeline = pipeline = Pipeline(
-            cfg, classifier, outbox, escalations, sampler, reporter.current_window, lambda: link.is_connected
+            cfg, classifier, outbox, escalations, sampler, reporter.current_window, lambda: link.is_connected, wire
         )
         reporter.pipeline = pipeline
         assert self._boot is not None
@@ -186,6 +187,7 @@ class EdgeNode:
             ota_task.cancel()  # an unfinished download resumes from its bitmap on the next run
             await queue.join()
             await escalations.wait_idle()
+            await pipeline.flush_results()
             pipe_task.cancel()
             await slots.close()  # a clean stop does not count toward the crash-loop limit
             slots_task.cancel()
@@ -288,17 +290,24 @@ class EdgeNode:
                 self.stats.late_replies += 1
         elif where.channel is Channel.CONFIRM:
             self._confirmed(message.payload)
-        elif where.channel is Channel.CLOCK_REPLY and self.clock is not None:
-            try:
-                self.clock.on_reply(decode(message.payload, ClockReply), received=time.time())
-            except DecodeError as exc:
-                log.warning("bad clock reply topic=%s error=%s", message.topic, exc)
+        elif where.channel is Channel.CLOCK_REPLY:
+            self._clock_reply(message.payload)
         elif where.channel is Channel.INPUT and self._mqtt_source is not None:
             self._mqtt_source.offer(message.payload, message.topic)
         elif where.channel is Channel.CMD and self.ota is not None:
             # The link acks the MQTT message once this finished: a crash before leaves it redelivered.
             return self.ota.on_command(message)
         return None
+
+    def _clock_reply(self, payload: bytes) -> None:
+        """The cloud's time, and which encodings it reads (the wire may switch to compact)."""
+        try:
+            reply = decode(payload, ClockReply)
+        except DecodeError as exc:
+            log.warning("bad clock reply dropped: %s", exc)
+            return
+        if self.clock is not None and self.clock.on_reply(reply, received=time.time()) and self._wire is not None:
+            self._wire.cloud_reads(reply.accepts)
 
     def _confirmed(self, payload: bytes) -> None:
         """A cloud bridge stored these messages: they leave the outbox."""

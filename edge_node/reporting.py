@@ -110,6 +110,7 @@ class Reporter:
             started_at=self._started_at,
             connection=connection,
             outbox_epoch=self._outbox.epoch,
+            accepts=self._wire.accepts,
         )
         if reason == "connection_lost":
             topic = self._wire.topic[Channel.STATUS]

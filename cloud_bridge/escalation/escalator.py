@@ -31,6 +31,7 @@ from cloud_bridge.workqueue import WorkQueue
 from common.numeric import softmax
 from common.onnx import CPU, load_model
 from schemas.codec import decode_for_topic, encode
+from schemas.compact import encode_compact, is_compact
 from schemas.errors import DecodeError
 from schemas.messages import EscalationReply, EscalationRequest, ModelRef, TopK
 from schemas.msgid import new_msg_id
@@ -263,9 +264,13 @@ class Escalator:
         request = pending.request
         reply = self._make_reply(pending, prediction, done, error)
         incoming = pending.incoming
-        topic = incoming.response_topic or request.reply_to
+        # Always the device's own reply topic, whatever Response Topic or reply_to it named: a device
+        # must not be able to make the bridge publish anywhere else. The reply is in the request's
+        # encoding (a device that wrote compact reads it).
+        topic = self._topics.device(request.fleet_id, request.device_id, Channel.ESCALATE_REPLY)
+        payload = encode_compact(reply) if is_compact(incoming.payload) else encode(reply)
         try:
-            await self._publish(topic, encode(reply), 1, incoming.correlation_data)
+            await self._publish(topic, payload, 1, incoming.correlation_data)
         except MqttError as exc:
             # Not acked: the broker redelivers the request on the next connection.
             self.stats.publish_failed += 1

@@ -29,6 +29,7 @@ import orjson
 
 from cloud_bridge.errors import MqttError
 from schemas.codec import encode
+from schemas.compact import ENCODING, encode_compact
 from schemas.messages import Confirm
 from schemas.msgid import new_msg_id
 from schemas.topics import Channel, Topics
@@ -81,18 +82,20 @@ class Confirmer:
         self._publish = publish
         self._interval_s = interval_s
         self._max_devices = max_devices
-        self._epochs: OrderedDict[Key, tuple[int, str]] = OrderedDict()  # -> (status order, epoch)
+        # -> (status order, epoch, whether the device reads the compact encoding)
+        self._epochs: OrderedDict[Key, tuple[int, str, bool]] = OrderedDict()
         self._pending: dict[Key, list[int]] = {}
         self._waiting: dict[Key, int] = {}  # rounds a device's seqs waited for its epoch
         self.stats = ConfirmStats()
 
-    def epoch_seen(self, key: Key, epoch: str, order: int | None) -> None:
-        """A status/1 named the device's outbox; a later connection's status wins over an earlier one."""
+    def epoch_seen(self, key: Key, epoch: str, order: int | None, accepts: list[str] | None = None) -> None:
+        """A status/1 named the device's outbox (and what it reads); a later connection's status
+        wins over an earlier one."""
         known = self._epochs.get(key)
         rank = order if order is not None else -1
         if known is not None and rank < known[0] and known[1] != epoch:
             return  # an older status (a retained copy, another bridge's late commit)
-        self._epochs[key] = (max(rank, known[0] if known else -1), epoch)
+        self._epochs[key] = (max(rank, known[0] if known else -1), epoch, ENCODING in (accepts or ()))
         self._epochs.move_to_end(key)
         while len(self._epochs) > self._max_devices:
             self._epochs.popitem(last=False)
@@ -130,9 +133,9 @@ class Confirmer:
                     )
                 continue
             self._waiting.pop(key, None)
-            await self._send(key, known[1], ranges_of(seqs))
+            await self._send(key, known[1], ranges_of(seqs), known[2])
 
-    async def _send(self, key: Key, epoch: str, ranges: list[list[int]]) -> None:
+    async def _send(self, key: Key, epoch: str, ranges: list[list[int]], compact: bool) -> None:
         fleet_id, device_id = key
         topic = self._topics.device(fleet_id, device_id, Channel.CONFIRM)
         for start in range(0, len(ranges), MAX_RANGES):
@@ -141,7 +144,8 @@ class Confirmer:
                 msg_id=new_msg_id(), fleet_id=fleet_id, device_id=device_id, ts=time.time(), epoch=epoch, ranges=part
             )
             try:
-                await self._publish(topic, encode(message), 1, EXPIRY_S)
+                payload = encode_compact(message) if compact else encode(message)
+                await self._publish(topic, payload, 1, EXPIRY_S)
             except MqttError as exc:  # not connected, or refused: the device sends those messages again
                 self.stats.failed += 1
                 log.warning("confirmation not published device=%s/%s error=%s", fleet_id, device_id, exc)

@@ -73,6 +73,7 @@ class _Plan:
     drift: DriftRun | None = None
     received_at: float = 0.0  # when the bridge took the batch (unix seconds, its own clock)
     confirm: dict[Key, list[int]] = field(default_factory=dict)  # seqs to confirm once committed
+    samples: list[Sample] = field(default_factory=list)  # new samples, for the labelers' feed
 
 
 class Ingestor:
@@ -88,7 +89,9 @@ class Ingestor:
         drift: DriftStore | None = None,
         on_alerts: Callable[[Sequence[PendingAlert]], None] | None = None,
         confirmer: Confirmer | None = None,
+        on_samples: Callable[[list[Sample]], None] | None = None,
     ) -> None:
+        self._on_samples = on_samples
         self._drift = drift
         self._confirmer = confirmer
         self._on_alerts = on_alerts
@@ -140,6 +143,8 @@ class Ingestor:
         if self._confirmer is not None:
             for key, seqs in plan.confirm.items():
                 self._confirmer.stored(key, seqs)
+        if self._on_samples is not None and plan.samples:
+            self._on_samples(plan.samples)
         lines = plan.lines
         if plan.drift is not None:
             lines.extend(plan.drift.lines)
@@ -191,7 +196,8 @@ class Ingestor:
             if message.seq is not None:
                 plan.confirm.setdefault((message.fleet_id, message.device_id), []).append(message.seq)
             if isinstance(message, Status) and message.outbox_epoch and self._confirmer is not None:
-                self._confirmer.epoch_seen((message.fleet_id, message.device_id), message.outbox_epoch, message.order)
+                key = (message.fleet_id, message.device_id)
+                self._confirmer.epoch_seen(key, message.outbox_epoch, message.order, message.accepts)
             if message.msg_id in self._recent or message.msg_id in in_batch:
                 continue
             in_batch.add(message.msg_id)
@@ -253,6 +259,7 @@ class Ingestor:
         batch = plan.batch
         batch.rows, batch.devices, batch.hooks = {}, {}, []
         plan.lines, plan.new_ids = [], []
+        plan.samples = [m for m in messages if isinstance(m, Sample)]
         for message in messages:
             plan.new_ids.append(message.msg_id)
             add_message(batch, plan.lines, message, plan.received_at)

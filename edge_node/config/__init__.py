@@ -2,7 +2,7 @@
 `EDGE_NODE__SECTION__KEY` variables, validated section by section (common/config.py loads it).
 
 One module per group of sections, each section validated next to its fields:
-uplink ([mqtt], [outbox]), inference ([model], [routing], [sampling]), source ([source], one
+uplink ([mqtt], [outbox], [uplink]), inference ([model], [routing], [sampling]), source ([source], one
 dataclass per kind), ota ([ota]); [device] and [telemetry] are here.
 """
 
@@ -23,7 +23,7 @@ from edge_node.config.source import (
     ReplaySourceConfig,
     SourceConfig,
 )
-from edge_node.config.uplink import MqttConfig, OutboxConfig
+from edge_node.config.uplink import MqttConfig, OutboxConfig, UplinkConfig
 from edge_node.errors import ConfigError
 from schemas import TopicError, Topics, validate_id
 
@@ -64,6 +64,7 @@ class EdgeConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     source: SourceConfig = field(default_factory=MqttSourceConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
 
@@ -108,6 +109,7 @@ __all__ = [
     "SamplingConfig",
     "SourceConfig",
     "TelemetryConfig",
+    "UplinkConfig",
     "load_config",
     "validate",
 ]

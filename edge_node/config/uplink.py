@@ -1,4 +1,5 @@
-"""[mqtt] and [outbox]: how the node reaches its broker, and what it keeps while it cannot."""
+"""[mqtt], [outbox] and [uplink]: how the node reaches its broker, what it keeps while it cannot,
+and what it spends on the link."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ class OutboxConfig:
             raise ValueError("confirm_window must be at least 1")
         if not 0 < self.confirm_timeout_s <= self.confirm_timeout_max_s:
             raise ValueError("confirm_timeout_s must be > 0 and <= confirm_timeout_max_s")
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """What the node sends and how, for links billed per byte (bench/uplink.py measures each choice)."""
+
+    # auto: JSON until a cloud bridge says it reads the compact encoding (msgpack, deflated against a
+    # shared dictionary, schemas/compact.py), then compact; json / compact: always that one.
+    encoding: Literal["auto", "json", "compact"] = "auto"
+    # Answers go up as result/2 messages of up to results_max_answers, sent at the latest
+    # results_max_delay_s after the first one waited (0: one message per micro-batch).
+    results_max_answers: int = 256
+    results_max_delay_s: float = 1.0
+
+    def validate(self) -> None:
+        if not 1 <= self.results_max_answers <= 1024:
+            raise ValueError("results_max_answers must be 1-1024")
+        if not 0 <= self.results_max_delay_s <= 60:
+            raise ValueError("results_max_delay_s must be 0-60")
