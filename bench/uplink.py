@@ -34,7 +34,7 @@ from devservers.mqttwire import WireCounter
 
 DAY_S = 86_400
 RATES = (0.0, 1.0, 20.0, 100.0)  # 0 = idle
-ENCODINGS = ("json",)
+ENCODINGS = ("json", "compact")
 MB = 1_000_000
 
 
@@ -74,7 +74,7 @@ path = "{model}"
 path = "{work / name / "outbox.sqlite"}"
 [source]
 {source}"""
-        + (f'[uplink]\nencoding = "{encoding}"\n' if encoding != "json" else "")
+        + f'[uplink]\nencoding = "{"auto" if encoding == "compact" else encoding}"\n'
     )
     return path
 

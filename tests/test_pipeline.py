@@ -152,7 +152,13 @@ def test_run_cost_goes_inline_only_for_measured_cheap_batches() -> None:
 
 
 def _batch1(config: EdgeConfig) -> EdgeConfig:
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, max_batch=1))
+    """One input per model run, and one results message per batch (no coalescing over time): what
+    the tests of commit timing look at."""
+    return dataclasses.replace(_per_batch(config), model=dataclasses.replace(config.model, max_batch=1))
+
+
+def _per_batch(config: EdgeConfig) -> EdgeConfig:
+    return dataclasses.replace(config, uplink=dataclasses.replace(config.uplink, results_max_delay_s=0.0))
 
 
 @contextlib.asynccontextmanager
@@ -476,3 +482,67 @@ async def test_batches_of_an_expensive_model_are_kept_to_batch_job_s(
     rows_per_batch = int(BATCH_JOB_S / PerInput.row_s)  # at most: a run costs a bit more than its sleep
     assert spy.rows[0] == 1 and rows_per_batch - 1 <= max(spy.rows) <= rows_per_batch, spy.rows
     assert sum(spy.rows) == 40
+
+
+def _answers_per_message(outbox_path: Path) -> list[list[str]]:
+    """The answers of each results message in the outbox file, in commit order."""
+    with contextlib.closing(sqlite3.connect(outbox_path)) as db:
+        rows = db.execute("SELECT topic, payload FROM outbox WHERE topic LIKE '%/results' ORDER BY id").fetchall()
+    return [[a.inference_id for a in Answered.of(decode_for_topic(Topics(), t, p))] for t, p in rows]
+
+
+async def test_answers_share_a_message_until_it_is_full_or_old_and_finish_when_it_is_committed(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """[uplink] results_max_answers / results_max_delay_s: at a trickle of inputs, a results message
+    per micro-batch would cost more framing than answers; they wait and go together instead."""
+    config = edge_config(
+        tmp_path,
+        1,
+        demo_models["edge"].path,
+        routing={"escalate": False},
+        uplink={"results_max_answers": 40, "results_max_delay_s": 0.4},
+    )
+    queue = Intake(maxsize=64)
+    loop = asyncio.get_running_loop()
+    finished: dict[str, float] = {}
+    async with _running_pipeline(config, Classifier.load(demo_models["edge"].path), queue):
+        sent_at = loop.time()
+        for i in range(100):  # a trickle: micro-batches of about one input
+            x = digits.X_test[i].astype(np.float32)
+            await queue.put(
+                InputItem(
+                    f"in-{i}", x, loop.time(), on_done=lambda it, ok: finished.setdefault(it.input_id, loop.time())
+                )
+            )
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(queue.join(), WAIT_S)
+        joined_at = loop.time()
+    messages = _answers_per_message(config.outbox.path)
+    # Two full messages, then the rest when the first of them had waited 0.4 s: all 100, in order.
+    assert [len(m) for m in messages] == [40, 40, 20]
+    assert [i for m in messages for i in m] == [f"in-{i}" for i in range(100)]
+    # The last 20 finished only with their message (after the delay), and join waited for it.
+    assert min(finished[f"in-{i}"] for i in range(80, 100)) >= sent_at + 0.4
+    assert joined_at >= max(finished.values())
+
+
+async def test_a_switched_model_sends_the_old_models_waiting_answers_first(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    config = edge_config(
+        tmp_path, 1, demo_models["edge"].path, routing={"escalate": False}, uplink={"results_max_delay_s": 5.0}
+    )
+    queue = Intake(maxsize=64)
+    loop = asyncio.get_running_loop()
+    async with _running_pipeline(config, Classifier.load(demo_models["edge"].path), queue) as pipeline:
+        for i in range(3):
+            await queue.put(InputItem(f"old-{i}", digits.X_test[i].astype(np.float32), loop.time()))
+        await wait_for_async(lambda: pipeline.processed, 10, "3 inputs answered", until=lambda n: n >= 3)
+        pipeline.switch_model(Classifier.load(demo_models["cloud"].path))
+        for i in range(2):
+            await queue.put(InputItem(f"new-{i}", digits.X_test[i].astype(np.float32), loop.time()))
+        await wait_for_async(lambda: pipeline.processed, 10, "2 more", until=lambda n: n >= 5)
+        await pipeline.flush_results()  # what the SIGTERM drain does
+        await asyncio.wait_for(queue.join(), WAIT_S)
+    assert _answers_per_message(config.outbox.path) == [["old-0", "old-1", "old-2"], ["new-0", "new-1"]]

@@ -46,7 +46,7 @@ from edge_node.routing.router import Router
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import Window
 from edge_node.uplink.outbox import Outbox, OutMessage
-from edge_node.uplink.wire import device_wire
+from edge_node.uplink.wire import Wire, device_wire
 
 log = logging.getLogger(__name__)
 # Commits (of a group of batches each) that may still be running while the next batches are
@@ -90,7 +90,9 @@ class Pipeline:
         sampler: UncertaintySampler,
         window: Callable[[], Window],
         online: Callable[[], bool],
+        wire: Wire | None = None,
     ) -> None:
+        """`wire` encodes what routing sends (the node's one wire; a test may leave it to the config)."""
         self.config = config
         self.classifier = classifier
         self.outbox = outbox
@@ -98,12 +100,21 @@ class Pipeline:
         self.sampler = sampler
         self._window = window
         self._worker = ModelWorker()
-        answers = AnswerBuilder(config, sampler, window, device_wire(config, outbox))
+        answers = AnswerBuilder(config, sampler, window, wire or device_wire(config, outbox))
         self._router = Router(config, answers, escalations, outbox, window, online)
         self.processed = 0
-        self.outbox_errors = 0  # commits (of one batch or a group) the outbox refused, whole or in part
+        self._store_errors = 0  # commits (of one batch or a group) the outbox refused, whole or in part
         self._cost = RunCost()
         self._activity = ModelActivity()
+
+    @property
+    def outbox_errors(self) -> int:
+        """Commits the outbox refused, whole or in part (batches, and answers sent on their own)."""
+        return self._store_errors + self._router.coalescer.outbox_errors
+
+    async def flush_results(self) -> None:
+        """Commit the answers waiting to share a results message (the SIGTERM drain calls this)."""
+        await self._router.coalescer.flush()
 
     # ---- model switching ---------------------------------------------------------------------
     def switch_model(self, classifier: Classifier) -> Classifier:
@@ -148,6 +159,7 @@ class Pipeline:
         started: deque[_Started] = deque()
         commits: deque[asyncio.Task[None]] = deque()
         uncommitted: list[_Batch] = []
+        self._router.coalescer.attach(queue.hold, queue.task_done)
         try:
             async with asyncio.TaskGroup() as tasks:
                 group = CommitGroup[_Batch](
@@ -213,7 +225,7 @@ class Pipeline:
             except OutboxError as exc:
                 # The answers were given locally; only their uplink is lost (the outbox counts
                 # rejections, and telemetry reports it unavailable). The node keeps serving.
-                self.outbox_errors += 1
+                self._store_errors += 1
                 log.error(
                     "outbox refused the messages of %d batch(es) inputs=%d messages=%d: %s",
                     len(group),

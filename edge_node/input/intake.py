@@ -132,6 +132,14 @@ class Intake:
             _wake_one(self._getters)  # another consumer waiting can take the rest
         return batch
 
+    def hold(self, count: int) -> None:
+        """Keep `count` inputs unfinished a while longer: their answers wait to be committed (the
+        results coalescer); it calls `task_done` for them once they are."""
+        if count:
+            if not self._unfinished:
+                self._finished.clear()
+            self._unfinished += count
+
     def task_done(self, count: int = 1) -> None:
         """`count` inputs taken earlier are finished (answered or rejected, and committed)."""
         if count > self._unfinished:

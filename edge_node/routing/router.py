@@ -20,6 +20,7 @@ from edge_node.config import EdgeConfig
 from edge_node.inference.model import ModelInfo
 from edge_node.input.intake import InputItem, notify_done
 from edge_node.routing.answers import AnswerBuilder, Final, Row
+from edge_node.routing.coalesce import ResultCoalescer
 from edge_node.routing.confidence import BatchDecision
 from edge_node.routing.escalation import EscalationResult, Escalations
 from edge_node.telemetry import Window
@@ -41,6 +42,8 @@ class Router:
     ) -> None:
         self.config = config
         self.answers = answers
+        up = config.uplink
+        self.coalescer = ResultCoalescer(answers, outbox, up.results_max_answers, up.results_max_delay_s)
         self.escalations = escalations
         self.outbox = outbox
         self._window = window
@@ -93,9 +96,14 @@ class Router:
             more = answers.final_answers(finals, now)
             if more:  # one message, in the inputs' order
                 given = [a for _, a in sorted(zip(edge + fallback, given + more, strict=True), key=_first)]
+        answered = edge_items + [f.row.item for f in finals]
+        if given and self.coalescer.enabled:
+            # The answers wait to share a message; their inputs finish when it is committed.
+            self.coalescer.add(info, given, answered)
+            return out, []
         if given:
             out += answers.results(info, given)
-        return out, edge_items + [f.row.item for f in finals]
+        return out, answered
 
     def _escalate(self, row: Row, tasks: asyncio.TaskGroup) -> OutMessage | None:
         """Reserve a slot and build the request; the wait for its reply runs as its own task."""
@@ -113,6 +121,9 @@ class Router:
         result = await self.escalations.wait(row.item.input_id, future, deadline)
         final = self._after_escalation(row, result)
         answers = self.answers.final_answers([final], asyncio.get_running_loop().time())
+        if answers and self.coalescer.enabled:
+            self.coalescer.add(row.info, answers, [row.item])
+            return
         out = self.answers.results(row.info, answers) if answers else []
         if out:
             await self.outbox.put_many(out)
