@@ -287,8 +287,9 @@ async def _shared(checks: Checklist, config: BridgeConfig, probe: MqttProbe) -> 
         checks.fail(
             SHARED,
             f"a QoS 1 message to {topic} did not arrive through $share/{group}/ within {SHARED_WAIT_S:g}s",
-            "use a broker that delivers shared subscriptions (Mosquitto 1.6+), or set [fleet] shared = false "
-            "when only one bridge runs",
+            f"let the bridge's user read and write {fleet.prefix}/# (mosquitto/acl: a broker grants a subscription "
+            "its ACL then starves), on a broker that delivers shared subscriptions (Mosquitto 1.6+); or set "
+            "[fleet] shared = false when only one bridge runs",
         )
         return
     checks.ok(SHARED, f"$share/{fleet.share_group}/... delivers (probe on $share/{group}/)")

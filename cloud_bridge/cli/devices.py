@@ -1,9 +1,9 @@
 """`cloud-bridge devices`: the fleet as the registry sees it, one line per device.
 
 Online state, model and last-seen time come from the `devices` table; outbox depth and rates from
-the device's telemetry windows of the last `--recent` seconds. One SQL statement does the work (a
-grouped scan of the recent windows by the `window_end` index, joined to the devices): a registry of
-10,000 devices answers in well under a second.
+the device's telemetry windows of the last `--recent` seconds. One SQL statement does the work (one
+pass over the recent windows by the `window_end` index, partitioned by device, joined to the
+devices): a registry of 10,000 devices answers in about a second.
 """
 
 from __future__ import annotations
@@ -64,21 +64,24 @@ async def fleet_devices(
     """Every device (of `fleet`; online or not) with its telemetry rates over the last `recent_s`."""
     d = cast(Table, Device.__table__)
     t = cast(Table, TelemetryRow.__table__)
-    escalated = t.c.body[("escalations", "sent")].as_integer()
-    window = (
+    # One pass over the recent windows (the window_end index), partitioned by device: totals over
+    # the partition, and the outbox depth of its latest window (rank 1). No join back to telemetry,
+    # whose plan would depend on how many windows share an end time.
+    device = [t.c.fleet_id, t.c.device_id]
+    ranked = (
         select(
             t.c.fleet_id,
             t.c.device_id,
-            func.sum(t.c.count).label("inputs"),
-            func.sum(escalated).label("escalated"),
-            func.sum(t.c.window_end - t.c.window_start).label("span"),
-            func.max(t.c.window_end).label("last_end"),
+            func.sum(t.c.count).over(partition_by=device).label("inputs"),
+            func.sum(t.c.body[("escalations", "sent")].as_integer()).over(partition_by=device).label("escalated"),
+            func.sum(t.c.window_end - t.c.window_start).over(partition_by=device).label("span"),
+            t.c.body[("outbox", "depth")].as_integer().label("outbox_depth"),
+            func.row_number().over(partition_by=device, order_by=t.c.window_end.desc()).label("rank"),
         )
         .where(t.c.window_end >= now - recent_s)
-        .group_by(t.c.fleet_id, t.c.device_id)
         .subquery()
     )
-    latest = t.alias("latest")
+    recent = select(ranked).where(ranked.c.rank == 1).subquery()
     query = (
         select(
             d.c.fleet_id,
@@ -87,21 +90,13 @@ async def fleet_devices(
             d.c.last_seen,
             d.c.model_name,
             d.c.model_version,
-            window.c.inputs,
-            window.c.escalated,
-            window.c.span,
-            latest.c.body[("outbox", "depth")].as_integer().label("outbox_depth"),
+            recent.c.inputs,
+            recent.c.escalated,
+            recent.c.span,
+            recent.c.outbox_depth,
         )
         .select_from(d)
-        .outerjoin(window, and_(window.c.fleet_id == d.c.fleet_id, window.c.device_id == d.c.device_id))
-        .outerjoin(
-            latest,
-            and_(
-                latest.c.fleet_id == d.c.fleet_id,
-                latest.c.device_id == d.c.device_id,
-                latest.c.window_end == window.c.last_end,
-            ),
-        )
+        .outerjoin(recent, and_(recent.c.fleet_id == d.c.fleet_id, recent.c.device_id == d.c.device_id))
         .order_by(d.c.fleet_id, d.c.device_id)
     )
     if fleet is not None:
@@ -112,8 +107,6 @@ async def fleet_devices(
         result = await conn.execute(query)
         out: list[dict[str, Any]] = []
         for r in result:
-            if out and (out[-1]["fleet_id"], out[-1]["device_id"]) == (r.fleet_id, r.device_id):
-                continue  # two windows ending at the same instant: keep one
             span = float(r.span or 0.0)
             out.append(
                 {
