@@ -36,6 +36,7 @@ from edge_node.ota.installer import InstallPolicy, SlotManager
 from edge_node.ota.slots import SlotStore
 from edge_node.routing.escalation import Escalations
 from edge_node.routing.sampling import UncertaintySampler
+from edge_node.status import StatusLine
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
@@ -78,6 +79,7 @@ class EdgeNode:
         self.outbox: Outbox | None = None
         self.link: Link | None = None
         self.window: Window | None = None
+        self.status: StatusLine | None = None
         self.ready = asyncio.Event()
         self._drops = _Deltas()
         self._pipeline: Pipeline | None = None
@@ -182,7 +184,16 @@ class EdgeNode:
             cfg.mqtt.host,
             cfg.mqtt.port,
         )
+        if cfg.node.status_interval_s > 0:
+            self.status = StatusLine(
+                cfg.node.status_interval_s,
+                outbox,
+                lambda: link.is_connected,
+                lambda: link.stats.published,
+                self._current_window,
+            )
         async with asyncio.TaskGroup() as tg:
+            status_task = tg.create_task(self.status.run(), name="status") if self.status is not None else None
             link_task = tg.create_task(link.run(), name="link")
             pipe_task = tg.create_task(pipeline.run(queue), name="pipeline")
             tele_task = tg.create_task(self._telemetry_loop(ctx, probe, sampler), name="telemetry")
@@ -206,6 +217,8 @@ class EdgeNode:
             await outbox.put(self._status("offline", "shutdown"))
             await link.close(DRAIN_TIMEOUT_S)
             link_task.cancel()
+            if status_task is not None:
+                status_task.cancel()
         log.info("edge node stopped processed=%d outbox_depth=%d", pipeline.processed, outbox.depth)
 
     def _model_files(self) -> list[Path]:
@@ -340,6 +353,8 @@ class EdgeNode:
         assert self.window is not None and self.outbox is not None and self.classifier is not None
         window, now = self.window, time.time()
         self.window = Window(self.config.telemetry.max_features, now)
+        if self.status is not None:
+            self.status.closed(window)
         if self._mqtt_source is not None and self._mqtt_source.overloaded:
             window.rejected["overloaded"] += self._mqtt_source.overloaded
             self._mqtt_source.overloaded = 0
