@@ -4,8 +4,10 @@ keeps its UUIDv7."""
 
 from __future__ import annotations
 
+import re
 import time
 import typing
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 from edge_node.input.intake import Intake
 from edge_node.input.sources import InputIds, MqttInputSource
-from schemas import Input, encode_tensor
+from schemas import Input, decode, decode_tensor, encode_tensor
 from schemas.messages import ALL_MESSAGES
 from schemas.msgid import MSG_ID_PATTERN
 
@@ -57,3 +59,11 @@ def test_every_message_but_input_keeps_uuid7_ids() -> None:
             assert meta.pattern != MSG_ID_PATTERN and meta.max_length == 128
         else:
             assert meta.pattern == MSG_ID_PATTERN, message
+
+
+def test_the_readme_input_example_decodes() -> None:
+    """README's one-line publisher sends an input/1 the device takes as it is."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (body,) = re.findall(r"mosquitto_pub .* -t fleet/demo/pi-0001/input -m '(.*)'", readme)
+    message = decode(body.encode(), Input)
+    assert message.msg_id == "cam-7-000123" and decode_tensor(message.tensor).shape == (64,)
