@@ -17,14 +17,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud_bridge.clock import CLOCK_SUFFIX, ClockServer, clock_filter
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
+from cloud_bridge.errors import BridgeError
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
 from cloud_bridge.ingest.admission import ingest_filters
+from cloud_bridge.ingest.confirm import Confirmer
 from cloud_bridge.ingest.ingestor import Ingestor
 from cloud_bridge.models.store import ModelStore
-from cloud_bridge.mqtt import Incoming, MqttConnection
+from cloud_bridge.mqtt import Incoming, MqttConnection, SharedProbe
 from cloud_bridge.ota.commands import CommandSender
 from cloud_bridge.ota.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, delivery_filter
 from cloud_bridge.ota.deltas import DeltaStore
@@ -61,7 +64,10 @@ class Bridge:
         self._alerts_task: asyncio.Task[None] | None = None
         self.escalator: Escalator | None = None
         self.ingestor: Ingestor | None = None
+        self.confirmer: Confirmer | None = None
+        self.clock: ClockServer | None = None
         self.mqtt: MqttConnection | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.models = ModelStore(config.model_store_dir, self.registry)
         self.deltas = DeltaStore(self.models, config.ota.delta_max_fraction)
         self.chunks: ChunkServer | None = None
@@ -87,7 +93,13 @@ class Bridge:
             model = await asyncio.to_thread(CloudModel, Path(cfg.escalation.model), cfg.escalation.providers)
             subscriptions.append((escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
         subscriptions.append((delivery_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
-        self.mqtt = MqttConnection(cfg.mqtt, subscriptions, self._dispatch)
+        subscriptions.append((clock_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
+        probe = SharedProbe(
+            cfg.fleet.share_group, f"{self.topics.prefix}/_probe/{cfg.mqtt.client_id}", cfg.fleet.shared_fallback
+        )
+        self.mqtt = MqttConnection(cfg.mqtt, subscriptions, self._dispatch, probe)
+        self.confirmer = Confirmer(self.topics, self._publish_expiring, cfg.ingest.confirm_interval_s)
+        self.clock = ClockServer(self.topics, self._publish_reply, self.mqtt.ack)
         self._setup_ota(self.mqtt)
         if cfg.rollout.enabled:
             # The owner id is per process: a restarted bridge re-claims only after its old lease expires
@@ -103,6 +115,7 @@ class Bridge:
             self.tsdb,
             drift=self.drift,
             on_alerts=self.alerts.submit if self.alerts is not None else None,
+            confirmer=self.confirmer,
         )
         if model is not None:
             self.escalator = Escalator(self.topics, model, cfg.escalation, self._publish, self.mqtt.ack)
@@ -127,9 +140,14 @@ class Bridge:
                     workers.append(tg.create_task(self.rollouts.run(self.ready), name="rollouts"))
                 tsdb_task = tg.create_task(self.tsdb.run()) if self.tsdb is not None else None
                 status_task = tg.create_task(self._status_loop())
+                confirm_task = tg.create_task(self.confirmer.run(), name="confirmations")
                 await self._stop.wait()
-                await self._drain(workers, tsdb_task)
+                await self._drain(workers, tsdb_task, confirm_task)
                 status_task.cancel()
+        except* BridgeError as group:
+            # A task refused to go on (e.g. a broker that ignores $share with fallback off): surface the
+            # bridge's own error, which the CLI prints with its fix, not an exception group.
+            raise group.exceptions[0] from None
         finally:
             if self.tsdb is not None:
                 self.tsdb.dispose()
@@ -139,6 +157,16 @@ class Bridge:
     async def _publish(self, topic: str, payload: bytes, qos: int, correlation: bytes | None) -> None:
         assert self.mqtt is not None
         await self.mqtt.publish(topic, payload, qos, correlation)
+
+    async def _publish_expiring(self, topic: str, payload: bytes, qos: int, expiry_s: int | None) -> None:
+        assert self.mqtt is not None
+        await self.mqtt.publish(topic, payload, qos, message_expiry_s=expiry_s)
+
+    async def _publish_reply(
+        self, topic: str, payload: bytes, qos: int, correlation: bytes | None, expiry_s: int | None
+    ) -> None:
+        assert self.mqtt is not None
+        await self.mqtt.publish(topic, payload, qos, correlation, message_expiry_s=expiry_s)
 
     async def _setup_drift(self) -> None:
         drift = self.config.drift
@@ -197,10 +225,19 @@ class Bridge:
             self.escalator.submit(incoming)
         elif incoming.topic.endswith(MODEL_REQUEST_SUFFIX) and self.chunks is not None:
             self.chunks.submit(incoming)
+        elif incoming.topic.endswith(CLOCK_SUFFIX) and self.clock is not None:
+            task = asyncio.get_running_loop().create_task(self.clock.answer(incoming))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif self.ingestor is not None:
             self.ingestor.submit(incoming)
 
-    async def _drain(self, workers: list[asyncio.Task[None]], tsdb_task: asyncio.Task[None] | None) -> None:
+    async def _drain(
+        self,
+        workers: list[asyncio.Task[None]],
+        tsdb_task: asyncio.Task[None] | None,
+        confirm_task: asyncio.Task[None],
+    ) -> None:
         log.info("bridge draining")
         assert self.ingestor is not None and self.mqtt is not None
         await self.ingestor.close()
@@ -215,6 +252,9 @@ class Bridge:
             log.warning("drain timed out, cancelling worker task=%s", task.get_name())
             task.cancel()
         await self._drain_alerts()
+        confirm_task.cancel()
+        if self.confirmer is not None:
+            await self.confirmer.flush()  # what ingestion stored last: devices may delete it now
         await self.flush_agreement()
         if self.tsdb is not None and tsdb_task is not None:
             await self.tsdb.close()

@@ -30,6 +30,7 @@ from cloud_bridge.errors import ConfigError, MqttError
 from common.backoff import Backoff
 from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
 from common.tls import client_context
+from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,35 @@ class Incoming:
 MessageHandler = Callable[[Incoming], None]
 
 
+@dataclass(frozen=True, slots=True)
+class SharedProbe:
+    """Checks that the broker delivers shared subscriptions: a message published to `topic` must come
+    back through `$share/<group>/<topic>`. Some brokers ignore `$share` (amqtt, MQTT 3.1.1 only: the
+    subscription silently matches nothing), and then nothing reaches the bridge at all. `fallback`:
+    subscribe without `$share` instead (every bridge then takes every message; the registry's msg_id
+    dedup keeps them right) rather than refuse to run."""
+
+    group: str
+    topic: str
+    fallback: bool
+    wait_s: float = 3.0
+
+
 class MqttConnection:
     """One paho client on the running event loop, reconnecting with backoff until `close()`."""
 
-    def __init__(self, config: MqttConfig, subscriptions: list[tuple[str, int]], on_message: MessageHandler) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        subscriptions: list[tuple[str, int]],
+        on_message: MessageHandler,
+        probe: SharedProbe | None = None,
+    ) -> None:
         self._config = config
         self._subscriptions = subscriptions
+        self._probe = probe if any(f.startswith("$share/") for f, _ in subscriptions) else None
+        self._probe_seen = asyncio.Event()
+        self.sessions_lost = 0  # reconnects whose session the broker had not kept
         self._on_message_cb = on_message
         self._loop = asyncio.get_running_loop()
         self._v5 = config.protocol == "mqtt5"
@@ -80,6 +104,7 @@ class MqttConnection:
         self._connect_error: str | None = None
         self._session_ready = asyncio.Condition()
         self._ready_generation = 0
+        self._session_present = False
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -175,6 +200,8 @@ class MqttConnection:
             await self._wait_either(self._subscribed, cfg.keepalive)
             if not self._subscribed.is_set():
                 raise MqttError("broker did not acknowledge the subscription")
+        if self._probe is not None:
+            await self._check_shared(self._probe)
         async with self._session_ready:
             self._ready_generation = self._generation
             self._session_ready.notify_all()
@@ -186,6 +213,42 @@ class MqttConnection:
             self._generation,
             len(self._subscriptions),
         )
+
+    async def _check_shared(self, probe: SharedProbe) -> None:
+        """Publish to the probe topic and wait for it through `$share` (see SharedProbe)."""
+        self._probe_seen.clear()
+        shared = Topics.shared(probe.group, probe.topic)
+        self._client.subscribe(shared, qos=1)
+        await self.publish(probe.topic, b"probe", qos=1)
+        try:
+            await asyncio.wait_for(self._probe_seen.wait(), probe.wait_s)
+            return
+        except TimeoutError:
+            pass
+        finally:
+            self._client.unsubscribe(shared)
+        where = f"{self._config.host}:{self._config.port}"
+        if not probe.fallback:
+            raise ConfigError(
+                f"the broker at {where} does not deliver shared subscriptions ($share/...): nothing would reach "
+                "this bridge; use a broker with MQTT 5 shared subscriptions, or set [fleet] shared = false "
+                "(every bridge then takes every message), or [fleet] shared_fallback = true"
+            )
+        log.error(
+            "the broker at %s does not deliver shared subscriptions: subscribing without $share instead "
+            "(every bridge takes every message; dedup keeps the registry right)",
+            where,
+        )
+        self._probe = None
+        self._client.unsubscribe([f for f, _ in self._subscriptions if f.startswith("$share/")])
+        self._subscriptions = [
+            (f.split("/", 2)[2] if f.startswith("$share/") else f, q) for f, q in self._subscriptions
+        ]
+        self._subscribed.clear()
+        result, self._pending_sub_mid = self._client.subscribe(self._subscriptions)
+        if result != paho.MQTT_ERR_SUCCESS:
+            raise MqttError(f"subscribe failed: {paho.error_string(result)}")
+        await self._wait_either(self._subscribed, self._config.keepalive)
 
     async def _wait_either(self, event: asyncio.Event, limit_s: float) -> None:
         waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._disconnected.wait())}
@@ -257,6 +320,12 @@ class MqttConnection:
             self._connect_error = str(classify_connack(reason))
             self._disconnected.set()
             return
+        if self._generation and self._v5 and not flags.session_present:
+            # The broker forgot this bridge's session (restarted without persistence, or the session
+            # expired): what devices published meanwhile was queued for nobody. Devices with confirmed
+            # delivery send it again; the count says it happened.
+            self.sessions_lost += 1
+            log.warning("mqtt session not kept by the broker: messages published while away were not queued")
         self._generation += 1
         self._connected.set()
 
@@ -272,6 +341,11 @@ class MqttConnection:
             log.warning("mqtt disconnected reason=%s", reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self._probe is not None and msg.topic == self._probe.topic:
+            self._probe_seen.set()
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
         response_topic: str | None = None
         correlation: bytes | None = None
         props = getattr(msg, "properties", None)

@@ -16,11 +16,8 @@ import logging
 import time
 from collections.abc import Awaitable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from edge_node import __version__
 from edge_node.config import EdgeConfig
 from edge_node.errors import OutboxError
 from edge_node.inference.batching import intake_bound
@@ -34,37 +31,21 @@ from edge_node.ota.agent import Installer, OtaAgent, build_agent
 from edge_node.ota.boot import Boot, boot_slots
 from edge_node.ota.installer import InstallPolicy, SlotManager
 from edge_node.ota.slots import SlotStore
+from edge_node.reporting import NodeStats, Reporter
 from edge_node.routing.escalation import Escalations
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.status import StatusLine
-from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
+from edge_node.telemetry import ResourceProbe, TelemetryContext, Window
+from edge_node.uplink.clock import RETRY_S as CLOCK_RETRY_S
+from edge_node.uplink.clock import ClockSync
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
-from edge_node.uplink.outbox import Outbox, OutMessage, Priority
-from schemas import (
-    Channel,
-    DecodeError,
-    EscalationReply,
-    ModelTopic,
-    OutboxStats,
-    Providers,
-    Status,
-    decode,
-    encode,
-    new_msg_id,
-)
+from edge_node.uplink.outbox import Outbox
+from edge_node.uplink.outbox.sent import Confirming
+from edge_node.uplink.wire import device_wire
+from schemas import Channel, ClockReply, Confirm, DecodeError, EscalationReply, ModelTopic, Providers, decode
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0
-
-
-@dataclass
-class NodeStats:
-    """What the node did since it started (for logs, tests and the demo summary)."""
-
-    windows: int = 0
-    late_replies: int = 0
-    outbox_errors: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class EdgeNode:
@@ -73,17 +54,14 @@ class EdgeNode:
         self.topics = config.topics
         self.stats = NodeStats()
         self._stop = asyncio.Event()
-        self._started_at = time.time()
-        self._seq = 0
         self.classifier: Classifier | None = None
         self.outbox: Outbox | None = None
         self.link: Link | None = None
-        self.window: Window | None = None
+        self.reporter: Reporter | None = None
         self.status: StatusLine | None = None
+        self.clock: ClockSync | None = None
         self.ready = asyncio.Event()
-        self._drops = _Deltas()
         self._pipeline: Pipeline | None = None
-        self._write_errors_reported = 0
         # Defaults to the node's SlotManager (edge_node/ota/installer.py); set before run() to replace it.
         self.installer: Installer | None = None
         self.ota: OtaAgent | None = None
@@ -119,10 +97,14 @@ class EdgeNode:
             list(info.feature_shape),
             list(self.classifier.providers.active),
         )
-        self.outbox = await Outbox.open(cfg.outbox.path, cfg.outbox.max_bytes, synchronous=cfg.outbox.synchronous)
-        # Drop counters in the file are totals since it was created; telemetry reports this run's.
-        self._drops.delta("evicted", self.outbox.evicted)
-        self._drops.delta("expired", self.outbox.expired)
+        ob = cfg.outbox
+        confirming = Confirming(ob.confirm_window, ob.confirm_timeout_s, ob.confirm_timeout_max_s)
+        self.outbox = await Outbox.open(
+            ob.path,
+            ob.max_bytes,
+            synchronous=ob.synchronous,
+            confirming=confirming if ob.delivery == "confirmed" else None,
+        )
         try:
             await self._serve(self.classifier, self.outbox)
         finally:
@@ -131,7 +113,9 @@ class EdgeNode:
     async def _serve(self, classifier: Classifier, outbox: Outbox) -> None:
         cfg = self.config
         dev = cfg.device
-        self.window = Window(cfg.telemetry.max_features, time.time())
+        wire = device_wire(cfg, outbox)
+        self.clock = clock = ClockSync(wire, dev.fleet_id, dev.device_id)
+        self.reporter = reporter = Reporter(cfg, wire, outbox, clock, self._classifier, self.stats)
         escalations = Escalations(cfg.routing.max_outstanding)
         sampler = UncertaintySampler(
             cfg.sampling.entropy_threshold, cfg.sampling.margin_threshold, cfg.sampling.max_per_minute
@@ -142,30 +126,44 @@ class EdgeNode:
         source = self._make_source(queue, ids)
         self._escalations = escalations
         self._mqtt_source = source if isinstance(source, MqttInputSource) else None
+        if self._mqtt_source is not None:
+            reporter.overloaded = self._mqtt_source.take_overloaded
         self.link = link = Link(
             self._link_config(),
             outbox,
-            will=lambda connection: self._status("offline", "connection_lost", connection),
-            birth=lambda connection: self._status("online", "connected", connection),
+            will=lambda connection: reporter.status("offline", "connection_lost", connection),
+            birth=lambda connection: reporter.status("online", "connected", connection),
             subscriptions=self._subscriptions(),
             on_message=self._on_message,
+            on_connected=self._ask_the_time,
         )
         self._pipeline = pipeline = Pipeline(
-            cfg, classifier, outbox, escalations, sampler, self._current_window, lambda: link.is_connected
+            cfg, classifier, outbox, escalations, sampler, reporter.current_window, lambda: link.is_connected
         )
+        reporter.pipeline = pipeline
+        if cfg.node.status_interval_s > 0:
+            self.status = StatusLine(
+                cfg.node.status_interval_s,
+                outbox,
+                lambda: link.is_connected,
+                lambda: link.stats.published,
+                reporter.current_window,
+            )
+            reporter.closed = self.status.closed
         assert self._boot is not None
         self.slots = slots = SlotManager(
             self._slot_store,
             self._boot,
             pipeline,
-            CommandAcks(outbox, self.topics, dev.fleet_id, dev.device_id),
+            CommandAcks(outbox, wire, dev.fleet_id, dev.device_id),
             self._load_model,
             InstallPolicy.from_config(cfg.ota),
             on_switch=self._model_switched,
         )
         if self.installer is None:
             self.installer = slots
-        self.ota = build_agent(cfg, outbox, link, self.installer, self._model_files)
+        acks = CommandAcks(outbox, wire, dev.fleet_id, dev.device_id)
+        self.ota = build_agent(cfg, outbox, acks, link, self.installer, self._model_files)
         probe = ResourceProbe()
         ctx = TelemetryContext(
             dev.fleet_id,
@@ -184,19 +182,12 @@ class EdgeNode:
             cfg.mqtt.host,
             cfg.mqtt.port,
         )
-        if cfg.node.status_interval_s > 0:
-            self.status = StatusLine(
-                cfg.node.status_interval_s,
-                outbox,
-                lambda: link.is_connected,
-                lambda: link.stats.published,
-                self._current_window,
-            )
         async with asyncio.TaskGroup() as tg:
             status_task = tg.create_task(self.status.run(), name="status") if self.status is not None else None
             link_task = tg.create_task(link.run(), name="link")
             pipe_task = tg.create_task(pipeline.run(queue), name="pipeline")
-            tele_task = tg.create_task(self._telemetry_loop(ctx, probe, sampler), name="telemetry")
+            tele_task = tg.create_task(reporter.run(ctx, probe, sampler), name="telemetry")
+            clock_task = tg.create_task(self._clock_loop(), name="clock")
             src_task = tg.create_task(source.run(), name="source")
             ota_task = tg.create_task(self.ota.run(), name="ota")
             slots_task = tg.create_task(slots.run(), name="slots")
@@ -211,10 +202,11 @@ class EdgeNode:
             await slots.close()  # a clean stop does not count toward the crash-loop limit
             slots_task.cancel()
             tele_task.cancel()
+            clock_task.cancel()
             with suppress(asyncio.CancelledError):
                 await tele_task
-            await self._publish_window(ctx, probe, sampler)
-            await outbox.put(self._status("offline", "shutdown"))
+            await reporter.publish_window(ctx, probe, sampler)
+            await outbox.put(reporter.status("offline", "shutdown", link.connection or None))
             await link.close(DRAIN_TIMEOUT_S)
             link_task.cancel()
             if status_task is not None:
@@ -235,14 +227,20 @@ class EdgeNode:
         self.classifier = classifier
         assert self.outbox is not None
         try:
-            await self.outbox.put(self._status("online", "connected"))
+            assert self.reporter is not None and self.link is not None
+            await self.outbox.put(self.reporter.status("online", "connected", self.link.connection or None))
         except OutboxError as exc:
             self.stats.outbox_errors += 1
             log.error("status after the model switch not stored: %s", exc)
 
-    def _current_window(self) -> Window:
-        assert self.window is not None
-        return self.window
+    def _classifier(self) -> Classifier:
+        assert self.classifier is not None
+        return self.classifier
+
+    @property
+    def window(self) -> Window | None:
+        """The telemetry window being filled now."""
+        return self.reporter.window if self.reporter is not None else None
 
     def _make_source(self, queue: Intake, ids: InputIds) -> Source:
         src = self.config.source
@@ -275,42 +273,12 @@ class EdgeNode:
     def _subscriptions(self) -> list[tuple[str, int]]:
         dev = self.config.device
         subs = [
-            (self.topics.device(dev.fleet_id, dev.device_id, Channel.ESCALATE_REPLY), 1),
-            (self.topics.device(dev.fleet_id, dev.device_id, Channel.CMD), 1),
+            (self.topics.device(dev.fleet_id, dev.device_id, channel), 1)
+            for channel in (Channel.ESCALATE_REPLY, Channel.CMD, Channel.CONFIRM, Channel.CLOCK_REPLY)
         ]
         if self.config.source.kind == "mqtt":
             subs.append((self.topics.device(dev.fleet_id, dev.device_id, Channel.INPUT), 1))
         return subs
-
-    def _status(
-        self,
-        state: Literal["online", "offline"],
-        reason: Literal["connected", "shutdown", "connection_lost"],
-        connection: int | None = None,
-    ) -> OutMessage:
-        """The retained status message; `connection` defaults to the link's current connection."""
-        dev = self.config.device
-        assert self.classifier is not None
-        status = Status(
-            msg_id=new_msg_id(),
-            fleet_id=dev.fleet_id,
-            device_id=dev.device_id,
-            ts=time.time(),
-            state=state,
-            reason=reason,
-            model=self.classifier.info.ref,
-            providers=list(self.classifier.providers.active),
-            software=__version__,
-            started_at=self._started_at,
-            connection=connection if connection is not None else (self.link.connection if self.link else None),
-        )
-        return OutMessage(
-            topic=self.topics.device(dev.fleet_id, dev.device_id, Channel.STATUS),
-            payload=encode(status),
-            priority=Priority.CONTROL,
-            msg_id=status.msg_id,
-            retain=True,
-        )
 
     # ---- inbound -----------------------------------------------------------------------------
     def _on_message(self, message: IncomingMessage) -> Awaitable[None] | None:
@@ -332,6 +300,13 @@ class EdgeNode:
                 return None
             if not self._escalations.resolve(reply):
                 self.stats.late_replies += 1
+        elif where.channel is Channel.CONFIRM:
+            self._confirmed(message.payload)
+        elif where.channel is Channel.CLOCK_REPLY and self.clock is not None:
+            try:
+                self.clock.on_reply(decode(message.payload, ClockReply), received=time.time())
+            except DecodeError as exc:
+                log.warning("bad clock reply topic=%s error=%s", message.topic, exc)
         elif where.channel is Channel.INPUT and self._mqtt_source is not None:
             self._mqtt_source.offer(message.payload, message.topic)
         elif where.channel is Channel.CMD and self.ota is not None:
@@ -339,75 +314,27 @@ class EdgeNode:
             return self.ota.on_command(message)
         return None
 
-    # ---- telemetry ---------------------------------------------------------------------------
-    async def _telemetry_loop(self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler) -> None:
-        interval = self.config.telemetry.interval_s
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + interval
-        while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            next_at += interval
-            await self._publish_window(ctx, probe, sampler)
-
-    async def _publish_window(self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler) -> None:
-        assert self.window is not None and self.outbox is not None and self.classifier is not None
-        window, now = self.window, time.time()
-        self.window = Window(self.config.telemetry.max_features, now)
-        if self.status is not None:
-            self.status.closed(window)
-        if self._mqtt_source is not None and self._mqtt_source.overloaded:
-            window.rejected["overloaded"] += self._mqtt_source.overloaded
-            self._mqtt_source.overloaded = 0
-        outbox = self.outbox
-        stats = OutboxStats(
-            depth=outbox.depth,
-            bytes=outbox.bytes,
-            available=outbox.available,
-            evicted=self._drops.delta("evicted", outbox.evicted),
-            expired=self._drops.delta("expired", outbox.expired),
-            write_errors=self._write_errors(),
-        )
-        message = build_telemetry(
-            ctx,
-            self.classifier.info.ref,
-            window,
-            seq=self._seq,
-            now=now,
-            samples=sampler.take_counts(),
-            outbox=stats,
-            resources=probe.read(),
-        )
-        self._seq += 1
+    def _confirmed(self, payload: bytes) -> None:
+        """A cloud bridge stored these messages: they leave the outbox."""
         try:
-            await outbox.put(
-                OutMessage(
-                    topic=self.topics.device(ctx.fleet_id, ctx.device_id, Channel.TELEMETRY),
-                    payload=encode(message),
-                    priority=Priority.TELEMETRY,
-                    msg_id=message.msg_id,
-                )
-            )
-        except OutboxError as exc:
-            self.stats.outbox_errors += 1
-            log.error("telemetry window %d not stored: %s", message.window_seq, exc)
-        self.stats.windows += 1
+            confirm = decode(payload, Confirm)
+        except DecodeError as exc:
+            log.warning("bad confirmation dropped: %s", exc)
+            return
+        if self.outbox is not None:
+            self.outbox.confirm(confirm.epoch, [(first, last) for first, last in confirm.ranges])
 
-    def _write_errors(self) -> int:
-        """Outbox writes refused since the last window, by the pipeline and by telemetry itself."""
-        pipeline = self._pipeline
-        total = self.stats.outbox_errors + (pipeline.outbox_errors if pipeline is not None else 0)
-        delta, self._write_errors_reported = total - self._write_errors_reported, total
-        return delta
+    # ---- clock ---------------------------------------------------------------------------------
+    async def _ask_the_time(self) -> None:
+        """On every connect: a clock exchange with the cloud (the offset goes into telemetry)."""
+        if self.clock is not None and self.outbox is not None:
+            try:
+                await self.outbox.put(self.clock.request())
+            except OutboxError as exc:
+                log.warning("clock request not stored: %s", exc)
 
-
-class _Deltas:
-    """Turns the outbox's cumulative drop counters into per-window counts by class name."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, dict[Priority, int]] = {}
-
-    def delta(self, kind: str, totals: dict[Priority, int]) -> dict[str, int]:
-        last = self._last.get(kind, {})
-        self._last[kind] = dict(totals)
-        out = {p.name.lower(): n - last.get(p, 0) for p, n in totals.items()}
-        return {k: v for k, v in out.items() if v > 0}
+    async def _clock_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_RETRY_S)
+            if self.clock is not None and self.clock.due() and self.link is not None and self.link.is_connected:
+                await self._ask_the_time()

@@ -17,8 +17,11 @@ import orjson
 from schemas.errors import DecodeError, TopicError
 from schemas.messages import (
     Alert,
+    ClockReply,
+    ClockRequest,
     Command,
     CommandAck,
+    Confirm,
     Envelope,
     EscalationReply,
     EscalationRequest,
@@ -61,6 +64,9 @@ CHANNEL_TYPES: dict[Channel, type[Envelope]] = {
     Channel.CMD: Command,
     Channel.CMD_ACK: CommandAck,
     Channel.MODEL_REQUEST: ModelChunkRequest,
+    Channel.CONFIRM: Confirm,
+    Channel.CLOCK: ClockRequest,
+    Channel.CLOCK_REPLY: ClockReply,
 }
 
 # Older versions a reader still accepts on a channel, from devices not yet updated.

@@ -10,6 +10,9 @@
     {prefix}/{fleet_id}/{device_id}/cmd             commands, cloud -> device (QoS 1, persistent session)
     {prefix}/{fleet_id}/{device_id}/cmd/ack         command progress and outcome, device -> cloud
     {prefix}/{fleet_id}/{device_id}/model/request   which chunks of a model a device still needs
+    {prefix}/{fleet_id}/{device_id}/confirm         what the cloud stored, cloud -> device (QoS 1)
+    {prefix}/{fleet_id}/{device_id}/clock           clock request, device -> cloud
+    {prefix}/{fleet_id}/{device_id}/clock/reply     clock reply, cloud -> device
     {prefix}/{fleet_id}/alerts                      drift and latency alerts, cloud -> anyone
     {prefix}/{fleet_id}/models/{sha256}             chunks of one model artifact, cloud -> devices
 
@@ -48,6 +51,9 @@ class Channel(enum.StrEnum):
     CMD = "cmd"
     CMD_ACK = "cmd/ack"
     MODEL_REQUEST = "model/request"
+    CONFIRM = "confirm"
+    CLOCK = "clock"
+    CLOCK_REPLY = "clock/reply"
 
 
 ALERTS = "alerts"

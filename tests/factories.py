@@ -11,9 +11,12 @@ import numpy as np
 from schemas import (
     Alert,
     Answer,
+    ClockReply,
+    ClockRequest,
     Command,
     CommandAck,
     ConfidenceStats,
+    Confirm,
     EntropyStats,
     Envelope,
     EscalationCounts,
@@ -78,6 +81,8 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             started_at=now - 5,
             protocol="mqtt5",
             connection=1_764_000_000_000,
+            outbox_epoch="3f9a0c12d4e5b678",
+            seq=3,
         ),
         Telemetry(
             **env(),
@@ -96,7 +101,10 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             paths={"edge": 90, "cloud": 8, "edge_fallback": 2},
             escalations=EscalationCounts(sent=10, answered=8, timed_out=2, agreed=6),
             samples=SampleCounts(sent=3, skipped_budget=1),
-            outbox=OutboxStats(depth=5, bytes=1000, evicted={"samples": 1}),
+            outbox=OutboxStats(
+                depth=5, bytes=1000, evicted={"samples": 1}, delivery="confirmed", unconfirmed=4, resent=1, confirmed=90
+            ),
+            clock_offset_s=-0.012,
             resources=Resources(cpu_percent=12.5, rss_mb=70.1),
             providers=Providers(requested=["CPUExecutionProvider"], active=["CPUExecutionProvider"], fallback=False),
             features=FeatureStats(n=100, dims=64, mean=[0.5] * 64, std=[0.1] * 64),
@@ -208,4 +216,7 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
             window_end=now,
             detail="PSI 0.40 over 6 windows",
         ),
+        Confirm(**env(), epoch="3f9a0c12d4e5b678", ranges=[[1, 40], [43, 43]]),
+        ClockRequest(**env()),
+        ClockReply(**env(), request_id=cmd_id, request_ts=now - 0.2, received=now - 0.1),
     ]

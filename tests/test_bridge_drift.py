@@ -12,13 +12,22 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from sqlalchemy import insert, text
 
 from bench.drift import DigitsStream, StreamSpec
 from cloud_bridge.app import Bridge, running_bridge
-from cloud_bridge.config import BridgeConfig, FleetConfig, InfluxConfig, MqttConfig, RegistryConfig, load_config
+from cloud_bridge.config import (
+    BridgeConfig,
+    FleetConfig,
+    InfluxConfig,
+    IngestConfig,
+    MqttConfig,
+    RegistryConfig,
+    load_config,
+)
 from cloud_bridge.drift.alerts import AlertStats
 from cloud_bridge.drift.scoring import Detector, DriftSettings, KindState, Score, Transition, psi, score_all, step
 from cloud_bridge.drift.store import DriftStore, alert_id
@@ -28,6 +37,7 @@ from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import (
     AlertRow,
     Batch,
+    Device,
     DriftEpisodeRow,
     DriftStateRow,
     Registry,
@@ -591,3 +601,49 @@ async def test_a_real_edge_node_replaying_rotated_digits_raises_feature_drift(
     # Windows before the rotation began (about `stationary_windows` of them) raised nothing.
     assert ends.index(first.window_end) >= stationary_windows - 1, (first, len(ends))
     assert "feature_drift" in {a.kind for a in firing}
+
+
+def _shifted(message: Telemetry, by: float) -> Telemetry:
+    """A copy of a window, dated `by` seconds off (a device clock that is wrong), with its own msg_id."""
+    return msgspec.structs.replace(
+        message,
+        msg_id=new_msg_id(),
+        ts=message.ts + by,
+        window_start=message.window_start + by,
+        window_end=message.window_end + by,
+    )
+
+
+async def test_windows_dated_a_day_ahead_or_behind_do_not_stop_drift_scoring(
+    tmp_path: Path, mosquitto: Mosquitto, stream: DigitsStream
+) -> None:
+    """Seen before: one window a day ahead set devices.last_seen a day ahead and switched drift scoring
+    off for that device for a day (later windows counted as late redeliveries)."""
+    # Windows 10 s apart, the first 14 in the past and the rest in the next minutes (the bridge lets an
+    # hour pass here), so that a clamped window (dated its arrival) is followed by later ones, as in
+    # a live stream.
+    windows = list(
+        device_stream(stream, "dev-clock").telemetry(
+            StreamSpec(windows=30, drift_at=16, seed=4), "rotation:20", time.time() - 150
+        )
+    )
+    ahead, behind = _shifted(windows[13], 86_400.0), _shifted(windows[14], -86_400.0)
+    messages = [*windows[:14], ahead, behind, *windows[14:]]
+    config = dataclasses.replace(
+        bridge_config(tmp_path, mosquitto, "bridge-clock"), ingest=IngestConfig(max_future_s=3600.0)
+    )
+    async with running_bridge(config) as bridge:
+        await publish(mosquitto, messages)
+        await wait_stored([bridge], len(messages))
+        assert bridge.ingestor is not None and bridge.ingestor.stats.future_ts == 1
+        stored = {row["msg_id"]: row for row in await bridge.registry.rows(TelemetryRow)}
+        (device,) = await bridge.registry.rows(Device)
+        episodes = await bridge.registry.rows(DriftEpisodeRow)
+    # The window a day ahead is stored at its arrival (clamped, its length kept); the one a day
+    # behind is stored as dated; the device was not seen a day in the future.
+    assert abs(stored[ahead.msg_id]["window_end"] - time.time()) < 120
+    assert stored[ahead.msg_id]["window_end"] - stored[ahead.msg_id]["window_start"] == pytest.approx(10.0, abs=0.01)
+    assert stored[behind.msg_id]["window_end"] == pytest.approx(behind.window_end)
+    assert device["last_seen"] < time.time() + 3600
+    # ... and the rotation that began after them still raised its alerts.
+    assert {(r["kind"], r["state"]) for r in episodes} >= {("feature_drift", "firing"), ("prediction_drift", "firing")}

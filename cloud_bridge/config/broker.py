@@ -45,6 +45,9 @@ class FleetConfig:
     prefix: str = "fleet"
     share_group: str = "bridges"
     shared: bool = True
+    # When the broker does not deliver shared subscriptions (checked at every connect): subscribe
+    # without $share (true) or refuse to run (false).
+    shared_fallback: bool = True
 
     def validate(self) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cloud_bridge.drift.scoring import DriftSettings
 
@@ -16,9 +17,18 @@ class IngestConfig:
     # How long a msg_id stays in the registry for dedup: must exceed how long a message can be
     # redelivered (the bridge's session expiry plus device outbox retries).
     seen_retention_s: float = 7 * 86400
+    # How often each device is told what was stored (confirm/1): shorter frees device outboxes
+    # sooner, longer sends fewer downlink messages (one per device per interval with traffic).
+    confirm_interval_s: float = 2.0
+    # A device clock that runs ahead would date windows in the future (a day ahead once switched
+    # drift scoring off for that device for a day): a message whose ts is more than max_future_s
+    # ahead of the bridge's clock is clamped to the time it arrived (its window keeps its length),
+    # or dead-lettered; either way counted, with the reason logged.
+    max_future_s: float = 60.0
+    future_ts: Literal["clamp", "dead_letter"] = "clamp"
 
     def validate(self) -> None:
-        for name in ("dead_letter_max_bytes", "batch_max", "seen_retention_s"):
+        for name in ("dead_letter_max_bytes", "batch_max", "seen_retention_s", "confirm_interval_s", "max_future_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
 

@@ -196,6 +196,10 @@ class DriftRun:
     def _score(self, key: Key, st: KeyState, new: list[NewWindow]) -> list[Transition]:
         s = self.store.settings
         transitions: list[Transition] = []
+        # The newest window evaluated can never honestly lie in the bridge's future: if a device's
+        # clock put it there, it must not keep later windows from being scored (they would all look
+        # like late redeliveries until the bridge's clock caught up).
+        st.last_window_end = min(st.last_window_end, time.time())
         for w in sorted(new, key=lambda n: n.stats.window_end):
             bisect.insort(st.windows, w.stats, key=lambda x: x.window_end)
             if w.stats.window_end < st.last_window_end:

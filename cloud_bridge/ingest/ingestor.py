@@ -7,6 +7,10 @@ transaction (group commit), hands the telemetry lines to the TSDB writer and onl
 whole batch. Invalid payloads become dead-letter rows in the same transaction and are acked too:
 redelivering them would never make them valid.
 
+Confirmations: after the commit, the seqs of everything the batch holds durably (new messages,
+duplicates of stored ones, dead letters) go to the Confirmer (confirm.py), which tells each device
+what it may delete from its outbox; status messages tell it each device's outbox epoch.
+
 Duplicates: a bounded cache of recently stored msg_ids drops most redeliveries for free; the rest are
 found by the registry's unique msg_id inside the batch's own transaction (INSERT ... ON CONFLICT DO
 NOTHING RETURNING, `Batch.narrow`), so no pre-query is needed and two bridges that both took one
@@ -29,14 +33,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from cloud_bridge.config import IngestConfig
 from cloud_bridge.drift.store import DriftRun, DriftStore, PendingAlert
 from cloud_bridge.ingest.admission import RecentIds
-from cloud_bridge.ingest.rows import add_message, dead_letter_row
+from cloud_bridge.ingest.confirm import Confirmer, Key, seq_of
+from cloud_bridge.ingest.rows import add_message, dead_letter_row, shift_times
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.registry import Batch, Registry
 from cloud_bridge.tsdb import TsdbWriter
 from cloud_bridge.workqueue import WorkQueue
 from schemas.codec import decode_for_topic
-from schemas.errors import DecodeError
-from schemas.messages import Envelope, Sample
+from schemas.errors import DecodeError, TopicError
+from schemas.messages import Envelope, Sample, Status
 from schemas.tensor import decode_tensor
 from schemas.topics import Topics
 
@@ -54,6 +59,7 @@ class IngestStats:
     dead_letters: int = 0
     batches: int = 0
     commit_failures: int = 0
+    future_ts: int = 0  # messages dated too far ahead of the bridge's clock (clamped or dead-lettered)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class _Plan:
     new_ids: list[str] = field(default_factory=list)
     drift: DriftRun | None = None
     received_at: float = 0.0  # when the bridge took the batch (unix seconds, its own clock)
+    confirm: dict[Key, list[int]] = field(default_factory=dict)  # seqs to confirm once committed
 
 
 class Ingestor:
@@ -80,8 +87,10 @@ class Ingestor:
         tsdb: TsdbWriter | None = None,
         drift: DriftStore | None = None,
         on_alerts: Callable[[Sequence[PendingAlert]], None] | None = None,
+        confirmer: Confirmer | None = None,
     ) -> None:
         self._drift = drift
+        self._confirmer = confirmer
         self._on_alerts = on_alerts
         self._topics = topics
         self._registry = registry
@@ -91,6 +100,7 @@ class Ingestor:
         self._queue: WorkQueue[Incoming] = WorkQueue()
         self._recent = RecentIds(config.dedup_cache)
         self._progress = asyncio.Condition()
+        self._clock_warned: dict[str, float] = {}  # device -> when its clock was last reported ahead
         self.stats = IngestStats()
 
     def submit(self, message: Incoming) -> None:
@@ -127,6 +137,9 @@ class Ingestor:
                 delay = min(delay * 2, _RETRY_MAX_S)
         for msg_id in plan.new_ids:
             self._recent.add(msg_id)
+        if self._confirmer is not None:
+            for key, seqs in plan.confirm.items():
+                self._confirmer.stored(key, seqs)
         lines = plan.lines
         if plan.drift is not None:
             lines.extend(plan.drift.lines)
@@ -169,8 +182,16 @@ class Ingestor:
                     decode_tensor(message.input, allow_nonfinite=True)
             except DecodeError as exc:
                 plan.batch.dead_letters.append(dead_letter_row(incoming, exc, now, self._config.dead_letter_max_bytes))
+                self._confirm_dead_letter(plan, incoming)
+                continue
+            ahead = message.ts - now
+            if ahead > self._config.max_future_s and not self._in_time(plan, incoming, message, ahead, now):
                 continue
             plan.decoded += 1
+            if message.seq is not None:
+                plan.confirm.setdefault((message.fleet_id, message.device_id), []).append(message.seq)
+            if isinstance(message, Status) and message.outbox_epoch and self._confirmer is not None:
+                self._confirmer.epoch_seen((message.fleet_id, message.device_id), message.outbox_epoch, message.order)
             if message.msg_id in self._recent or message.msg_id in in_batch:
                 continue
             in_batch.add(message.msg_id)
@@ -179,6 +200,46 @@ class Ingestor:
         self._fill(plan, candidates)
         plan.batch.narrow = lambda fresh: self._narrow(plan, candidates, fresh)
         return plan
+
+    def _in_time(self, plan: _Plan, incoming: Incoming, message: Envelope, ahead: float, now: float) -> bool:
+        """A message dated `ahead` seconds in the future (a device clock running ahead): clamp its
+        times to its arrival (True: store it) or dead-letter it (False); counted either way."""
+        self.stats.future_ts += 1
+        device = f"{message.fleet_id}/{message.device_id}"
+        limit = self._config.max_future_s
+        if self._config.future_ts == "dead_letter":
+            reason = f"ts is {ahead:.0f} s ahead of the bridge's clock (limit [ingest] max_future_s = {limit:g})"
+            exc = DecodeError(reason + ": the device's clock is wrong", field="$.ts", schema=None)
+            plan.batch.dead_letters.append(dead_letter_row(incoming, exc, now, self._config.dead_letter_max_bytes))
+            if message.seq is not None and self._confirmer is not None:
+                plan.confirm.setdefault((message.fleet_id, message.device_id), []).append(message.seq)
+            return False
+        shift_times(message, -ahead)
+        if self._clock_warned.get(device, 0.0) < now - 3600.0:
+            self._clock_warned[device] = now
+            while len(self._clock_warned) > 10_000:
+                self._clock_warned.pop(next(iter(self._clock_warned)))
+            log.warning(
+                "device clock ahead device=%s ahead_s=%.0f: times clamped to arrival (limit [ingest] max_future_s=%g)",
+                device,
+                ahead,
+                limit,
+            )
+        return True
+
+    def _confirm_dead_letter(self, plan: _Plan, incoming: Incoming) -> None:
+        """A dead letter is stored too: confirm it if its payload still names a seq (sending it again
+        would never make it valid)."""
+        if self._confirmer is None:
+            return
+        seq = seq_of(incoming.payload)
+        if seq is None:
+            return
+        try:
+            where = self._topics.parse_device(incoming.topic)
+        except TopicError:
+            return
+        plan.confirm.setdefault((where.fleet_id, where.device_id), []).append(seq)
 
     def _narrow(self, plan: _Plan, candidates: list[Envelope], fresh: set[str]) -> None:
         """Keep the messages the registry had not stored yet (rebuilt only when that changes the plan:

@@ -70,6 +70,14 @@ def add_message(batch: Batch, lines: list[str], message: Envelope, received_at: 
         batch.add_row(AlertRow, _alert_row(base, message))
 
 
+def shift_times(message: Envelope, by: float) -> None:
+    """Move a message's device times by `by` seconds (a window keeps its length)."""
+    message.ts += by
+    if isinstance(message, Telemetry):
+        message.window_start += by
+        message.window_end += by
+
+
 def dead_letter_row(incoming: Incoming, exc: DecodeError, now: float, limit: int) -> dict[str, object]:
     """The dead_letters row of a payload that failed to decode; the first `limit` bytes are kept."""
     log.info("dead letter topic=%s field=%s reason=%s", incoming.topic, exc.field, exc.reason[:200])

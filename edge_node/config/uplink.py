@@ -45,7 +45,18 @@ class OutboxConfig:
     path: Path = Path("state/outbox.sqlite")
     max_bytes: int = 64 * 1024 * 1024
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    # confirmed: a message the cloud stores leaves the outbox when a cloud bridge confirms it
+    # (confirm/1); broker: when the broker acknowledged it (for a deployment whose cloud side
+    # cannot confirm: what a broker loses after its PUBACK is then lost).
+    delivery: Literal["confirmed", "broker"] = "confirmed"
+    confirm_window: int = 4096  # rows sent and not yet confirmed; past it only CONTROL rows go out
+    confirm_timeout_s: float = 60.0  # no confirmation for this long: send again (doubling per attempt)
+    confirm_timeout_max_s: float = 3600.0
 
     def validate(self) -> None:
         if self.max_bytes < 64 * 1024:
             raise ValueError("max_bytes must be at least 65536")
+        if self.confirm_window < 1:
+            raise ValueError("confirm_window must be at least 1")
+        if not 0 < self.confirm_timeout_s <= self.confirm_timeout_max_s:
+            raise ValueError("confirm_timeout_s must be > 0 and <= confirm_timeout_max_s")

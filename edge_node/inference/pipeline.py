@@ -46,6 +46,7 @@ from edge_node.routing.router import Router
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import Window
 from edge_node.uplink.outbox import Outbox, OutMessage
+from edge_node.uplink.wire import device_wire
 
 log = logging.getLogger(__name__)
 # Commits (of a group of batches each) that may still be running while the next batches are
@@ -97,7 +98,8 @@ class Pipeline:
         self.sampler = sampler
         self._window = window
         self._worker = ModelWorker()
-        self._router = Router(config, AnswerBuilder(config, sampler, window), escalations, outbox, window, online)
+        answers = AnswerBuilder(config, sampler, window, device_wire(config, outbox))
+        self._router = Router(config, answers, escalations, outbox, window, online)
         self.processed = 0
         self.outbox_errors = 0  # commits (of one batch or a group) the outbox refused, whole or in part
         self._cost = RunCost()

@@ -55,6 +55,11 @@ class MqttInputSource:
         # QoS 1 is at-least-once: after a reconnect the broker may redeliver an input already taken.
         self._recent: OrderedDict[str, None] = OrderedDict()
 
+    def take_overloaded(self) -> int:
+        """Inputs dropped because the intake was full, since the last call (for telemetry)."""
+        n, self.overloaded = self.overloaded, 0
+        return n
+
     def _is_duplicate(self, msg_id: str) -> bool:
         if msg_id in self._recent:
             self.duplicates += 1

@@ -14,7 +14,8 @@ from typing import Literal, Protocol
 
 from edge_node.errors import OutboxError
 from edge_node.uplink.outbox import OutMessage, Priority
-from schemas import Channel, Command, CommandAck, ModelRef, Topics, encode, new_msg_id
+from edge_node.uplink.wire import Wire
+from schemas import Channel, Command, CommandAck, ModelRef, new_msg_id
 from schemas.messages import AckState
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ class Outbound(Protocol):
 class CommandAcks:
     """Builds CommandAck messages and stores them in the outbox (CONTROL priority)."""
 
-    def __init__(self, outbox: Outbound, topics: Topics, fleet_id: str, device_id: str) -> None:
+    def __init__(self, outbox: Outbound, wire: Wire, fleet_id: str, device_id: str) -> None:
         self.outbox = outbox
-        self.topic = topics.device(fleet_id, device_id, Channel.CMD_ACK)
+        self.wire = wire  # CMD_ACK messages are confirmed: the rollout's state depends on them
         self.fleet_id, self.device_id = fleet_id, device_id
         self.sent: Counter[str] = Counter()  # acks stored, by state
         self.failed = 0  # acks the outbox refused
@@ -87,7 +88,7 @@ class CommandAcks:
         )
         log.info("cmd ack cmd_id=%s state=%s slot=%s reason=%s", cmd_id, state, active_slot, reason)
         try:
-            await self.outbox.put(OutMessage(self.topic, encode(ack), Priority.CONTROL, ack.msg_id))
+            await self.outbox.put(self.wire.out(Channel.CMD_ACK, ack, Priority.CONTROL))
         except OutboxError as exc:
             self.failed += 1
             log.error("ack %s for command %s not stored: %s", state, cmd_id, exc)

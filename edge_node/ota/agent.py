@@ -219,6 +219,7 @@ class OtaAgent:
 def build_agent(
     config: EdgeConfig,
     outbox: Outbound,
+    acks: CommandAcks,
     subscriptions: ChunkSubscriptions,
     installer: Installer | None,
     local_models: Callable[[], list[Path]] = list,
@@ -229,7 +230,6 @@ def build_agent(
     state_dir = config.ota_state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     topics = config.topics
-    acks = CommandAcks(outbox, topics, dev.fleet_id, dev.device_id)
     guard = CommandGuard(
         state_dir,
         trusted_keys(ota.trusted_keys),

@@ -23,6 +23,7 @@ from edge_node.routing.confidence import BatchDecision, top_k
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import Window
 from edge_node.uplink.outbox import OutMessage, Priority
+from edge_node.uplink.wire import Wire
 from schemas import (
     Answer,
     Channel,
@@ -30,7 +31,6 @@ from schemas import (
     EscalationRequest,
     Results,
     Sample,
-    encode,
     encode_tensor,
     new_msg_id,
 )
@@ -66,15 +66,13 @@ class Final:
 class AnswerBuilder:
     """Builds the answers and messages of one device (its topics, its telemetry window)."""
 
-    def __init__(self, config: EdgeConfig, sampler: UncertaintySampler, window: Callable[[], Window]) -> None:
+    def __init__(
+        self, config: EdgeConfig, sampler: UncertaintySampler, window: Callable[[], Window], wire: Wire
+    ) -> None:
         self.config = config
         self.sampler = sampler
         self._window = window
-        topics, dev = config.topics, config.device
-        self.topic = {
-            ch: topics.device(dev.fleet_id, dev.device_id, ch)
-            for ch in (Channel.RESULTS, Channel.SAMPLES, Channel.ESCALATE, Channel.ESCALATE_REPLY)
-        }
+        self.wire = wire
 
     def edge_answers(
         self, items: list[InputItem], top1: list[int], confidence: list[float], info: ModelInfo, now_loop: float
@@ -153,7 +151,7 @@ class AnswerBuilder:
                 model=info.ref,
                 answers=answers[start : start + RESULTS_PER_MESSAGE],
             )
-            out.append(self.message(Channel.RESULTS, Priority.RESULTS, message.msg_id, encode(message)))
+            out.append(self.wire.out(Channel.RESULTS, message, Priority.RESULTS))
         return out
 
     def samples(
@@ -185,7 +183,7 @@ class AnswerBuilder:
                 source_ref=items[i].source_ref,
                 truth=items[i].truth,
             )
-            out.append(self.message(Channel.SAMPLES, Priority.SAMPLES, sample.msg_id, encode(sample)))
+            out.append(self.wire.out(Channel.SAMPLES, sample, Priority.SAMPLES))
         return out
 
     def escalation(self, row: Row, now: float, deadline: float) -> OutMessage:
@@ -204,17 +202,13 @@ class AnswerBuilder:
             input=encode_tensor(row.x),
             edge_topk=top_k(row.probs, info.labels, self.config.sampling.top_k),
             deadline=deadline,
-            reply_to=self.topic[Channel.ESCALATE_REPLY],
+            reply_to=self.wire.topic[Channel.ESCALATE_REPLY],
         )
-        return self.message(
+        return self.wire.out(
             Channel.ESCALATE,
+            request,
             Priority.ESCALATION,
-            request.msg_id,
-            encode(request),
             expires_at=request.deadline,
             response_topic=request.reply_to,
             correlation_data=request_id.encode(),
         )
-
-    def message(self, channel: Channel, priority: Priority, msg_id: str, payload: bytes, **kw: Any) -> OutMessage:
-        return OutMessage(topic=self.topic[channel], payload=payload, priority=priority, msg_id=msg_id, **kw)

@@ -70,6 +70,7 @@ class Link:
         birth: Callable[[int], OutMessage],
         subscriptions: list[tuple[str, int]],
         on_message: MessageHandler,
+        on_connected: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.outbox = outbox
@@ -84,6 +85,7 @@ class Link:
         self.connection = 0
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
+        self.on_connected = on_connected  # run after each connect's birth was queued
         self.stats = LinkStats()
         self.connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -265,6 +267,8 @@ class Link:
         except OutboxError as err:
             log.error("birth message not queued topic=%s error=%s", birth.topic, err)
         self.connected.set()
+        if self.on_connected is not None:
+            self.track(self.on_connected())
 
     async def _serve(self, conn: Connection) -> None:
         drain = asyncio.create_task(self._drain(conn), name="link-drain")

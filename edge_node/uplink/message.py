@@ -41,6 +41,9 @@ class OutMessage:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     content_type: str | None = None
+    # The outbox sequence number inside the payload of a message the cloud confirms (confirm/1);
+    # None for messages that are done on the broker's PUBACK (escalations, clock requests, ...).
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

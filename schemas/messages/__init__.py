@@ -15,7 +15,8 @@ import functools
 import msgspec
 
 from schemas.messages.alerts import Alert
-from schemas.messages.base import DType, Envelope, ModelRef, Tensor, TopK
+from schemas.messages.base import DType, Envelope, Epoch, ModelRef, Seq, Tensor, TopK
+from schemas.messages.control import ClockReply, ClockRequest, Confirm
 from schemas.messages.inference import (
     MAX_ANSWERS,
     Answer,
@@ -58,6 +59,9 @@ Message = (
     | ModelChunkRequest
     | ModelChunk
     | Alert
+    | Confirm
+    | ClockRequest
+    | ClockReply
 )
 ALL_MESSAGES: tuple[type[Envelope], ...] = (
     Status,
@@ -73,6 +77,9 @@ ALL_MESSAGES: tuple[type[Envelope], ...] = (
     ModelChunkRequest,
     ModelChunk,
     Alert,
+    Confirm,
+    ClockRequest,
+    ClockReply,
 )
 
 
@@ -90,12 +97,16 @@ __all__ = [
     "AckState",
     "Alert",
     "Answer",
+    "ClockReply",
+    "ClockRequest",
     "Command",
     "CommandAck",
     "ConfidenceStats",
+    "Confirm",
     "DType",
     "EntropyStats",
     "Envelope",
+    "Epoch",
     "EscalationCounts",
     "EscalationReply",
     "EscalationRequest",
@@ -118,6 +129,7 @@ __all__ = [
     "Sample",
     "SampleCounts",
     "SampleReason",
+    "Seq",
     "Status",
     "Telemetry",
     "Tensor",

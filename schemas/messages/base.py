@@ -49,10 +49,17 @@ class TopK(Struct, frozen=True, kw_only=True, omit_defaults=True):
     prob: Prob
 
 
+# A device's outbox numbers every message the cloud confirms (confirm/1), in put order; with the
+# outbox's epoch (status/1 `outbox_epoch`) it names one stored message of one device.
+Seq = Annotated[int, Meta(ge=1, le=(1 << 63) - 1)]
+Epoch = Annotated[str, Meta(pattern=r"^[0-9a-f]{1,32}$", description="an outbox file's identity, lowercase hex")]
+
+
 class Envelope(Struct, kw_only=True, omit_defaults=True, tag_field="schema"):
-    """Fields every message carries."""
+    """Fields every message carries (`seq` only those a device wants confirmed, see confirm/1)."""
 
     msg_id: MsgId
     fleet_id: Id
     device_id: Id
     ts: Ts
+    seq: Seq | None = None

@@ -1,4 +1,5 @@
-"""What a device reports about itself: its online status (birth/last will) and aggregated telemetry windows."""
+"""What a device reports about itself: its online status (birth/last will) and aggregated telemetry
+windows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from schemas.messages.base import (
     Count,
     Counts,
     Envelope,
+    Epoch,
     ModelRef,
     Name,
     NonNeg,
@@ -34,6 +36,9 @@ class Status(Envelope, kw_only=True, tag="status/1"):
     # messages by (connection, offline after online), not by arrival: several bridges deduplicating
     # one stream can commit them in any order, and a will's `ts` is when it was prepared, at CONNECT.
     connection: Count | None = None
+    # The identity of the device's outbox file: confirmations (confirm/1) name it, so a device whose
+    # outbox was replaced ignores confirmations meant for the old one.
+    outbox_epoch: Epoch | None = None
 
     @property
     def order(self) -> int | None:
@@ -97,6 +102,13 @@ class OutboxStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
     write_errors: Annotated[
         int, Meta(ge=0, description="writes the outbox refused (disk full, read-only, I/O): their messages are lost")
     ] = 0
+    delivery: Annotated[
+        Literal["confirmed", "broker"] | None,
+        Meta(description="confirmed: a row leaves when the cloud confirmed it; broker: on the broker's PUBACK"),
+    ] = None
+    unconfirmed: Annotated[int, Meta(ge=0, description="rows the broker acknowledged, awaiting confirmation")] = 0
+    resent: Annotated[int, Meta(ge=0, description="rows sent again in the window: unconfirmed past the timeout")] = 0
+    confirmed: Annotated[int, Meta(ge=0, description="rows confirmed by the cloud in the window")] = 0
 
 
 class Resources(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -150,6 +162,9 @@ class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
     resources: Resources | None = None
     providers: Providers | None = None
     features: FeatureStats | None = None
+    clock_offset_s: Annotated[
+        float | None, Meta(description="this device's clock minus the cloud's, estimated from clock/1 round trips")
+    ] = None
 
 
 # ---- inference traffic -------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Durable SQLite outbox: every outbound message of the edge node is committed here first.
 
-A message leaves the outbox only when the broker acknowledged it (the link calls `ack`), so a broker
-outage, a cut link or `kill -9` loses nothing that `put` had returned for: `put` returns once its
-row is committed (the group commit of writer.py), and a row is handed to `take` only once committed.
+A message leaves the outbox only when it has arrived: by default when the cloud confirms it stored
+it (`confirm`, for the messages that carry a `seq`, see sent.py), else when the broker acknowledged
+it (the link calls `ack`). So a broker outage or restart, a cut link, a gateway's full queue or
+`kill -9` loses nothing that `put` had returned for: `put` returns once its row is committed (the
+group commit of writer.py), and a row is handed to `take` only once committed.
 
 This module is the async face over three parts: `index.py` (what the loop knows of the rows: pages,
 eviction, expiry), `writer.py` (the thread that group-commits to the file) and `sqlite.py` (the
@@ -24,6 +26,8 @@ from typing import Any
 from edge_node.errors import OutboxClosedError, OutboxFullError, OutboxUnavailableError
 from edge_node.uplink.message import OutMessage, Priority, Stored, message_size
 from edge_node.uplink.outbox.index import DEFAULT_PAGE_ROWS, Index, NeedPage, PageClass
+from edge_node.uplink.outbox.sent import Confirming, Delivery, SentRows
+from edge_node.uplink.outbox.sequences import Sequences
 from edge_node.uplink.outbox.sqlite import (
     KIND_EVICTED,
     KIND_EXPIRED,
@@ -40,7 +44,6 @@ from edge_node.uplink.outbox.writer import (
     Delete,
     Fetch,
     Insert,
-    NextSequence,
     PageRead,
     Writer,
 )
@@ -61,11 +64,22 @@ class Outbox:
     Use `await Outbox.open(path, max_bytes)`; see the module docstrings of this package for the design.
     """
 
-    def __init__(self, path: Path, max_bytes: int, loaded: Loaded, max_batch: int, page_rows: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        loaded: Loaded,
+        max_batch: int,
+        page_rows: int,
+        confirming: Confirming | None,
+    ) -> None:
         self._path = path
         self._page_rows = page_rows
         self._loop = asyncio.get_running_loop()
         self._index = Index(path, max_bytes, page_rows, drop=self._count, want_page=self._request_page)
+        if confirming is not None:
+            self._index.sent = SentRows(confirming)
+        self.epoch = format(loaded.epoch, "x")
         self._commits = 0  # bumped with every commit of new rows: lets `take` tell if it missed one
         self._counters = loaded.counters  # persisted: totals since the file was created
         self._available = asyncio.Event()
@@ -79,6 +93,8 @@ class Outbox:
             self._available.set()
         self._writer = Writer(loaded.conn, path, self._loop, self._apply_outcome, max_batch)
         self._writer.thread.start()
+        self._sequences = Sequences(path, self._writer, self._loop, loaded.seq_reserved)
+        self._sequences.start()
 
     @classmethod
     async def open(
@@ -89,10 +105,13 @@ class Outbox:
         synchronous: SynchronousMode = "NORMAL",
         max_batch: int = 2048,
         page_rows: int = DEFAULT_PAGE_ROWS,
+        confirming: Confirming | None = None,
     ) -> Outbox:
-        """Open (creating if needed) the outbox file; unacked rows of a previous run are pending again.
+        """Open (creating if needed) the outbox file; rows not done in a previous run are pending again.
 
         `page_rows` bounds the rows per priority class whose index the loop keeps in memory.
+        `confirming`: rows with a seq wait for the cloud's confirmation after their PUBACK (see
+        sent.py); None deletes every row on its PUBACK.
         """
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -102,7 +121,8 @@ class Outbox:
             raise ValueError(f"page_rows must be >= 1, got {page_rows}")
         p = Path(path)
         loaded = await asyncio.to_thread(open_db, p, synchronous, time.time())
-        outbox = cls(p, max_bytes, loaded, max_batch, page_rows)
+        outbox = cls(p, max_bytes, loaded, max_batch, page_rows, confirming)
+        await outbox._sequences.ready()
         if loaded.expired:
             log.info(
                 "outbox dropped expired rows path=%s counts=%s",
@@ -168,6 +188,14 @@ class Outbox:
         """Puts refused with OutboxFullError, by class (persisted)."""
         return dict(self._counters[KIND_REJECTED])
 
+    @property
+    def delivery(self) -> Delivery:
+        """How rows leave: on the cloud's confirmation or the broker's PUBACK, and the counts of it."""
+        sent = self._index.sent
+        if sent is None:
+            return Delivery("broker")
+        return Delivery("confirmed", unconfirmed=sent.count, resent=sent.resent, confirmed=sent.confirmed)
+
     # ---- producing ---------------------------------------------------------------------------
 
     async def next_sequence(self, name: str, at_least: int = 0) -> int:
@@ -175,9 +203,12 @@ class Outbox:
         every number it gave before (in this process or an earlier one on this file), and at
         least `at_least`."""
         self._check_open()
-        fut: asyncio.Future[int] = self._loop.create_future()
-        self._writer.submit(NextSequence(name, at_least, fut))
-        return await fut
+        return await self._sequences.next_in(name, at_least)
+
+    def next_seq(self) -> int:
+        """The `seq` for a message the cloud will confirm (see sequences.py)."""
+        self._check_open()
+        return self._sequences.next_seq()
 
     async def put(self, msg: OutMessage) -> None:
         """Store one message; returns once its row is committed (durable accept)."""
@@ -327,6 +358,9 @@ class Outbox:
             missing = [i for i in ids if i not in found]
             log.error("outbox rows vanished from the file path=%s ids=%s", self._path, missing[:10])
             self._index.vanished(missing)
+        index = self._index
+        for row in rows:
+            index.fetched(row.row_id, row.msg.seq)
         return rows
 
     def ack(self, row_ids: Iterable[int]) -> None:
@@ -337,6 +371,21 @@ class Outbox:
         ids = self._index.ack(row_ids)
         if ids and not self._closed:
             self._writer.submit(Delete(ids))
+
+    def confirm(self, epoch: str, ranges: Iterable[tuple[int, int]]) -> int:
+        """The cloud stored the messages of these seq ranges: delete them; returns how many.
+
+        A confirmation for another epoch (meant for an earlier outbox file) is ignored.
+        """
+        if epoch != self.epoch:
+            log.warning(
+                "confirmation for another outbox ignored path=%s epoch=%s ours=%s", self._path, epoch, self.epoch
+            )
+            return 0
+        ids = self._index.confirm(ranges)
+        if ids and not self._closed:
+            self._writer.submit(Delete(ids))
+        return len(ids)
 
     def release_inflight(self) -> int:
         """Make every in-flight row pending again (e.g. the link disconnected); returns how many."""
@@ -376,24 +425,13 @@ class Outbox:
 
     def _apply_outcome(self, outcome: BatchOutcome) -> None:
         """Apply what the writer reports after a group commit (runs on the loop)."""
-        index = self._index
-        if outcome.failed:
-            index.forget(outcome.failed)
         if outcome.write_error is not None:
             self._healthy = False
         elif outcome.committed_upto:
             self._healthy = True
-        if outcome.committed_upto > index.committed_upto:
-            index.committed_upto = outcome.committed_upto
-            self._commits += 1
+        if self._index.apply_outcome(outcome):
+            self._commits += int(outcome.committed_upto > 0)
             self._available.set()
-        for op, rows in outcome.pages:
-            cls = index.classes[op.priority]
-            if cls.paging is op.future:
-                cls.paging = None
-            index.apply_page(op.priority, rows)
-            if rows:
-                self._available.set()
         for fut, result, error in outcome.resolutions:
             if fut.done():
                 continue  # the awaiting put was cancelled; its rows are committed anyway

@@ -27,6 +27,10 @@ Escalation requests carry their deadline as `expires_at`: an expired row is drop
 `expired`), never sent: `select` checks every row it hands out, and `drop_expired` drops those in
 the pages (rows still only in the file are dropped when paged in, or at the next open, in SQL).
 
+With delivery confirmed end to end, a PUBACK does not delete a row that carries a seq: it moves to
+`SentRows` (sent.py) until the cloud confirms it, evictable first within its class, and is sent
+again before the class's page when overdue; past the sent window only CONTROL rows are new.
+
 Everything here is synchronous and runs on the event loop; what must reach the file (deleted rows
 and their counters, page reads) goes out through the two callables the outbox hands in.
 """
@@ -41,7 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_node.uplink.message import Priority
+from edge_node.uplink.outbox.sent import SentRow, SentRows
 from edge_node.uplink.outbox.sqlite import KIND_EVICTED, KIND_EXPIRED, PageRow
+from edge_node.uplink.outbox.writer import BatchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,8 @@ class Meta:
     priority: Priority
     nbytes: int
     expires_at: float | None
+    seq: int | None = None  # known once the row is fetched: the rows the cloud confirms carry one
+    attempts: int = 0  # times fetched for sending (the confirmation timeout doubles with each)
 
 
 @dataclass(slots=True)
@@ -109,6 +117,7 @@ class Index:
         self.bytes = 0
         self.next_id = 1
         self.committed_upto = 0
+        self.sent: SentRows | None = None  # None: a PUBACK deletes the row (delivery = "broker")
 
     def load(self, classes: list[tuple[int, int, int]], max_id: int) -> None:
         """Start from the totals open found: all rows in the file only (cursor 0, empty pages)."""
@@ -120,12 +129,19 @@ class Index:
         self.committed_upto = max_id
 
     @property
+    def sent_count(self) -> int:
+        return self.sent.count if self.sent is not None else 0
+
+    @property
     def depth(self) -> int:
-        return len(self.inflight) + sum(c.count for c in self.classes.values())
+        return len(self.inflight) + self.sent_count + sum(c.count for c in self.classes.values())
 
     @property
     def indexed_rows(self) -> int:
-        return len(self.inflight) + sum(len(c.page) for c in self.classes.values())
+        return len(self.inflight) + self.sent_count + sum(len(c.page) for c in self.classes.values())
+
+    def _sent_nbytes(self, cls: PageClass) -> int:
+        return self.sent.nbytes(cls.priority) if self.sent is not None else 0
 
     # ---- admission and eviction ----------------------------------------------------------------
 
@@ -156,7 +172,7 @@ class Index:
         """
         need = self.bytes + nbytes - self.max_bytes
         victims = [self.classes[p] for p in _VICTIMS[prio]]
-        evictable = sum(c.nbytes for c in victims)
+        evictable = sum(c.nbytes + self._sent_nbytes(c) for c in victims)
         if evictable < need:
             return (
                 f"needs {nbytes} B, {self.max_bytes - self.bytes} B free of {self.max_bytes} B and only"
@@ -168,6 +184,15 @@ class Index:
         ids: list[int] = []
         counts: dict[Priority, int] = {}
         for cls in victims:
+            if self.sent is not None and need > 0:
+                # Within a class, rows sent and awaiting confirmation go first: they have most
+                # likely arrived already, the pending ones surely not.
+                gone, freed = self.sent.evict(cls.priority, need)
+                if gone:
+                    ids.extend(gone)
+                    counts[cls.priority] = counts.get(cls.priority, 0) + len(gone)
+                    self.bytes -= freed
+                    need -= freed
             page = cls.page
             while need > 0 and page:
                 row_id, meta = page.popitem(last=False)
@@ -183,10 +208,12 @@ class Index:
         self._drop(KIND_EVICTED, counts, ids)
         return None
 
-    @staticmethod
-    def _plan(victims: list[PageClass], need: int) -> NeedPage | None:
+    def _plan(self, victims: list[PageClass], need: int) -> NeedPage | None:
         """Whether the in-memory pages hold enough victims; else the class whose next page is needed."""
         for cls in victims:
+            need -= self._sent_nbytes(cls)
+            if need <= 0:
+                return None
             for meta in cls.page.values():
                 need -= meta.nbytes
                 if need <= 0:
@@ -207,6 +234,22 @@ class Index:
             self.bytes -= nbytes
 
     # ---- paging --------------------------------------------------------------------------------
+
+    def apply_outcome(self, outcome: BatchOutcome) -> bool:
+        """Take in what a group commit reports: failed inserts, the committed mark, pages read.
+        Returns whether rows became selectable (a take may be waiting for them)."""
+        if outcome.failed:
+            self.forget(outcome.failed)
+        more = outcome.committed_upto > self.committed_upto
+        if more:
+            self.committed_upto = outcome.committed_upto
+        for op, rows in outcome.pages:
+            cls = self.classes[op.priority]
+            if cls.paging is op.future:
+                cls.paging = None
+            self.apply_page(op.priority, rows)
+            more = more or bool(rows)
+        return more
 
     def apply_page(self, prio: Priority, rows: list[PageRow]) -> None:
         """Append a page read from the file to the class's page (rows it knows already are skipped)."""
@@ -231,11 +274,22 @@ class Index:
         short: Priority | None = None
         committed = self.committed_upto
         inflight = self.inflight
+        sent = self.sent
         for cls in self.classes.values():
             if cls.priority > max_priority:
                 break
+            take = limit
+            if sent is not None:
+                # Overdue for confirmation: sent again before anything new of the class.
+                for row_id, row in sent.take_overdue(cls.priority, limit - len(chosen)):
+                    inflight[row_id] = Meta(cls.priority, row.nbytes, None, row.seq, row.attempts)
+                    chosen.append(row_id)
+                if cls.priority != Priority.CONTROL:
+                    # At most `window` rows sent or in flight without a confirmation: when the cloud
+                    # confirms nothing (it may be down) no new rows go out.
+                    take = min(limit, len(chosen) + sent.policy.window - sent.count - len(inflight))
             page = cls.page
-            while page and len(chosen) < limit:
+            while page and len(chosen) < take:
                 row_id = next(iter(page))
                 if row_id > committed:
                     break
@@ -266,16 +320,49 @@ class Index:
             meta = self.inflight.pop(i, None)
             if meta is not None:
                 self.bytes -= meta.nbytes
+                if meta.seq is not None and self.sent is not None:
+                    self.sent.untrack(meta.seq)
+
+    def fetched(self, row_id: int, seq: int | None) -> None:
+        """A row handed out was read from the file: count the attempt, and let its seq confirm it."""
+        meta = self.inflight.get(row_id)
+        if meta is not None:
+            meta.attempts += 1
+            if seq is not None and self.sent is not None:
+                meta.seq = seq
+                self.sent.track(row_id, seq)
 
     def ack(self, row_ids: Iterable[int]) -> list[int]:
-        """Forget acknowledged rows (in flight, or still pending); returns the ids to delete."""
+        """The broker acknowledged these rows (in flight, or pending again); returns the ids to delete.
+
+        With delivery confirmed, a row that carries a seq is not deleted but waits, sent, for the
+        cloud's confirmation; every other row is done.
+        """
         ids: list[int] = []
+        sent = self.sent
         for row_id in row_ids:
             meta = self.inflight.pop(row_id, None) or self._pop_pending(row_id)
             if meta is None:
                 continue
+            if sent is not None and meta.seq is not None:
+                sent.add(row_id, SentRow(meta.priority, meta.nbytes, meta.seq, meta.attempts))
+                continue
             self.bytes -= meta.nbytes
             ids.append(row_id)
+        return ids
+
+    def confirm(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """The cloud stored the rows of these seq ranges: the ids to delete (sent or in flight)."""
+        if self.sent is None:
+            return []
+        done, inflight = self.sent.confirm(ranges)
+        ids = [row_id for row_id, _ in done]
+        self.bytes -= sum(n for _, n in done)
+        for row_id in inflight:
+            meta = self.inflight.pop(row_id, None)
+            if meta is not None:
+                self.bytes -= meta.nbytes
+                ids.append(row_id)
         return ids
 
     def _pop_pending(self, row_id: int) -> Meta | None:
@@ -295,6 +382,14 @@ class Index:
             meta = self.inflight.pop(row_id, None)
             if meta is None:
                 continue
+            if meta.seq is not None and self.sent is not None:
+                if meta.attempts > 1:
+                    # A copy sent again: it was sent before, so it stays sent, due again later.
+                    self.sent.add(row_id, SentRow(meta.priority, meta.nbytes, meta.seq, meta.attempts))
+                    continue
+                self.sent.untrack(meta.seq)
+                meta.seq = None
+            meta.attempts = 0  # never acknowledged: its next send is its first
             moved += 1
             # Back into the page: its id is below the cursor (it came from the page).
             cls = self.classes[meta.priority]

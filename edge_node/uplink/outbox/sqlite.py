@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     correlation_data BLOB,
     content_type TEXT,
     nbytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    seq INTEGER
 );
 CREATE TABLE IF NOT EXISTS counters (
     kind TEXT NOT NULL,
@@ -63,15 +64,19 @@ CREATE TABLE IF NOT EXISTS sequences (
 # The index covers what a page and the totals at open need, so neither reads the payloads.
 _INSERT_INTO = (
     "INSERT INTO outbox (id, priority, topic, payload, msg_id, qos, retain, expires_at, user_properties,"
-    " response_topic, correlation_data, content_type, nbytes, created_at) VALUES "
+    " response_topic, correlation_data, content_type, nbytes, created_at, seq) VALUES "
 )
-_INSERT_COLUMNS = 14
-# Rows per multi-row INSERT: 14 * 64 = 896 parameters, under the 999 of SQLite builds before 3.32.
+_INSERT_COLUMNS = 15
+# Rows per multi-row INSERT: 15 * 64 = 960 parameters, under the 999 of SQLite builds before 3.32.
 ROWS_PER_INSERT = 64
 _SELECT_COLUMNS = (
     "id, priority, topic, payload, msg_id, qos, retain, expires_at, user_properties, response_topic,"
-    " correlation_data, content_type"
+    " correlation_data, content_type, seq"
 )
+# The sequence whose value is the highest `seq` handed out (reserved in blocks), and the one that
+# holds the file's epoch (see `Loaded.epoch`).
+SEQ_RESERVED = "seq_reserved"
+_EPOCH = "epoch"
 _SELECT_PAGE = (
     "SELECT id, nbytes, expires_at FROM outbox INDEXED BY outbox_by_class"
     " WHERE priority = ? AND id > ? ORDER BY id LIMIT ?"
@@ -106,6 +111,10 @@ class Loaded:
     max_id: int
     counters: dict[str, dict[Priority, int]]  # {kind: {class: n}}, every kind and class present
     expired: dict[Priority, int]
+    # A random number drawn when the file was created: confirmations name it, so a confirmation
+    # meant for an earlier file (deleted, replaced) cannot delete this one's rows.
+    epoch: int
+    seq_reserved: int  # every seq up to this may have been handed out: new ones start above it
 
 
 def unavailable(path: Path, action: str, err: BaseException) -> OutboxUnavailableError:
@@ -185,6 +194,8 @@ def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode,
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        _add_missing_columns(conn)
+        epoch = _epoch(conn)
         expired = _drop_expired_rows(conn, now)
         conn.execute("COMMIT")
         # Totals, not rows: what makes a reopen with a million queued rows cost no memory.
@@ -192,6 +203,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode,
             "SELECT priority, COUNT(*), TOTAL(nbytes) FROM outbox INDEXED BY outbox_by_class GROUP BY priority"
         ).fetchall()
         max_id = conn.execute("SELECT MAX(id) FROM outbox").fetchone()[0] or 0
+        reserved = conn.execute("SELECT n FROM sequences WHERE name = ?", (SEQ_RESERVED,)).fetchone()
         counters = {kind: dict.fromkeys(Priority, 0) for kind in KINDS}
         for kind, prio, n in conn.execute("SELECT kind, priority, n FROM counters"):
             if kind in counters:
@@ -204,7 +216,26 @@ def _prepare(conn: sqlite3.Connection, path: Path, synchronous: SynchronousMode,
         max_id=int(max_id),
         counters=counters,
         expired=expired,
+        epoch=epoch,
+        seq_reserved=int(reserved[0]) if reserved else 0,
     )
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Files made before a column existed get it (empty): `seq` came with confirmed delivery."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "seq" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN seq INTEGER")
+
+
+def _epoch(conn: sqlite3.Connection) -> int:
+    """The file's epoch, drawn (and stored, in the open transaction) the first time."""
+    row = conn.execute("SELECT n FROM sequences WHERE name = ?", (_EPOCH,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    epoch = int.from_bytes(os.urandom(8), "big") >> 1  # SQLite integers are signed 64-bit
+    conn.execute("INSERT INTO sequences (name, n) VALUES (?, ?)", (_EPOCH, epoch))
+    return epoch
 
 
 def _drop_expired_rows(conn: sqlite3.Connection, now: float) -> dict[Priority, int]:
@@ -244,6 +275,7 @@ def encode_row(row_id: int, msg: OutMessage, nbytes: int, now: float) -> Row:
         msg.content_type,
         nbytes,
         now,
+        msg.seq,
     )
 
 
@@ -253,7 +285,7 @@ def row_key(row: Row) -> tuple[int, int, int]:
 
 
 def _decode_row(row: tuple[Any, ...]) -> Stored:
-    (row_id, prio, topic, payload, msg_id, qos, retain, expires_at, props, resp, corr, ctype) = row
+    (row_id, prio, topic, payload, msg_id, qos, retain, expires_at, props, resp, corr, ctype, seq) = row
     user_props = tuple((str(k), str(v)) for k, v in json.loads(props)) if props else ()
     msg = OutMessage(
         topic=topic,
@@ -267,6 +299,7 @@ def _decode_row(row: tuple[Any, ...]) -> Stored:
         response_topic=resp,
         correlation_data=None if corr is None else bytes(corr),
         content_type=ctype,
+        seq=seq,
     )
     return Stored(row_id=row_id, msg=msg)
 
