@@ -4,7 +4,8 @@ In order: the config loads; the model loads as a classifier on the requested exe
 the outbox and OTA state directories are writable with disk to spare; the input source can work;
 the broker is reachable over TCP, its TLS certificate verifies and is not near expiry (and the
 client certificate's neither), the credentials log in; commands can be verified (trusted keys); the
-device's clock agrees with the cloud's. Shared probes are common/checks.py's; the report is printed
+device's clock agrees with the cloud's (one clock/1 round trip to a running bridge, on the login's
+connection). Shared probes are common/checks.py's; the report is printed
 by edge_node/cli.py.
 """
 
@@ -12,24 +13,29 @@ from __future__ import annotations
 
 import importlib.util
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from paho.mqtt.packettypes import PacketTypes
+
 from common.checks import Checklist, MqttProbe, login_finding, probe_cert_file, probe_dir, probe_tcp, probe_tls
-from common.mqtt import Failure
+from common.mqtt import Failure, new_properties
 from common.tls import client_context
 from edge_node.config import EdgeConfig, load_config
 from edge_node.errors import ConfigError, ModelLoadError
-from schemas import Channel
+from schemas import Channel, ClockReply, ClockRequest, DecodeError, decode, encode, new_msg_id
 
 CONFIG, MODEL, PROVIDERS = "config", "model", "execution provider"
 OUTBOX_DIR, OTA_DIR, SOURCE = "outbox dir", "ota state dir", "input source"
 BROKER, TLS, CLIENT_CERT, LOGIN = "broker reachable", "tls", "client certificate", "mqtt login"
-KEYS = "trusted keys"
-ALL = (CONFIG, MODEL, PROVIDERS, OUTBOX_DIR, OTA_DIR, SOURCE, BROKER, TLS, CLIENT_CERT, LOGIN, KEYS)
+KEYS, CLOCK = "trusted keys", "clock"
+ALL = (CONFIG, MODEL, PROVIDERS, OUTBOX_DIR, OTA_DIR, SOURCE, BROKER, TLS, CLIENT_CERT, LOGIN, KEYS, CLOCK)
+CLOCK_WAIT_S = 5.0
 
 
-async def diagnose(path: Path) -> Checklist:
-    """Run every check against the configuration file at `path`."""
+async def diagnose(path: Path, clock: Callable[[], float] = time.time) -> Checklist:
+    """Run every check against the configuration file at `path` (`clock`: this device's time)."""
     checks = Checklist()
     try:
         config = load_config(path)
@@ -46,6 +52,10 @@ async def diagnose(path: Path) -> Checklist:
     probe = await _broker(checks, config)
     try:
         _keys(checks, config)
+        if probe is None:
+            checks.skip(CLOCK, "no MQTT connection")
+        else:
+            await _clock(checks, config, probe, clock)
     finally:
         if probe is not None:
             await probe.close()
@@ -168,3 +178,56 @@ def _keys(checks: Checklist, config: EdgeConfig) -> None:
         )
     else:
         checks.ok(KEYS, f"{len(keys)} trusted: {', '.join(sorted(keys))}")
+
+
+async def _clock(checks: Checklist, config: EdgeConfig, probe: MqttProbe, clock: Callable[[], float]) -> None:
+    """One clock/1 round trip through the broker to a running bridge: the device's offset, as
+    edge_node/uplink/clock.py estimates it (NTP's formula on the four times)."""
+    dev = config.device
+    reply_topic = config.topics.device(dev.fleet_id, dev.device_id, Channel.CLOCK_REPLY)
+    if not await probe.subscribe(reply_topic):
+        checks.warn(
+            CLOCK, f"the broker refused the subscription to {reply_topic}", "let the device read it (mosquitto/acl)"
+        )
+        return
+    t0 = clock()
+    request = ClockRequest(msg_id=new_msg_id(), fleet_id=dev.fleet_id, device_id=dev.device_id, ts=t0)
+    props = None
+    if probe.v5:
+        props = new_properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        props.CorrelationData = request.msg_id.encode()
+    await probe.publish(
+        config.topics.device(dev.fleet_id, dev.device_id, Channel.CLOCK), encode(request), properties=props
+    )
+    got = await probe.receive(lambda m: m.topic == reply_topic and _answers(m.payload, request.msg_id), CLOCK_WAIT_S)
+    t3 = clock()
+    if got is None:
+        checks.warn(
+            CLOCK,
+            f"no cloud bridge answered a clock request within {CLOCK_WAIT_S:g}s: the clock is not checked",
+            "is a cloud-bridge running for this broker and topic prefix? Keep this device's clock set (NTP): "
+            "commands are checked against it",
+        )
+        return
+    reply = decode(got.payload, ClockReply)
+    offset = -(((reply.received - t0) + (reply.ts - t3)) / 2.0)  # device minus cloud
+    trip = max((t3 - t0) - (reply.ts - reply.received), 0.0)
+    limit = config.ota.max_clock_skew_s
+    found = f"this device's clock is {offset:+.3f}s off the cloud's (round trip {trip * 1000:.0f} ms)"
+    if abs(offset) > limit:
+        checks.fail(
+            CLOCK,
+            f"{found}, beyond [ota] max_clock_skew_s = {limit:g}: every command would be rejected as expired or "
+            "not yet valid",
+            "set the clock right and keep it so (NTP: `timedatectl set-ntp true`, or chrony)",
+        )
+    else:
+        checks.ok(CLOCK, f"{found}, within [ota] max_clock_skew_s = {limit:g}")
+
+
+def _answers(payload: bytes, request_id: str) -> bool:
+    try:
+        return decode(payload, ClockReply).request_id == request_id
+    except DecodeError:
+        return False

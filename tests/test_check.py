@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from cloud_bridge.app import running_bridge
 from cloud_bridge.check import diagnose as bridge_diagnose
+from cloud_bridge.config import BridgeConfig, MqttConfig
 from cloud_bridge.ota.keys import generate
 from cloud_bridge.registry import Registry
 from common.checks import Checklist, Finding, probe_cert_file, probe_dir
@@ -101,13 +104,16 @@ def tls_broker(factory: MosquittoFactory, pki: Pki, *, require_certificate: bool
     return broker, port
 
 
-def write_passwords(path: Path, user: str, password: str) -> Path:
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), user, password], check=True, timeout=30)
+def write_passwords(path: Path, *users: tuple[str, str]) -> Path:
+    """A Mosquitto password file with these (user, password) pairs."""
+    for n, (user, password) in enumerate(users):
+        create = ["-c"] if n == 0 else []
+        subprocess.run(["mosquitto_passwd", *create, "-b", str(path), user, password], check=True, timeout=30)
     return path
 
 
 def password_broker(factory: MosquittoFactory, tmp_path: Path, user: str, password: str) -> Mosquitto:
-    passwords = write_passwords(tmp_path / "passwords", user, password)
+    passwords = write_passwords(tmp_path / "passwords", (user, password))
     return factory(allow_anonymous=False, extra_conf=f"password_file {passwords}\n")
 
 
@@ -176,21 +182,31 @@ async def test_edge_every_check_passes_over_tls_with_a_password(
     tmp_path: Path, mosquitto_factory: MosquittoFactory, demo_models: dict[str, DemoModel]
 ) -> None:
     pki = make_pki(tmp_path / "pki")
-    passwords = write_passwords(tmp_path / "passwords", "dev-1", "s3cret")
+    passwords = write_passwords(tmp_path / "passwords", ("dev-1", "s3cret"), ("cloud-bridge", "b"))
     broker = mosquitto_factory(start=False, allow_anonymous=False, extra_conf=f"password_file {passwords}\n")
     port = free_port(avoid={broker.port})
     broker.add_listener(port, lines=(f"cafile {pki.ca}", f"certfile {pki.cert}", f"keyfile {pki.key}"))
     broker.start()
     extra = f'tls_ca = "{pki.ca}"\nusername = "dev-1"\npassword = "s3cret"\n'
     config = edge_config(tmp_path, demo_models["edge"].path, port, extra_mqtt=extra)
-    checks = await edge_diagnose(config)
-    assert not [f for f in checks.findings if f.status != "ok"], [f.line() for f in checks.findings]
-    assert "valid until" in by_name(checks)["tls"].found
-    assert "dev-1@127.0.0.1" in by_name(checks)["mqtt login"].found
-    # The CLI prints the same, one line per check, and exits 0.
-    out = await cli("edge_node.cli", config)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert len(out.stdout.splitlines()) == len(checks.findings) + 1 and out.stderr == ""
+    bridge = BridgeConfig(
+        state_dir=str(tmp_path / "bridge"),
+        mqtt=MqttConfig(port=broker.port, client_id="bridge-clock", username="cloud-bridge", password="b"),
+    )
+    async with running_bridge(bridge):  # answers the clock request
+        checks = await edge_diagnose(config)
+        assert not [f for f in checks.findings if f.status != "ok"], [f.line() for f in checks.findings]
+        found = by_name(checks)
+        assert "valid until" in found["tls"].found and "dev-1@127.0.0.1" in found["mqtt login"].found
+        assert "off the cloud's" in found["clock"].found
+        # The CLI prints the same, one line per check, and exits 0.
+        out = await cli("edge_node.cli", config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert len(out.stdout.splitlines()) == len(checks.findings) + 1 and out.stderr == ""
+        # A clock 1000 s ahead: commands would be refused.
+        skewed = by_name(await edge_diagnose(config, clock=lambda: time.time() + 1000))["clock"]
+    assert skewed.status == "fail" and "+1000" in skewed.found and "max_clock_skew_s = 300" in skewed.found
+    assert "NTP" in skewed.fix
 
 
 async def test_edge_closed_port_fails_and_skips_the_login(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:
@@ -302,6 +318,8 @@ async def test_edge_a_file_that_is_not_a_model(tmp_path: Path, mosquitto: Mosqui
     assert found["model"].status == "fail" and "is not an ONNX model" in found["model"].found
     assert "Bring your own model" in found["model"].fix
     assert found["execution provider"].status == "skip"
+    # No bridge runs: nobody answers the clock request.
+    assert found["clock"].status == "warn" and "no cloud bridge answered" in found["clock"].found
 
 
 async def test_edge_config_that_does_not_load_skips_everything(tmp_path: Path) -> None:
@@ -408,7 +426,7 @@ async def test_bridge_shared_subscription_starved_by_the_acl(
     tmp_path: Path, mosquitto_factory: MosquittoFactory, demo_models: dict[str, DemoModel]
 ) -> None:
     passwords, acl = tmp_path / "passwords", tmp_path / "acl"
-    write_passwords(passwords, "cloud-bridge", "pw")
+    write_passwords(passwords, ("cloud-bridge", "pw"))
     acl.write_text("user cloud-bridge\ntopic readwrite fleet/+/+/telemetry\n", encoding="utf-8")
     broker = mosquitto_factory(allow_anonymous=False, extra_conf=f"password_file {passwords}\nacl_file {acl}\n")
     mqtt = 'username = "cloud-bridge"\npassword = "pw"\n'
