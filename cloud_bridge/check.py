@@ -30,7 +30,7 @@ from cloud_bridge.registry.migrations import NEW_COLUMNS
 from cloud_bridge.tsdb.api import WriteApi
 from cloud_bridge.tsdb.lines import line
 from cloud_bridge.tsdb.transport import HttpTransport
-from common.checks import Checklist, MqttProbe, login_finding, probe_dir, probe_tcp, probe_tls
+from common.checks import Checklist, Finding, MqttProbe, login_finding, probe_dir, probe_tcp, probe_tls
 from common.mqtt import Failure
 from common.onnx import load_model
 from common.tls import client_context
@@ -284,12 +284,19 @@ async def _shared(checks: Checklist, config: BridgeConfig, probe: MqttProbe) -> 
     await probe.publish(topic, b"shared-subscription-check")
     got = await probe.receive(lambda message: message.topic == topic, SHARED_WAIT_S)
     if got is None:
-        checks.fail(
-            SHARED,
-            f"a QoS 1 message to {topic} did not arrive through $share/{group}/ within {SHARED_WAIT_S:g}s",
-            f"let the bridge's user read and write {fleet.prefix}/# (mosquitto/acl: a broker grants a subscription "
-            "its ACL then starves), on a broker that delivers shared subscriptions (Mosquitto 1.6+); or set "
-            "[fleet] shared = false when only one bridge runs",
+        found = f"a QoS 1 message to {topic} did not arrive through $share/{group}/ within {SHARED_WAIT_S:g}s"
+        if fleet.shared_fallback:
+            # The bridge then subscribes without $share: it runs, but every bridge takes every message.
+            found += "; the bridge will subscribe without $share ([fleet] shared_fallback = true)"
+        checks.add(
+            Finding(
+                SHARED,
+                "warn" if fleet.shared_fallback else "fail",
+                found,
+                f"let the bridge's user read and write {fleet.prefix}/# (mosquitto/acl: a broker grants a subscription "
+                "its ACL then starves), on a broker that delivers shared subscriptions (Mosquitto 1.6+); or set "
+                "[fleet] shared = false when only one bridge runs",
+            )
         )
         return
     checks.ok(SHARED, f"$share/{fleet.share_group}/... delivers (probe on $share/{group}/)")

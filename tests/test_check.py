@@ -430,11 +430,19 @@ async def test_bridge_shared_subscription_starved_by_the_acl(
     acl.write_text("user cloud-bridge\ntopic readwrite fleet/+/+/telemetry\n", encoding="utf-8")
     broker = mosquitto_factory(allow_anonymous=False, extra_conf=f"password_file {passwords}\nacl_file {acl}\n")
     mqtt = 'username = "cloud-bridge"\npassword = "pw"\n'
-    found = by_name(await bridge_diagnose(bridge_config(tmp_path, demo_models["cloud"].path, broker.port, mqtt=mqtt)))
+    config = bridge_config(tmp_path, demo_models["cloud"].path, broker.port, mqtt=mqtt)
+    found = by_name(await bridge_diagnose(config))
     assert found["mqtt login"].status == "ok"
-    shared = found["shared subscription"]
     # Mosquitto grants the subscription and then delivers nothing its ACL denies: the probe sees silence.
-    assert shared.status == "fail" and "did not arrive" in shared.found and "mosquitto/acl" in shared.fix
+    # The bridge would fall back to plain subscriptions ([fleet] shared_fallback, on by default): a warning.
+    shared = found["shared subscription"]
+    assert shared.status == "warn" and "did not arrive" in shared.found and "mosquitto/acl" in shared.fix
+    assert "shared_fallback = true" in shared.found
+    config = bridge_config(
+        tmp_path, demo_models["cloud"].path, broker.port, mqtt=mqtt, extra="[fleet]\nshared_fallback = false\n"
+    )
+    shared = by_name(await bridge_diagnose(config))["shared subscription"]
+    assert shared.status == "fail" and "did not arrive" in shared.found
 
 
 async def test_bridge_closed_broker_port(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:
