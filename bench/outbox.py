@@ -10,7 +10,12 @@ Measured against a private mosquitto (`devservers.Mosquitto`, queue limits raise
    (a) enqueue alone (`put_many` in chunks, each awaited until committed),
    (b) drain of a pre-filled outbox (from link start to the last PUBACK),
    (c) end to end: a producer `put_many`s chunks while the connected link drains, until the last
-       PUBACK.
+       PUBACK;
+   (d) the same with delivery confirmed end to end: every message carries a seq, a confirmer (a paho
+       subscriber standing in for the bridge's Confirmer, with its real range code) confirms what it
+       received every 0.1 s, and the time runs until the outbox is empty. The same subscriber takes
+       the messages of (c) too, without confirming, so the ratio (d)/(c) is the drain cost of
+       confirmed delivery.
    For 200 B and 20 KB payloads. Messages are built before the clock starts, for both sides.
 3. RSS of a fresh process holding an outbox with 1,000 vs 1,000,000 queued 200 B messages, right
    after enqueueing them and after reopening the file (each in its own child process).
@@ -38,20 +43,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cloud_bridge.ingest.confirm import ranges_of, seq_of
 from devservers import Mosquitto
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
+from edge_node.uplink.outbox.sent import Confirming
+from schemas import Confirm, decode, encode, new_msg_id
 
 log = logging.getLogger(__name__)
 
 TOPIC = "bench/d1/results"
 STATUS = "bench/d1/status"
+CONFIRM_TOPIC = "bench/d1/confirm"
+CONFIRM_EVERY_S = 0.1
 OUTBOX_MAX_BYTES = 1 << 31  # nothing is evicted: eviction is not what is measured
 PUT_CHUNK = 500  # messages per put_many, what a busy producer hands over per loop iteration
 RSS_CHUNK = 5_000
@@ -94,6 +105,67 @@ class RssSample:
 def messages(n: int, size: int, start: int = 0) -> list[OutMessage]:
     payload = b"x" * size
     return [OutMessage(TOPIC, payload, Priority.RESULTS, f"m{i:08d}") for i in range(start, start + n)]
+
+
+def confirmed_messages(outbox: Outbox, n: int, size: int) -> list[OutMessage]:
+    """Messages that carry their seq in a JSON payload, as the bridge reads it."""
+    out = []
+    for i in range(n):
+        seq = outbox.next_seq()
+        payload = orjson.dumps({"seq": seq, "pad": "x" * max(0, size - 30)})
+        out.append(OutMessage(TOPIC, payload, Priority.RESULTS, f"c{i:08d}", seq=seq))
+    return out
+
+
+class Confirmer:
+    """Stands in for the bridge: takes the messages and (with `confirm`) confirms their seqs in
+    batches with the bridge's range code. Run without `confirm` beside (c), so that both runs pay
+    the same receiver on this machine and their ratio is the cost of confirming alone."""
+
+    def __init__(self, host: str, port: int, epoch: str, confirm: bool = True) -> None:
+        self.epoch = epoch
+        self.confirm = confirm
+        self.seqs: list[int] = []
+        self.sent_bytes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="confirmer", protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect(host, port, keepalive=30)
+        self.client.subscribe(TOPIC, qos=1)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        seq = seq_of(msg.payload)
+        if seq is not None and self.confirm:
+            with self._lock:
+                self.seqs.append(seq)
+
+    def _run(self) -> None:
+        while not self._stop.wait(CONFIRM_EVERY_S):
+            with self._lock:
+                seqs, self.seqs = self.seqs, []
+            if seqs:
+                ranges = ranges_of(seqs)
+                confirm = Confirm(
+                    msg_id=new_msg_id(),
+                    fleet_id="bench",
+                    device_id="d1",
+                    ts=time.time(),
+                    epoch=self.epoch,
+                    ranges=ranges,
+                )
+                payload = encode(confirm)
+                self.sent_bytes += len(payload)
+                self.client.publish(CONFIRM_TOPIC, payload, qos=1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 # ---- bare paho ------------------------------------------------------------------------------
@@ -154,14 +226,20 @@ async def _ignore(msg: IncomingMessage) -> None:
 
 @asynccontextmanager
 async def running_link(outbox: Outbox, host: str, port: int) -> AsyncIterator[Link]:
-    """A Link draining `outbox`, closed (and its task awaited) on the way out."""
+    """A Link draining `outbox` (and taking confirmations for it), closed on the way out."""
+
+    def on_message(msg: IncomingMessage) -> None:
+        if msg.topic == CONFIRM_TOPIC:
+            confirm = decode(msg.payload, Confirm)
+            outbox.confirm(confirm.epoch, [(a, b) for a, b in confirm.ranges])
+
     link = Link(
         LinkConfig(host=host, port=port, client_id="bench-d1", protocol="mqtt5"),
         outbox,
         will=lambda connection: _status("offline"),
         birth=lambda connection: _status("online"),
-        subscriptions=[],
-        on_message=_ignore,
+        subscriptions=[(CONFIRM_TOPIC, 1)] if outbox.delivery.mode == "confirmed" else [],
+        on_message=on_message if outbox.delivery.mode == "confirmed" else _ignore,
     )
     task = asyncio.create_task(link.run(), name="bench-link")
     try:
@@ -189,7 +267,8 @@ async def enqueue(outbox: Outbox, msgs: Sequence[OutMessage]) -> None:
 
 
 async def durable(work: Path, host: str, port: int, size: int, n: int) -> list[Rate]:
-    """(a) enqueue alone, (b) drain of the filled outbox, (c) put + drain concurrently."""
+    """(a) enqueue alone, (b) drain of the filled outbox, (c) put + drain concurrently, then (c) with
+    a subscriber taking the messages, and (d) with it confirming them."""
     msgs = messages(n, size)
     outbox = await Outbox.open(work / f"prefill-{size}.db", OUTBOX_MAX_BYTES)
     try:
@@ -203,19 +282,51 @@ async def durable(work: Path, host: str, port: int, size: int, n: int) -> list[R
     finally:
         await outbox.close()
 
-    outbox = await Outbox.open(work / f"e2e-{size}.db", OUTBOX_MAX_BYTES)
+    e2e = await end_to_end(work / f"e2e-{size}.db", host, port, size, n, None)
+    taken = await end_to_end(work / f"taken-{size}.db", host, port, size, n, False)
+    confirmed = await end_to_end(work / f"confirmed-{size}.db", host, port, size, n, True)
+    return [enq, drain, e2e, taken, confirmed]
+
+
+async def end_to_end(path: Path, host: str, port: int, size: int, n: int, confirm: bool | None) -> Rate:
+    """Put n messages while the link drains; time until the last PUBACK, or until the last
+    confirmation (`confirm`). A subscriber takes the messages unless `confirm` is None."""
+    outbox = await Outbox.open(path, OUTBOX_MAX_BYTES, confirming=Confirming() if confirm else None)
+    receiver = None if confirm is None else await asyncio.to_thread(Confirmer, host, port, outbox.epoch, confirm)
     try:
+        msgs = confirmed_messages(outbox, n, size)
+        if not confirm:
+            msgs = [OutMessage(TOPIC, m.payload, m.priority, m.msg_id) for m in msgs]
         async with running_link(outbox, host, port) as link:
             async with asyncio.timeout(WAIT_S):
                 await link.wait_connected()
             await wait_published(link, 1)  # the birth: the link is idle and connected now
             start = time.perf_counter()
             await enqueue(outbox, msgs)
-            await wait_published(link, n + 1)
-            e2e = Rate("outbox end to end (put+drain)", size, n, time.perf_counter() - start)
+            if confirm:
+                await wait_confirmed(outbox)
+            else:
+                await wait_published(link, n + 1)
+            seconds = time.perf_counter() - start
     finally:
+        if receiver is not None:
+            await asyncio.to_thread(receiver.close)
         await outbox.close()
-    return [enq, drain, e2e]
+    name = {
+        None: "outbox end to end (put+drain)",
+        False: "  ... a subscriber taking them",
+        True: "  ... confirmed by it",
+    }
+    return Rate(name[confirm], size, n, seconds)
+
+
+async def wait_confirmed(outbox: Outbox) -> None:
+    """Bounded wait until the confirmer confirmed every message (the outbox holds only the birth)."""
+    deadline = time.monotonic() + WAIT_S
+    while outbox.depth > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"confirmed: {outbox.depth} rows left after {WAIT_S} s")
+        await asyncio.sleep(POLL_S)
 
 
 # ---- RSS ------------------------------------------------------------------------------------
@@ -331,6 +442,12 @@ def main_bench() -> None:
         print_rss(samples)
     bare = ratio_of(rates, "bare paho QoS 1", 200)
     e2e = ratio_of(rates, "outbox end to end (put+drain)", 200)
+    for size, _ in SIZES:
+        taken = ratio_of(rates, "  ... a subscriber taking them", size)
+        confirmed = ratio_of(rates, "  ... confirmed by it", size)
+        print(
+            f"confirmed delivery, {size} B: {confirmed.per_s / taken.per_s:.2f}x the throughput of deleting on PUBACK"
+        )
     print(f"ratio {e2e.per_s / bare.per_s:.2f} outbox/bare-paho")
 
 

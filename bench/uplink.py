@@ -184,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             _stop(bridge)
             broker.stop()
     _print(results)
+    for m in results:
+        down = sum(
+            n for (_, channel), n in m.by_channel.items() if channel.removeprefix("ack:") in ("confirm", "clock/reply")
+        )
+        rate = "idle" if not m.rate_hz else f"{m.rate_hz:g} Hz"
+        per_hour = down / m.seconds * 3600 / 1000
+        print(f"{m.encoding} {rate}: confirmations and clock replies {per_hour:.1f} kB per device-hour")
     at20 = {m.encoding: m.per_inference for m in results if m.rate_hz == 20.0}
     base, best = at20.get("json", float("nan")), at20.get(encodings[-1], float("nan"))
     print(f"20 Hz: {base:.1f} B/inference json, {best:.1f} {encodings[-1]}")

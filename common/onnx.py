@@ -110,7 +110,7 @@ def _ort_errors(path: Path, error: type[Exception], doing: str) -> Iterator[None
 
 def _failure(path: Path, exc: Exception, doing: str) -> str:
     name = type(exc).__name__
-    text = str(exc)
+    text = " ".join(str(exc).split())  # one line: ORT's texts may end in, or hold, line breaks
     if name == "InvalidProtobuf" or "No graph was found" in text:
         return f"{path} is not an ONNX model (it does not parse as one: another kind of file, or truncated)"
     if name == "NoSuchFile":

@@ -1,6 +1,7 @@
-"""Real local servers (mosquitto, victoria-metrics, InfluxDB 1.x) and a fault-injecting TCP proxy for
-tests, bench and demo."""
+"""Real local servers (mosquitto, victoria-metrics, InfluxDB 1.x), a fault-injecting TCP proxy and the
+child-process lifecycle they share, for tests, bench and demo."""
 
+from devservers._process import ManagedProcess, ProcessError
 from devservers.influxdb import InfluxDB, InfluxDBError, find_influxd
 from devservers.mosquitto import Listener, Mosquitto, MosquittoError, find_mosquitto
 from devservers.ports import PortWaitError, free_port, free_ports, wait_for_port
@@ -12,9 +13,11 @@ __all__ = [
     "InfluxDB",
     "InfluxDBError",
     "Listener",
+    "ManagedProcess",
     "Mosquitto",
     "MosquittoError",
     "PortWaitError",
+    "ProcessError",
     "ProxyStats",
     "TcpProxy",
     "VictoriaError",

@@ -50,7 +50,11 @@ _PROPERTY_SIZES = {
 def channel_of(topic: str) -> str:
     """The channel a topic belongs to: `fleet/f/d/escalate/reply` -> `escalate/reply`."""
     parts = topic.split("/")
-    if len(parts) >= 4 and parts[-2] in ("escalate", "cmd", "model") and parts[-1] in ("reply", "ack", "request"):
+    if (
+        len(parts) >= 4
+        and parts[-2] in ("escalate", "cmd", "model", "clock")
+        and parts[-1] in ("reply", "ack", "request")
+    ):
         return f"{parts[-2]}/{parts[-1]}"
     if len(parts) >= 3 and parts[-2] == "models":
         return "models"

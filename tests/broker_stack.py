@@ -1,13 +1,13 @@
 """The shipped production brokers (mosquitto/cloud.conf, mosquitto/gateway.conf) started for tests.
 
-Credentials come from the shipped generator (scripts/gen-certs.sh) into the test's tmp dir; the configs
-are rendered by devservers.mosquitto_conf with only paths, ports and the bridge address changed.
+Credentials come from the shipped generator (scripts/gen-certs.sh, the `pki` fixture of tests/pki.py);
+the configs are rendered by devservers.mosquitto_conf with only paths, ports and the bridge address
+changed.
 """
 
 from __future__ import annotations
 
 import ssl
-import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,51 +20,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cloud_bridge.config import BridgeConfig, MqttConfig
 from devservers import Mosquitto, free_ports
 from devservers.mosquitto_conf import ShippedConfig
+from tests.pki import BRIDGE, GATEWAY, REPO, Pki
 from tests.plugin_servers import MosquittoFactory
+from tests.poll import wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO_DIR = REPO / "mosquitto"
-GEN_CERTS = REPO / "scripts" / "gen-certs.sh"
-GATEWAY = "gateway-01"
-BRIDGE = "cloud-bridge"
 SHIPPED_CLOUD_ADDRESS = "cloud-broker.example.net:8884"
-
-
-@dataclass(frozen=True)
-class Pki:
-    """What scripts/gen-certs.sh wrote: CA, server cert, gateway client certs, passwords by account."""
-
-    dir: Path
-    passwords: dict[str, str]
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    def password(self, account: str) -> str:
-        return self.passwords[account]
-
-
-def env_name(account: str) -> str:
-    """The credentials.env variable of an account, as gen-certs.sh names it."""
-    return "".join(c if c.isalnum() else "_" for c in account.upper()) + "_MQTT_PASSWORD"
-
-
-def make_pki(out: Path, devices: list[str]) -> Pki:
-    """Run the shipped generator; return its outputs."""
-    subprocess.run(
-        ["bash", str(GEN_CERTS), "-o", str(out), "-d", ",".join(devices), "-g", GATEWAY, "-b", BRIDGE],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    values = dict(
-        line.split("=", 1) for line in (out / "credentials.env").read_text(encoding="utf-8").splitlines() if line
-    )
-    passwords = {account: values[env_name(account)] for account in [BRIDGE, *devices]}
-    return Pki(out, passwords)
 
 
 @dataclass
@@ -101,8 +65,10 @@ def start_gateway(
     cloud_address: str,
     name: str = "gateway",
     source: Path = MOSQUITTO_DIR / "gateway.conf",
+    expect_drops: bool = False,
 ) -> Mosquitto:
-    """The gateway broker; `source` replaces the shipped file only for a test of a rejected alternative."""
+    """The gateway broker; `source` replaces the shipped file only for a test of a rejected alternative
+    or of a deliberately small queue (`expect_drops`: its log may say it dropped messages)."""
     rendered = ShippedConfig(
         source,
         files={
@@ -115,7 +81,21 @@ def start_gateway(
         main_port=1883,
         addresses={SHIPPED_CLOUD_ADDRESS: cloud_address},
     )
-    return factory(name=name, config_renderer=rendered)
+    return factory(name=name, config_renderer=rendered, expect_drops=expect_drops)
+
+
+def cloud_bridge_config(tmp_path: Path, tls_port: int, pki: Pki, **sections: Any) -> BridgeConfig:
+    """The cloud bridge on the cloud broker's TLS listener, with its own account; `sections` as
+    BridgeConfig takes them."""
+    mqtt = MqttConfig(
+        host="127.0.0.1",
+        port=tls_port,
+        client_id=BRIDGE,
+        username=BRIDGE,
+        password=pki.password(BRIDGE),
+        tls_ca=str(pki.ca),
+    )
+    return BridgeConfig(state_dir=str(tmp_path / "bridge"), mqtt=mqtt, **sections)
 
 
 @dataclass
@@ -205,9 +185,13 @@ class Client:
 
     def wait_for(self, predicate: Callable[[list[tuple[str, bytes]]], bool], timeout: float = 10.0) -> None:
         """Block until `predicate(messages so far)` holds; AssertionError after `timeout` seconds."""
+        if not self.holds_within(predicate, timeout):
+            raise AssertionError(f"condition not met in {timeout} s; received {self.received()[:5]}")
+
+    def holds_within(self, predicate: Callable[[list[tuple[str, bytes]]], bool], timeout: float) -> bool:
+        """Whether `predicate(messages so far)` holds within `timeout` seconds."""
         with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self.messages), timeout):
-                raise AssertionError(f"condition not met in {timeout} s; received {self.messages[:5]}")
+            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
 
     def wait_messages(self, count: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
         with self._cond:
@@ -229,3 +213,19 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PROBE_TOPIC = "fleet/probe/probe/cmd"
+
+
+def wait_bridged(local: Client, cloud: Client, timeout: float) -> None:
+    """Wait until the gateway's bridge has subscribed on the cloud: a probe sent by `cloud` reaches
+    `local` (connected to the gateway). Until then the cloud drops commands (nobody subscribed to
+    them), so the probe is sent again until one arrives."""
+    local.subscribe(PROBE_TOPIC)
+
+    def probe_arrives() -> bool:
+        cloud.publish(PROBE_TOPIC, b"probe")
+        return local.holds_within(lambda got: any(topic == PROBE_TOPIC for topic, _ in got), 0.5)
+
+    wait_for(probe_arrives, timeout, "the gateway bridge to subscribe on the cloud", interval=0)

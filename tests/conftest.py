@@ -1,3 +1,3 @@
-"""Test configuration: real servers (devservers) and real demo models, as pytest plugins."""
+"""Test configuration: real servers (devservers), real demo models and certificates, as pytest plugins."""
 
-pytest_plugins = ["tests.plugin_servers", "tests.plugin_models"]
+pytest_plugins = ["tests.plugin_servers", "tests.plugin_models", "tests.plugin_pki"]

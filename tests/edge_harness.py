@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +22,12 @@ from edge_node.app import EdgeNode
 from edge_node.config import EdgeConfig
 from edge_node.errors import ConfigError
 from schemas import EscalationReply, EscalationRequest, ModelRef, TopK, decode, decode_tensor, encode, new_msg_id
+from tests.config_files import edge_tables
 
 
 def edge_config(tmp_path: Path, port: int, model: Path, **sections: dict[str, Any]) -> EdgeConfig:
-    values: dict[str, Any] = {
-        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "keepalive": 5},
-        "device": {"fleet_id": "f1", "device_id": "dev-1"},
-        "model": {"path": model},
-        "outbox": {"path": tmp_path / "outbox.sqlite"},
-        "telemetry": {"interval_s": 60.0},
-        "source": {"kind": "mqtt"},
-    }
-    for name, overrides in sections.items():
-        values.setdefault(name, {}).update(overrides)
-    # The same conversion and checks as a TOML file.
-    return from_dict(EdgeConfig, values, tmp_path, ConfigError)
+    """`edge_tables(...)` built in code, with the same conversion and checks as a TOML file."""
+    return from_dict(EdgeConfig, edge_tables(tmp_path, port, model, **sections), tmp_path, ConfigError)
 
 
 class RunningNode:
@@ -125,25 +111,3 @@ class CloudResponder:
         topic = getattr(msg.properties, "ResponseTopic", None) or request.reply_to
         client.publish(topic, encode(reply), qos=1, properties=props)
         self.answered += 1
-
-
-def spawn_edge_node(config_file: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """`edge-node run` as a real process; its stderr goes to a file so a full pipe can never block it."""
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config_file)],
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
-@contextmanager
-def edge_node_process(config_file: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A node process for the block; killed at the end if the test left it running."""
-    proc = spawn_edge_node(config_file, log_path)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)

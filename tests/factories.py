@@ -42,6 +42,7 @@ from schemas import (
     encode_tensor,
     new_msg_id,
 )
+from schemas.topics import Channel, Topics
 
 MODEL = ModelRef(name="digits-edge", version="1.0.0", sha256="ab" * 32)
 CLOUD = ModelRef(name="digits-cloud", version="1.0.0", sha256="cd" * 32)
@@ -220,3 +221,23 @@ def examples(fleet_id: str = "f1", device_id: str = "dev-1") -> list[Envelope]:
         ClockRequest(**env()),
         ClockReply(**env(), request_id=cmd_id, request_ts=now - 0.2, received=now - 0.1),
     ]
+
+
+# The channel each message a device sends arrives on at the bridge (result/1 comes from devices on
+# older software); alerts have their own topic.
+CHANNEL_OF: dict[type[Envelope], Channel] = {
+    Status: Channel.STATUS,
+    Telemetry: Channel.TELEMETRY,
+    Sample: Channel.SAMPLES,
+    Result: Channel.RESULTS,
+    Results: Channel.RESULTS,
+    CommandAck: Channel.CMD_ACK,
+}
+
+
+def topic_for(message: Envelope) -> str:
+    """The topic an example is published on, as a device (or the drift detector, for an alert) would."""
+    topics = Topics()
+    if isinstance(message, Alert):
+        return topics.alerts(message.fleet_id)
+    return topics.device(message.fleet_id, message.device_id, CHANNEL_OF[type(message)])

@@ -1,5 +1,5 @@
 """Pytest fixtures for the real local servers of devservers/: mosquitto, victoria-metrics, InfluxDB 1.x,
-a TCP proxy.
+a TCP proxy; and a private PostgreSQL (tests/postgres.py).
 
 Every server runs in the test's tmp dir on a free port and is stopped at teardown even when the test
 failed. A broker whose log says it dropped queued messages (docs/traps.md #1) fails the test that used
@@ -12,11 +12,12 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
 from devservers import InfluxDB, Mosquitto, TcpProxy, VictoriaMetrics
+from tests.postgres import postgres_server
 
 
 class MosquittoFactory(Protocol):
@@ -79,37 +80,40 @@ def mosquitto(mosquitto_factory: MosquittoFactory) -> Mosquitto:
     return mosquitto_factory(name="mosquitto")
 
 
-@pytest.fixture
-def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
-    """A started victoria-metrics with an empty data dir, for this test only."""
-    server = VictoriaMetrics(tmp_path / "victoria")
+class _Server(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ServerT = TypeVar("ServerT", bound=_Server)
+
+
+def _serving(server: ServerT) -> Iterator[ServerT]:
+    """Start `server` for a fixture's life; stopped even when the test failed."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    """A started victoria-metrics with an empty data dir, for this test only."""
+    yield from _serving(VictoriaMetrics(tmp_path / "victoria"))
 
 
 @pytest.fixture(scope="session")
 def victoria_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
     """One victoria-metrics for the session: tests sharing it must use their own measurement names."""
-    server = VictoriaMetrics(tmp_path_factory.mktemp("victoria_session"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(VictoriaMetrics(tmp_path_factory.mktemp("victoria_session")))
 
 
 @pytest.fixture(scope="session")
 def influxdb_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB]:
     """One InfluxDB 1.x (Debian's influxd) for the session: each test creates and uses its own database."""
-    server = InfluxDB(tmp_path_factory.mktemp("influxdb_session"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(InfluxDB(tmp_path_factory.mktemp("influxdb_session")))
 
 
 @pytest.fixture
@@ -130,6 +134,14 @@ def influxdb_factory(tmp_path: Path) -> Iterator[InfluxDBFactory]:
         with contextlib.ExitStack() as stack:
             for server in servers:
                 stack.callback(server.stop)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A private PostgreSQL server for this test, its URL (skipped without the server or asyncpg)."""
+    pytest.importorskip("asyncpg", reason="asyncpg is needed for PostgreSQL: pip install asyncpg")
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture

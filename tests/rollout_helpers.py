@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.store import RolloutStore
+from tests.config_files import write_bridge_config
+from tests.poll import wait_for_async
 
 FLEET = "f1"
+# The registry is polled: a rollout's progress has no event the test could wait on.
+POLL_S = 0.1
+
+
+def cli_config(tmp_path: Path, config: BridgeConfig) -> Path:
+    """The TOML file for `cloud-bridge rollout ...`: the running bridge's registry and signing key."""
+    return write_bridge_config(tmp_path, state_dir=config.state_dir, ota={"signing_key": config.ota.signing_key})
 
 
 class Db:
@@ -32,7 +39,13 @@ class Db:
         await self.registry.close()
 
     async def wait_devices(self, n: int, limit_s: float = 20.0) -> None:
-        await self.wait(lambda: self.store.fleet(FLEET), lambda devices: sum(d.online for d in devices) >= n, limit_s)
+        await wait_for_async(
+            lambda: self.store.fleet(FLEET),
+            limit_s,
+            f"{n} devices online",
+            until=lambda devices: sum(d.online for d in devices) >= n,
+            interval=POLL_S,
+        )
 
     async def wait_rollout(
         self, rid: str, predicate: Callable[[dict[str, Any]], bool], limit_s: float = 30.0
@@ -42,19 +55,7 @@ class Db:
             assert row is not None
             return row
 
-        row: dict[str, Any] = await self.wait(fetch, predicate, limit_s)
+        row: dict[str, Any] = await wait_for_async(
+            fetch, limit_s, f"rollout {rid} to reach the awaited state", until=predicate, interval=POLL_S
+        )
         return row
-
-    @staticmethod
-    async def wait(fetch: Callable[[], Any], predicate: Callable[[Any], bool], limit_s: float) -> Any:
-        """Poll (the database, or the simulated devices) until `predicate` holds, bounded by `limit_s`."""
-        deadline = time.monotonic() + limit_s
-        while True:
-            value = fetch()
-            if inspect.isawaitable(value):
-                value = await value
-            if predicate(value):
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not reached in {limit_s}s; last value: {value}")
-            await asyncio.sleep(0.1)

@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -29,34 +28,23 @@ from demokit.models import DemoModel
 from devservers import Mosquitto
 from schemas import Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
+from tests.config_files import write_bridge_config, write_toml
 from tests.factories import examples
+from tests.poll import wait_for_async
+from tests.processes import CLOUD_BRIDGE, run_cloud_bridge, running, wait_logged
 
 pytestmark = pytest.mark.timeout(90)
 
-BRIDGE = [sys.executable, "-m", "cloud_bridge.cli"]
-
 
 def write_config(tmp_path: Path, broker: Mosquitto, model: Path) -> Path:
-    path = tmp_path / "cloud.toml"
-    path.write_text(
-        f"""
-state_dir = "{tmp_path / "state"}"
-status_interval_s = 0.5
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-client_id = "bridge-cli"
-
-[fleet]
-share_group = "bridges"
-
-[escalation]
-model = "{model}"
-""",
-        encoding="utf-8",
+    return write_bridge_config(
+        tmp_path,
+        broker,
+        status_interval_s=0.5,
+        mqtt={"client_id": "bridge-cli"},
+        fleet={"share_group": "bridges"},
+        escalation={"model": model},
     )
-    return path
 
 
 def stored(db: Path) -> int:
@@ -71,14 +59,13 @@ def stored(db: Path) -> int:
 
 
 def test_help_lists_run() -> None:
-    out = subprocess.run([*BRIDGE, "run", "--help"], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run([*CLOUD_BRIDGE, "run", "--help"], capture_output=True, text=True, timeout=30, check=True)
     assert "--config" in out.stdout
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
-    path = tmp_path / "bad.toml"
-    path.write_text("[mqtt]\nport = 70000\n", encoding="utf-8")
-    out = subprocess.run([*BRIDGE, "run", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    path = write_toml(tmp_path / "bad.toml", {"mqtt": {"port": 70000}})
+    out = subprocess.run([*CLOUD_BRIDGE, "run", "--config", str(path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "[mqtt] port" in out.stderr
 
@@ -105,7 +92,7 @@ def test_every_help_text_reads_clean() -> None:
         assert (parser.description or "").strip() not in module_docs, f"{name} shows a module docstring"
     assert len(helps) == 22 and {"cloud-bridge check", "cloud-bridge devices", "cloud-bridge alerts"} <= set(helps)
     assert "5%, 25%, 100%" in " ".join(helps["cloud-bridge rollout"].split())
-    top = subprocess.run([*BRIDGE, "--help"], capture_output=True, text=True, timeout=30, check=True)
+    top = subprocess.run([*CLOUD_BRIDGE, "--help"], capture_output=True, text=True, timeout=30, check=True)
     assert top.stdout == helps["cloud-bridge"]
     # The installed `cloud-bridge` script runs the same main.
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "cloud-bridge"]
@@ -113,15 +100,14 @@ def test_every_help_text_reads_clean() -> None:
 
 
 def test_a_bridge_error_is_one_line_on_stderr_with_its_exit_code(tmp_path: Path) -> None:
-    generate = [*BRIDGE, "keys", "generate", "--out", str(tmp_path / "keys")]
+    generate = [*CLOUD_BRIDGE, "keys", "generate", "--out", str(tmp_path / "keys")]
     subprocess.run(generate, capture_output=True, timeout=30, check=True)
     again = subprocess.run(generate, capture_output=True, text=True, timeout=30)
     assert again.returncode == 1 and again.stdout == ""
     assert re.fullmatch(r"cloud-bridge keys generate: \S+command-signing\.pem already exists: [^\n]+\n", again.stderr)
-    config = tmp_path / "cloud.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    config = write_bridge_config(tmp_path)
     usage = subprocess.run(
-        [*BRIDGE, "cmd", "ping", "--device", "pi-1", "--config", str(config)],
+        [*CLOUD_BRIDGE, "cmd", "ping", "--device", "pi-1", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -151,17 +137,14 @@ def test_main_reports_every_bridge_error_and_hides_no_other(
 
 @pytest.mark.parametrize("command", [["models", "list"], ["rollout", "status"]])
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, command: list[str]) -> None:
-    config = tmp_path / "cloud.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    config = write_bridge_config(tmp_path)
     asyncio.run(_create_registry(load_config(config).registry_url))  # reading commands need one
-    proc = subprocess.Popen(
-        [*BRIDGE, *command, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    # Like `cloud-bridge models list | head -0`: the reader is gone before the first line is written.
-    proc.stdout.close()
-    err = proc.stderr.read()
-    assert (proc.wait(timeout=30), err.decode()) == (0, "")
+    argv = [*CLOUD_BRIDGE, *command, "--config", str(config)]
+    with running("cloud-bridge", argv, tmp_path / "stderr.log", stdout_pipe=True) as proc:
+        assert proc.popen is not None and proc.popen.stdout is not None
+        # Like `cloud-bridge models list | head -0`: the reader is gone before the first line is written.
+        proc.popen.stdout.close()
+        assert (proc.wait(30), proc.log_text()) == (0, "")
 
 
 async def _create_registry(url: str) -> None:
@@ -179,16 +162,8 @@ async def test_sigterm_drains_and_exits_0_without_losing_messages(
     total = 3000
     template = next(m for m in examples("f1", "d0") if isinstance(m, Telemetry))
     telemetry = [msgspec.structs.replace(template, msg_id=new_msg_id(), device_id=f"d{i % 50}") for i in range(total)]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant; we wait with to_thread below
-            [*BRIDGE, "run", "--config", str(config_path)], stdout=log_file, stderr=log_file
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while "mqtt connected" not in log_path.read_text(encoding="utf-8"):
-            assert proc.poll() is None, log_path.read_text(encoding="utf-8")
-            assert time.monotonic() < deadline, "bridge never connected"
-            await asyncio.sleep(0.05)
+    with run_cloud_bridge(config_path, log_path) as proc:
+        await asyncio.to_thread(wait_logged, proc, "mqtt connected", 20)
         async with aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
             client.pending_calls_threshold = 1000
             topics = Topics()
@@ -199,16 +174,11 @@ async def test_sigterm_drains_and_exits_0_without_losing_messages(
                 )
             )
         # Stop while the bridge is busy: some stored, more in flight.
-        while stored(db) == 0:
-            assert time.monotonic() < deadline + 20
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: stored(db), 40, "the first messages stored", interval=0.01)
         proc.send_signal(signal.SIGTERM)
         at_sigterm = stored(db)
         rc = await asyncio.to_thread(proc.wait, 30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = log_path.read_text(encoding="utf-8")
+        output = proc.log_text()
     assert rc == 0, output
     first_run = stored(db)
     assert "bridge draining" in output and "bridge stopped" in output

@@ -25,7 +25,6 @@ from cloud_bridge.registry import Device, Registry, SeenMessage, TelemetryRow
 from schemas import Envelope, Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (fixture, used by name)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -53,7 +53,7 @@ from schemas.topics import Channel, Topics
 from tests.edge_harness import RunningNode, edge_config
 from tests.factories import MODEL
 from tests.mqtt_collector import Collector
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (fixture, used by name)
+from tests.poll import wait_for_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -518,7 +518,7 @@ def telemetry_batch(message: Telemetry) -> Batch:
 
 
 async def test_postgresql_evaluations_of_one_device_wait_for_each_other(
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     stream: DigitsStream,
 ) -> None:
     # Every window scores far above the threshold against this reference mix, so `above` counts windows.
@@ -541,13 +541,16 @@ async def test_postgresql_evaluations_of_one_device_wait_for_each_other(
 
         task = asyncio.create_task(second())
         waiting = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-        async with registry.engine.connect() as probe, asyncio.timeout(15):
-            # Bounded polling: a lock wait has no event to wait on.
-            while (await probe.execute(waiting)).scalar_one() == 0:
+        async with registry.engine.connect() as probe:
+
+            async def lock_waits() -> int:
                 if task.done():
                     task.result()  # raises what made it fail
                     raise AssertionError("the second evaluation did not wait for the first one's lock")
-                await asyncio.sleep(0.02)
+                return int((await probe.execute(waiting)).scalar_one())
+
+            # Bounded polling: a lock wait has no event to wait on.
+            await wait_for_async(lock_waits, 15, "the second evaluation to wait for the first one's lock")
         assert not task.done()
         await first.commit()
         await first.close()

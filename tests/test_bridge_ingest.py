@@ -25,27 +25,13 @@ from cloud_bridge.registry import (
     TelemetryRow,
 )
 from devservers import Mosquitto
-from schemas import Alert, Answer, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry, encode, new_msg_id
+from schemas import Alert, Answer, Envelope, Result, Results, Sample, Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
-from tests.factories import examples
+from tests.factories import CHANNEL_OF, examples, topic_for
 
 pytestmark = pytest.mark.timeout(60)
 
 TOPICS = Topics("fleet")
-CHANNEL_OF: dict[type[Envelope], Channel] = {
-    Status: Channel.STATUS,
-    Telemetry: Channel.TELEMETRY,
-    Sample: Channel.SAMPLES,
-    Result: Channel.RESULTS,  # result/1, from devices on older software
-    Results: Channel.RESULTS,
-    CommandAck: Channel.CMD_ACK,
-}
-
-
-def topic_for(message: Envelope) -> str:
-    if isinstance(message, Alert):
-        return TOPICS.alerts(message.fleet_id)
-    return TOPICS.device(message.fleet_id, message.device_id, CHANNEL_OF[type(message)])
 
 
 def ingested_examples(device: str = "dev-1") -> list[Envelope]:

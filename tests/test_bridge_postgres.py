@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -17,94 +11,10 @@ from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig, RegistryConfig
 from cloud_bridge.registry import Agreement, Device, Registry, ResultRow, SampleRow, SeenMessage, TelemetryRow
 from devservers import Mosquitto
-from devservers.ports import free_port, wait_for_port
-from schemas import Alert, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry, encode
-from schemas.topics import Channel, Topics
-from tests.factories import examples
+from schemas import Alert, Result, Results, encode
+from tests.factories import CHANNEL_OF, examples, topic_for
 
-pytest.importorskip("asyncpg", reason="asyncpg is needed for PostgreSQL: pip install asyncpg")
 pytestmark = pytest.mark.timeout(90)
-
-# Debian puts the server binaries in a versioned folder, not on PATH; take the newest installed.
-PG_BIN = max(
-    Path("/usr/lib/postgresql").glob("*/bin"),
-    default=Path("/usr/lib/postgresql/15/bin"),
-    key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-)
-TOPICS = Topics()
-CHANNEL_OF: dict[type[Envelope], Channel] = {
-    Status: Channel.STATUS,
-    Telemetry: Channel.TELEMETRY,
-    Sample: Channel.SAMPLES,
-    Result: Channel.RESULTS,  # result/1, from devices on older software
-    Results: Channel.RESULTS,
-    CommandAck: Channel.CMD_ACK,
-}
-
-
-def _as_postgres(*argv: str) -> list[str]:
-    # PostgreSQL refuses to run as root; tests here run as root (as in CI), so drop to `postgres`.
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN}")
-    work = Path(tempfile.mkdtemp(prefix="bridge-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(work, "postgres", "postgres")
-    data, port = work / "data", free_port()
-    subprocess.run(
-        _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "bridge", "--no-sync"),
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    log = (work / "pg.log").open("wb")
-    proc = subprocess.Popen(
-        _as_postgres(
-            str(PG_BIN / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(work),
-            "-h",
-            "127.0.0.1",
-            "-c",
-            "fsync=off",
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, 30, name="postgres", process=proc, log_path=work / "pg.log")
-        subprocess.run(
-            _as_postgres(
-                str(PG_BIN.parent / "bin" / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "bridge", "registry"
-            ),
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        yield f"postgresql+asyncpg://bridge@127.0.0.1:{port}/registry"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(15)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def topic_for(message: Envelope) -> str:
-    if isinstance(message, Alert):
-        return TOPICS.alerts(message.fleet_id)
-    return TOPICS.device(message.fleet_id, message.device_id, CHANNEL_OF[type(message)])
 
 
 async def test_ingest_and_dedup_on_postgresql(tmp_path: Path, mosquitto: Mosquitto, postgres_url: str) -> None:

@@ -8,8 +8,6 @@ import asyncio
 import json
 import signal
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -32,7 +30,8 @@ from cloud_bridge.samples.tail import TailOptions, tail_samples
 from devservers import Mosquitto
 from schemas import ModelRef, Sample, TopK, encode, encode_tensor, new_msg_id
 from schemas.topics import Channel, Topics
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (a fixture: a private PostgreSQL)
+from tests.config_files import write_bridge_config
+from tests.processes import CLOUD_BRIDGE, running, wait_logged
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +39,6 @@ TOPICS = Topics("fleet")
 FLEET = "f1"
 EDGE = ModelRef(name="digits-edge", version="1.0.0", sha256="ab" * 32)
 EDGE2 = ModelRef(name="digits-edge", version="1.1.0", sha256="cd" * 32)
-BRIDGE = [sys.executable, "-m", "cloud_bridge.cli"]
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -86,16 +84,6 @@ def config(tmp_path: Path, broker: Mosquitto, **samples: float) -> BridgeConfig:
         fleet=FleetConfig(share_group="g1"),
         samples=SamplesConfig(**samples),  # type: ignore[arg-type]
     )
-
-
-def write_toml(tmp_path: Path, broker: Mosquitto) -> Path:
-    path = tmp_path / "cloud.toml"
-    path.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
-        'client_id = "bridge-samples"\n',
-        encoding="utf-8",
-    )
-    return path
 
 
 async def ingest(bridge: Bridge, broker: Mosquitto, samples: list[Sample]) -> None:
@@ -144,7 +132,7 @@ def read_png(data: bytes) -> npt.NDArray[np.uint8]:
 
 @pytest.fixture
 def toml(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Path]:
-    yield write_toml(tmp_path, mosquitto)
+    yield write_bridge_config(tmp_path, mosquitto, mqtt={"client_id": "bridge-samples"})
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -291,8 +279,7 @@ async def test_label_studio_tasks_cover_the_whole_manifest(
 
 
 def test_export_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    toml = tmp_path / "cloud.toml"
-    toml.write_text(f'state_dir = "{tmp_path / "nothing-here"}"\n', encoding="utf-8")
+    toml = write_bridge_config(tmp_path, state_dir=tmp_path / "nothing-here")
     base = ["samples", "export", "--config", str(toml), "--out", str(tmp_path / "o")]
     assert cli_main([*base, "--since", "1h"]) == 2
     assert "no registry database" in capsys.readouterr().err
@@ -309,12 +296,13 @@ def test_export_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFi
 async def test_export_cursor_filters_and_prune_on_postgresql(
     tmp_path: Path,
     mosquitto: Mosquitto,
-    postgres_url: str,  # noqa: F811  (the fixture imported above)
+    postgres_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The same queries on PostgreSQL: row-value cursor, JSON-as-text reason filter, prune subquery."""
-    toml = write_toml(tmp_path, mosquitto)
-    toml.write_text(toml.read_text(encoding="utf-8") + f'\n[registry]\nurl = "{postgres_url}"\n', encoding="utf-8")
+    toml = write_bridge_config(
+        tmp_path, mosquitto, mqtt={"client_id": "bridge-samples"}, registry={"url": postgres_url}
+    )
     cfg = BridgeConfig(
         state_dir=str(tmp_path / "state"),
         mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="bridge-samples-pg"),
@@ -340,24 +328,15 @@ async def test_export_cursor_filters_and_prune_on_postgresql(
 # ---- tail -----------------------------------------------------------------------------------------
 
 
-def start_tail(toml: Path, *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*BRIDGE, "samples", "tail", "--config", str(toml), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()  # bounded by the test timeout; "" if the process died
-    assert "subscribed to fleet/+/" in line, f"tail did not subscribe: {line!r} {proc.poll()}"
-    return proc
-
-
 async def test_tail_prints_one_line_per_sample_reports_invalid_ones_and_stops_on_ctrl_c(
-    mosquitto: Mosquitto, toml: Path
+    mosquitto: Mosquitto, toml: Path, tmp_path: Path
 ) -> None:
-    proc = await asyncio.to_thread(start_tail, toml, "--device", "dev-t")
-    try:
+    argv = [*CLOUD_BRIDGE, "samples", "tail", "--config", str(toml), "--device", "dev-t"]
+    # stdout is read while the tail runs: a line that is not flushed at once never arrives.
+    with running("samples-tail", argv, tmp_path / "tail-stderr.log", stdout_pipe=True) as proc:
+        assert proc.popen is not None and proc.popen.stdout is not None
+        stdout = proc.popen.stdout
+        await asyncio.to_thread(wait_logged, proc, "subscribed to fleet/+/", 30)
         sent = [make_sample(i, "dev-t", time.time(), ["entropy", "margin"]) for i in range(3)]
         other = make_sample(9, "dev-other", time.time(), ["margin"])
         async with aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
@@ -365,15 +344,12 @@ async def test_tail_prints_one_line_per_sample_reports_invalid_ones_and_stops_on
             await client.publish(TOPICS.device(FLEET, "dev-other", Channel.SAMPLES), encode(other), qos=1)
             for s in sent:
                 await client.publish(TOPICS.device(FLEET, "dev-t", Channel.SAMPLES), encode(s), qos=1)
-        assert proc.stdout is not None
-        lines = [await asyncio.to_thread(proc.stdout.readline) for _ in sent]
+        lines = [(await asyncio.to_thread(stdout.readline)).decode() for _ in sent]
         proc.send_signal(signal.SIGINT)
-        rest, stderr = await asyncio.to_thread(proc.communicate, timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr
+        returncode = await asyncio.to_thread(proc.wait, 20)
+        rest = stdout.read().decode()  # the tail has exited: what it wrote last is in the pipe
+        stderr = proc.log_text()
+    assert returncode == 0, stderr
     assert rest == ""  # the other device's sample was never printed
     for line, sample in zip(lines, sent, strict=True):
         assert f"{FLEET}/dev-t digits-edge@1.0.0 predicted={sample.predicted}" in line

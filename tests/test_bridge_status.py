@@ -9,11 +9,8 @@ Devices are real processes holding a real MQTT connection with a last will; "goi
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -24,16 +21,19 @@ from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, FleetConfig, MqttConfig
 from cloud_bridge.ingest.admission import ingest_filters
 from cloud_bridge.registry import Device, TelemetryRow
-from devservers import Mosquitto
+from devservers import ManagedProcess, Mosquitto
 from schemas import Telemetry, encode
 from schemas.topics import Channel, Topics
 from tests.factories import examples
+from tests.poll import wait_for_async
+from tests.processes import running, wait_logged
 
 pytestmark = pytest.mark.timeout(60)
 
 TOPICS = Topics("fleet")
 FLEET = "f1"
 POLL_S = 0.05
+LIMIT_S = 15.0
 
 # A device as small as it gets: one MQTT 5 connection with a retained "offline" last will, a
 # retained "online" birth, then it idles until it is killed (or its stdin closes).
@@ -65,31 +65,16 @@ sys.stdin.read()
 
 
 @contextmanager
-def devices(broker: Mosquitto, names: list[str]) -> Iterator[dict[str, subprocess.Popen[str]]]:
+def devices(broker: Mosquitto, names: list[str]) -> Iterator[dict[str, ManagedProcess]]:
     """Start one device process per name and wait until each has its retained birth acknowledged."""
-    procs: dict[str, subprocess.Popen[str]] = {}
+    procs: dict[str, ManagedProcess] = {}
     with ExitStack() as stack:
         for name in names:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", DEVICE, broker.host, str(broker.port), FLEET, name],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            stack.callback(_reap, proc)
-            procs[name] = proc
-        for name, proc in procs.items():
-            assert proc.stdout is not None
-            # readline blocks; the pytest timeout bounds it, and a dead process returns "" at once.
-            line = proc.stdout.readline()
-            assert line.strip() == "ready", f"device {name} did not come up (exit code {proc.poll()})"
+            argv = [sys.executable, "-c", DEVICE, broker.host, str(broker.port), FLEET, name]
+            procs[name] = stack.enter_context(running(name, argv, broker.work_dir / f"{name}.log", stdin_pipe=True))
+        for proc in procs.values():
+            wait_logged(proc, "ready", LIMIT_S)
         yield procs
-
-
-def _reap(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
 
 
 def config(tmp_path: Path, broker: Mosquitto, name: str) -> BridgeConfig:
@@ -104,25 +89,14 @@ async def online_map(bridge: Bridge) -> dict[str, bool]:
     return {row["device_id"]: bool(row["online"]) for row in await bridge.registry.rows(Device)}
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: Callable[[], Awaitable[str]], limit_s: float = 15.0
-) -> None:
-    """Poll `check` until it holds, failing with `what()` after `limit_s`."""
-    deadline = time.monotonic() + limit_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(await what())
-        await asyncio.sleep(POLL_S)
-
-
 async def wait_online(bridge: Bridge, expected: dict[str, bool]) -> None:
-    async def holds() -> bool:
-        return await online_map(bridge) == expected
-
-    async def what() -> str:
-        return f"{bridge.config.mqtt.client_id}: registry shows {await online_map(bridge)}, expected {expected}"
-
-    await eventually(holds, what)
+    await wait_for_async(
+        lambda: online_map(bridge),
+        LIMIT_S,
+        f"{bridge.config.mqtt.client_id}: the registry to show {expected}",
+        until=lambda shown: shown == expected,
+        interval=POLL_S,
+    )
 
 
 def test_status_is_subscribed_without_share_and_the_rest_with_it() -> None:
@@ -166,13 +140,13 @@ async def test_every_bridge_of_a_share_group_sees_every_status_but_telemetry_is_
             async def split() -> tuple[int, int]:
                 return await one.registry.count(TelemetryRow), await two.registry.count(TelemetryRow)
 
-            async def all_stored() -> bool:
-                return sum(await split()) >= len(windows)
-
-            async def what() -> str:
-                return f"telemetry stored per bridge {await split()}, expected {len(windows)} in all"
-
-            await eventually(all_stored, what)
+            await wait_for_async(
+                split,
+                LIMIT_S,
+                f"{len(windows)} telemetry windows stored by the two bridges in all",
+                until=lambda stored: sum(stored) >= len(windows),
+                interval=POLL_S,
+            )
             stored = await split()
             procs["dev-y"].kill()
             await wait_online(one, {"dev-x": True, "dev-y": False})

@@ -1,11 +1,9 @@
-"""The bridge over TLS (`[mqtt] tls_ca`) to a real mosquitto TLS listener with a throwaway CA."""
+"""The bridge over TLS (`[mqtt] tls_ca`) to a real mosquitto TLS listener with a throwaway CA (tests/pki.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import aiomqtt
@@ -20,69 +18,23 @@ from devservers.ports import free_port
 from schemas import Results, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples
+from tests.pki import TlsFiles
 from tests.plugin_servers import MosquittoFactory
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def make_certs(work: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 (hostname checking stays on in the bridge)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make test certificates")
-    ca_key, ca, key, csr, cert = (work / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
-    ext = work / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
-
-    def run(*argv: str) -> None:
-        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=30)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=bridge-test-ca",
-    )
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-out",
-        str(cert),
-        "-days",
-        "2",
-        "-extfile",
-        str(ext),
-    )
-    return ca, cert, key
-
-
-async def test_ingest_over_tls(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
-    ca, cert, key = make_certs(tmp_path)
+async def test_ingest_over_tls(tmp_path: Path, mosquitto_factory: MosquittoFactory, tls: TlsFiles) -> None:
+    """Hostname checking stays on in the bridge: the broker's certificate names 127.0.0.1."""
     broker = mosquitto_factory(start=False)
     tls_port = free_port(avoid={broker.port})
-    broker.add_listener(tls_port, lines=(f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"))
+    broker.add_listener(tls_port, lines=tls.listener_lines())
     broker.start()
     template = next(m for m in examples("f1", "tls-1") if isinstance(m, Results))
     results = [msgspec.structs.replace(template, msg_id=new_msg_id()) for _ in range(2000)]
     config = BridgeConfig(
         state_dir=str(tmp_path / "state"),
-        mqtt=MqttConfig(host="127.0.0.1", port=tls_port, client_id="bridge-tls", tls_ca=str(ca)),
+        mqtt=MqttConfig(host="127.0.0.1", port=tls_port, client_id="bridge-tls", tls_ca=str(tls.ca.cert)),
     )
     async with running_bridge(config) as bridge:
         # Published in plain text on the other listener; many small messages share TLS records,

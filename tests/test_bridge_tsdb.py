@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -27,6 +26,7 @@ from schemas import Status, Telemetry, encode, new_msg_id
 from schemas.topics import Channel, Topics
 from tests.factories import examples
 from tests.plugin_servers import InfluxDBFactory
+from tests.poll import wait_for_async
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,13 +52,6 @@ def test_telemetry_lines_cover_the_window() -> None:
     assert "edge_latency_p95=0.2," in lines[0]
     assert f"class_counts,class=3,{tags} count=40i {ts}" in lines
     assert lines[-1] == f"device_status,{tags} online=1i {ts}"
-
-
-async def wait_until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
-    """Poll the writer's failure counter: a refused HTTP connection has no event to wait on."""
-    async with asyncio.timeout(limit_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
 
 
 def series(victoria: VictoriaMetrics, name: str) -> dict[tuple[tuple[str, str], ...], list[tuple[int, float]]]:
@@ -159,7 +152,7 @@ async def test_tsdb_outage_loses_nothing(tmp_path: Path, victoria: VictoriaMetri
     await asyncio.to_thread(victoria.kill)
     for start in range(500, 1500, 250):
         writer.add(points(start, 250, base_ms))
-    await wait_until(lambda: writer.failures > 0)
+    await wait_for_async(lambda: writer.failures, 10, "a failed write", until=lambda n: n > 0)
     assert writer.spilled > 0 and any(settings.spill_path.iterdir()), "lines beyond the memory bound must be spilled"
     assert writer.pending == 1000
     await asyncio.to_thread(victoria.start)
@@ -191,7 +184,7 @@ async def test_lines_left_at_close_while_tsdb_down_are_replayed_by_the_next_writ
     first = TsdbWriter(settings)
     task = asyncio.create_task(first.run())
     first.add(points(0, 120, base_ms))
-    await wait_until(lambda: first.failures > 0)
+    await wait_for_async(lambda: first.failures, 10, "a failed write", until=lambda n: n > 0)
     await first.close()
     await task
     first.dispose()
@@ -294,7 +287,7 @@ async def test_a_missing_database_is_reported_once_probed_slowly_and_written_onc
     base_ms = int(time.time() * 1000) - 60_000
     with caplog.at_level(logging.INFO, logger="cloud_bridge.tsdb"):
         writer.add(points(0, 120, base_ms))
-        await wait_until(lambda: writer.blocked is not None)
+        await wait_for_async(lambda: writer.blocked, 10, "the writer to report itself blocked")
         before = len(influxdb_session.http_requests(f"/write?db={db}"))
         # New lines keep arriving; they must not shorten the probe interval (0.5 s here).
         for start in range(120, 300, 20):
@@ -347,7 +340,7 @@ async def test_the_v2_api_against_influxdb_1x_says_to_set_api_v1(tmp_path: Path,
     writer = TsdbWriter(settings)
     task = asyncio.create_task(writer.run())
     writer.add(points(0, 3, int(time.time() * 1000)))
-    await wait_until(lambda: writer.blocked is not None)
+    await wait_for_async(lambda: writer.blocked, 10, "the writer to report itself blocked")
     await writer.close()
     await task
     writer.dispose()
@@ -366,7 +359,7 @@ async def test_wrong_credentials_are_blocked_with_the_fix_and_right_ones_write(
     wrong = TsdbWriter(v1_settings(server, tmp_path / "a", "secure", username=server.admin_user, password="nope"))
     task = asyncio.create_task(wrong.run())
     wrong.add(points(0, 5, base_ms))
-    await wait_until(lambda: wrong.blocked is not None)
+    await wait_for_async(lambda: wrong.blocked, 10, "the writer to report itself blocked")
     await wrong.close()
     await task
     wrong.dispose()
@@ -392,7 +385,7 @@ async def test_the_spill_bound_holds_dropping_the_oldest_lines_counted(
     base_ms = int(time.time() * 1000) - 60_000
     for start in range(0, 2000, 100):
         writer.add(points(start, 100, base_ms))
-    await wait_until(lambda: writer.failures > 0)
+    await wait_for_async(lambda: writer.failures, 10, "a failed write", until=lambda n: n > 0)
     spill_bytes = sum(p.stat().st_size for p in settings.spill_path.iterdir())
     assert 0 < spill_bytes <= 8192 and f"tsdb_spill_bytes={spill_bytes} " in writer.status()
     assert writer.dropped > 0 and writer.dropped + writer.pending == 2000
@@ -412,7 +405,7 @@ async def test_a_refused_connection_is_retried_with_backoff(tmp_path: Path) -> N
     writer = TsdbWriter(TsdbSettings(url=url, api="v1", database="x", spill_path=tmp_path / "s", retry_max_s=0.2))
     task = asyncio.create_task(writer.run())
     writer.add(["m v=1i 1"])
-    await wait_until(lambda: writer.failures >= 3)
+    await wait_for_async(lambda: writer.failures, 10, "3 failed writes", until=lambda n: n >= 3)
     await writer.close()
     await task
     writer.dispose()

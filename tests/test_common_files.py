@@ -34,3 +34,19 @@ def test_copy_atomic_copies_in_blocks_and_a_failed_copy_keeps_the_old_file(tmp_p
         copy_atomic(tmp_path / "absent.onnx", dest)
     assert file_sha256(dest) == file_sha256(source)  # untouched by the failed copy
     assert _leftovers(dest.parent) == []
+
+
+def test_only_a_durable_write_pays_for_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomic(tmp_path / "sample.npy", b"many small files", durable=False)
+    assert synced == [] and (tmp_path / "sample.npy").read_bytes() == b"many small files"
+    write_atomic(tmp_path / "state.json", b"{}")
+    assert len(synced) == 2  # the file's bytes, then the directory entry
+    assert _leftovers(tmp_path) == []

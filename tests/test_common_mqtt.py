@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import random
 import re
 import socket
 import ssl
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt._packet import convert_connack_rc_to_reason_code
 from paho.mqtt.enums import ConnackCode
 from paho.mqtt.packettypes import PacketTypes
@@ -25,6 +22,7 @@ from common.mqtt import Failure, LoopDriver, classify_connack, classify_error, n
 from common.tls import client_context
 from devservers.ports import free_port
 from edge_node import errors as edge_errors
+from tests.pki import TlsFiles
 
 # ---- backoff ---------------------------------------------------------------------------------
 
@@ -115,37 +113,12 @@ def test_connack_refusals_are_classified(reason: ReasonCode, kind: str) -> None:
 # ---- TLS context -------------------------------------------------------------------------------
 
 
-def _write_cert(folder: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed PEM certificate and its unencrypted key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
-def test_tls_context_verifies_the_broker_with_the_given_ca(tmp_path: Path) -> None:
-    ca, _ = _write_cert(tmp_path, "ca")
-    context = client_context(ca, error=edge_errors.ConfigError)
+def test_tls_context_verifies_the_broker_with_the_given_ca(tls: TlsFiles) -> None:
+    context = client_context(tls.ca.cert, error=edge_errors.ConfigError)
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
     # Only the configured CA is trusted, not the system's CAs on top of it.
-    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "ca"),),)]
+    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", tls.ca.name),),)]
 
 
 @pytest.mark.parametrize("error", [edge_errors.ConfigError, bridge_errors.ConfigError])
@@ -165,10 +138,10 @@ def test_a_missing_ca_file_is_a_config_error_naming_the_file(tmp_path: Path, err
         client_context(ca, error=error)
 
 
-def test_client_certificate_errors_name_the_setting(tmp_path: Path) -> None:
-    ca, _ = _write_cert(tmp_path, "ca")
-    cert, key = _write_cert(tmp_path, "device")
-    _, other_key = _write_cert(tmp_path, "other")
+def test_client_certificate_errors_name_the_setting(tmp_path: Path, tls: TlsFiles) -> None:
+    ca = tls.ca.cert
+    cert, key = astuple(tls.ca.client(tmp_path, "device"))
+    other_key = tls.ca.client(tmp_path, "other").key
     error = edge_errors.ConfigError
     assert client_context(ca, cert, key, error=error) is not None
     with pytest.raises(error, match=r"tls_cert .* tls_key .*other\.key.* cannot load the client certificate"):
@@ -179,9 +152,9 @@ def test_client_certificate_errors_name_the_setting(tmp_path: Path) -> None:
         client_context(ca, None, key, error=error)
 
 
-def test_an_encrypted_client_key_is_refused_without_prompting(tmp_path: Path) -> None:
-    ca, _ = _write_cert(tmp_path, "ca")
-    cert, key = _write_cert(tmp_path, "device")
+def test_an_encrypted_client_key_is_refused_without_prompting(tmp_path: Path, tls: TlsFiles) -> None:
+    ca = tls.ca.cert
+    cert, key = astuple(tls.ca.client(tmp_path, "device"))
     private = serialization.load_pem_private_key(key.read_bytes(), password=None)
     key.write_bytes(
         private.private_bytes(

@@ -6,40 +6,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from common.onnx import CPU, card_from_metadata, load_model, read_card
 from demokit.models import DemoModel
 from edge_node.errors import ModelLoadError
 from schemas.modelcard import UNVERSIONED, HealthReference, QuantizationRecord
+from tests.onnx_builders import conv_head, identity, image_to_image, linear
 
 
 class BadModel(Exception):
     """The error type a caller asks for: every refusal must come as this."""
-
-
-def _linear(path: Path, *, softmax: bool = False, props: dict[str, str] | None = None, classes: int = 3) -> Path:
-    """A [N, 4] -> [N, classes] Gemm, optionally followed by a softmax."""
-    weight = np.arange(4 * classes, dtype=np.float32).reshape(4, classes) / 10
-    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["scores"])]
-    out = "scores"
-    if softmax:
-        nodes.append(helper.make_node("Softmax", ["scores"], ["probs"], axis=1))
-        out = "probs"
-    graph = helper.make_graph(
-        nodes,
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])],
-        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.zeros(classes, np.float32), "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    if props:
-        helper.set_model_props(model, props)
-    onnx.save(model, str(path))
-    return path
 
 
 def test_a_demo_model_loads_with_its_card_and_signature(demo_models: dict[str, DemoModel]) -> None:
@@ -82,28 +60,13 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_an_image_to_image_model_is_not_a_classifier(tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["image"], ["out"])],
-        "denoise",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8])],
-    )
-    path = tmp_path / "denoise.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    path = image_to_image(tmp_path / "denoise.onnx")
     with pytest.raises(BadModel, match=r"denoise\.onnx is not a classifier: its output 'out' has shape"):
         load_model(path, error=BadModel)
 
 
 def test_class_scores_shaped_n_c_1_1_are_a_classifier(tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Unsqueeze", ["x", "axes"], ["scores"])],
-        "conv_head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5, 1, 1])],
-        [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")],
-    )
-    path = tmp_path / "head.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    path = conv_head(tmp_path / "head.onnx")
     model = load_model(path, error=BadModel)
     assert model.signature.classes == 5 and model.card.labels == ("0", "1", "2", "3", "4")
 
@@ -111,12 +74,12 @@ def test_class_scores_shaped_n_c_1_1_are_a_classifier(tmp_path: Path) -> None:
 def test_defaults_are_the_same_for_every_reader(tmp_path: Path) -> None:
     """No metadata at all: the name is the file's stem, the version UNVERSIONED, the labels number
     the classes, and the output kind is what running the model shows."""
-    logits = load_model(_linear(tmp_path / "bare-logits.onnx"), error=BadModel).card
+    logits = load_model(linear(tmp_path / "bare-logits.onnx"), error=BadModel).card
     assert (logits.name, logits.version, logits.labels) == ("bare-logits", UNVERSIONED, ("0", "1", "2"))
     assert logits.output_kind == "logits" and not logits.declares("output_kind")
     assert logits.reference_class_mix is None and logits.health_reference is None and logits.quantization is None
     assert logits.heldout_accuracy is None and logits.metadata == {}
-    probs = load_model(_linear(tmp_path / "bare-probs.onnx", softmax=True), error=BadModel).card
+    probs = load_model(linear(tmp_path / "bare-probs.onnx", softmax=True), error=BadModel).card
     assert probs.output_kind == "probabilities"
     # The pure reader, on the same (empty) props, gives the same card.
     same = card_from_metadata(
@@ -138,7 +101,7 @@ def test_defaults_are_the_same_for_every_reader(tmp_path: Path) -> None:
     ],
 )
 def test_bad_metadata_is_refused_naming_the_key(tmp_path: Path, props: dict[str, str], message: str) -> None:
-    path = _linear(tmp_path / "bad.onnx", props=props)
+    path = linear(tmp_path / "bad.onnx", props=props)
     with pytest.raises(BadModel, match=message):
         load_model(path, error=BadModel)
 
@@ -166,22 +129,10 @@ def test_a_quantized_models_record_and_every_prop_are_kept(tmp_path: Path) -> No
         "reference_class_mix": json.dumps({"a": 0.5, "b": 0.25, "c": 0.25}),
         "something_else": "kept verbatim",
     }
-    card = load_model(_linear(tmp_path / "int8.onnx", props=props), error=BadModel).card
+    card = load_model(linear(tmp_path / "int8.onnx", props=props), error=BadModel).card
     assert card.quantization == QuantizationRecord(**record)  # type: ignore[arg-type]
     assert card.reference_class_mix == {"a": 0.5, "b": 0.25, "c": 0.25}
     assert card.metadata == props and card.declares("model_version")
-
-
-def _identity(path: Path, inputs: list[tuple[str, int, list[int | str]]]) -> Path:
-    """A graph passing its first input through (the signature checks never run it)."""
-    graph = helper.make_graph(
-        [helper.make_node("Identity", [inputs[0][0]], ["out"])],
-        "g",
-        [helper.make_tensor_value_info(name, kind, shape) for name, kind, shape in inputs],
-        [helper.make_tensor_value_info("out", inputs[0][1], inputs[0][2])],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -200,4 +151,4 @@ def test_inputs_a_program_cannot_feed_are_refused(
     tmp_path: Path, inputs: list[tuple[str, int, list[int | str]]], message: str
 ) -> None:
     with pytest.raises(BadModel, match=message):
-        load_model(_identity(tmp_path / "odd.onnx", inputs), error=BadModel)
+        load_model(identity(tmp_path / "odd.onnx", inputs), error=BadModel)

@@ -22,15 +22,14 @@ import yaml
 from cloud_bridge.config import load_config as load_bridge_config
 from demokit.models import cloud_config, edge_config
 from edge_node.config import load_config as load_edge_config
-from tests.broker_stack import MOSQUITTO_DIR, REPO, Pki, env_name, make_pki
+from tests.broker_stack import MOSQUITTO_DIR
+from tests.pki import REPO, Pki, env_name
 
 COMPOSE = REPO / "compose.yaml"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 _SECRET_RE = re.compile(r"PASSWORD|TOKEN|SECRET", re.I)
-# gen-certs.sh defaults: the accounts compose.yaml expects to exist.
-_DEFAULT_DEVICES = ["pi-0001", "pi-0002", "pi-0003"]
 _INFLUX_INIT = {
     "DOCKER_INFLUXDB_INIT_MODE",
     "DOCKER_INFLUXDB_INIT_USERNAME",
@@ -58,11 +57,6 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def env_example() -> dict[str, str]:
     pairs = (ln.split("=", 1) for ln in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines() if "=" in ln)
     return {k.strip(): v.strip() for k, v in pairs if not k.lstrip().startswith("#")}
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki") / "pki", _DEFAULT_DEVICES)
 
 
 def _interpolate(value: str, env: Mapping[str, str]) -> str:

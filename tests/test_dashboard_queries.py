@@ -60,6 +60,7 @@ from schemas import (
 from schemas.codec import CHANNEL_TYPES, OLDER_TYPES
 from schemas.messages import Envelope, EscalationCounts
 from tests.factories import examples
+from tests.poll import wait_for_async
 from tests.test_grafana import DASHBOARD
 
 pytestmark = pytest.mark.timeout(120)
@@ -292,11 +293,14 @@ async def publish(broker: Mosquitto, messages: list[Envelope]) -> None:
 async def wait_answered(bridge: Bridge, n: int) -> None:
     assert bridge.escalator is not None
     agreement = bridge.escalator.agreement
-    deadline = time.monotonic() + 30
     # The escalation worker has no progress event: its agreement counter is polled, bounded.
-    while sum(answered for answered, _ in agreement.counts.values()) < n:
-        assert time.monotonic() < deadline, "escalations were not answered in 30 s"
-        await asyncio.sleep(0.05)
+    await wait_for_async(
+        lambda: sum(answered for answered, _ in agreement.counts.values()),
+        30,
+        f"{n} escalations answered",
+        until=lambda answered: answered >= n,
+        interval=0.05,
+    )
 
 
 def _assert_clean(bridge: Bridge) -> None:

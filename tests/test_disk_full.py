@@ -17,6 +17,7 @@ from devservers import Mosquitto
 from schemas import Telemetry
 from tests.edge_harness import RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Collector
+from tests.poll import wait_for_async
 
 
 @pytest.fixture
@@ -67,15 +68,19 @@ async def test_disk_full_node_keeps_inferring_and_reports_refused_writes(
             outbox = node.outbox
             assert outbox is not None
             ballast = await asyncio.to_thread(_fill, small_disk)
-            async with asyncio.timeout(20):
-                # No event marks "the outbox hit ENOSPC"; a bounded poll of its flag is enough here.
-                while outbox.available:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            # No event marks "the outbox hit ENOSPC"; a bounded poll of its flag is enough here.
+            await wait_for_async(
+                lambda: outbox.available, 20, "the outbox to find its disk full", until=lambda ok: not ok, interval=0.05
+            )
             processed_while_full = node.processed
-            async with asyncio.timeout(20):
-                # Inference goes on while nothing can be stored.
-                while node.processed < processed_while_full + 100:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            # Inference goes on while nothing can be stored.
+            await wait_for_async(
+                lambda: node.processed,
+                20,
+                "100 more inputs processed while the disk is full",
+                until=lambda n: n >= processed_while_full + 100,
+                interval=0.05,
+            )
             assert not outbox.available
             ballast.unlink()
             await asyncio.to_thread(c.wait_for, lambda c: any(t.outbox.write_errors > 0 for t in _telemetry(c)), 30.0)

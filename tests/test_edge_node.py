@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +20,11 @@ from edge_node.inference.model import Classifier
 from edge_node.routing.confidence import decide, decide_logits, decide_scores
 from edge_node.telemetry import FOLD_ROWS, Window, pool_features
 from schemas import Input, Results, Sample, Status, Telemetry, Topics, encode, encode_tensor, new_msg_id
+from tests.config_files import write_edge_config
 from tests.edge_harness import CloudResponder, RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Answered, Collector
+from tests.poll import wait_for_async
+from tests.processes import run_edge_node, stop
 
 TOPICS = Topics()
 INPUT_TOPIC = "fleet/f1/dev-1/input"
@@ -332,10 +331,14 @@ async def test_offline_falls_back_locally_and_delivers_after_the_broker_returns(
         source={"kind": "replay", "rate_hz": 500.0, "limit": 80, "loop": False},
     )
     async with RunningNode(config) as node:
-        async with asyncio.timeout(20):
-            # The node has no "N processed" event to wait on; a bounded poll of its window is enough here.
-            while node.window is None or node.window.count < 80:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+        # The node has no "N processed" event to wait on; a bounded poll of its window is enough here.
+        await wait_for_async(
+            lambda: None if node.window is None else node.window.count,
+            20,
+            "80 inputs in the telemetry window",
+            until=lambda n: n is not None and n >= 80,
+            interval=0.05,
+        )
         # Answered while offline: all queued (results travel several answers to a message, so the
         # depth is no count of answers; the count is checked where they arrive).
         assert node.outbox is not None and node.outbox.depth > 0 and node.link is not None
@@ -356,41 +359,17 @@ async def test_offline_falls_back_locally_and_delivers_after_the_broker_returns(
 def test_sigterm_drains_and_exits_zero(
     mosquitto: Mosquitto, demo_models: dict[str, DemoModel], tmp_path: Path, rate_hz: int
 ) -> None:
-    config_file = tmp_path / "edge.toml"
-    config_file.write_text(f"""
-[mqtt]
-port = {mosquitto.port}
-[device]
-fleet_id = "f1"
-device_id = "dev-1"
-[model]
-path = "{demo_models["edge"].path}"
-[routing]
-escalation_timeout_s = 0.5
-[outbox]
-path = "outbox.sqlite"
-[telemetry]
-interval_s = 60
-[source]
-kind = "replay"
-rate_hz = {rate_hz}
-loop = true
-""")
+    config_file = write_edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        routing={"escalation_timeout_s": 0.5},
+        source={"kind": "replay", "rate_hz": rate_hz, "loop": True},
+    )
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config_file)],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
+        with run_edge_node(config_file, tmp_path / "edge.log") as proc:
             c.wait_for(_answered(100))
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, err[-3000:]
+            stop(proc)
         c.wait_for(lambda c: any(r.message().state == "offline" for r in c.on("status")))  # type: ignore[attr-defined]
         results = _results(c)
         (tele,) = _telemetry(c)
@@ -398,4 +377,4 @@ loop = true
     seqs = sorted(int(r.inference_id.rsplit("-", 1)[1]) for r in results)
     assert seqs == list(range(1, len(seqs) + 1))
     assert tele.count == len(results)
-    assert "edge node stopped" in err
+    assert "edge node stopped" in proc.log_text()

@@ -8,9 +8,7 @@ inference ids are "<boot>-<seq>", numbered in commit order, so a loss shows up a
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,43 +22,24 @@ from devservers import Mosquitto
 from edge_node.uplink.outbox import Outbox
 from schemas import Topics, decode_for_topic
 from schemas.messages import Telemetry
-from tests.edge_harness import edge_node_process
+from tests.config_files import write_edge_config
 from tests.mqtt_collector import Answered, Collector
 from tests.plugin_servers import TcpProxyFactory
+from tests.poll import wait_for
+from tests.processes import run_edge_node, stop
 
 _OUTBOX_MAX_BYTES = 64 * 1024 * 1024
 
 
 def _write_config(tmp_path: Path, port: int, model: Path) -> Path:
-    config_file = tmp_path / "edge.toml"
-    config_file.write_text(f"""
-[mqtt]
-port = {port}
-keepalive = 5
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[device]
-fleet_id = "f1"
-device_id = "dev-1"
-[model]
-path = "{model}"
-[routing]
-escalate = false
-[outbox]
-path = "{tmp_path / "outbox.sqlite"}"
-[telemetry]
-interval_s = 1
-[source]
-kind = "replay"
-rate_hz = 200
-""")
-    return config_file
-
-
-def _stop(proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)
-    assert rc == 0, log_path.read_text(errors="replace")[-3000:]
+    return write_edge_config(
+        tmp_path,
+        port,
+        model,
+        routing={"escalate": False},
+        telemetry={"interval_s": 1},
+        source={"kind": "replay", "rate_hz": 200},
+    )
 
 
 def _split(inference_id: str) -> tuple[str, int]:
@@ -110,15 +89,6 @@ async def _outbox_depth(path: Path) -> int:
         await outbox.close()
 
 
-def _wait_until(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    # The outbox file is only observable by polling it; bounded by the deadline.
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_kill9_then_restart_delivers_every_committed_result(
     mosquitto: Mosquitto, tcp_proxy: TcpProxyFactory, demo_models: dict[str, DemoModel], tmp_path: Path
 ) -> None:
@@ -127,14 +97,16 @@ def test_kill9_then_restart_delivers_every_committed_result(
     outbox_path = tmp_path / "outbox.sqlite"
     log_path = tmp_path / "edge.log"
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        with edge_node_process(config_file, log_path) as first:
+        with run_edge_node(config_file, log_path) as first:
             c.wait_for(lambda c: _answers(c) >= 100)
             boot1 = _split(next(iter(_result_ids(c))))[0]
             # Blackholing the uplink first makes sure the kill finds committed, unacked rows to recover.
             proxy.blackhole()
-            _wait_until(lambda: len(_stored_results(outbox_path)[1]) >= 100, 15, "100 answers in the outbox")
+            # The outbox file is only observable by polling it.
+            wait_for(
+                lambda: len(_stored_results(outbox_path)[1]), 15, "100 answers in the outbox", until=lambda n: n >= 100
+            )
             first.kill()
-            first.wait(10)
         before_kill = {i for i in _result_ids(c) if _split(i)[0] == boot1}
         depth = asyncio.run(_outbox_depth(outbox_path))
         messages, stored = _stored_results(outbox_path)
@@ -143,9 +115,9 @@ def test_kill9_then_restart_delivers_every_committed_result(
         assert depth >= messages and len(stored) >= 90, (depth, messages, len(stored))
         expected = before_kill | stored
         proxy.restore()
-        with edge_node_process(config_file, log_path) as second:
+        with run_edge_node(config_file, log_path) as second:
             c.wait_for(lambda c: expected <= _result_ids(c), timeout=20)
-            _stop(second, log_path)
+            stop(second)
         got = _result_ids(c)
     seqs1 = _seqs(got, boot1)
     assert _no_gaps(seqs1), f"boot 1 seqs have gaps: missing {sorted(set(range(1, seqs1[-1] + 1)) - set(seqs1))}"
@@ -180,7 +152,7 @@ def test_link_reset_and_blackhole_lose_nothing(
     config_file = _write_config(tmp_path, proxy.port, demo_models["edge"].path)
     log_path = tmp_path / "edge.log"
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        with edge_node_process(config_file, log_path) as node:
+        with run_edge_node(config_file, log_path) as node:
             c.wait_for(lambda c: _answers(c) >= 100)
             proxy.reset()
             proxy.wait_until(lambda s: s.connections_total >= 2 and s.active_connections >= 1, timeout=15)
@@ -190,13 +162,13 @@ def test_link_reset_and_blackhole_lose_nothing(
             proxy.wait_until(lambda s: s.bytes_dropped > 0, timeout=10)
             # A few seconds of dead link, the node's keepalive (5 s) must notice by itself.
             cut_at = time.monotonic()
-            _wait_until(lambda: time.monotonic() - cut_at >= 4.0, 6, "the dead link period")
+            wait_for(lambda: time.monotonic() - cut_at >= 4.0, 6, "the dead link period")
             reconnects = proxy.stats().connections_total
             proxy.restore()
             proxy.wait_until(lambda s: s.connections_total > reconnects, timeout=20)
             seen = _answers(c)
             c.wait_for(lambda c: _answers(c) >= seen + 100)
-            _stop(node, log_path)
+            stop(node)
         _assert_complete(c)
 
 
@@ -207,7 +179,7 @@ def test_broker_killed_and_restarted_loses_nothing(
     config_file = _write_config(tmp_path, proxy.port, demo_models["edge"].path)
     log_path = tmp_path / "edge.log"
     with _PersistentCollector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
-        with edge_node_process(config_file, log_path) as node:
+        with run_edge_node(config_file, log_path) as node:
             c.wait_for(lambda c: _answers(c) >= 200)
             # SIGKILL loses what the broker acked but had not delivered yet: a broker property, not the
             # node's. So silence the node's uplink first and let the broker flush to the collector
@@ -222,13 +194,13 @@ def test_broker_killed_and_restarted_loses_nothing(
             c.resubscribed.clear()
             mosquitto.kill()
             killed_at = time.monotonic()
-            _wait_until(lambda: time.monotonic() - killed_at >= 3.0, 5, "the broker outage")
+            wait_for(lambda: time.monotonic() - killed_at >= 3.0, 5, "the broker outage")
             mosquitto.start()
             assert c.resubscribed.wait(15), "collector did not come back"
             proxy.restore()
             seen = _answers(c)
             c.wait_for(lambda c: _answers(c) >= seen + 100, timeout=25)
-            _stop(node, log_path)
+            stop(node)
         _assert_complete(c)
 
 

@@ -14,33 +14,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from cloud_bridge.app import running_bridge
-from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
+from cloud_bridge.config import EscalationConfig
 from cloud_bridge.registry import ResultRow, TelemetryRow
 from demokit.models import DemoModel, build_model, load_split
 from demokit.models import edge_config as edge_train_config
 from devservers import Mosquitto, TcpProxy
 from schemas import Results, Topics, decode_for_topic
-from tests.broker_stack import BRIDGE, MOSQUITTO_DIR, Client, Pki, make_pki, start_cloud, start_gateway
+from tests.broker_stack import MOSQUITTO_DIR, Client, cloud_bridge_config, start_cloud, start_gateway, wait_bridged
 from tests.edge_harness import RunningNode, edge_config
+from tests.pki import BRIDGE, Pki
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
+from tests.poll import wait_for_async
 
 pytestmark = pytest.mark.timeout(90)
 
 DEVICE = "dev-1"
 SHIPPED_GATEWAY = MOSQUITTO_DIR / "gateway.conf"
 _POLL_S = 0.1
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki") / "pki", [DEVICE])
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +83,6 @@ def _cut(proxy: TcpProxy) -> None:
     proxy.reset()
 
 
-async def _poll(predicate: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
-    """Bounded polling for state only observable by asking (the registry's row count)."""
-    deadline = time.monotonic() + within_s
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out after {within_s} s waiting for {what}"
-        await asyncio.sleep(_POLL_S)
-
-
 def _stack(
     factory: MosquittoFactory, tcp_proxy: TcpProxyFactory, pki: Pki, gateway_conf: Path = SHIPPED_GATEWAY
 ) -> tuple[int, TcpProxy, Mosquitto]:
@@ -107,25 +94,13 @@ def _stack(
 
 
 def _wait_bridge_subscribed(cloud_port: int, gateway_port: int, pki: Pki, timeout: float = 20.0) -> None:
-    """Wait until the gateway's bridge has subscribed on the cloud: a cloud command reaches the gateway.
-
-    Until then the cloud drops commands (nobody subscribed), so the probe is re-sent until one arrives.
-    """
-    probe_topic = "fleet/probe/probe/cmd"
+    """Wait until the gateway's bridge has subscribed on the cloud: a cloud command reaches the gateway."""
     with (
         Client("127.0.0.1", gateway_port, BRIDGE, pki.password(BRIDGE)) as local,
         Client("127.0.0.1", cloud_port, BRIDGE, pki.password(BRIDGE), pki.ca) as cloud,
     ):
         assert local.connect() == 0 and cloud.connect() == 0
-        local.subscribe(probe_topic)
-        deadline = time.monotonic() + timeout
-        while True:
-            cloud.publish(probe_topic, b"probe")
-            try:
-                local.wait_messages(1, timeout=0.5)
-                return
-            except AssertionError:
-                assert time.monotonic() < deadline, f"the gateway bridge did not subscribe on the cloud in {timeout} s"
+        wait_bridged(local, cloud, timeout)
 
 
 async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
@@ -136,17 +111,7 @@ async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
     tmp_path: Path,
 ) -> None:
     cloud_port, link, gateway = _stack(mosquitto_factory, tcp_proxy, pki)
-    bridge_config = BridgeConfig(
-        state_dir=str(tmp_path / "bridge"),
-        mqtt=MqttConfig(
-            host="127.0.0.1",
-            port=cloud_port,
-            client_id=BRIDGE,
-            username=BRIDGE,
-            password=pki.password(BRIDGE),
-            tls_ca=str(pki.ca),
-        ),
-    )
+    bridge_config = cloud_bridge_config(tmp_path, cloud_port, pki)
     # The device's own LTE link to the gateway, cut later so that its outbox has to hold data too.
     device_link = tcp_proxy("127.0.0.1", gateway.port)
     node_config = edge_config(
@@ -166,17 +131,13 @@ async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
     try:
         async with running_bridge(bridge_config) as bridge, RunningNode(node_config) as node:
 
-            async def some_stored() -> bool:
-                return await bridge.registry.count(ResultRow) >= 50
+            def outbox_depth() -> int | None:
+                return None if node.outbox is None else node.outbox.depth
 
-            async def outbox_holds_200() -> bool:
-                return node.outbox is not None and node.outbox.depth >= 200
-
-            async def outbox_drained() -> bool:
-                # The source keeps producing at 100/s: "drained" is a near-empty outbox, the rest goes on stop.
-                return node.outbox is not None and node.outbox.depth < 20
-
-            await _poll(some_stored, 30, "50 results in the cloud registry")
+            stored = functools.partial(bridge.registry.count, ResultRow)
+            await wait_for_async(
+                stored, 30, "50 results in the cloud registry", until=lambda n: n >= 50, interval=_POLL_S
+            )
             # A dead radio link: the bridge's bytes vanish, its in-flight messages stay unacknowledged.
             await asyncio.to_thread(link.blackhole)
             at_cut = len(await asyncio.to_thread(_gateway_results, watcher))
@@ -185,14 +146,26 @@ async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
             assert link.stats().bytes_dropped > 0
             # Now the device loses its link as well: its durable outbox fills.
             await asyncio.to_thread(_cut, device_link)
-            await _poll(outbox_holds_200, 20, "200 messages in the device outbox")
+            await wait_for_async(
+                outbox_depth,
+                20,
+                "200 messages in the device outbox",
+                until=lambda n: n is not None and n >= 200,
+                interval=_POLL_S,
+            )
             # The cloud link returns first (restore resets the dead connection, the bridge reconnects and
             # re-sends its unacknowledged messages: duplicates the cloud bridge drops), then the device's.
             reconnects = link.stats().connections_total
             await asyncio.to_thread(link.restore)
             await asyncio.to_thread(link.wait_until, lambda s: s.connections_total > reconnects, 40)
             await asyncio.to_thread(device_link.restore)
-            await _poll(outbox_drained, 30, "the device outbox to drain into the gateway")
+            # The source keeps producing at 100/s: "drained" is a near-empty outbox, the rest goes on stop.
+            await wait_for_async(
+                outbox_depth,
+                30,
+                "the device outbox to drain into the gateway",
+                until=lambda n: n is not None and n < 20,
+            )
         # The node drained its outbox into the gateway on stop, so the gateway has seen everything it
         # produced: what the outbox still holds are messages sent and not confirmed yet (the node
         # stopped within a confirmation round), which a restarted node would send again.
@@ -200,13 +173,17 @@ async def test_edge_node_behind_gateway_loses_nothing_while_the_link_is_cut(
         assert _outbox_results(tmp_path / "outbox.sqlite") <= {msg_id for msg_id, _ in produced}
         async with running_bridge(bridge_config) as bridge:
 
-            async def all_stored() -> bool:
-                if await bridge.registry.count(ResultRow) < len(produced):
-                    return False
+            async def stored_and_counted() -> tuple[int, int]:
                 windows = await bridge.registry.rows(TelemetryRow)
-                return sum(int(row["count"]) for row in windows) >= len(produced)
+                return await bridge.registry.count(ResultRow), sum(int(row["count"]) for row in windows)
 
-            await _poll(all_stored, 40, f"{len(produced)} results and telemetry counting them in the registry")
+            await wait_for_async(
+                stored_and_counted,
+                40,
+                f"{len(produced)} results and telemetry counting them in the registry (results, counted)",
+                until=lambda seen: min(seen) >= len(produced),
+                interval=_POLL_S,
+            )
             rows = await bridge.registry.rows(ResultRow)
             telemetry = await bridge.registry.rows(TelemetryRow)
     finally:
@@ -279,19 +256,9 @@ async def test_escalations_are_answered_through_the_gateway(
     """The bridge link speaks MQTT 3.1.1, which drops the MQTT 5 Response Topic and Correlation Data the
     node sets: the answer must still come back, on the fixed reply topic, matched by request_id."""
     cloud_port, _, gateway = _stack(mosquitto_factory, tcp_proxy, pki)
-    bridge_config = BridgeConfig(
-        state_dir=str(tmp_path / "bridge"),
-        mqtt=MqttConfig(
-            host="127.0.0.1",
-            port=cloud_port,
-            client_id=BRIDGE,
-            username=BRIDGE,
-            password=pki.password(BRIDGE),
-            tls_ca=str(pki.ca),
-        ),
-        # The edge model stands in for the cloud model: what matters here is the round trip.
-        escalation=EscalationConfig(model=str(edge_model.path)),
-    )
+    # The edge model stands in for the cloud model: what matters here is the round trip.
+    escalation = EscalationConfig(model=str(edge_model.path))
+    bridge_config = cloud_bridge_config(tmp_path, cloud_port, pki, escalation=escalation)
     node_config = edge_config(
         tmp_path,
         gateway.port,
@@ -304,8 +271,14 @@ async def test_escalations_are_answered_through_the_gateway(
     )
     async with running_bridge(bridge_config) as bridge, RunningNode(node_config):
 
-        async def answered_by_cloud() -> bool:
+        async def answered_by_cloud() -> int:
             rows = await bridge.registry.rows(ResultRow)
-            return sum(1 for row in rows if row["path"] == "cloud") >= 10
+            return sum(1 for row in rows if row["path"] == "cloud")
 
-        await _poll(answered_by_cloud, 40, "10 results answered by the cloud model through the gateway")
+        await wait_for_async(
+            answered_by_cloud,
+            40,
+            "10 results answered by the cloud model through the gateway",
+            until=lambda n: n >= 10,
+            interval=_POLL_S,
+        )

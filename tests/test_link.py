@@ -7,8 +7,6 @@ import contextlib
 import itertools
 import logging
 import re
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -24,7 +22,9 @@ from devservers import Mosquitto, TcpProxy
 from edge_node.errors import ConfigError
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
+from tests.pki import TlsFiles
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
+from tests.poll import wait_for_async
 
 WAIT = 20.0
 STATUS = "dev/d1/status"
@@ -173,15 +173,6 @@ async def running_link(
         await outbox.close()
 
 
-async def eventually(predicate: Callable[[], bool], within: float = WAIT, what: str = "") -> None:
-    """A bounded wait for state that has no event of its own (link counters)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
-
-
 def first_seen(payloads: list[bytes]) -> list[str]:
     seen: dict[str, None] = {}
     for p in payloads:
@@ -213,7 +204,7 @@ async def test_broker_outage_mid_stream_loses_nothing(tmp_path: Path, mosquitto:
             await rig.outbox.put_many([msg(i, Priority(i % 5)) for i in range(n // 2)])
             await asyncio.to_thread(sub.wait, lambda s: len(s.got) >= 300)
             await asyncio.to_thread(mosquitto.stop)
-            await eventually(lambda: not rig.link.is_connected, what="link notices the outage")
+            await wait_for_async(lambda: not rig.link.is_connected, WAIT, "link notices the outage", interval=0.01)
             # Produced while the broker is down: accepted durably, sent after it is back.
             await rig.outbox.put_many([msg(i, Priority(i % 5)) for i in range(n // 2, n)])
             await asyncio.sleep(1.0)  # the outage itself
@@ -243,7 +234,7 @@ async def test_birth_after_reconnect_and_will_after_a_killed_connection(
             await asyncio.to_thread(proxy.reset)  # the TCP connection dies without DISCONNECT
             await asyncio.to_thread(sub.wait, lambda s: b"offline-will" in s.payloads())
             assert await asyncio.to_thread(retained, host, mosquitto.port, STATUS) == b"offline-will"
-            await eventually(lambda: not rig.link.is_connected, what="link notices the reset")
+            await wait_for_async(lambda: not rig.link.is_connected, WAIT, "link notices the reset", interval=0.01)
             await asyncio.to_thread(proxy.restore)
             await asyncio.to_thread(sub.wait, lambda s: b"online-2" in s.payloads())
         assert rig.link.stats.reconnects == 1
@@ -297,10 +288,12 @@ async def test_persistent_session_delivers_commands_sent_while_down(
         # message the link publishes afterwards goes out on the same connection behind the PUBACK,
         # so once the broker acked it, it has taken the PUBACK too.
         await rig.outbox.put(status("after-first"))
-        await eventually(lambda: rig.outbox.depth == 0, what="the broker acked a message sent after the PUBACK")
+        await wait_for_async(
+            lambda: rig.outbox.depth == 0, WAIT, "the broker acked a message sent after the PUBACK", interval=0.01
+        )
         await asyncio.to_thread(proxy.refuse)
         await asyncio.to_thread(proxy.reset)
-        await eventually(lambda: not rig.link.is_connected, what="link notices the reset")
+        await wait_for_async(lambda: not rig.link.is_connected, WAIT, "link notices the reset", interval=0.01)
         await asyncio.to_thread(publish_qos1, mosquitto.host, mosquitto.port, "dev/d1/cmd", b"while-down")
         await asyncio.to_thread(proxy.restore)
         second = await asyncio.wait_for(rig.inbox.get(), WAIT)
@@ -360,7 +353,9 @@ async def test_closed_before_connack_keeps_mqtt5_and_backs_off(
     attempts, min_s = 4, 0.3
     caplog.set_level(logging.WARNING, logger="edge_node.uplink.link")
     async with running_link(tmp_path, proxy.host, proxy.port, protocol="auto", reconnect_min_s=min_s) as rig:
-        await eventually(lambda: rig.link.stats.connect_failures >= attempts, what="failed attempts")
+        await wait_for_async(
+            lambda: rig.link.stats.connect_failures >= attempts, WAIT, "failed attempts", interval=0.01
+        )
         # The proxy accepted each attempt (reset before CONNACK), it did not refuse the TCP connect.
         assert proxy.connections_total >= attempts
         error = rig.link.stats.last_error or ""
@@ -403,20 +398,20 @@ async def test_auth_failure_holds_off_and_refused_retries_fast(
 ) -> None:
     broker = mosquitto_factory(allow_anonymous=False)
     async with running_link(tmp_path / "a", broker.host, broker.port, reconnect_max_s=30.0) as rig:
-        await eventually(lambda: rig.link.stats.connect_failures >= 1, what="an auth failure")
+        await wait_for_async(lambda: rig.link.stats.connect_failures >= 1, WAIT, "an auth failure", interval=0.01)
         assert (rig.link.stats.last_error or "").startswith("auth:")
         await asyncio.sleep(0.5)  # long enough for several fast retries, were it retrying hot
         assert rig.link.stats.connect_failures == 1
     closed_port = broker.port
     await asyncio.to_thread(broker.stop)
     async with running_link(tmp_path / "b", "127.0.0.1", closed_port, reconnect_max_s=0.1) as rig:
-        await eventually(lambda: rig.link.stats.connect_failures >= 3, what="fast retries")
+        await wait_for_async(lambda: rig.link.stats.connect_failures >= 3, WAIT, "fast retries", interval=0.01)
         assert (rig.link.stats.last_error or "").startswith("refused:")
 
 
 async def test_dns_failure_is_reported_as_dns(tmp_path: Path) -> None:
     async with running_link(tmp_path, "no-such-broker.invalid", 1883) as rig:
-        await eventually(lambda: rig.link.stats.connect_failures >= 1, what="a DNS failure")
+        await wait_for_async(lambda: rig.link.stats.connect_failures >= 1, WAIT, "a DNS failure", interval=0.01)
         assert (rig.link.stats.last_error or "").startswith("dns:")
 
 
@@ -429,74 +424,27 @@ async def test_blackholed_link_is_detected_by_keepalive_and_recovers(
             await asyncio.wait_for(rig.link.wait_connected(), WAIT)
             await asyncio.to_thread(proxy.blackhole)
             await rig.outbox.put_many([msg(i) for i in range(50)])  # sent into the void, unacked
-            await eventually(lambda: not rig.link.is_connected, within=10, what="keep-alive timeout")
+            await wait_for_async(lambda: not rig.link.is_connected, 10, "keep-alive timeout", interval=0.01)
             await asyncio.to_thread(proxy.restore)
             await asyncio.to_thread(sub.wait, lambda s: len(set(s.payloads()) - {b"online-1", b"online-2"}) >= 50)
             assert rig.link.stats.reconnects >= 1
 
 
-def _make_ca_and_server_cert(d: Path, name: str) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl CLI)."""
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca, key, csr, cert = (d / f"{name}-{x}" for x in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        f"/CN={name}-ca",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca),
-    )
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
-    ext = d / f"{name}-ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        str(ext),
-        "-out",
-        str(cert),
-    )
-    return ca, cert, key
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make certificates")
 async def test_tls_connects_with_the_right_ca_and_reports_tls_errors(
-    tmp_path: Path, mosquitto_factory: MosquittoFactory
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, tls: TlsFiles
 ) -> None:
-    ca, cert, key = await asyncio.to_thread(_make_ca_and_server_cert, tmp_path / "pki", "good")
-    other_ca, _, _ = await asyncio.to_thread(_make_ca_and_server_cert, tmp_path / "pki", "other")
     broker = mosquitto_factory(start=False)
-    tls_port = broker.add_listener(lines=(f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"))
+    tls_port = broker.add_listener(lines=tls.listener_lines())
     await asyncio.to_thread(broker.start)
-    async with running_link(tmp_path / "good", "127.0.0.1", tls_port, tls_ca=ca) as rig:
+    async with running_link(tmp_path / "good", "127.0.0.1", tls_port, tls_ca=tls.ca.cert) as rig:
         await asyncio.wait_for(rig.link.wait_connected(), WAIT)
         await rig.outbox.put(msg(1))
-        await eventually(lambda: rig.link.stats.published == 2, what="birth and message PUBACKed over TLS")
+        await wait_for_async(
+            lambda: rig.link.stats.published == 2, WAIT, "birth and message PUBACKed over TLS", interval=0.01
+        )
         assert rig.link.stats.window == 100  # the broker's Receive Maximum (max_inflight_messages)
-    async with running_link(tmp_path / "bad", "127.0.0.1", tls_port, tls_ca=other_ca) as rig:
-        await eventually(lambda: rig.link.stats.connect_failures >= 1, what="a TLS failure")
+    async with running_link(tmp_path / "bad", "127.0.0.1", tls_port, tls_ca=tls.other_ca.cert) as rig:
+        await wait_for_async(lambda: rig.link.stats.connect_failures >= 1, WAIT, "a TLS failure", interval=0.01)
         assert (rig.link.stats.last_error or "").startswith("tls:")
         assert not rig.link.is_connected
 
@@ -525,7 +473,7 @@ async def test_close_while_the_broker_is_down_returns_promptly(tmp_path: Path, m
     async with running_link(tmp_path, mosquitto.host, mosquitto.port) as rig:
         await asyncio.wait_for(rig.link.wait_connected(), WAIT)
         await asyncio.to_thread(mosquitto.stop)
-        await eventually(lambda: rig.link.stats.connect_failures >= 1, what="reconnect attempts")
+        await wait_for_async(lambda: rig.link.stats.connect_failures >= 1, WAIT, "reconnect attempts", interval=0.01)
         await rig.outbox.put(msg(1))
         started = time.monotonic()
         await asyncio.wait_for(rig.link.close(drain_timeout=5.0), WAIT)
@@ -537,7 +485,7 @@ async def test_close_while_the_broker_is_down_returns_promptly(tmp_path: Path, m
 async def test_link_stops_when_its_outbox_is_closed_under_it(tmp_path: Path, mosquitto: Mosquitto) -> None:
     async with running_link(tmp_path, mosquitto.host, mosquitto.port) as rig:
         await asyncio.wait_for(rig.link.wait_connected(), WAIT)
-        await eventually(lambda: rig.link.stats.published == 1, what="the birth PUBACKed")
+        await wait_for_async(lambda: rig.link.stats.published == 1, WAIT, "the birth PUBACKed", interval=0.01)
         assert await asyncio.to_thread(retained, mosquitto.host, mosquitto.port, STATUS) == b"online-1"
         await rig.outbox.close()
         await asyncio.wait_for(rig.task, WAIT)  # run() ends instead of reconnecting in a loop

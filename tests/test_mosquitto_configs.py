@@ -19,17 +19,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devservers import MosquittoError
 from devservers.mosquitto_conf import ShippedConfig
 from schemas.codec import LARGEST_MESSAGE
-from tests.broker_stack import BRIDGE, MOSQUITTO_DIR, Client, Pki, make_pki, start_cloud
+from tests.broker_stack import MOSQUITTO_DIR, Client, start_cloud
+from tests.pki import BRIDGE, Pki, make_pki
 from tests.plugin_servers import MosquittoFactory
 
 pytestmark = pytest.mark.timeout(60)
-
-DEVICES = ["dev-a", "dev-b"]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki") / "pki", DEVICES)
 
 
 def _device(port: int, pki: Pki, name: str) -> Client:

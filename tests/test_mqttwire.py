@@ -18,6 +18,8 @@ def test_channels_of_device_topics() -> None:
     assert channel_of("fleet/f1/pi-0001/results") == "results"
     assert channel_of("fleet/f1/pi-0001/escalate/reply") == "escalate/reply"
     assert channel_of("fleet/f1/pi-0001/cmd/ack") == "cmd/ack"
+    assert channel_of("fleet/f1/pi-0001/clock/reply") == "clock/reply"
+    assert channel_of("fleet/f1/pi-0001/confirm") == "confirm"
     assert channel_of("fleet/f1/models/" + "a" * 64) == "models"
     assert channel_of("other") == "other"
 

@@ -16,9 +16,8 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +65,12 @@ from schemas.signing import (
     write_private_key,
 )
 from schemas.topics import Channel
+from tests.config_files import write_bridge_config, write_toml
 from tests.edge_harness import RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Collector
 from tests.plugin_servers import TcpProxyFactory
+from tests.poll import wait_for_async
+from tests.processes import CLOUD_BRIDGE, running
 
 # Generous: the first test also builds the session's demo models (sklearn training, slow on a busy machine).
 pytestmark = pytest.mark.timeout(240)
@@ -76,7 +78,6 @@ pytestmark = pytest.mark.timeout(240)
 TOPICS = Topics()
 FLEET, DEVICE = "f1", "dev-1"
 CHUNK = 4096
-BRIDGE_CLI = [sys.executable, "-m", "cloud_bridge.cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -107,15 +108,6 @@ def make_node(config: Any) -> tuple[RunningNode, RecordingInstaller]:
     installer.node = running.node
     running.node.installer = installer
     return running, installer
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
-    """Bounded polling of in-process state (counters have no event to wait on)."""
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def agent(node: EdgeNode) -> OtaAgent:
@@ -205,7 +197,7 @@ async def test_model_store_add_reads_metadata_and_refuses_changed_bytes(
             await store.get(cloud.name, "9.9.9")
         garbage = tmp_path / "garbage.onnx"
         garbage.write_bytes(b"not a model")
-        with pytest.raises(ModelStoreError, match="not a loadable ONNX model"):
+        with pytest.raises(ModelStoreError, match=r"garbage\.onnx is not an ONNX model"):
             await store.add(garbage, "x", "1")
         assert [r.version for r in await store.list()] == [cloud.version]
     finally:
@@ -246,10 +238,9 @@ async def test_signed_update_is_chunked_verified_and_handed_to_the_installer(
             states = await command_states(bridge.registry, device_id=DEVICE)
             return states[0].state if states else None
 
-        deadline = time.monotonic() + 20
-        while await final_state() != "done":
-            assert time.monotonic() < deadline, "the done ack never reached the registry"
-            await asyncio.sleep(0.05)
+        await wait_for_async(
+            final_state, 20, "the done ack in the registry", until=lambda state: state == "done", interval=0.05
+        )
         (state,) = await command_states(bridge.registry, rollout_id="r1")
         assert (state.cmd_id, state.action, state.model_version, state.stage) == (
             command.cmd_id,
@@ -300,15 +291,13 @@ def fine_tuned(base: Path, out: Path, version: str = "1.1.0") -> Path:
 
 async def device_runs(bridge: Bridge, sha256: str) -> None:
     """Wait until the registry knows the device runs `sha256` (from its status and telemetry)."""
-    await wait_until_async(lambda: bridge.registry.device_model(FLEET, DEVICE), sha256)
-
-
-async def wait_until_async(read: Callable[[], Any], expected: object, limit_s: float = 20.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while (got := await read()) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s}s: {got!r}, expected {expected!r}")
-        await asyncio.sleep(0.05)
+    await wait_for_async(
+        lambda: bridge.registry.device_model(FLEET, DEVICE),
+        20,
+        f"the registry to show {DEVICE} running {sha256}",
+        until=lambda got: got == sha256,
+        interval=0.05,
+    )
 
 
 async def test_an_update_close_to_the_running_model_travels_as_a_patch(
@@ -405,13 +394,13 @@ async def test_cut_link_mid_transfer_re_requests_only_missing_chunks(
         async with running as node:
             await wait_connected(node)
             await sender(bridge).send_update(FLEET, DEVICE, record)
-            await wait_until(lambda: downloader(node).stats.chunks_written >= 8, what="the first chunks")
+            await wait_for_async(lambda: downloader(node).stats.chunks_written >= 8, 20, "the first chunks")
             proxy.refuse()
             proxy.reset()
             held_at_cut = bitmap_held(config.ota_state_dir, record.sha256)
             assert 8 <= len(held_at_cut) < chunks
             # No progress while cut: the device asks again (queued in its outbox until reconnected).
-            await wait_until(lambda: downloader(node).stats.rerequests >= 1, what="a re-request while cut")
+            await wait_for_async(lambda: downloader(node).stats.rerequests >= 1, 20, "a re-request while cut")
             proxy.restore()
             async with asyncio.timeout(40):
                 await installer.event.wait()
@@ -439,7 +428,7 @@ async def test_restart_mid_download_resumes_from_the_bitmap(
         async with first_run as node:
             await wait_connected(node)
             command = await sender(bridge).send_update(FLEET, DEVICE, record)
-            await wait_until(lambda: downloader(node).stats.chunks_written >= 8, what="the first chunks")
+            await wait_for_async(lambda: downloader(node).stats.chunks_written >= 8, 20, "the first chunks")
         held = bitmap_held(config.ota_state_dir, record.sha256)
         assert 8 <= len(held) < chunks
         second_run, installer = make_node(config)
@@ -471,7 +460,7 @@ async def test_a_newer_update_supersedes_a_download_in_progress(
             async with running as node:
                 await wait_connected(node)
                 first = await sender(bridge).send_update(FLEET, DEVICE, big)
-                await wait_until(lambda: downloader(node).stats.chunks_written >= 3, what="the first download")
+                await wait_for_async(lambda: downloader(node).stats.chunks_written >= 3, 20, "the first download")
                 second = await sender(bridge).send_update(FLEET, DEVICE, small)
                 async with asyncio.timeout(30):
                     await installer.event.wait()
@@ -490,13 +479,13 @@ async def test_a_newer_update_supersedes_a_download_in_progress(
 
 
 async def _final_states(bridge: Bridge, count: int) -> list[Any]:
-    deadline = time.monotonic() + 20
-    while True:
-        states = await command_states(bridge.registry, device_id=DEVICE)
-        if len(states) >= count and all(s.final for s in states):
-            return states
-        assert time.monotonic() < deadline, f"acks never became final: {states}"
-        await asyncio.sleep(0.05)
+    return await wait_for_async(
+        lambda: command_states(bridge.registry, device_id=DEVICE),
+        20,
+        f"{count} final acks",
+        until=lambda states: len(states) >= count and all(s.final for s in states),
+        interval=0.05,
+    )
 
 
 async def test_corrupt_and_forged_chunks_are_refused_and_a_forged_file_never_lands(
@@ -546,7 +535,7 @@ async def test_corrupt_and_forged_chunks_are_refused_and_a_forged_file_never_lan
             acks.publish(topic, chunk(0, piece[:-1]))  # short, with a matching hash
             acks.publish(topic, chunk(0, piece, chunks=chunks + 1))
             acks.publish(topic, chunk(0, piece, sha256="ab" * 32))  # other model on this topic
-            await wait_until(lambda: downloader(node).stats.bad_chunks >= 4, what="4 refused chunks")
+            await wait_for_async(lambda: downloader(node).stats.bad_chunks >= 4, 20, "4 refused chunks")
             assert downloader(node).stats.chunks_written == 0
             for index in range(chunks):
                 acks.publish(topic, chunk(index, forged[index * CHUNK : (index + 1) * CHUNK]))
@@ -600,10 +589,10 @@ async def test_chunk_server_coalesces_devices_and_counts_bad_requests_without_a_
             await asyncio.to_thread(gateway.wait_for, lambda c: len(c.received) >= chunks, 30)
             assert bridge.chunks is not None
             stats = bridge.chunks.stats
-            await wait_until(lambda: stats.requests == 3 and stats.dead_letters == 2, what="all requests handled")
+            await wait_for_async(lambda: stats.requests == 3 and stats.dead_letters == 2, 20, "all requests handled")
             assert stats.unknown_models == 1 and stats.bad_requests == 1
             # Nothing queued or awaiting its PUBACK: a duplicate would have been sent by now.
-            await wait_until(lambda: bridge.chunks is not None and bridge.chunks.backlog == 0, what="empty backlog")
+            await wait_for_async(lambda: bridge.chunks is not None and bridge.chunks.backlog == 0, 20, "empty backlog")
             got = sorted(decode(r.payload, ModelChunk).index for r in gateway.received)
             assert got == list(range(chunks)) and stats.chunks_sent == chunks
             assert stats.coalesced >= chunks
@@ -736,7 +725,7 @@ def test_cli_keys_generate_writes_a_private_key_and_prints_the_device_snippet(
     tmp_path: Path, demo_models: dict[str, DemoModel]
 ) -> None:
     out = subprocess.run(
-        [*BRIDGE_CLI, "keys", "generate", "--out", str(tmp_path / "keys")],
+        [*CLOUD_BRIDGE, "keys", "generate", "--out", str(tmp_path / "keys")],
         capture_output=True,
         text=True,
         timeout=30,
@@ -762,7 +751,7 @@ def test_cli_keys_generate_writes_a_private_key_and_prints_the_device_snippet(
     )
     guard.check(signed)
     again = subprocess.run(
-        [*BRIDGE_CLI, "keys", "generate", "--out", str(tmp_path / "keys")], capture_output=True, text=True, timeout=30
+        [*CLOUD_BRIDGE, "keys", "generate", "--out", str(tmp_path / "keys")], capture_output=True, text=True, timeout=30
     )
     assert again.returncode == 1 and "already exists" in again.stderr
     env_config = load_edge_config(edge_toml, environ={"EDGE_NODE__OTA__TRUSTED_KEYS": f"k1={_b64(pem)},k2={_b64(pem)}"})
@@ -774,14 +763,13 @@ def _b64(pem: Path) -> str:
 
 
 def test_cli_models_add_and_list(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:
-    config = tmp_path / "cloud.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    config = write_bridge_config(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cloud = demo_models["cloud"]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*BRIDGE_CLI, *args, "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
+            [*CLOUD_BRIDGE, *args, "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
         )
 
     added = cli("models", "add", str(cloud.path))
@@ -811,31 +799,17 @@ async def test_cli_cmd_ping_waits_for_the_done_ack(
     demo_models: dict[str, DemoModel],
     signing_key: tuple[Ed25519PrivateKey, Path],
 ) -> None:
-    config = tmp_path / "cloud.toml"
-    config.write_text(
-        f'state_dir = "{tmp_path / "state"}"\n[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\n'
-        f'[ota]\nsigning_key = "{signing_key[1]}"\n',
-        encoding="utf-8",
-    )
-    running, _ = make_node(node_config(tmp_path, mosquitto.port, demo_models["edge"].path, signing_key[0]))
-    async with running as node:
+    config = write_bridge_config(tmp_path, mosquitto, ota={"signing_key": signing_key[1]})
+    argv = [*CLOUD_BRIDGE, "cmd", "ping", "--device", f"{FLEET}/{DEVICE}", "--config", str(config), "--timeout", "20"]
+    started, _ = make_node(node_config(tmp_path, mosquitto.port, demo_models["edge"].path, signing_key[0]))
+    async with started as node:
         await wait_connected(node)
-        proc = await asyncio.create_subprocess_exec(
-            *BRIDGE_CLI,
-            "cmd",
-            "ping",
-            "--device",
-            f"{FLEET}/{DEVICE}",
-            "--config",
-            str(config),
-            "--timeout",
-            "20",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 40)
-    assert proc.returncode == 0, stderr.decode()
-    text = stdout.decode()
+        with running("cmd-ping", argv, tmp_path / "ping-stderr.log", stdout_pipe=True) as proc:
+            assert proc.popen is not None and proc.popen.stdout is not None
+            returncode = await asyncio.to_thread(proc.wait, 40)
+            text = proc.popen.stdout.read().decode()  # a few lines: they fit in the pipe until it exits
+            stderr = proc.log_text()
+    assert returncode == 0, stderr
     assert "sent ping cmd_id=" in text and "ack state=received" in text and "ack state=done" in text
 
 
@@ -862,13 +836,14 @@ def test_edge_ota_config_trusted_keys_and_errors(tmp_path: Path) -> None:
 
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
-    path = tmp_path / "edge.toml"
     key = public_key_b64(generate_private_key())
-    path.write_text(
-        f'[device]\nfleet_id = "f1"\ndevice_id = "d1"\n[model]\npath = "{model}"\n'
-        f'[outbox]\npath = "state/outbox.sqlite"\n[ota.trusted_keys]\n"k1" = "{key}"\n',
-        encoding="utf-8",
-    )
+    tables = {
+        "device": {"fleet_id": "f1", "device_id": "d1"},
+        "model": {"path": model},
+        "outbox": {"path": "state/outbox.sqlite"},  # relative: to the file's folder
+        "ota": {"trusted_keys": {"k1": key}},
+    }
+    path = write_toml(tmp_path / "edge.toml", tables)
     config = load_edge_config(path, environ={})
     assert config.ota.trusted_keys == {"k1": key}
     assert config.ota_state_dir == tmp_path / "state" / "ota"

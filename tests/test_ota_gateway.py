@@ -27,27 +27,28 @@ import itertools
 import json
 import signal
 import sqlite3
-import subprocess
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from cloud_bridge.app import Bridge, running_bridge
-from cloud_bridge.config import BridgeConfig, MqttConfig, OtaConfig
+from cloud_bridge.config import BridgeConfig, OtaConfig
 from cloud_bridge.ota.commands import CommandSender, CommandState, command_states
 from cloud_bridge.registry import ResultRow
 from demokit.models import DemoModel, build_edge_model
-from devservers import Mosquitto, TcpProxy
+from devservers import ManagedProcess, Mosquitto, TcpProxy
 from schemas import Channel, ModelChunk, ModelChunkRequest, ModelRef, Results, Topics, decode, decode_for_topic
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, write_private_key
-from tests.broker_stack import BRIDGE, Client, CloudBroker, Pki, make_pki, start_cloud, start_gateway
-from tests.edge_harness import spawn_edge_node
+from tests.broker_stack import Client, CloudBroker, cloud_bridge_config, start_cloud, start_gateway, wait_bridged
+from tests.config_files import write_edge_config
 from tests.mqtt_collector import Answered
+from tests.pki import BRIDGE, Pki
 from tests.plugin_servers import MosquittoFactory, TcpProxyFactory
+from tests.poll import wait_for_async
+from tests.processes import run_edge_node
 
 # The first run trains the new edge model (~30 s on a busy machine; cached afterwards).
 pytestmark = pytest.mark.timeout(240)
@@ -75,11 +76,6 @@ _POLL_S = 0.1
 class Models:
     base: DemoModel  # the factory model every device starts on (digits-edge 1.0.0, 12 hidden units)
     new: DemoModel  # the update (digits-edge 1.1.0, 128 hidden units: ~43 KB, ~11 chunks of 4 KB)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki") / "pki", list(DEVICES))
 
 
 @pytest.fixture(scope="module")
@@ -125,39 +121,21 @@ def gateway_watcher(stack: Stack, pki: Pki) -> Client:
     """Sees on the gateway what the devices publish (the bridge account may read fleet/# there).
 
     Also waits until the gateway's bridge has subscribed on the cloud: until then the cloud drops
-    commands sent to the site, so a probe is re-sent until one arrives.
+    commands sent to the site.
     """
     watcher = Client("127.0.0.1", stack.gateway.port, BRIDGE, pki.password(BRIDGE))
     assert watcher.connect() == 0
     for channel in ("results", "model/request"):
         watcher.subscribe(f"fleet/{FLEET}/+/{channel}")
-    probe_topic = "fleet/probe/probe/cmd"
-    watcher.subscribe(probe_topic)
     with cloud_client(stack, pki, "ota-probe") as cloud:
         assert cloud.connect() == 0
-        deadline = time.monotonic() + 20
-        while True:
-            cloud.publish(probe_topic, b"probe")
-            try:
-                watcher.wait_for(lambda got: any(topic == probe_topic for topic, _ in got), timeout=0.5)
-                return watcher
-            except AssertionError:
-                assert time.monotonic() < deadline, "the gateway bridge did not subscribe on the cloud in 20 s"
+        wait_bridged(watcher, cloud, 20)
+    return watcher
 
 
 def bridge_config(tmp_path: Path, stack: Stack, pki: Pki, key_path: Path) -> BridgeConfig:
-    return BridgeConfig(
-        state_dir=str(tmp_path / "bridge"),
-        mqtt=MqttConfig(
-            host="127.0.0.1",
-            port=stack.cloud.tls_port,
-            client_id=BRIDGE,
-            username=BRIDGE,
-            password=pki.password(BRIDGE),
-            tls_ca=str(pki.ca),
-        ),
-        ota=OtaConfig(signing_key=str(key_path), chunk_size=CHUNK, max_chunks_per_s=CHUNKS_PER_S),
-    )
+    ota = OtaConfig(signing_key=str(key_path), chunk_size=CHUNK, max_chunks_per_s=CHUNKS_PER_S)
+    return cloud_bridge_config(tmp_path, stack.cloud.tls_port, pki, ota=ota)
 
 
 # ---- edge nodes as processes -------------------------------------------------------------------
@@ -169,7 +147,7 @@ class EdgeProcess:
 
     device: str
     root: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ManagedProcess | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -184,74 +162,41 @@ class EdgeProcess:
         return self.root / "edge.log"
 
     def write_config(self, port: int, password: str, factory: Path, key: Ed25519PrivateKey) -> Path:
-        def q(value: object) -> str:
-            return json.dumps(str(value))  # a TOML basic string for these ASCII values
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "edge.toml"
-        path.write_text(
-            f"""
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-username = {q(self.device)}
-password = {q(password)}
-keepalive = 5
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[device]
-fleet_id = {q(FLEET)}
-device_id = {q(self.device)}
-[model]
-path = {q(factory)}
-[routing]
-escalate = false
-[telemetry]
-interval_s = 1.0
-[outbox]
-path = {q(self.outbox)}
-[source]
-kind = "replay"
-rate_hz = {RATE_HZ}
-loop = true
-[ota]
-state_dir = {q(self.state_dir)}
-chunk_timeout_s = 0.5
-chunk_timeout_max_s = 2.0
-health_probation_s = 2.0
-probation_min_inferences = 30
-[ota.trusted_keys]
-{q(key_id_of(key))} = {q(public_key_b64(key))}
-""",
-            encoding="utf-8",
+        return write_edge_config(
+            self.root,
+            port,
+            factory,
+            mqtt={"username": self.device, "password": password},
+            device={"fleet_id": FLEET, "device_id": self.device},
+            routing={"escalate": False},
+            telemetry={"interval_s": 1.0},
+            source={"kind": "replay", "rate_hz": RATE_HZ, "loop": True},
+            ota={
+                "state_dir": self.state_dir,
+                "chunk_timeout_s": 0.5,
+                "chunk_timeout_max_s": 2.0,
+                "health_probation_s": 2.0,
+                "probation_min_inferences": 30,
+                "trusted_keys": {key_id_of(key): public_key_b64(key)},
+            },
         )
-        return path
 
-    def start(self, config: Path) -> None:
-        self.proc = spawn_edge_node(config, self.log)
+    def start(self, stack: contextlib.ExitStack, config: Path) -> None:
+        self.proc = stack.enter_context(run_edge_node(config, self.log, name=self.device))
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (the node drains its outbox into the gateway), then the exit code."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"{self.device} did not stop within {timeout} s on SIGTERM; log: {self.log}") from None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        rc = self.proc.terminate(timeout)
+        assert rc is not None and rc != -signal.SIGKILL, f"{self.device} did not stop within {timeout} s on SIGTERM"
+        return rc
 
     def alive(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"{self.device} exited:\n{self.log_tail()}"
+        assert self.proc is not None and self.proc.alive, f"{self.device} exited:\n{self.log_tail()}"
 
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    def log_tail(self) -> str:
+        assert self.proc is not None
+        return self.proc.log_tail(30)
 
     def chunks_held(self, sha256: str, chunks: int) -> set[int]:
         """Chunks durably written so far (the staging bitmap is replaced atomically, so a read is whole)."""
@@ -277,24 +222,13 @@ def edge_processes(
     tmp_path: Path, stack: Stack, pki: Pki, models: Models, key: Ed25519PrivateKey, devices: tuple[str, ...]
 ) -> Iterator[list[EdgeProcess]]:
     nodes = [EdgeProcess(device, tmp_path / device) for device in devices]
-    try:
+    with contextlib.ExitStack() as running:
         for node in nodes:
-            node.start(node.write_config(stack.gateway.port, pki.password(node.device), models.base.path, key))
+            node.start(running, node.write_config(stack.gateway.port, pki.password(node.device), models.base.path, key))
         yield nodes
-    finally:
-        for node in nodes:
-            node.kill()
 
 
 # ---- observation -------------------------------------------------------------------------------
-
-
-async def poll(predicate: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
-    """Bounded polling of state only observable by asking (registry rows, files of other processes)."""
-    deadline = time.monotonic() + within_s
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out after {within_s} s waiting for {what}"
-        await asyncio.sleep(_POLL_S)
 
 
 Messages = list[tuple[str, bytes]]
@@ -361,13 +295,16 @@ def model_runs(results: list[Answered]) -> list[ModelRef]:
 async def final_states(bridge: Bridge, cmd_ids: list[str], within_s: float) -> dict[str, CommandState]:
     found: dict[str, CommandState] = {}
 
-    async def all_final() -> bool:
-        states = await command_states(bridge.registry, cmd_ids=cmd_ids)
-        found.update({s.cmd_id: s for s in states})
-        return len(states) == len(cmd_ids) and all(s.final for s in states)
+    async def states() -> list[CommandState]:
+        seen = await command_states(bridge.registry, cmd_ids=cmd_ids)
+        found.update({s.cmd_id: s for s in seen})
+        return seen
+
+    def all_final(seen: list[CommandState]) -> bool:
+        return len(seen) == len(cmd_ids) and all(s.final for s in seen)
 
     with contextlib.suppress(AssertionError):
-        await poll(all_final, within_s, "final acks")
+        await wait_for_async(states, within_s, "final acks", until=all_final, interval=_POLL_S)
     return found
 
 
@@ -433,25 +370,40 @@ async def test_signed_update_reaches_both_devices_through_the_gateway_across_a_c
                 )
                 commands = {d: await sender.send_update(FLEET, d, record) for d in DEVICES}
 
-                async def flowing() -> bool:
+                def chunks_held() -> dict[str, int]:
                     for node in nodes:
                         node.alive()
-                    return all(len(n.chunks_held(new.sha256, chunks)) >= 3 for n in nodes)
+                    return {n.device: len(n.chunks_held(new.sha256, chunks)) for n in nodes}
 
-                await poll(flowing, 30, "the first 3 chunks on both devices")
+                await wait_for_async(
+                    chunks_held,
+                    30,
+                    "the first 3 chunks on both devices",
+                    until=lambda held: all(n >= 3 for n in held.values()),
+                    interval=_POLL_S,
+                )
                 # The radio link dies: the gateway's bridge and the cloud keep their sessions open and
                 # their bytes vanish, so nothing in flight is acknowledged either way.
                 await asyncio.to_thread(stack.link.blackhole)
                 held_at_cut = {n.device: n.chunks_held(new.sha256, chunks) for n in nodes}
                 requests_at_cut = requests_by_device(watcher.received())
 
-                async def cut_long_enough() -> bool:
+                def sent_and_asked() -> tuple[int, Counter[str]]:
+                    return server.stats.chunks_sent, requests_by_device(watcher.received())
+
+                def cut_long_enough(seen: tuple[int, Counter[str]]) -> bool:
                     # The chunk server sent the rest into the dead link, and each device, starved,
                     # has asked again (its re-requests queue on the gateway).
-                    asked = requests_by_device(watcher.received())
-                    return server.stats.chunks_sent >= chunks and all(asked[d] > requests_at_cut[d] for d in DEVICES)
+                    sent, asked = seen
+                    return sent >= chunks and all(asked[d] > requests_at_cut[d] for d in DEVICES)
 
-                await poll(cut_long_enough, 30, "all chunks sent into the cut link and re-requests on the gateway")
+                await wait_for_async(
+                    sent_and_asked,
+                    30,
+                    f"all chunks sent into the cut link and re-requests on the gateway (at the cut {requests_at_cut})",
+                    until=cut_long_enough,
+                    interval=_POLL_S,
+                )
                 held_at_restore = {n.device: n.chunks_held(new.sha256, chunks) for n in nodes}
                 assert stack.link.stats().bytes_dropped > 0
                 reconnects = stack.link.stats().connections_total
@@ -469,19 +421,31 @@ async def test_signed_update_reaches_both_devices_through_the_gateway_across_a_c
 
                 await asyncio.to_thread(watcher.wait_for, new_results, 30)
 
-                async def new_model_in_registry() -> bool:
+                async def on_new_model() -> set[str]:
                     rows = await bridge.registry.rows(ResultRow)
-                    return {r["device_id"] for r in rows if r["model_version"] == new.version} == set(DEVICES)
+                    return {r["device_id"] for r in rows if r["model_version"] == new.version}
 
-                await poll(new_model_in_registry, 30, "results of the new model from both devices in the registry")
+                await wait_for_async(
+                    on_new_model,
+                    30,
+                    "results of the new model from both devices in the registry",
+                    until=lambda devices: devices == set(DEVICES),
+                    interval=_POLL_S,
+                )
                 for node in nodes:
                     assert node.stop() == 0, node.log_tail()
                     assert node.outbox_rows() == 0, f"{node.device} left messages in its outbox"
 
-                async def chunks_settled() -> bool:
-                    return server.backlog == 0 and sum(chunk_sends(chunk_watcher).values()) == server.stats.chunks_sent
+                def backlog_seen_sent() -> tuple[int, int, int]:
+                    return server.backlog, sum(chunk_sends(chunk_watcher).values()), server.stats.chunks_sent
 
-                await poll(chunks_settled, 20, "every chunk publish seen on the cloud broker")
+                await wait_for_async(
+                    backlog_seen_sent,
+                    20,
+                    "every chunk publish seen on the cloud broker (backlog, seen, sent)",
+                    until=lambda s: s[0] == 0 and s[1] == s[2],
+                    interval=_POLL_S,
+                )
                 sends = chunk_sends(chunk_watcher)
                 chunk_stats = server.stats
     finally:

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +51,10 @@ from schemas import (
     new_msg_id,
 )
 from schemas.signing import Ed25519PrivateKey, generate_private_key, key_id_of, public_key_b64, sign_command
-from tests.edge_harness import RunningNode, edge_config, edge_node_process, wait_connected
+from tests.config_files import write_edge_config
+from tests.edge_harness import RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Answered, Collector
+from tests.processes import run_edge_node, stop
 
 FLEET, DEVICE = "f1", "dev-1"
 TOPICS = Topics()
@@ -553,33 +554,20 @@ async def test_a_clean_restart_during_probation_resumes_it_without_counting_a_cr
 
 
 def _write_toml(tmp_path: Path, port: int, factory: Path, key: Ed25519PrivateKey) -> Path:
-    path = tmp_path / "edge.toml"
-    path.write_text(f"""
-[mqtt]
-port = {port}
-keepalive = 5
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-[device]
-fleet_id = "{FLEET}"
-device_id = "{DEVICE}"
-[model]
-path = "{factory}"
-[routing]
-escalate = false
-[outbox]
-path = "{tmp_path / "outbox.sqlite"}"
-[source]
-kind = "replay"
-rate_hz = 100
-[ota]
-state_dir = "{tmp_path / "ota"}"
-health_probation_s = 600
-crash_loop_limit = 2
-[ota.trusted_keys]
-"{key_id_of(key)}" = "{public_key_b64(key)}"
-""")
-    return path
+    return write_edge_config(
+        tmp_path,
+        port,
+        factory,
+        device={"fleet_id": FLEET, "device_id": DEVICE},
+        routing={"escalate": False},
+        source={"kind": "replay", "rate_hz": 100},
+        ota={
+            "state_dir": tmp_path / "ota",
+            "health_probation_s": 600,
+            "crash_loop_limit": 2,
+            "trusted_keys": {key_id_of(key): public_key_b64(key)},
+        },
+    )
 
 
 def test_crash_loop_after_a_switch_goes_back_to_the_previous_slot(
@@ -599,29 +587,28 @@ def test_crash_loop_after_a_switch_goes_back_to_the_previous_slot(
             return [s for s in statuses(c) if s.state == "online" and (s.started_at or 0) > started_after]
 
         # Run 1: installs and switches, then dies with the new model on probation.
-        with edge_node_process(config_file, log_path) as proc:
+        with run_edge_node(config_file, log_path) as proc:
             c.wait_for(lambda c: len(births_since(0)) >= 1, 30)
             run1 = births_since(0)[0].started_at or 0
             c.publish(CMD_TOPIC, encode(command))
             installed = wait_ack(c, command.cmd_id, {"installed", "health_failed", "failed"}, 60)
             assert installed.state == "installed", installed.reason
-            proc.send_signal(signal.SIGKILL)
+            proc.kill()
         # Run 2: starts on the new model (one death so far, limit 2), dies again.
-        with edge_node_process(config_file, log_path) as proc:
+        with run_edge_node(config_file, log_path) as proc:
             c.wait_for(lambda c: len(births_since(run1)) >= 1, 30)
             (birth2, *_) = births_since(run1)
             assert birth2.model == new
             state = state_file(tmp_path)
             assert state is not None and state.pending is not None and state.pending.boot_attempts == 2
-            proc.send_signal(signal.SIGKILL)
+            proc.kill()
         # Run 3: two deaths on probation: back on slot A and the command is acked rolled_back.
         run2 = birth2.started_at or 0
-        with edge_node_process(config_file, log_path) as proc:
+        with run_edge_node(config_file, log_path) as proc:
             rolled = wait_ack(c, command.cmd_id, {"rolled_back", "done"}, 30)
             c.wait_for(lambda c: len(births_since(run2)) >= 1, 30)
             assert {b.model for b in births_since(run2)} == {old}
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
+            stop(proc)
     assert rolled.state == "rolled_back" and rolled.reason is not None, rolled
     assert "crash loop" in rolled.reason and rolled.active_slot == "A" and rolled.model == new
     state = state_file(tmp_path)

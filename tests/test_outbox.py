@@ -16,6 +16,7 @@ import pytest
 
 from edge_node.errors import OutboxClosedError, OutboxCorruptError, OutboxFullError, OutboxUnavailableError
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority, Stored
+from tests.processes import running
 
 WAIT = 10.0
 
@@ -246,24 +247,20 @@ asyncio.run(main())
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
 async def test_kill_9_loses_no_accepted_put(tmp_path: Path, synchronous: str) -> None:
     db = tmp_path / "ob.db"
-    # A plain Popen read from a thread: asyncio's child watcher sometimes loses a SIGKILLed child.
+    # Not asyncio's subprocess: its child watcher sometimes loses a SIGKILLed child. Read from a thread.
     argv = [sys.executable, "-c", _CHILD, str(db), synchronous]
-    proc = await asyncio.to_thread(subprocess.Popen, argv, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
     reported: list[str] = []
-    try:
+    with running("outbox-child", argv, tmp_path / "child.log", stdout_pipe=True) as proc:
+        assert proc.popen is not None and proc.popen.stdout is not None
+        stdout = proc.popen.stdout
         while len(reported) < 3000:
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), WAIT)
-            assert line, f"child exited early rc={proc.poll()}"
+            line = await asyncio.wait_for(asyncio.to_thread(stdout.readline), WAIT)
+            assert line, f"child exited early rc={proc.returncode}\n{proc.log_tail()}"
             reported.append(line.decode().strip())
-        proc.send_signal(signal.SIGKILL)
-        rest = await asyncio.wait_for(asyncio.to_thread(proc.stdout.read), WAIT)
-    finally:
-        proc.kill()
-        proc.wait(timeout=WAIT)
-        proc.stdout.close()
+        returncode = proc.kill()
+        rest = await asyncio.wait_for(asyncio.to_thread(stdout.read), WAIT)
     reported += [x for x in rest.decode().split("\n") if x.strip()]
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     ob = await Outbox.open(db, 10**9)
     try:
         stored = [r.msg.msg_id for r in await take_all(ob)]

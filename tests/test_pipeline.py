@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,9 @@ from edge_node.uplink.outbox import Outbox, OutMessage
 from schemas import Results, Telemetry, Topics, decode_for_topic
 from tests.edge_harness import RunningNode, edge_config, wait_connected
 from tests.mqtt_collector import Answered, Collector
+from tests.poll import wait_for_async
 
 WAIT_S = 20.0
-
-
-async def _until(predicate: Callable[[], bool], what: str, within: float = WAIT_S) -> None:
-    """Bounded wait for file-system state, which has no event to wait on."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _names(d: Path, suffix: str = "") -> set[str]:
@@ -84,13 +76,22 @@ async def test_directory_source_processes_each_file_once_and_files_it_by_outcome
     with Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c:
         async with RunningNode(config) as node:
             await wait_connected(node)
-            await _until(lambda: _names(done) == set(good), "the good files in done/")
-            await _until(lambda: _names(failed, ".npy") | _names(failed, ".txt") >= set(bad), "bad files in failed/")
+            await wait_for_async(
+                lambda: _names(done), WAIT_S, "the good files in done/", until=lambda names: names == set(good)
+            )
+            await wait_for_async(
+                lambda: _names(failed, ".npy") | _names(failed, ".txt"),
+                WAIT_S,
+                "bad files in failed/",
+                until=lambda names: names >= set(bad),
+            )
             # A file dropped while the node runs is picked up too, once.
             late = digits.X_test[7].astype(np.float32)
             np.save(inbox / ".late.npy", late)
             (inbox / ".late.npy").rename(inbox / "late.npy")  # the atomic drop a writer should do
-            await _until(lambda: "late.npy" in _names(done), "the late file in done/")
+            await wait_for_async(
+                lambda: _names(done), WAIT_S, "the late file in done/", until=lambda names: "late.npy" in names
+            )
             await asyncio.to_thread(c.wait_for, lambda c: len(c.answers()) >= len(good) + 1)
         await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
         messages = [r.message() for r in c.on("results")]
@@ -292,7 +293,7 @@ async def test_a_directory_backlog_is_read_no_faster_than_the_intake_takes_it(tm
     source = DirectorySource(queue, InputIds(), inbox, poll_s=0.05)
     task = asyncio.create_task(source.run())
     try:
-        await _until(queue.full, "the intake filled by the source")
+        await wait_for_async(queue.full, WAIT_S, "the intake filled by the source")
         read = len(source._seen)  # files read so far (the source's own record of them)
         assert read <= queue.maxsize + 1, f"{read} files read for an intake of {queue.maxsize}"
         taken = queue.get_batch_nowait(100)

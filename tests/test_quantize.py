@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,15 @@ import pytest
 from cloud_bridge.cli import main as cli_main
 from cloud_bridge.errors import QuantizeError
 from cloud_bridge.models.quantize import QuantizeOptions, load_calibration, quantize
+from common.numeric import softmax
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel, build_edge_model
+from tests.config_files import write_bridge_config
+from tests.processes import CLOUD_BRIDGE
 
 # Generous: the module fixture trains two models first, slow on a loaded 2-core machine.
 pytestmark = pytest.mark.timeout(300)
 
-BRIDGE = [sys.executable, "-m", "cloud_bridge.cli"]
 _INT8_OPS = {"QLinearMatMul", "QGemm", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}
 
 
@@ -38,7 +39,7 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoModel
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BRIDGE, *args], capture_output=True, text=True, timeout=90)
+    return subprocess.run([*CLOUD_BRIDGE, *args], capture_output=True, text=True, timeout=90)
 
 
 def run_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -46,12 +47,6 @@ def run_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int,
     code = cli_main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def write_config(tmp_path: Path) -> Path:
-    path = tmp_path / "cloud.toml"
-    path.write_text(f'state_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
-    return path
 
 
 def registered(tmp_path: Path) -> list[tuple[str, str]]:
@@ -99,9 +94,7 @@ def test_wide_model_int8_is_smaller_loads_and_stays_within_budget(
     # The OTA health-check reference now holds the int8 model's own outputs (a device compares them).
     reference = json.loads(meta["health_reference"])
     (logits,) = session.run(None, {"input": np.asarray(reference["inputs"], dtype=np.float32)})
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(reference["probabilities"], probs, atol=1e-5)
+    np.testing.assert_allclose(reference["probabilities"], softmax(logits, np.float64), atol=1e-5)
 
 
 def test_calibration_is_the_real_training_split(digits: DigitsSplit) -> None:
@@ -123,7 +116,7 @@ def test_calibration_dir_errors_name_the_file(tmp_path: Path, demo_models: dict[
 
 
 def test_cli_quantizes_the_edge_model_and_registers_it(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:
-    config = write_config(tmp_path)
+    config = write_bridge_config(tmp_path)
     out = tmp_path / "edge-int8.onnx"
     done = run_cli(
         "models", "quantize", str(demo_models["edge"].path), "--calibration", "digits", "--out", str(out),
@@ -138,7 +131,7 @@ def test_cli_quantizes_the_edge_model_and_registers_it(tmp_path: Path, demo_mode
 def test_cli_refuses_an_impossible_budget(
     tmp_path: Path, demo_models: dict[str, DemoModel], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path)
+    config = write_bridge_config(tmp_path)
     out = tmp_path / "edge-int8.onnx"
     code, _, err = run_in_process(
         capsys, "models", "quantize", str(demo_models["edge"].path), "--calibration", "digits", "--out", str(out),
@@ -161,7 +154,7 @@ def test_cli_refuses_a_model_degraded_by_mismatched_calibration(
     out = tmp_path / "cloud-int8.onnx"
     code, out_text, err = run_in_process(
         capsys, "models", "quantize", str(demo_models["cloud"].path), "--calibration", str(calibration),
-        "--out", str(out), "--register", "--config", str(write_config(tmp_path)),
+        "--out", str(out), "--register", "--config", str(write_bridge_config(tmp_path)),
     )  # fmt: skip
     assert code == 3, out_text + err
     assert "REFUSED" in err

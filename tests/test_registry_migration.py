@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import text
 
 from cloud_bridge.registry import Batch, Registry, ResultRow
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (the private server fixture)
 
 OLD_RESULTS = [
     "CREATE TABLE results (msg_id VARCHAR(36) NOT NULL PRIMARY KEY, fleet_id VARCHAR(64) NOT NULL,"
@@ -65,7 +64,7 @@ async def test_old_results_table_is_kept_and_replaced_on_sqlite(tmp_path: Path) 
 
 
 @pytest.mark.timeout(90)
-async def test_old_results_table_is_kept_and_replaced_on_postgresql(postgres_url: str) -> None:  # noqa: F811
+async def test_old_results_table_is_kept_and_replaced_on_postgresql(postgres_url: str) -> None:
     await _check_migration(postgres_url)
 
 
@@ -96,5 +95,5 @@ async def test_devices_table_gets_new_columns_on_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_devices_table_gets_new_columns_on_postgresql(postgres_url: str) -> None:  # noqa: F811
+async def test_devices_table_gets_new_columns_on_postgresql(postgres_url: str) -> None:
     await _check_new_columns(postgres_url)

@@ -63,8 +63,8 @@ from schemas import (
 )
 from schemas.codec import to_builtins
 from schemas.topics import Channel, Topics
-from tests.rollout_helpers import FLEET, Db
-from tests.test_bridge_postgres import postgres_url  # noqa: F401  (a fixture: a private PostgreSQL)
+from tests.poll import wait_for_async
+from tests.rollout_helpers import FLEET, POLL_S, Db, cli_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -417,6 +417,16 @@ class SimFleet:
         with self.lock:
             return [c for c in self.commands[device] if c.action == "rollback"]
 
+    async def wait_back_on(self, model: ModelRef, devices: list[str]) -> None:
+        """Until each of `devices` runs `model` again (their rollback commands are acked at once)."""
+        await wait_for_async(
+            lambda: {d: self.models[d] for d in devices},
+            10,
+            f"{devices} back on {model.version}",
+            until=lambda models: all(m == model for m in models.values()),
+            interval=POLL_S,
+        )
+
 
 @contextlib.asynccontextmanager
 async def telemetry_flowing(fleet: SimFleet, every_s: float = 0.2) -> AsyncIterator[None]:
@@ -529,7 +539,7 @@ async def test_degraded_canary_is_rolled_back_with_the_reason_and_tsdb_events(
                 rid = await db.store.create(NewRollout(FLEET, record, (50, 100), 30.0, {}))
                 final = await db.wait_rollout(rid, lambda r: r["state"] != "running" and not r["rollback_pending"])
                 canaries = [d["device_id"] for d in await db.store.devices(rid)]
-                await db.wait(lambda: [fleet.models[d] for d in canaries], lambda ms: all(m == OLD for m in ms), 10)
+                await fleet.wait_back_on(OLD, canaries)
                 assert bridge.tsdb is not None and await bridge.tsdb.flush(deadline_s=10)
     # Rolled back early (window 30 s) on agreement, with both values recorded.
     assert final["state"] == "rolled_back" and final["stage"] == 0
@@ -544,7 +554,7 @@ async def test_degraded_canary_is_rolled_back_with_the_reason_and_tsdb_events(
     assert exported and exported[0].labels["fleet"] == FLEET and exported[0].labels["version"] == "2.0.0"
     assert exported[0].values[-1] == 4.0
     # The operator view says the same.
-    toml = write_toml(tmp_path, config)
+    toml = cli_config(tmp_path, config)
     assert await asyncio.to_thread(cli_main, ["rollout", "status", rid, "--config", str(toml)]) == 0
     out = capsys.readouterr().out
     assert "rolled_back" in out and "agreement" in out and "FAIL" in out
@@ -566,7 +576,9 @@ async def test_install_failure_rolls_back_the_devices_that_installed(
                 failed = [d for d, row in rows.items() if row["state"] == "health_failed"]
                 installed = [d for d, row in rows.items() if row["state"] == "done"]
                 assert len(failed) == 1 and len(installed) == 1, rows
-                await db.wait(lambda: fleet.rollbacks(installed[0]), bool, 10)
+                await wait_for_async(
+                    lambda: fleet.rollbacks(installed[0]), 10, f"a rollback command to {installed[0]}", interval=POLL_S
+                )
     assert final["state"] == "rolled_back"
     assert "install_failures: 1/2 devices failed (health_failed=1)" in final["reason"]
     assert rows[failed[0]]["rollback_cmd_id"] is None and fleet.rollbacks(failed[0]) == []
@@ -601,19 +613,11 @@ async def test_two_bridges_drive_a_rollout_exactly_once(
         assert len(fleet.updates(device)) == 1, device
 
 
-def write_toml(tmp_path: Path, config: BridgeConfig) -> Path:
-    path = tmp_path / "cloud.toml"
-    path.write_text(
-        f'state_dir = "{config.state_dir}"\n[ota]\nsigning_key = "{config.ota.signing_key}"\n', encoding="utf-8"
-    )
-    return path
-
-
 async def test_cli_start_status_abort(
     tmp_path: Path, mosquitto: Mosquitto, signing_key: GeneratedKey, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = bridge_config(tmp_path, mosquitto, signing_key)
-    toml = write_toml(tmp_path, config)
+    toml = cli_config(tmp_path, config)
     async with Db(config) as db:
         await register(db, tmp_path)
 
@@ -662,7 +666,7 @@ async def test_abort_with_rollback_is_carried_out_by_the_running_bridge(
     tmp_path: Path, mosquitto: Mosquitto, signing_key: GeneratedKey
 ) -> None:
     config = bridge_config(tmp_path, mosquitto, signing_key)
-    toml = write_toml(tmp_path, config)
+    toml = cli_config(tmp_path, config)
     with SimFleet(mosquitto.host, mosquitto.port, DEVICES, GOOD) as fleet:
         async with Db(config) as db, telemetry_flowing(fleet):
             record = await register(db, tmp_path)
@@ -674,7 +678,7 @@ async def test_abort_with_rollback_is_carried_out_by_the_running_bridge(
                 assert await asyncio.to_thread(cli_main, args) == 0
                 final = await db.wait_rollout(rid, lambda r: not r["rollback_pending"])
                 took = [d["device_id"] for d in await db.store.devices(rid)]
-                await db.wait(lambda: [fleet.models[d] for d in took], lambda ms: all(m == OLD for m in ms), 10)
+                await fleet.wait_back_on(OLD, took)
     assert (final["state"], final["reason"]) == ("aborted", "ops: freeze")
     assert len(took) == 2
     for device in DEVICES:

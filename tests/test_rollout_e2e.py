@@ -23,7 +23,8 @@ from cloud_bridge.ota.keys import GeneratedKey, generate
 from demokit.models import DemoModel, build_edge_model
 from devservers import Mosquitto
 from tests.edge_harness import RunningNode, edge_config
-from tests.rollout_helpers import FLEET, Db
+from tests.poll import wait_for_async
+from tests.rollout_helpers import FLEET, POLL_S, Db, cli_config
 
 # Training four small models and running five asyncio services on a shared 2-core machine.
 pytestmark = pytest.mark.timeout(240)
@@ -79,14 +80,6 @@ async def edge_fleet(tmp_path: Path, broker: Mosquitto, model: Path, key: Genera
         yield
 
 
-def write_toml(tmp_path: Path, config: BridgeConfig) -> Path:
-    path = tmp_path / "cloud.toml"
-    path.write_text(
-        f'state_dir = "{config.state_dir}"\n[ota]\nsigning_key = "{config.ota.signing_key}"\n', encoding="utf-8"
-    )
-    return path
-
-
 async def run_rollout(
     tmp_path: Path,
     broker: Mosquitto,
@@ -100,7 +93,7 @@ async def run_rollout(
     keys.mkdir()
     key = generate(keys)
     config = bridge_config(tmp_path, broker, key, models["cloud"].path)
-    toml = write_toml(tmp_path, config)
+    toml = cli_config(tmp_path, config)
     async with Db(config) as db:
         await db.models.add(target.path)
         async with running_bridge(config), edge_fleet(tmp_path, broker, models["edge"].path, key):
@@ -122,7 +115,13 @@ async def run_rollout(
                 return {d.device_id: d.model_version for d in await db.store.fleet(FLEET)}
 
             # Devices report the model they run in every telemetry window: wait for the fleet to settle.
-            running = await db.wait(versions, lambda v: set(v.values()) == {expected}, 60)
+            running = await wait_for_async(
+                versions,
+                60,
+                f"every device on {expected}",
+                until=lambda v: set(v.values()) == {expected},
+                interval=POLL_S,
+            )
     return final, devices, running
 
 

@@ -18,8 +18,10 @@ class IngestConfig:
     # redelivered (the bridge's session expiry plus device outbox retries).
     seen_retention_s: float = 7 * 86400
     # How often each device is told what was stored (confirm/1): shorter frees device outboxes
-    # sooner, longer sends fewer downlink messages (one per device per interval with traffic).
-    confirm_interval_s: float = 2.0
+    # sooner, longer sends fewer downlink messages (one per device per interval with traffic, about
+    # 250 B each with MQTT's framing: ~90 kB per device-hour at 10 s). Keep it well under the
+    # devices' [outbox] confirm_timeout_s (60 s), or they send rows again before they hear back.
+    confirm_interval_s: float = 10.0
     # A device clock that runs ahead would date windows in the future (a day ahead once switched
     # drift scoring off for that device for a day): a message whose ts is more than max_future_s
     # ahead of the bridge's clock is clamped to the time it arrived (its window keeps its length),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -58,15 +57,15 @@ from cloud_bridge.drift.windows import Pool, WindowStats, pool
 from cloud_bridge.errors import ReferenceModelError
 from cloud_bridge.registry import AlertRow, Batch, DriftEpisodeRow, SeenMessage, TelemetryRow
 from cloud_bridge.tsdb.lines import alert_line, drift_line_for, drift_tags
+from common.onnx import load_model
 from schemas import Alert, ModelRef, encode, new_msg_id
 
 log = logging.getLogger(__name__)
 
 
 def load_reference_mixes(paths: Iterable[str | Path]) -> dict[str, dict[str, float]]:
-    """sha256 -> reference class mix of every .onnx file given (or inside a given directory)."""
-    import onnxruntime as ort
-
+    """sha256 -> reference class mix of every .onnx file given (or inside a given directory); a model
+    without one is skipped, a file that is not a classifier (common/onnx.py) is refused."""
     mixes: dict[str, dict[str, float]] = {}
     for entry in paths:
         base = Path(entry)
@@ -75,14 +74,16 @@ def load_reference_mixes(paths: Iterable[str | Path]) -> dict[str, dict[str, flo
             if not file.is_file():
                 raise ReferenceModelError(f"[drift] reference_models: {file} does not exist; point it at .onnx files")
             try:
-                meta = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"]).get_modelmeta()
-                mix = json.loads(meta.custom_metadata_map["reference_class_mix"])
-            except KeyError:
+                data = file.read_bytes()
+                mix = load_model(file, data=data, error=ReferenceModelError).card.reference_class_mix
+            except OSError as exc:
+                raise ReferenceModelError(f"[drift] reference_models: cannot read {file}: {exc}") from None
+            except ReferenceModelError as exc:
+                raise ReferenceModelError(f"[drift] reference_models: {exc}") from None
+            if mix is None:
                 log.warning("model has no reference_class_mix metadata, skipped path=%s", file)
                 continue
-            except Exception as exc:  # ORT raises several unrelated types for a bad file
-                raise ReferenceModelError(f"[drift] reference_models: cannot read {file}: {exc}") from exc
-            mixes[hashlib.sha256(file.read_bytes()).hexdigest()] = {str(k): float(v) for k, v in mix.items()}
+            mixes[hashlib.sha256(data).hexdigest()] = mix
     return mixes
 
 

@@ -5,14 +5,16 @@ one `session.run` (micro-batching), which runs in a worker thread so the event l
 at most `max_concurrency` batches run at once. The reply goes to the MQTT 5 Response Topic with the
 Correlation Data echoed, or to the payload's `reply_to` when the request came over MQTT 3.1.1.
 Requests already past their deadline are skipped (the device has fallen back to its own answer).
+The model is loaded and checked by common/onnx.py, as the edge loads its own: a file that is not a
+classifier stops the bridge at start with a message naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from cloud_bridge.config import EscalationConfig
 from cloud_bridge.errors import ModelError, MqttError
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.workqueue import WorkQueue
+from common.numeric import softmax
+from common.onnx import CPU, load_model
 from schemas.codec import decode_for_topic, encode
 from schemas.errors import DecodeError
 from schemas.messages import EscalationReply, EscalationRequest, ModelRef, TopK
@@ -50,53 +53,63 @@ class Prediction:
 
 
 class CloudModel:
-    """An ONNX classifier with `labels` and `output_kind` in its metadata_props."""
+    """The cloud's ONNX classifier (common/onnx.py loads and checks it, and reads its ModelCard)."""
 
-    def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
-        data = Path(path).read_bytes()
-        options = ort.SessionOptions()
-        # Tiny models: intra-op threads cost more in hand-offs than they save on 2 cores.
-        options.intra_op_num_threads = 1
-        available = set(ort.get_available_providers())
-        usable = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(data, sess_options=options, providers=usable)
-        meta = self.session.get_modelmeta().custom_metadata_map
+    def __init__(self, path: Path, providers: tuple[str, ...] = (CPU,)) -> None:
+        path = Path(path)
         try:
-            self.labels: tuple[str, ...] = tuple(json.loads(meta["labels"]))
-        except (KeyError, ValueError) as exc:
-            raise ModelError(f"{path}: metadata_props 'labels' is missing or not a JSON list: {exc}") from None
-        self.output_kind = meta.get("output_kind", "probabilities")
-        if self.output_kind not in ("logits", "probabilities"):
-            raise ModelError(f"{path}: output_kind {self.output_kind!r} must be 'logits' or 'probabilities'")
-        self.ref = ModelRef(
-            name=meta.get("model_name", Path(path).stem),
-            version=meta.get("model_version", "0"),
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        self._input = self.session.get_inputs()[0]
-        self._features = self._input.shape[-1] if isinstance(self._input.shape[-1], int) else None
-        self.providers = tuple(self.session.get_providers())
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"[escalation] model cannot be used: cannot read {path}: {exc}") from None
+        try:
+            model = load_model(path, error=ModelError, providers=providers, data=data)
+        except ModelError as exc:
+            raise ModelError(f"[escalation] model cannot be used: {exc}") from None
+        self.session = model.session
+        self.card = model.card
+        self.signature = model.signature
+        self.labels = model.card.labels
+        self.ref = ModelRef(name=model.card.name, version=model.card.version, sha256=hashlib.sha256(data).hexdigest())
+        self.providers = model.providers.active
+        self._values = math.prod(self.signature.feature_shape)
 
-    def prepare(self, array: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        """One input as a (1, features) float32 row; raises ValueError if it does not fit the model."""
-        row = np.asarray(array, dtype=np.float32).reshape(1, -1)
-        if self._features is not None and row.shape[1] != self._features:
-            raise ValueError(f"input has {row.shape[1]} values, the cloud model takes {self._features}")
-        return row
+    def prepare(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """One input as a batch of one, shaped and typed for the model; raises ValueError if it does not fit.
 
-    def predict(self, batch: npt.NDArray[np.float32]) -> list[Prediction]:
-        """Classify a (N, features) batch (runs in a worker thread: ORT sessions are thread-safe)."""
-        (out,) = self.session.run(None, {self._input.name: batch})
-        scores = np.asarray(out, dtype=np.float64)
-        if self.output_kind == "logits":
-            scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-            scores /= scores.sum(axis=1, keepdims=True)
-        order = np.argsort(-scores, axis=1)[:, :TOPK]
+        Only the number of values must match: a device may send a flat row for an input of another shape."""
+        if array.size != self._values:
+            shape = list(self.signature.feature_shape)
+            raise ValueError(f"input has {array.size} values, the cloud model takes {self._values} (shape {shape})")
+        return np.asarray(array, dtype=self.signature.input_dtype).reshape(1, *self.signature.feature_shape)
+
+    def predict(self, batch: npt.NDArray[Any]) -> list[Prediction]:
+        """Classify a batch of prepared inputs (runs in a worker thread: ORT sessions are thread-safe)."""
+        scores = self._scores(batch).reshape(len(batch), -1)
+        if self.card.output_kind == "logits":
+            probs = softmax(scores, np.float64)
+        else:
+            probs = np.asarray(scores, dtype=np.float64)
+        order = np.argsort(-probs, axis=1)[:, :TOPK]
         results = []
-        for row, idx in zip(scores, order, strict=True):
+        for row, idx in zip(probs, order, strict=True):
             top = [TopK(label=self.labels[i], index=int(i), prob=float(min(1.0, max(0.0, row[i])))) for i in idx]
             results.append(Prediction(index=top[0].index, label=top[0].label, confidence=top[0].prob, topk=top))
         return results
+
+    def _scores(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The model's output for the batch; a model with a fixed batch size runs it in slices of that
+        size, the last one padded with zeros (whose outputs are dropped)."""
+        per_run = self.signature.batch
+        if per_run is None or len(batch) == per_run:
+            return self._run(batch)
+        pad = np.zeros((-len(batch) % per_run, *batch.shape[1:]), dtype=batch.dtype)
+        padded = np.concatenate([batch, pad])
+        runs = [self._run(padded[i : i + per_run]) for i in range(0, len(padded), per_run)]
+        return np.concatenate(runs)[: len(batch)]
+
+    def _run(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        (out,) = self.session.run([self.signature.output_name], {self.signature.input_name: batch})
+        return np.asarray(out)
 
 
 @dataclass
@@ -114,7 +127,7 @@ class EscalationStats:
 class _Pending:
     incoming: Incoming
     request: EscalationRequest
-    row: npt.NDArray[np.float32]
+    row: npt.NDArray[Any]
     received: float
 
 

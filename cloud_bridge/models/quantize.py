@@ -17,6 +17,8 @@
   with arrays `x` and `y`): file size, accuracy and batch-1 latency p50. `quantize` measures and
   does not judge: the command (cloud_bridge/cli/models.py) prints the table and refuses a drop in
   accuracy beyond `--max-accuracy-drop` (exit 3, OUT deleted, nothing registered).
+* The float file is loaded and checked as every program loads a model (common/onnx.py): a file that
+  is not a classifier, or takes other than float32 `[N, features]` inputs, is refused (exit 2).
 * The int8 file keeps the float model's metadata_props (labels, input spec, output kind, ...);
   `model_version` becomes `V` (or `<float version>+int8`), `heldout_accuracy` and
   `reference_class_mix` are re-measured on the int8 model, and `quantization` records how it was made.
@@ -36,9 +38,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnxruntime as ort
 from numpy.typing import NDArray
 
 from cloud_bridge.errors import QuantizeError
+from common.numeric import softmax
+from common.onnx import OnnxModel, load_model, open_session
+from schemas.modelcard import HealthReference, ModelCard, OutputKind
 
 log = logging.getLogger(__name__)
 
@@ -158,27 +164,23 @@ class _Calibration:
 
 
 # ---- models ---------------------------------------------------------------------------------------
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # One thread, like the edge: thread hand-offs cost more than they save on tiny models.
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+def _session(path: Path) -> ort.InferenceSession:
+    """A one-thread CPU session, like the edge's: thread hand-offs cost more than they save on tiny models."""
+    session, _ = open_session(path, error=QuantizeError)
+    return session
 
 
-def model_input(path: Path) -> tuple[str, int]:
-    """The input name and per-sample feature count of a `[N, features]` classifier."""
-    try:
-        session = _session(path)
-    except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable files
-        raise QuantizeError(f"{path} does not load in onnxruntime: {str(exc).splitlines()[0][:200]}") from None
-    spec = session.get_inputs()[0]
-    dims = spec.shape
-    if len(dims) != 2 or not isinstance(dims[1], int):
-        raise QuantizeError(f"{path} input {spec.name!r} has shape {dims}: quantize supports [N, features] models")
-    return str(spec.name), int(dims[1])
+def load_float_model(path: Path) -> tuple[OnnxModel, int]:
+    """The float classifier to quantize and its per-sample feature count; only `[N, features]`
+    float32 inputs can be calibrated and judged on the data sets `quantize` reads."""
+    model = load_model(path, error=QuantizeError)
+    sig = model.signature
+    if len(sig.feature_shape) != 1 or sig.input_dtype != np.float32:
+        raise QuantizeError(
+            f"{path} input {sig.input_name!r} is {sig.input_dtype} of shape {list(sig.input_shape)}: "
+            "quantize supports float32 [N, features] models"
+        )
+    return model, sig.feature_shape[0]
 
 
 def predict(path: Path, x: NDArray[np.float32]) -> NDArray[np.int64]:
@@ -201,12 +203,6 @@ def latency_p50_us(path: Path, sample: NDArray[np.float32], runs: int = _LATENCY
     return statistics.median(times) / 1000.0
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
 def int8_version(float_version: str) -> str:
     """Mark a quantized build: semver build metadata `+int8` (or `.int8` appended to existing metadata)."""
     return f"{float_version}.int8" if "+" in float_version else f"{float_version}+int8"
@@ -222,11 +218,11 @@ def quantize(options: QuantizeOptions) -> QuantizeResult:
     """Quantize `options.source` to `options.out` and measure both; does not judge the budget."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    input_name, features = model_input(options.source)
+    source, features = load_float_model(options.source)
+    input_name, card = source.signature.input_name, source.card
     calibration, calibration_source = load_calibration(options.calibration, features)
     evaluation = load_evaluation(options.evaluation, features)
-    meta = read_metadata(options.source)
-    float_version = meta.get("model_version", "0")
+    float_version = card.version
     version = options.version or int8_version(float_version)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     partial = options.out.with_name(options.out.name + ".partial")
@@ -256,7 +252,7 @@ def quantize(options: QuantizeOptions) -> QuantizeResult:
         "float_accuracy": round(float_report.accuracy, 6),
         "int8_accuracy": round(int8_accuracy, 6),
     }
-    _write_metadata(partial, meta, version, int8_accuracy, predictions, provenance)
+    _write_metadata(partial, card, version, int8_accuracy, predictions, provenance)
     os.replace(partial, options.out)
     int8_report = _report(options.out, version, evaluation)
     return QuantizeResult(float_report, int8_report, calibration_source, len(calibration))
@@ -264,7 +260,7 @@ def quantize(options: QuantizeOptions) -> QuantizeResult:
 
 def _write_metadata(
     path: Path,
-    original: dict[str, str],
+    card: ModelCard,
     version: str,
     accuracy: float,
     predictions: NDArray[np.int64],
@@ -274,34 +270,29 @@ def _write_metadata(
     from onnx import helper
 
     model = onnx.load(str(path))
-    props = dict(original)
+    props = dict(card.metadata)
     # quantize_static keeps metadata_props today; merging the float file's props keeps them if it stops.
     props.update({p.key: p.value for p in model.metadata_props})
     props["model_version"] = version
     props["heldout_accuracy"] = f"{accuracy:.6f}"
     props["quantization"] = json.dumps(provenance, sort_keys=True)
-    if "health_reference" in props:
-        props["health_reference"] = _health_reference(path, props["health_reference"], props.get("output_kind"))
-    if "labels" in props:
-        labels = json.loads(props["labels"])
-        counts = np.bincount(predictions, minlength=len(labels))
-        mix = {label: round(float(n) / len(predictions), 6) for label, n in zip(labels, counts, strict=False)}
-        props["reference_class_mix"] = json.dumps(mix)
+    if card.health_reference is not None:
+        props["health_reference"] = _health_reference(path, card.health_reference, card.output_kind)
+    # Labels as every reader sees them: the file's own, else "0".."C-1" (schemas/modelcard.py).
+    counts = np.bincount(predictions, minlength=len(card.labels))
+    mix = {label: round(float(n) / len(predictions), 6) for label, n in zip(card.labels, counts, strict=False)}
+    props["reference_class_mix"] = json.dumps(mix)
     del model.metadata_props[:]
     helper.set_model_props(model, dict(sorted(props.items())))
     onnx.save(model, str(path))
 
 
-def _health_reference(path: Path, raw: str, output_kind: str | None) -> str:
+def _health_reference(path: Path, reference: HealthReference, output_kind: OutputKind) -> str:
     """Re-run the OTA health-check reference inputs through the int8 model: a device compares the
     installed model's outputs with these, and int8 outputs differ slightly from the float ones."""
-    reference = json.loads(raw)
-    inputs = np.asarray(reference["inputs"], dtype=np.float32)
     session = _session(path)
-    (scores,) = session.run(None, {session.get_inputs()[0].name: inputs})[:1]
-    scores = np.asarray(scores, dtype=np.float64)
-    if output_kind == "logits":
-        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-        scores /= scores.sum(axis=1, keepdims=True)
-    reference["probabilities"] = np.round(scores, 6).tolist()
-    return json.dumps(reference)
+    feed = {session.get_inputs()[0].name: np.asarray(reference.inputs, dtype=np.float32)}
+    (scores,) = session.run(None, feed)[:1]
+    probs = softmax(scores, np.float64) if output_kind == "logits" else np.asarray(scores, dtype=np.float64)
+    # Laid out as demokit/export.py writes it.
+    return json.dumps({"inputs": reference.inputs, "probabilities": np.round(probs, 6).tolist()})

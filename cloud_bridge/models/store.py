@@ -1,33 +1,33 @@
 """The model store: content-addressed ONNX artifacts (`root/{sha256}.onnx`) plus a `models` registry table.
 
-`add` validates a file by loading it with ONNX Runtime and reads what devices and rollouts need from
-its metadata_props (labels, input spec, reference class mix: the demo models carry them, see
-demokit/models.py). A name+version is immutable: registering it again with other bytes is
-refused, with the same bytes it is a no-op. Several name+versions may share one artifact.
+`add` validates a file by loading it as a classifier (common/onnx.py: a file that is not ONNX, or
+not one input fixed but for the batch and one row of class scores, is refused, naming the file) and
+reads what devices and rollouts need from its ModelCard (labels, input shape, reference class mix;
+schemas/modelcard.py gives the defaults). A name+version is immutable: registering it again with
+other bytes is refused, with the same bytes it is a no-op. Several name+versions may share one artifact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from cloud_bridge.errors import ModelStoreError
 from cloud_bridge.registry import ModelRow, Registry
+from common.files import copy_atomic
+from common.onnx import load_model
 from schemas.messages import ModelRef
+from schemas.modelcard import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -56,65 +56,18 @@ class ModelRecord:
 class _Inspected:
     sha256: str
     size: int
-    metadata: dict[str, str]
+    card: ModelCard
     input_shape: tuple[int, ...]
 
 
 def _inspect(path: Path) -> _Inspected:
-    """Hash the file and load it with ONNX Runtime (a file ORT cannot load is no model)."""
+    """Hash the file and load it as a classifier (common/onnx.py says what is refused, and why)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelStoreError(f"cannot read model file {path}: {exc}") from None
-    try:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for every kind of bad file
-        raise ModelStoreError(f"{path} is not a loadable ONNX model: {exc}") from None
-    shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape)
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    return _Inspected(hashlib.sha256(data).hexdigest(), len(data), meta, shape)
-
-
-def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any) -> Any:
-    raw = meta.get(key)
-    if raw is None:
-        return default
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ModelStoreError(f"{path}: metadata_props {key!r} is not valid JSON") from None
-
-
-def _labels(meta: dict[str, str], path: Path) -> tuple[str, ...]:
-    labels = _json_meta(meta, "labels", path, None)
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ModelStoreError(
-            f"{path}: metadata_props 'labels' must be a JSON list of class names (see demokit/models.py)"
-        )
-    return tuple(labels)
-
-
-def _reference_mix(meta: dict[str, str], path: Path) -> dict[str, float]:
-    mix = _json_meta(meta, "reference_class_mix", path, {})
-    if not isinstance(mix, dict) or not all(isinstance(v, int | float) for v in mix.values()):
-        raise ModelStoreError(f"{path}: metadata_props 'reference_class_mix' must map label -> fraction")
-    return {str(k): float(v) for k, v in mix.items()}
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    """Copy into place via a temp file + fsync + rename: a reader never sees a partial artifact."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-            while block := inp.read(1 << 20):
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    model = load_model(path, data=data, error=ModelStoreError)
+    return _Inspected(hashlib.sha256(data).hexdigest(), len(data), model.card, model.signature.input_shape)
 
 
 def _record(row: ModelRow) -> ModelRecord:
@@ -156,14 +109,14 @@ class ModelStore:
         identical bytes)."""
         path = Path(path)
         inspected = await asyncio.to_thread(_inspect, path)
-        meta = inspected.metadata
-        name = name or meta.get("model_name") or path.stem
-        version = version or meta.get("model_version")
+        card = inspected.card
+        declared = card.version if card.declares("model_version") else None
+        name = name or card.name
+        version = version or declared
         if not version:
             raise ModelStoreError(f"{path} has no 'model_version' in its metadata: pass --version")
         _check_ref(name, version)
         if warn is not None:
-            declared = meta.get("model_version")
             if declared and declared != version:
                 warn(f"{path.name} declares model_version {declared}; registering it as {version}")
             for other in await self._select(ModelRow.sha256 == inspected.sha256):
@@ -178,16 +131,16 @@ class ModelStore:
             sha256=inspected.sha256,
             size=inspected.size,
             path=self.artifact_path(inspected.sha256),
-            labels=_labels(meta, path),
+            labels=card.labels,
             input_shape=inspected.input_shape,
-            reference_mix=_reference_mix(meta, path),
+            reference_mix=dict(card.reference_class_mix or {}),
             added_at=time.time(),
         )
         existing = await self._find(name, version)
         if existing is not None:
             return self._same_or_refuse(existing, record, path)
         if not record.path.exists():
-            await asyncio.to_thread(_copy_atomic, path, record.path)
+            await asyncio.to_thread(self._copy_in, path, record.path)
         try:
             await self._insert(record)
         except IntegrityError:
@@ -197,6 +150,11 @@ class ModelStore:
             return self._same_or_refuse(existing, record, path)
         log.info("model added name=%s version=%s sha256=%s size=%d", name, version, record.sha256[:12], record.size)
         return record
+
+    def _copy_in(self, path: Path, dest: Path) -> None:
+        """Copy into place atomically: a reader of the store never sees a partial artifact."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        copy_atomic(path, dest)
 
     @staticmethod
     def _same_or_refuse(existing: ModelRecord, record: ModelRecord, path: Path) -> ModelRecord:
