@@ -21,7 +21,7 @@ from edge_node.telemetry import Window
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 from schemas import Input, encode, encode_tensor
 from tests.edge_harness import RunningNode, edge_config, wait_connected
-from tests.rollout_helpers import Db
+from tests.poll import wait_for_async
 
 pytestmark = pytest.mark.timeout(90)
 LINE = re.compile(
@@ -64,7 +64,7 @@ async def test_a_running_node_logs_its_status(
         status = node.status
         assert status is not None
         # Counted across the closed telemetry windows and the open one.
-        await Db.wait(lambda: status.totals().results, lambda results: results >= 30, 20)
+        await wait_for_async(lambda: status.totals().results, 20, "30 results counted", until=lambda n: n >= 30)
         await asyncio.sleep(0.7)  # a line after the last input
     lines = status_lines(caplog)
     assert len(lines) >= 2 and all(m[1] == "yes" for m in lines)
