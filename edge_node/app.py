@@ -34,6 +34,7 @@ from edge_node.ota.slots import SlotStore
 from edge_node.reporting import NodeStats, Reporter
 from edge_node.routing.escalation import Escalations
 from edge_node.routing.sampling import UncertaintySampler
+from edge_node.status import StatusLine
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window
 from edge_node.uplink.clock import RETRY_S as CLOCK_RETRY_S
 from edge_node.uplink.clock import ClockSync
@@ -57,6 +58,7 @@ class EdgeNode:
         self.outbox: Outbox | None = None
         self.link: Link | None = None
         self.reporter: Reporter | None = None
+        self.status: StatusLine | None = None
         self.clock: ClockSync | None = None
         self._wire: Wire | None = None
         self.ready = asyncio.Event()
@@ -140,6 +142,15 @@ class EdgeNode:
             cfg, classifier, outbox, escalations, sampler, reporter.current_window, lambda: link.is_connected, wire
         )
         reporter.pipeline = pipeline
+        if cfg.node.status_interval_s > 0:
+            self.status = StatusLine(
+                cfg.node.status_interval_s,
+                outbox,
+                lambda: link.is_connected,
+                lambda: link.stats.published,
+                reporter.current_window,
+            )
+            reporter.closed = self.status.closed
         assert self._boot is not None
         self.slots = slots = SlotManager(
             self._slot_store,
@@ -173,6 +184,7 @@ class EdgeNode:
             cfg.mqtt.port,
         )
         async with asyncio.TaskGroup() as tg:
+            status_task = tg.create_task(self.status.run(), name="status") if self.status is not None else None
             link_task = tg.create_task(link.run(), name="link")
             pipe_task = tg.create_task(pipeline.run(queue), name="pipeline")
             tele_task = tg.create_task(reporter.run(ctx, probe, sampler), name="telemetry")
@@ -199,6 +211,8 @@ class EdgeNode:
             await outbox.put(reporter.status("offline", "shutdown", link.connection or None))
             await link.close(DRAIN_TIMEOUT_S)
             link_task.cancel()
+            if status_task is not None:
+                status_task.cancel()
         log.info("edge node stopped processed=%d outbox_depth=%d", pipeline.processed, outbox.depth)
 
     def _model_files(self) -> list[Path]:

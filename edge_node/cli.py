@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
+import sys
 from pathlib import Path
 
 from common import logs
 from edge_node import __version__
-from edge_node.errors import EdgeError
-
-log = logging.getLogger("edge_node")
+from edge_node.errors import ConfigError, EdgeError
 
 DESCRIPTION = """\
 Edge inference node: runs an ONNX classifier on inputs from MQTT, a directory or a dataset replay,
@@ -40,25 +38,27 @@ async def _run(config_path: Path) -> int:
 
 
 def _check(config_path: Path) -> int:
-    from edge_node.config import load_config
-    from edge_node.inference.model import Classifier
+    """Print one line per check; exit 0 when none failed, 2 when the config does not load, else 1."""
+    from common.checks import render
+    from edge_node.check import CONFIG, diagnose
 
-    config = load_config(config_path)
-    classifier = Classifier.load(config.model.path, config.model.providers, config.model.intra_op_threads)
-    info = classifier.info
-    print(
-        f"config ok: fleet={config.device.fleet_id} device={config.device.device_id} "
-        f"broker={config.mqtt.host}:{config.mqtt.port} source={config.source.kind}"
-    )
-    print(
-        f"model ok: {info.ref.name} {info.ref.version} sha256={info.ref.sha256[:16]} input={list(info.feature_shape)} "
-        f"{info.input_dtype} classes={len(info.labels)} output={info.output_kind}"
-    )
-    print(
-        f"providers: requested={list(classifier.providers.requested)} active={list(classifier.providers.active)}"
-        + ("  WARNING: fell back to CPU" if classifier.providers.fallback else "")
-    )
-    return 0
+    checks = asyncio.run(diagnose(config_path))
+    sys.stdout.write(render(checks.findings))
+    if checks.status(CONFIG) == "fail":
+        return 2
+    return 1 if checks.failed else 0
+
+
+def _edge_error(exc: BaseException) -> EdgeError | None:
+    """The EdgeError behind `exc`: itself, or the first of a task group's errors when every one is an
+    EdgeError (a failure inside the node's TaskGroup arrives wrapped); None for anything else."""
+    if isinstance(exc, EdgeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_edge_error(e) for e in exc.exceptions]
+        if found and all(e is not None for e in found):
+            return found[0]
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the node until SIGTERM/SIGINT (then drain and exit 0)")
     run.add_argument("--config", type=Path, required=True, help="TOML configuration file")
-    check = sub.add_parser("check", help="validate the configuration and load the model, then exit")
+    check = sub.add_parser(
+        "check",
+        help="diagnose the configuration, model, disk, broker, TLS, credentials and keys, then exit",
+        description="One line per check: ok, warn or fail with what was found and the fix, or skip when a "
+        "check it needs failed. Exit 0 when nothing failed, 1 when a check failed, 2 when the configuration "
+        "does not load. The broker checks log in with their own client id; on a broker that makes the user "
+        "name the client id, run it while the node is stopped.",
+    )
     check.add_argument("--config", type=Path, required=True, help="TOML configuration file")
     return parser
 
@@ -82,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _check(args.config)
         return asyncio.run(_run(args.config))
-    except EdgeError as exc:
-        log.error("%s", exc)
-        return 2
+    except BaseException as exc:
+        error = _edge_error(exc)
+        if error is None:
+            raise
+        # A user's error, not a bug: one line with the fix, no traceback.
+        print(f"edge-node {args.command}: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
 
 
 if __name__ == "__main__":

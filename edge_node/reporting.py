@@ -77,6 +77,7 @@ class Reporter:
         self._write_errors_reported = 0
         self.window = Window(config.telemetry.max_features, time.time())
         self.overloaded: Callable[[], int] = lambda: 0  # inputs a source dropped, since the last window
+        self.closed: Callable[[Window], None] = lambda window: None  # told of each window it closes
         self.pipeline: Counted | None = None
 
     def current_window(self) -> Window:
@@ -135,6 +136,7 @@ class Reporter:
         overloaded = self.overloaded()
         if overloaded:
             window.rejected["overloaded"] += overloaded
+        self.closed(window)
         message = build_telemetry(
             ctx,
             self._classifier().info.ref,

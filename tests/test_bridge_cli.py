@@ -23,7 +23,7 @@ from cloud_bridge.app import running_bridge
 from cloud_bridge.cli import build_parser, main
 from cloud_bridge.config import load_config
 from cloud_bridge.errors import RegistryError
-from cloud_bridge.registry import SeenMessage
+from cloud_bridge.registry import Registry, SeenMessage
 from demokit.models import DemoModel
 from devservers import Mosquitto
 from schemas import Telemetry, encode, new_msg_id
@@ -90,7 +90,7 @@ def test_every_help_text_reads_clean() -> None:
         assert "%%" not in text, name
         assert not re.search(r"[\w/]+\.py\b", text), f"{name} --help points at a source file:\n{text}"
         assert (parser.description or "").strip() not in module_docs, f"{name} shows a module docstring"
-    assert len(helps) == 19 and "cloud-bridge samples tail" in helps
+    assert len(helps) == 22 and {"cloud-bridge check", "cloud-bridge devices", "cloud-bridge alerts"} <= set(helps)
     assert "5%, 25%, 100%" in " ".join(helps["cloud-bridge rollout"].split())
     top = subprocess.run([*CLOUD_BRIDGE, "--help"], capture_output=True, text=True, timeout=30, check=True)
     assert top.stdout == helps["cloud-bridge"]
@@ -137,12 +137,20 @@ def test_main_reports_every_bridge_error_and_hides_no_other(
 
 @pytest.mark.parametrize("command", [["models", "list"], ["rollout", "status"]])
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, command: list[str]) -> None:
-    argv = [*CLOUD_BRIDGE, *command, "--config", str(write_bridge_config(tmp_path))]
+    config = write_bridge_config(tmp_path)
+    asyncio.run(_create_registry(load_config(config).registry_url))  # reading commands need one
+    argv = [*CLOUD_BRIDGE, *command, "--config", str(config)]
     with running("cloud-bridge", argv, tmp_path / "stderr.log", stdout_pipe=True) as proc:
         assert proc.popen is not None and proc.popen.stdout is not None
         # Like `cloud-bridge models list | head -0`: the reader is gone before the first line is written.
         proc.popen.stdout.close()
         assert (proc.wait(30), proc.log_text()) == (0, "")
+
+
+async def _create_registry(url: str) -> None:
+    registry = Registry(url)
+    await registry.create()
+    await registry.close()
 
 
 async def test_sigterm_drains_and_exits_0_without_losing_messages(

@@ -1,5 +1,5 @@
-"""The `cloud-bridge` command: one module per command group (run, keys, models, cmd, rollout,
-samples) adds its parsers; `main` runs the command and reports every BridgeError once.
+"""The `cloud-bridge` command: one module per command group (run, check, keys, models, cmd, rollout,
+samples, devices, alerts) adds its parsers; `main` runs the command and reports every BridgeError once.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import os
 import select
 import sys
 
-from cloud_bridge.cli import cmd, keys, models, rollout, run, samples
+from cloud_bridge import __version__
+from cloud_bridge.cli import alerts, check, cmd, devices, keys, models, rollout, run, samples
 from cloud_bridge.errors import BridgeError, ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -22,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ingest fleet MQTT traffic into a registry and InfluxDB, and answer escalations "
         "with the cloud model. Every config key can be overridden with CLOUD_BRIDGE_<SECTION>__<KEY>.",
     )
+    parser.add_argument("--version", action="version", version=f"cloud-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run, keys, models, cmd, rollout, samples):
+    for group in (run, check, keys, models, cmd, rollout, samples, devices, alerts):
         group.add_subparsers(sub)
     return parser
 
@@ -36,17 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not as the interpreter exits
-    except BridgeError as exc:
-        kind = "config error: " if isinstance(exc, ConfigError) else ""
-        print(f"cloud-bridge {args.command_name}: {kind}{exc}", file=sys.stderr)
-        return exc.exit_code
     except BrokenPipeError:
         # The reader of our output went away (`cloud-bridge models list | head -1`): it has what it
         # wanted, so stop without a traceback. Anything else that broke a pipe is not ours to hide.
         if not _stdout_broken():
             raise
         return 0
+    except BaseException as exc:
+        error = bridge_error(exc)
+        if error is None:
+            raise
+        kind = "config error: " if isinstance(error, ConfigError) else ""
+        print(f"cloud-bridge {args.command_name}: {kind}{error}", file=sys.stderr)
+        return error.exit_code
     return code
+
+
+def bridge_error(exc: BaseException) -> BridgeError | None:
+    """The BridgeError behind `exc`: itself, or the first of a task group's errors when every one is
+    a BridgeError (`run` fails inside a TaskGroup, which wraps them); None for anything else."""
+    if isinstance(exc, BridgeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [bridge_error(e) for e in exc.exceptions]
+        if found and all(e is not None for e in found):
+            return found[0]
+    return None
 
 
 def _stdout_broken() -> bool:

@@ -14,8 +14,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_bridge.cli.common import Commands, add_config, command
+from cloud_bridge.cli.waiting import HINT_AFTER_S, Waiting
 from cloud_bridge.config import load_config
-from cloud_bridge.errors import ConfigError, UsageError
+from cloud_bridge.errors import ConfigError, MqttError, UsageError
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.ota.commands import FINAL_STATES, CommandSender
 from cloud_bridge.ota.deltas import DeltaStore
@@ -75,6 +76,7 @@ async def _send_and_wait(args: argparse.Namespace) -> int:
     registry = Registry(config.registry_url)
     await registry.create()
     v5 = config.mqtt.protocol == "mqtt5"
+    broker = f"{config.mqtt.host}:{config.mqtt.port}"
     try:
         async with aiomqtt.Client(
             config.mqtt.host,
@@ -114,12 +116,21 @@ async def _send_and_wait(args: argparse.Namespace) -> int:
             else:
                 command = await sender.send_ping(fleet_id, device_id)
             print(f"sent {command.action} cmd_id={command.cmd_id} to {fleet_id}/{device_id}", flush=True)
-            return await _wait_final(client, command, args.timeout)
+            waiting = Waiting(registry, fleet_id, device_id, command.action)
+            return await _wait_final(client, command, args.timeout, waiting)
+    except aiomqtt.MqttError as exc:
+        raise MqttError(
+            f"the broker at {broker} ({exc}): fix: start the broker, or check [mqtt] host, port, username and "
+            f"password in {args.config}; `cloud-bridge check --config {args.config}` tests them one by one"
+        ) from None
     finally:
         await registry.close()
 
 
-async def _wait_final(client: aiomqtt.Client, command: Command, timeout_s: float) -> int:
+async def _wait_final(client: aiomqtt.Client, command: Command, timeout_s: float, waiting: Waiting) -> int:
+    """Print every ack of `command` until a final one (exit 0 done, 1 refused or failed) or the
+    timeout (3). While nothing new arrives for HINT_AFTER_S, say once per state why it may wait."""
+    hint = asyncio.create_task(waiting.explain_after(HINT_AFTER_S, None))
     try:
         async with asyncio.timeout(timeout_s):
             async for message in client.messages:
@@ -129,10 +140,14 @@ async def _wait_final(client: aiomqtt.Client, command: Command, timeout_s: float
                     continue
                 if ack.cmd_id != command.cmd_id:
                     continue
+                hint.cancel()
                 progress = "" if ack.progress is None else f" progress={ack.progress:.0%}"
                 print(f"ack state={ack.state}{progress}" + (f" reason={ack.reason}" if ack.reason else ""), flush=True)
                 if ack.state in FINAL_STATES:
                     return 0 if ack.state == "done" else 1
+                hint = asyncio.create_task(waiting.explain_after(HINT_AFTER_S, ack.state))
     except TimeoutError:
         print(f"no final ack for cmd_id={command.cmd_id} within {timeout_s}s", file=sys.stderr)
+    finally:
+        hint.cancel()
     return 3

@@ -52,7 +52,7 @@ def add_subparsers(sub: Commands) -> None:
 def _add(args: argparse.Namespace) -> int:
     async def add() -> ModelRecord:
         config = load_config(args.config)
-        async with open_registry(config.registry_url) as registry:
+        async with open_registry(config) as registry:
             store = ModelStore(config.model_store_dir, registry)
             return await store.add(args.path, args.name, args.version, warn=_warn)
 
@@ -68,7 +68,7 @@ def _warn(text: str) -> None:
 def _list(args: argparse.Namespace) -> int:
     async def records() -> list[ModelRecord]:
         config = load_config(args.config)
-        async with open_registry(config.registry_url) as registry:
+        async with open_registry(config, create=False) as registry:
             return await ModelStore(config.model_store_dir, registry).list()
 
     header = ("NAME", "VERSION", "SHA256", "SIZE", "LABELS", "INPUT", "ADDED")
@@ -130,13 +130,15 @@ def _add_quantize(msub: Commands) -> None:
     p.add_argument("--register", action="store_true", help="add the int8 model to the bridge's model store")
     p.add_argument("--name", help="model name to register under (default: the file's model_name)")
     p.add_argument("--version", help="version of the int8 model (default: the float version + '+int8')")
-    add_config(p, "for --register: state_dir, [registry], [ota]")
+    add_config(p, "needed with --register: state_dir, [registry], [ota]", required=False)
     command(p, "models quantize", _quantize)
 
 
 def _quantize(args: argparse.Namespace) -> int:
     if not args.path.is_file():
         raise UsageError(f"{args.path} does not exist: pass the float .onnx file")
+    if args.register and args.config is None:
+        raise UsageError("--register needs --config: the bridge's config locates the model store and registry")
     options = QuantizeOptions(
         source=args.path,
         out=args.out,
@@ -168,7 +170,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 async def _register(args: argparse.Namespace, result: QuantizeResult) -> ModelRecord:
     config = load_config(args.config)
-    async with open_registry(config.registry_url) as registry:
+    async with open_registry(config) as registry:
         store = ModelStore(config.model_store_dir, registry)
         try:
             return await store.add(args.out, name=args.name, version=result.int8_model.version)

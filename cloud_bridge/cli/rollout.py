@@ -58,7 +58,7 @@ def add_subparsers(sub: Commands) -> None:
     status.add_argument("id", nargs="?", default=None, help="rollout id (default: list all)")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_config(status, "state_dir, [registry]")
-    command(status, "rollout status", _run(_status))
+    command(status, "rollout status", _run(_status, create=False))
     abort = rsub.add_parser("abort", help="stop a running rollout where it is")
     abort.add_argument("id", help="rollout id")
     abort.add_argument("--rollback", action="store_true", help="also roll back every device that took it")
@@ -70,16 +70,16 @@ def add_subparsers(sub: Commands) -> None:
 Action = Callable[[argparse.Namespace, BridgeConfig, Registry], Awaitable[int]]
 
 
-def _run(action: Action) -> Callable[[argparse.Namespace], int]:
+def _run(action: Action, *, create: bool = True) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        return asyncio.run(_with_registry(args, action))
+        return asyncio.run(_with_registry(args, action, create))
 
     return handler
 
 
-async def _with_registry(args: argparse.Namespace, action: Action) -> int:
+async def _with_registry(args: argparse.Namespace, action: Action, create: bool) -> int:
     config = load_config(args.config)
-    async with open_registry(config.registry_url) as registry:
+    async with open_registry(config, create=create) as registry:
         return await action(args, config, registry)
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import sys
-from pathlib import Path
 
 from cloud_bridge.app import run_bridge
-from cloud_bridge.cli.common import Commands, command
+from cloud_bridge.cli.common import Commands, add_config, command
 from cloud_bridge.config import load_config
+from common import logs
 
 
 def add_subparsers(sub: Commands) -> None:
@@ -22,24 +20,12 @@ def add_subparsers(sub: Commands) -> None:
         "cloud model, and drive OTA commands and rollouts, until SIGTERM or SIGINT; then finish what "
         "arrived and exit 0.",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="the bridge's TOML config file; every key is optional (without a file: the defaults, and "
-        "CLOUD_BRIDGE_<SECTION>__<KEY> environment variables)",
-    )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
-    )
+    add_config(parser, "every key is optional in it; CLOUD_BRIDGE__<SECTION>__<KEY> variables override it")
+    logs.add_arguments(parser)
     command(parser, "run", _run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(args.log_level, args.log_format)
     asyncio.run(run_bridge(load_config(args.config)))
     return 0

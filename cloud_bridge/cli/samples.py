@@ -9,48 +9,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from cloud_bridge.cli.common import Commands, add_config, command
+from cloud_bridge.cli.common import Commands, add_config, command, parse_when, require_registry
 from cloud_bridge.config import BridgeConfig, load_config
-from cloud_bridge.errors import ConfigError, UsageError
+from cloud_bridge.errors import UsageError
 from cloud_bridge.registry import Registry
 from cloud_bridge.samples.export import ExportFilter, ExportOptions, ExportStats, export_resuming, summarize
 from cloud_bridge.samples.tail import TailOptions, TailStats, tail_samples
 from schemas.errors import TopicError
 from schemas.topics import validate_id
 
-_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-_AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIX = re.compile(r"^\d+(?:\.\d+)?$")
 LAST = "last"
 REASONS = ("entropy", "margin")
-
-
-def parse_when(text: str, now: float) -> float:
-    """A point in time as unix seconds: ISO 8601 (no zone = UTC), unix seconds, or an age like "2h"."""
-    value = text.strip()
-    if _UNIX.match(value):
-        return float(value)
-    ago = _AGO.match(value)
-    if ago:
-        return now - float(ago[1]) * _UNITS_S[ago[2]]
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise UsageError(
-            f"{text!r} is not a time: use ISO 8601 (2026-11-26T08:00:00Z), unix seconds (1795638016) "
-            "or an age (90s, 30m, 2h, 7d, 2w)"
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def parse_model(text: str | None) -> tuple[str | None, str | None]:
@@ -139,14 +114,8 @@ def _check_ids(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> BridgeConfig:
     config = load_config(args.config)
-    url = config.registry_url
-    if args.samples_command == "export" and url.startswith("sqlite"):
-        db = Path(url.split(":///", 1)[-1])
-        if not db.is_file():
-            raise ConfigError(
-                f"no registry database at {db}: run the bridge first, or pass the bridge's --config "
-                "(its state_dir or [registry] url locates the archive)"
-            )
+    if args.samples_command == "export":
+        require_registry(config)
     return config
 
 

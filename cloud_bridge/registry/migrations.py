@@ -47,14 +47,14 @@ def _set_aside_old_results(conn: Connection) -> None:
 
 
 # Columns added to existing tables since the registry was first released: (table, column, SQL type).
-_NEW_COLUMNS = (("devices", "status_order", "BIGINT"),)
+NEW_COLUMNS = (("devices", "status_order", "BIGINT"),)
 
 
 def _add_new_columns(conn: Connection) -> None:
     """create_all makes missing tables, not missing columns: add those a registry made by an
     earlier version lacks (nullable, so existing rows need no value)."""
     inspector = inspect(conn)
-    for table, column, sql_type in _NEW_COLUMNS:
+    for table, column, sql_type in NEW_COLUMNS:
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             log.warning("registry: adding column %s.%s", table, column)
             conn.execute(text(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}'))

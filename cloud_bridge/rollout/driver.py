@@ -50,7 +50,7 @@ from cloud_bridge.rollout.policy import (
     judge_window,
     thresholds_for,
 )
-from cloud_bridge.rollout.stages import select_stage, split_groups
+from cloud_bridge.rollout.stages import FleetDevice, select_stage, split_groups
 from cloud_bridge.rollout.store import RolloutStore
 from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
 from schemas.messages import Command
@@ -215,7 +215,11 @@ class RolloutDriver:
         pct = rollout["stages"][stage]
         devices = await self.store.devices(rid)
         already = {d["device_id"] for d in devices}
-        picked = select_stage(rid, await self.store.fleet(fleet_id), already, rollout["model_sha256"], pct)
+        fleet = await self.store.fleet(fleet_id)
+        picked = select_stage(rid, fleet, already, rollout["model_sha256"], pct)
+        if not picked and not devices:
+            await self._nobody(rollout, fleet)
+            return
         if picked:
             await self.store.add_devices(rid, fleet_id, stage, picked)
             log.info("rollout %s stage %d%% selected devices=%s", rid, pct, ",".join(d.device_id for d in picked))
@@ -240,14 +244,41 @@ class RolloutDriver:
         decision = judge_install(install_outcome(d["state"] for d in stage_rows), t)
         if decision.verdict == "rollback":
             await self._rollback(rollout, decision, now)
-        elif decision.verdict == "wait" or not devices:
-            reason = decision.reason if devices else "waiting: no online device of the fleet to update"
-            await self._record(rollout, Decision("wait", reason), now, len(devices))
+        elif decision.verdict == "wait":
+            await self._record(rollout, decision, now, len(devices))
         else:
             log.info("rollout %s stage %d%% installed on %d devices: watching", rid, pct, len(stage_rows))
             await self.store.update(
                 rid, self.owner, phase="watching", watch_from=now, updated_at=now, reason=decision.reason
             )
+
+    async def _nobody(self, rollout: dict[str, Any], fleet: list[FleetDevice]) -> None:
+        """No device was ever picked and none can be now: end the rollout with the reason, rather than
+        wait for devices that may never come (`rollout status` shows it; start another later)."""
+        target = f"{rollout['model_name']} {rollout['model_version']}"
+        fleet_id = rollout["fleet_id"]
+        needing = [d for d in fleet if d.model_sha256 != rollout["model_sha256"]]
+        if not fleet:
+            reason = f"nothing to update: the registry knows no device of fleet {fleet_id}"
+        elif not needing:
+            reason = f"nothing to update: all {len(fleet)} devices of fleet {fleet_id} already run {target}"
+        else:
+            reason = (
+                f"nothing to update now: none of the {len(needing)} devices of fleet {fleet_id} that do not run "
+                f"{target} is online; start the rollout again once they are"
+            )
+        now = self._clock()
+        values: dict[str, Any] = {"state": "done", "phase": "finished", "finished_at": now}
+        log.warning("rollout %s ended: %s", rollout["id"], reason)
+        if await self.store.update(
+            rollout["id"],
+            self.owner,
+            reason=reason,
+            last_eval=_eval_record(Decision("wait", reason), now, None, None),
+            updated_at=now,
+            **values,
+        ):
+            self._emit({**rollout, **values}, 0, None, None, now)
 
     async def _refresh(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
         """Copy each device's latest ack state for its update command into its row."""

@@ -3,7 +3,7 @@
 
 One module per group of sections, each section validated next to its fields:
 uplink ([mqtt], [outbox], [uplink]), inference ([model], [routing], [sampling]), source ([source], one
-dataclass per kind), ota ([ota]); [device] and [telemetry] are here.
+dataclass per kind), ota ([ota]); [device], [telemetry] and [node] are here.
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    status_interval_s: float = 30.0  # the status line in the log (edge_node/status.py); 0: none
+
+    def validate(self) -> None:
+        if self.status_interval_s < 0:
+            raise ValueError("status_interval_s must be >= 0 (0 turns the status line off)")
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -67,6 +76,7 @@ class EdgeConfig:
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     source: SourceConfig = field(default_factory=MqttSourceConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
 
     @property
     def topics(self) -> Topics:
@@ -102,6 +112,7 @@ __all__ = [
     "ModelConfig",
     "MqttConfig",
     "MqttSourceConfig",
+    "NodeConfig",
     "OtaConfig",
     "OutboxConfig",
     "ReplaySourceConfig",

@@ -28,7 +28,7 @@ from typing import Literal
 import msgspec
 
 from common.files import copy_atomic, fsync_dir, write_atomic
-from edge_node.errors import ModelLoadError
+from edge_node.errors import ModelLoadError, SlotError
 from edge_node.inference.model import Classifier
 from edge_node.ota.health import Baseline
 from schemas import ModelRef
@@ -86,6 +86,11 @@ class SlotStore:
             raw = self.state_path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a path through a regular file, no permission: the node cannot run
+            raise SlotError(
+                f"cannot read the slot state {self.state_path}: {exc.strerror or exc}; fix: make [ota] state_dir "
+                "(default: an ota dir next to the outbox) a writable directory"
+            ) from exc
         try:
             state = msgspec.json.decode(raw, type=SlotState)
             if state.active not in state.slots:

@@ -40,9 +40,24 @@ class Sample(Envelope, kw_only=True, tag="sample/1"):
     truth: Label | None = None
 
 
+# Inputs come from other programs (a camera's firmware, `mosquitto_pub`), which cannot be asked for a
+# UUIDv7: any unique id of bounded length will do, since the device only deduplicates by it. Every
+# message a device sends keeps the UUIDv7 of `Envelope`.
+InputMsgId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="unique per input (the device drops a repeat): 1-128 characters, no control characters",
+    ),
+]
+
+
 class Input(Envelope, kw_only=True, tag="input/1"):
     """An input tensor for the device's model (the `mqtt` input source)."""
 
+    msg_id: InputMsgId
     input_id: RefId
     tensor: Tensor
     truth: Label | None = None
