@@ -44,6 +44,7 @@ class Measured:
     rate_hz: float
     seconds: float
     by_channel: dict[tuple[str, str], int]
+    packets: dict[tuple[str, str], int]
 
     @property
     def total(self) -> int:
@@ -124,16 +125,29 @@ def measure(
         time.sleep(warmup)
         if node.poll() is not None:
             raise RuntimeError(f"edge node exited early ({node.returncode}); see {work / f'{name}.log'}")
-        before = counter.snapshot()
+        before, packets_before = counter.snapshot(), counter.packet_snapshot()
         start = time.monotonic()
         time.sleep(seconds)
-        after = counter.snapshot()
+        after, packets_after = counter.snapshot(), counter.packet_snapshot()
         elapsed = time.monotonic() - start
     finally:
         _stop(node)
         proxy.stop()
     by_channel = {key: after.get(key, 0) - before.get(key, 0) for key in after}
-    return Measured(encoding, rate_hz, elapsed, {k: v for k, v in by_channel.items() if v})
+    packets = {key: packets_after.get(key, 0) - packets_before.get(key, 0) for key in packets_after}
+    return Measured(
+        encoding, rate_hz, elapsed, {k: v for k, v in by_channel.items() if v}, {k: v for k, v in packets.items() if v}
+    )
+
+
+def _print_detail(m: Measured) -> None:
+    """Per channel and direction: bytes per second, packets per second, bytes per packet."""
+    rate = "idle" if not m.rate_hz else f"{m.rate_hz:g} Hz"
+    print(f"-- {m.encoding} {rate}: channel, direction, B/s, packets/s, B/packet")
+    for (direction, channel), n in sorted(m.by_channel.items(), key=lambda kv: -kv[1]):
+        count = m.packets.get((direction, channel), 0)
+        per = f"{n / count:.0f}" if count else "-"
+        print(f"   {channel:<18} {direction:<4} {n / m.seconds:>9.1f} {count / m.seconds:>8.2f} {per:>7}")
 
 
 def _print(results: list[Measured]) -> None:
@@ -154,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="steady window per run (default 20)")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window opens (default 5)")
     parser.add_argument("--encodings", default=",".join(ENCODINGS), help="comma-separated (default: all)")
+    parser.add_argument("--detail", action="store_true", help="per channel: B/s, packets/s, B/packet")
+    parser.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES), help="Hz, comma-separated; 0 = idle")
     args = parser.parse_args(argv)
     encodings = [e for e in args.encodings.split(",") if e]
+    rates = [float(r) for r in args.rates.split(",") if r]
     with tempfile.TemporaryDirectory(prefix="bench-uplink-") as tmp:
         work = Path(tmp)
         models = build_demo_models(work / "models")
@@ -175,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         results: list[Measured] = []
         try:
             for encoding in encodings:
-                for rate in RATES:
+                for rate in rates:
                     results.append(
                         measure(work, broker, models["edge"].path, encoding, rate, args.warmup, args.seconds)
                     )
@@ -183,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             _stop(bridge)
             broker.stop()
+    if args.detail:
+        for m in results:
+            _print_detail(m)
     _print(results)
     for m in results:
         down = sum(

@@ -114,6 +114,10 @@ class WireCounter:
         with self._lock:
             return dict(self.bytes)
 
+    def packet_snapshot(self) -> dict[tuple[Direction, str], int]:
+        with self._lock:
+            return dict(self.packets)
+
     def total(self, direction: Direction | None = None) -> int:
         with self._lock:
             return sum(n for (d, _), n in self.bytes.items() if direction is None or d == direction)
