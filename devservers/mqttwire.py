@@ -99,6 +99,8 @@ class WireCounter:
         self._connections: dict[int, _Connection] = {}
         self.bytes: Counter[tuple[Direction, str]] = Counter()
         self.packets: Counter[tuple[Direction, str]] = Counter()
+        # PUBLISHes that named their topic by an MQTT 5 alias alone (empty topic name)
+        self.aliased: Counter[Direction] = Counter()
 
     def feed(self, connection: int, direction: Direction, data: bytes) -> None:
         with self._lock:
@@ -153,8 +155,9 @@ class WireCounter:
         self.bytes[direction, channel] += size
         self.packets[direction, channel] += 1
 
-    @staticmethod
-    def _publish_channel(conn: _Connection, direction: Direction, stream: _Stream, header: int, body: bytes) -> str:
+    def _publish_channel(
+        self, conn: _Connection, direction: Direction, stream: _Stream, header: int, body: bytes
+    ) -> str:
         topic_len = int.from_bytes(body[:2], "big")
         topic = body[2 : 2 + topic_len].decode("utf-8", "replace")
         pos = 2 + topic_len
@@ -170,6 +173,7 @@ class WireCounter:
                     stream.aliases[alias] = topic
                 else:
                     topic = stream.aliases.get(alias, f"alias:{alias}")
+                    self.aliased[direction] += 1
         channel = channel_of(topic)
         if packet_id is not None:
             conn.pending[direction, packet_id] = channel

@@ -270,6 +270,7 @@ class EdgeNode:
             reconnect_min_s=m.reconnect_min_s,
             reconnect_max_s=m.reconnect_max_s,
             inflight_window=m.inflight_window,
+            topic_aliases=m.topic_aliases,
         )
 
     def _subscriptions(self) -> list[tuple[str, int]]:

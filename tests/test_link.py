@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devservers import Mosquitto, TcpProxy
+from devservers.mqttwire import WireCounter
 from edge_node.errors import ConfigError
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
@@ -491,3 +492,37 @@ async def test_link_stops_when_its_outbox_is_closed_under_it(tmp_path: Path, mos
         await asyncio.wait_for(rig.task, WAIT)  # run() ends instead of reconnecting in a loop
         assert rig.link.stats.reconnects == 0
     assert await asyncio.to_thread(retained, mosquitto.host, mosquitto.port, STATUS) == b"offline-will"
+
+
+@pytest.mark.parametrize("protocol", ["mqtt5", "mqtt311"])
+async def test_topic_aliases_name_a_topic_once_per_connection(
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+) -> None:
+    """MQTT 5: the first publish on a topic carries its name and an alias, later ones the alias
+    alone. Aliases die with the connection: after a reset the names go again, and nothing is lost
+    (a PUBLISH with an alias the new connection never set would make the broker disconnect)."""
+    counter = WireCounter()
+    with TcpProxy(mosquitto.host, mosquitto.port, tap=counter.feed) as proxy:
+        topics = [f"dev/d1/{p.name}" for p in (Priority.RESULTS, Priority.SAMPLES)]
+        with subscriber(mosquitto.host, mosquitto.port, topics) as sub:
+            async with running_link(tmp_path, proxy.host, proxy.port, protocol=protocol) as rig:
+                await rig.outbox.put_many([msg(i, (Priority.RESULTS, Priority.SAMPLES)[i % 2]) for i in range(20)])
+                await asyncio.to_thread(sub.wait, lambda s: len(s.got) >= 20)
+                await wait_for_async(lambda: rig.outbox.depth, WAIT, "the PUBACKs of all 20", until=lambda n: n == 0)
+                first = counter.aliased["up"]
+                connects = proxy.stats().connections_total
+                proxy.reset()
+                await asyncio.to_thread(proxy.wait_until, lambda s: s.connections_total > connects, WAIT)
+                await rig.outbox.put_many([msg(i, (Priority.RESULTS, Priority.SAMPLES)[i % 2]) for i in range(20, 40)])
+                await asyncio.to_thread(sub.wait, lambda s: len(set(s.payloads())) >= 40)
+                await rig.link.close(drain_timeout=5.0)
+                assert rig.outbox.depth == 0
+    for prio in (Priority.RESULTS, Priority.SAMPLES):
+        got = first_seen(sub.payloads(f"dev/d1/{prio.name}"))
+        assert got == [f"{prio.name}-{i:06d}" for i in range(40) if i % 2 == (prio == Priority.SAMPLES)]
+    if protocol == "mqtt311":
+        assert counter.aliased["up"] == 0
+    else:
+        # 20 publishes on two topics: 2 name their topic, 18 use the alias; the same after the reset.
+        assert first == 18
+        assert counter.aliased["up"] == 36

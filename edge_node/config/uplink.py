@@ -18,13 +18,14 @@ class MqttConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    keepalive: int = 30
+    keepalive: int = 60
     protocol: Literal["auto", "mqtt5", "mqtt311"] = "auto"
     session_expiry_s: int = 7 * 24 * 3600
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
     inflight_window: int = 64
     topic_prefix: str = "fleet"
+    topic_aliases: int = 16
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -35,6 +36,8 @@ class MqttConfig:
             raise ValueError("reconnect_min_s must be > 0 and <= reconnect_max_s")
         if self.inflight_window < 1:
             raise ValueError("inflight_window must be at least 1")
+        if not 0 <= self.topic_aliases <= 65535:
+            raise ValueError("topic_aliases must be 0-65535 (0 = none)")
         if self.tls_ca is not None and not self.tls_ca.is_file():
             raise ValueError(f"tls_ca {self.tls_ca} does not exist: point it at the broker's CA certificate")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 from edge_node.config import EdgeConfig
 from edge_node.uplink.message import OutMessage, Priority
 from schemas import Channel, Envelope, Topics, encode
-from schemas.compact import CONTENT_TYPE, ENCODING, encode_compact
+from schemas.compact import ENCODING, encode_compact
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,13 @@ class Wire:
         topic, correlation data, ...). `message.seq` is set here when the cloud is to confirm it."""
         if self._seqs is not None and channel in CONFIRMED:
             message.seq = self._seqs.next_seq()
-        if self.compact:
-            payload, content_type = encode_compact(message), CONTENT_TYPE
-        else:
-            payload, content_type = encode(message), None
+        payload = encode_compact(message) if self.compact else encode(message)
         return OutMessage(
             topic=self.topic[channel],
             payload=payload,
             priority=priority,
             msg_id=message.msg_id,
             seq=message.seq,
-            content_type=content_type,
             **options,
         )
 
