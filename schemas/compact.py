@@ -9,7 +9,8 @@ MQTT's framing and the names cost more than the information. A compact payload i
              that drop MQTT 5 properties (JSON starts with '{')
     byte 1   the format: 1 = msgpack, raw deflate (no zlib header or checksum: MQTT runs over TCP,
              and the decoded message is validated) with the preset dictionary schemas.compact_dict.DICT_V1
-    rest     the body
+    rest     the body: msgpack in the column layout of schemas/compact_columns.py (lists of maps
+             as columns, float32-exact floats as float32, counted-up ids as deltas), deflated
 
 Bytes fields (tensors, model chunks) travel raw. Both ends announce what they read (`ENCODING`):
 devices in status/1 `accepts`, bridges in clock_reply/1 `accepts`; a device writes compact only once
@@ -26,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from schemas.compact_columns import from_columns, to_columns
 from schemas.compact_dict import DICT_V1
 from schemas.errors import DecodeError
 from schemas.messages import Envelope
@@ -45,7 +47,8 @@ def is_compact(data: bytes | bytearray | memoryview | str) -> bool:
 def encode_compact(message: Envelope) -> bytes:
     """The frame of one message (see the module docstring)."""
     deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, zdict=DICT_V1)
-    return _HEADER + deflate.compress(_ENCODER.encode(message)) + deflate.flush()
+    body = _ENCODER.encode(to_columns(msgspec.to_builtins(message, builtin_types=(bytes,))))
+    return _HEADER + deflate.compress(body) + deflate.flush()
 
 
 def loads_compact(data: bytes | bytearray | memoryview, limit: int, expected: str | None) -> Any:
@@ -66,8 +69,8 @@ def loads_compact(data: bytes | bytearray | memoryview, limit: int, expected: st
     if not inflate.eof:
         raise DecodeError("malformed compact payload: truncated", schema=expected)
     try:
-        return msgspec.msgpack.decode(raw)
-    except msgspec.DecodeError as exc:
+        return from_columns(raw)
+    except (msgspec.DecodeError, ValueError) as exc:
         raise DecodeError(f"malformed msgpack: {exc}", schema=expected) from None
 
 
