@@ -24,6 +24,7 @@ from edge_node.errors import OutboxError
 from edge_node.inference.model import Classifier
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
+from edge_node.uplink.budget import Spend
 from edge_node.uplink.clock import ClockSync
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 from edge_node.uplink.wire import Wire
@@ -130,7 +131,15 @@ class Reporter:
             next_at += interval
             await self.publish_window(ctx, probe, sampler)
 
-    async def publish_window(self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler) -> None:
+    async def publish_window(
+        self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler, *, final: bool = False
+    ) -> None:
+        """Close the window into a telemetry message; unless `final`, a window the daily byte budget
+        cannot pay for stays open and grows into the next one (its counts are not lost)."""
+        budget = self._wire.budget
+        if not final and not budget.allows(Spend.TELEMETRY):
+            budget.hold(Channel.TELEMETRY.value)
+            return
         window, now = self.window, time.time()
         self.window = Window(self.config.telemetry.max_features, now)
         overloaded = self.overloaded()
@@ -146,6 +155,7 @@ class Reporter:
             samples=sampler.take_counts(),
             outbox=self._outbox_stats(),
             resources=probe.read(),
+            link=budget.take(),
         )
         message.clock_offset_s = self._clock.offset_s
         self._seq += 1

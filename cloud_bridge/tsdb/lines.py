@@ -85,6 +85,7 @@ def telemetry_lines(message: Telemetry) -> list[str]:
         f"escalations_answered={format_field(esc.answered)}",
         f"escalations_timed_out={format_field(esc.timed_out)}",
         f"escalations_fallback={format_field(esc.offline_fallback)}",
+        f"escalations_over_budget={format_field(esc.over_budget)}",
         f"samples_sent={format_field(smp.sent)}",
         f"samples_skipped={format_field(smp.skipped_budget)}",
         f"outbox_depth={format_field(box.depth)}",
@@ -98,7 +99,22 @@ def telemetry_lines(message: Telemetry) -> list[str]:
         ]
     if message.providers is not None:
         fields.append(f"provider_fallback={format_field(int(message.providers.fallback))}")
+    link = message.link
+    if link is not None:
+        fields += [
+            f"link_up={format_field(sum(link.up.values()))}",
+            f"link_down={format_field(sum(link.down.values()))}",
+        ]
+        if link.budget_left is not None:
+            fields.append(f"budget_left={format_field(link.budget_left)}")
     out = [f"inference{tags} {','.join(fields)}{ts}"]
+    if link is not None:
+        # One point per channel (tag "channel" sorts first): bytes up and down, and what the daily
+        # budget held back, so a panel can stack what each channel costs.
+        for channel in sorted(link.up.keys() | link.down.keys() | link.held.keys()):
+            values = (("up", link.up), ("down", link.down), ("held", link.held))
+            cf = ",".join(f"{name}={format_field(counts.get(channel, 0))}" for name, counts in values)
+            out.append(f"link,channel={escape_tag(channel)}{tags} {cf}{ts}")
     # "class" sorts before every other tag key, so it goes first.
     out.extend(
         f"class_counts{_class_tag(c)}{tags} count={format_field(n)}{ts}" for c, n in message.class_counts.items()

@@ -77,8 +77,13 @@ class UplinkConfig:
     # results_max_delay_s after the first one waited (0: one message per micro-batch).
     results_max_answers: int = 256
     results_max_delay_s: float = 1.0
+    # Bytes a day the link may cost, up and down (0: no limit); spent by priority, control >
+    # telemetry > escalations > samples > results, what does not fit held back and counted.
+    daily_bytes: int = 0
 
     def validate(self) -> None:
+        if self.daily_bytes < 0:
+            raise ValueError("daily_bytes must be >= 0 (0: no limit)")
         if not 1 <= self.results_max_answers <= 1024:
             raise ValueError("results_max_answers must be 1-1024")
         if not 0 <= self.results_max_delay_s <= 60:

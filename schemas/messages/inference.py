@@ -22,7 +22,9 @@ from schemas.messages.base import (
 
 SampleReason = Literal["entropy", "margin"]
 Path = Literal["edge", "cloud", "edge_fallback"]
-FallbackReason = Literal["timeout", "offline", "shed", "error"]
+# "budget": the escalation budget ([routing] max_escalations_per_minute) was spent. A bridge older
+# than the devices rejects it: upgrade the cloud side first, as with every contract addition.
+FallbackReason = Literal["timeout", "offline", "shed", "error", "budget"]
 
 
 class Sample(Envelope, kw_only=True, tag="sample/1"):
