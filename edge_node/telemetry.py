@@ -149,7 +149,10 @@ class Window:
 
 
 def _floats(values: npt.NDArray[Any]) -> list[float]:
-    return [round(float(v), 6) for v in values]
+    """Feature statistics at float32 precision (7 digits, more than drift scoring can use): the
+    compact encoding packs a list of float32 values in 4 bytes each, not 9."""
+    as_float32: list[float] = values.astype(np.float32).tolist()
+    return as_float32
 
 
 def _latency(parts: list[npt.NDArray[np.float64]]) -> LatencyStats | None:

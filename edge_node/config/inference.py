@@ -34,7 +34,7 @@ class RoutingConfig:
     max_outstanding: int = 64
     # Each escalation costs ~0.5 KB on the link (the input up, the answer down); a drifting device
     # is unsure of a third of its inputs, so without a budget it would escalate all day.
-    max_escalations_per_minute: float = 6.0
+    max_escalations_per_minute: float = 4.0
     escalate: bool = True
     publish_results: bool = True
 
@@ -53,8 +53,8 @@ class RoutingConfig:
 class SamplingConfig:
     entropy_threshold: float = 1.0
     margin_threshold: float = 0.2
-    # 8,640 a device a day: more than a labeling team reads, ~2.6 MB a day on the link.
-    max_per_minute: int = 6
+    # 4,320 a device a day: more than a labeling team reads, ~1.4 MB a day on the link.
+    max_per_minute: int = 3
     top_k: int = 3
 
     def validate(self) -> None:
