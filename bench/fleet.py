@@ -70,6 +70,7 @@ class Outcome:
     seconds: float
     sent: dict[str, int]
     msgs_per_s: float
+    stored_per_s: float
     bridge_cpu_us: list[float]
     bridge_cpu_share: list[float]
     other_cpu_us: dict[str, float]
@@ -86,6 +87,7 @@ class Outcome:
     growth_per_device_day: float
     rss_per_device: float
     queries: dict[str, float] = field(default_factory=dict)
+    lock_waits: int = 0  # PostgreSQL: backends waiting on a lock, summed over the 5 s samples
     held: bool = False
     why: str = ""
 
@@ -181,8 +183,12 @@ class Fleet:
             broker_cpu0 = tree_cpu(broker.pid or 0)
             sim_cpu0 = sum(tree_cpu(s.pid) for s in sims)
             pg_cpu0 = self._pg_cpu()
+            for log in logs:
+                log.refresh()
+            stored0 = sum(log.stored for log in logs)
             lags, stored = Series(), Series()
             lines: list[dict[str, Any]] = []
+            lock_waits = 0
             while time.time() - t0 < args.seconds:
                 await asyncio.sleep(SAMPLE_S)
                 value = await lag.sample()
@@ -190,12 +196,17 @@ class Fleet:
                     lags.add(time.time() - t0, value)
                 if store.count is not None:
                     stored.add(time.time() - t0, store.count)
+                if self.pg is not None:
+                    lock_waits += int(await lag.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted"))
                 for s in sims:
                     lines.extend(await self._drain_lines(s))
                 if any(p.poll() is not None for p in procs):
                     raise RuntimeError(f"{label}: a bridge exited during the run")
             elapsed = time.time() - t0
             end = [proc_sample(p.pid) for p in procs]
+            for log in logs:
+                log.refresh()
+            stored_rate = (sum(log.stored for log in logs) - stored0) / elapsed
             other = {
                 "broker": tree_cpu(broker.pid or 0) - broker_cpu0,
                 "simulators": sum(tree_cpu(s.pid) for s in sims) - sim_cpu0,
@@ -213,9 +224,12 @@ class Fleet:
         size1 = await self._size(lag, db)
         queries = await time_queries(url) if args.queries else {}
         await lag.close()
-        return self._outcome(
+        outcome = self._outcome(
             label, devices, elapsed, lines, finals, before, start, end, other, lags, stored, size1 - size0, queries
         )
+        outcome.stored_per_s = stored_rate
+        outcome.lock_waits = lock_waits
+        return outcome
 
     def _pg_cpu(self) -> float:
         if self.pg is None:
@@ -353,6 +367,7 @@ class Fleet:
             seconds=elapsed,
             sent=sent,
             msgs_per_s=total / elapsed,
+            stored_per_s=0.0,
             bridge_cpu_us=bridge_us,
             bridge_cpu_share=[c / elapsed for c in cpu],
             other_cpu_us={k: v / max(1, total) * 1e6 for k, v in other.items()},
@@ -389,9 +404,15 @@ class Fleet:
 
 def print_outcome(o: Outcome) -> None:
     kinds = ", ".join(f"{k} {v / o.seconds:.0f}/s" for k, v in sorted(o.sent.items()))
-    print(f"[{o.label}] {o.devices} devices, {o.seconds:.0f} s: {o.msgs_per_s:.0f} msgs/s ({kinds})", flush=True)
+    print(
+        f"[{o.label}] {o.devices} devices, {o.seconds:.0f} s: {o.msgs_per_s:.0f} msgs/s sent ({kinds}); "
+        f"bridges stored {o.stored_per_s:.0f} msgs/s",
+        flush=True,
+    )
     cpu = ", ".join(f"{u:.0f} us ({s:.0%} of a core)" for u, s in zip(o.bridge_cpu_us, o.bridge_cpu_share, strict=True))
     others = ", ".join(f"{k} {v:.0f} us" for k, v in o.other_cpu_us.items())
+    if "postgresql" in o.other_cpu_us:
+        others += f"; lock waits seen {o.lock_waits} (samples every {SAMPLE_S:g} s)"
     print(f"  CPU per message: bridge(s) {cpu}; {others}")
     print(
         f"  lag device->stored: first third {o.lag_first:.2f} s, last third {o.lag_last:.2f} s, max {o.lag_max:.2f} s;"
@@ -440,11 +461,12 @@ async def scale(args: argparse.Namespace, work: Path, model: Path) -> None:
         print_outcome(one)
         two = await fleet.run("two", args.scale, 2)
         print_outcome(two)
+    # CPU per message handled, all bridges together (each bridge handles its share of the messages).
     cpu1 = sum(one.bridge_cpu_us) / len(one.bridge_cpu_us)
     cpu2 = sum(two.bridge_cpu_us) / len(two.bridge_cpu_us)
     lags = f"lag last third {one.lag_last:.2f} s vs {two.lag_last:.2f} s"
     print(f"CPU per message per bridge: two {cpu2:.0f} us / one {cpu1:.0f} us = {cpu2 / cpu1:.2f}; {lags}")
-    print(f"ratio {two.msgs_per_s / one.msgs_per_s:.2f} two-bridges/one-bridge (postgresql)")
+    print(f"ratio {two.stored_per_s / one.stored_per_s:.2f} two-bridges/one-bridge (postgresql)")
 
 
 def main(argv: list[str] | None = None) -> None:

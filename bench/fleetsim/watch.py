@@ -108,6 +108,7 @@ class BridgeLog:
     answered: int = 0
     expired: int = 0
     received: int = 0
+    stored: int = 0
 
     def refresh(self) -> None:
         try:
@@ -116,8 +117,8 @@ class BridgeLog:
             return
         found = _STATUS.findall(text_[-20000:])
         if found:
-            _rate, received, _stored, backlog, answered, expired = found[-1]
-            self.received, self.backlog = int(received), int(backlog)
+            _rate, received, stored, backlog, answered, expired = found[-1]
+            self.received, self.backlog, self.stored = int(received), int(backlog), int(stored)
             self.answered, self.expired = int(answered), int(expired)
 
 
