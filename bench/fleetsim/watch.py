@@ -115,7 +115,7 @@ class BridgeLog:
             text_ = self.path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return
-        found = _STATUS.findall(text_[-20000:])
+        found = _STATUS.findall(text_)  # whole file: drift logs a line per device between status lines
         if found:
             _rate, received, stored, backlog, answered, expired = found[-1]
             self.received, self.backlog, self.stored = int(received), int(backlog), int(stored)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -37,6 +38,8 @@ from cloud_bridge.registry.migrations import upgrade
 from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, SeenMessage
 
 log = logging.getLogger(__name__)
+
+_SCHEMA_LOCK = 0x65646765666C74  # PostgreSQL advisory lock key held while the schema is brought up to date
 
 
 @dataclass
@@ -149,6 +152,10 @@ class Registry:
 
     async def create(self) -> None:
         async with self.engine.begin() as conn:
+            if self._dialect == "postgresql":
+                # Bridges started together would race to create the same tables (a duplicate pg_type
+                # error stops the loser): one at a time, each sees what the previous one made.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
