@@ -200,8 +200,10 @@ class Fleet:
                     lock_waits += int(await lag.scalar("SELECT count(*) FROM pg_locks WHERE NOT granted"))
                 for s in sims:
                     lines.extend(await self._drain_lines(s))
-                if any(p.poll() is not None for p in procs):
-                    raise RuntimeError(f"{label}: a bridge exited during the run")
+                for p, log in zip(procs, logs, strict=True):
+                    if p.poll() is not None:
+                        tail = log.path.read_text(errors="replace")[-3000:]
+                        raise RuntimeError(f"{label}: a bridge exited during the run; its log ends:\n{tail}")
             elapsed = time.time() - t0
             end = [proc_sample(p.pid) for p in procs]
             for log in logs:
