@@ -94,6 +94,23 @@ class ResultRow(Base):
     ts: Mapped[float] = mapped_column(Float)
 
 
+class ResultAggregate(Base):
+    """What the result rows of one (device, edge model version, path) said over one time bucket, kept
+    after the rows themselves pass `[registry] results_retention_s` (cloud_bridge/registry/retention.py)."""
+
+    __tablename__ = "result_aggregates"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bucket_start: Mapped[float] = mapped_column(Float, primary_key=True)  # unix s, a multiple of bucket_s
+    bucket_s: Mapped[float] = mapped_column(Float)
+    answers: Mapped[int] = mapped_column(BigInteger, default=0)
+    confidence_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    with_truth: Mapped[int] = mapped_column(BigInteger, default=0)  # answers whose input had a known label
+    correct: Mapped[int] = mapped_column(BigInteger, default=0)  # ... and the answer was that label
+
+
 class TelemetryRow(Base):
     __tablename__ = "telemetry"
     msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
