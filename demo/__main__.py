@@ -71,6 +71,8 @@ escalation_timeout_s = 2.0
 max_escalations_per_minute = 1200
 [sampling]
 max_per_minute = 120
+[uplink]
+results_max_delay_s = 1.0  # the demo's plots follow the answers live
 [telemetry]
 interval_s = 1.0
 [outbox]

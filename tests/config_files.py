@@ -34,6 +34,8 @@ def edge_tables(tmp_path: Path, port: int, model: Path, **sections: dict[str, An
         # billed link cheap have tests of their own (test_budgets.py).
         "routing": {"max_escalations_per_minute": 100_000},
         "sampling": {"max_per_minute": 60},
+        # Results reach a test's subscriber within a second (coalescing has its own tests).
+        "uplink": {"results_max_delay_s": 1.0},
     }
     for name, overrides in sections.items():
         values.setdefault(name, {}).update(overrides)
