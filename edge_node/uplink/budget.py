@@ -88,6 +88,13 @@ def publish_size(topic_bytes: int, payload_bytes: int, qos: int, properties_byte
     return 1 + varint_size(remaining) + remaining
 
 
+def connect_size(fields: list[bytes], properties_bytes: int) -> int:
+    """Bytes of a CONNECT: its 10-byte variable header, each payload field (client id, will topic
+    and payload, user name, password) with its 2-byte length, and the MQTT 5 properties."""
+    size = 10 + sum(2 + len(f) for f in fields) + properties_bytes
+    return 1 + varint_size(size) + size
+
+
 ACK_SIZE = 4  # PUBACK with reason "success" (MQTT 5 omits the reason code and properties then)
 
 

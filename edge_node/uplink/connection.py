@@ -39,7 +39,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
 from edge_node.errors import ConnectFailure
-from edge_node.uplink.budget import ACK_SIZE, PROTOCOL, ByteBudget, channel_of, publish_size, varint_size
+from edge_node.uplink.budget import ACK_SIZE, PROTOCOL, ByteBudget, channel_of, connect_size, publish_size, varint_size
 from edge_node.uplink.message import OutMessage, Stored
 
 log = logging.getLogger(__name__)
@@ -278,15 +278,11 @@ class Connection:
     def _count_connect(self, props: Properties | None, ack: ConnAck) -> None:
         """Book the CONNECT (with its will) and the CONNACK: a reconnect's price on the link."""
         cfg, will = self.config, self._will
-        size = 10 + 2 + len(cfg.client_id.encode()) + 2 + len(will.topic.encode()) + 2 + len(will.payload)
-        size += sum(2 + len(v.encode()) for v in (cfg.username, cfg.password) if v)
-        if self.v5:
-            size += _packed_size(props)
-            will_props = publish_properties(will, time.time())
-            size += _packed_size(will_props)
-        self.hooks.meter.sent(PROTOCOL, 1 + varint_size(size) + size)
-        ack_props = _packed_size(ack.properties) if self.v5 else 0
-        self.hooks.meter.received(PROTOCOL, 4 + ack_props)
+        fields = [cfg.client_id.encode(), will.topic.encode(), will.payload]
+        fields += [v.encode() for v in (cfg.username, cfg.password) if v]
+        props_size = _packed_size(props) + _packed_size(publish_properties(will, time.time())) if self.v5 else 0
+        self.hooks.meter.sent(PROTOCOL, connect_size(fields, props_size))
+        self.hooks.meter.received(PROTOCOL, 4 + (_packed_size(ack.properties) if self.v5 else 0))
 
     def _on_socket_closed(self) -> None:
         self._mark_closed("socket closed")
@@ -381,10 +377,7 @@ class Connection:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         meter, channel = self.hooks.meter, channel_of(message.topic)
-        props = getattr(message, "properties", None)
-        props_size = (_packed_size(props)) if self.v5 else None
-        size = publish_size(len(message.topic.encode()), len(message.payload), message.qos, props_size)
-        meter.received(channel, size)
+        meter.received(channel, self._publish_size(message.topic, message.payload, message.qos, message.properties))
         if message.qos > 0:
             meter.sent(channel, ACK_SIZE)  # our PUBACK, once the handler ran
         self.hooks.received(self, message)
@@ -409,14 +402,15 @@ class Connection:
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.debug("mqtt publish refused rc=%s topic=%s", info.rc, msg.topic)
             return False
-        props_size = (_packed_size(props)) if self.v5 else None
-        size = publish_size(len(topic.encode()), len(msg.payload), msg.qos, props_size)
-        self.hooks.meter.sent(channel_of(msg.topic), size)
+        self.hooks.meter.sent(channel_of(msg.topic), self._publish_size(topic, msg.payload, msg.qos, props))
         self.sent[info.mid] = _Sent(row.row_id, msg.msg_id, msg.topic)
         self.all_acked.clear()
         if len(self.sent) >= self.window:
             self.window_open.clear()
         return True
+
+    def _publish_size(self, topic: str, payload: bytes | bytearray, qos: int, props: Properties | None) -> int:
+        return publish_size(len(topic.encode()), len(payload), qos, _packed_size(props) if self.v5 else None)
 
     def _aliased(self, topic: str, props: Properties | None) -> tuple[str, Properties]:
         """The topic name sent and the properties carrying its alias: the name with a new alias the
