@@ -95,9 +95,7 @@ def telemetry_row(device: str, index: int, w: WindowStats) -> dict[str, Any]:
     }
 
 
-async def run_store(
-    path: Path, batched: bool, batches: list[list[dict[str, Any]]], bridges: int = 1
-) -> dict[str, Any]:
+async def run_store(path: Path, batched: bool, batches: list[list[dict[str, Any]]], bridges: int = 1) -> dict[str, Any]:
     """Drift over `batches`; with 2 `bridges`, two stores (each with its own cache) take turns."""
     registry = Registry(f"sqlite+aiosqlite:///{path}")
     await registry.create()

@@ -59,6 +59,7 @@ class KeyState:
     added: list[tuple[str, WindowStats]] = field(default_factory=list)
     dropped: bool = False
     rewrite: bool = False  # the baseline columns changed (or the row moves off its JSON windows)
+    tags: tuple[str, str] | None = None  # the key's escaped TSDB tags (tsdb.lines.drift_tags), made once
 
 
 class StateCache:

@@ -272,7 +272,9 @@ class DriftRun:
         s = self.store.settings
         out: list[Transition] = []
         self.store.stats.evaluations += 1
-        tags = drift_tags(*key)
+        tags = st.tags
+        if tags is None:
+            tags = st.tags = drift_tags(*key)
         for score in result.scores:
             kind_state = st.kinds.get(score.kind)
             if kind_state is None:
