@@ -199,9 +199,10 @@ def _psi(s: DriftSettings, jobs: Sequence[Job], flat: list[_Window], rows: np.nd
     n = observed.sum(axis=1)
     base = np.where(mix_samples > 0, mix_samples, np.maximum(n, 1))
     pc = s.psi_pseudocount
-    p = (observed + pc) / (n + pc * classes)[:, None]
-    q = (mix * base[:, None] + pc) / (base + pc * classes)[:, None]
-    terms = np.where(seen, (p - q) * np.log(p / q), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a job with no labels at all: PSI 0, as psi()
+        p = (observed + pc) / (n + pc * classes)[:, None]
+        q = (mix * base[:, None] + pc) / (base + pc * classes)[:, None]
+        terms = np.where(seen, (p - q) * np.log(p / q), 0.0)
     return np.asarray(terms.sum(axis=1))
 
 

@@ -122,6 +122,9 @@ class TelemetryRow(Base):
     window_end: Mapped[float] = mapped_column(Float, index=True)
     count: Mapped[int] = mapped_column(Integer)
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The few fields fleet-wide queries read (cloud_bridge/ingest/rows.py telemetry_summary), so the
+    # rollout judge and `cloud-bridge devices` need not parse every window's whole body. None: older rows.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class CommandAckRow(Base):
