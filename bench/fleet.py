@@ -3,7 +3,8 @@
 A run starts its own Mosquitto (queue limits raised, docs/traps.md #1; `$SYS` every 2 s), the demo
 cloud model, real `cloud-bridge run` processes and simulator processes (bench/fleetsim/): N devices
 (ids sim-000000...) over a handful of MQTT 5 connections, speaking schemas/ in the compact encoding
-(status birth retained, result/2 coalesced per second, telemetry windows every 10 s with per-device
+(status birth retained, result/2 coalesced for up to 10 s as the edge does by default, samples at its
+default budget of 3 a minute, telemetry windows every 10 s with per-device
 class mixes and feature profiles, 5% escalations awaiting the cloud's answer, uncertain samples within
 budget, command acks; drift injected into 1% of devices after 30 s). Per run it prints:
 

@@ -3,9 +3,10 @@ injected drift, and every message it sends, built as the typed messages of schem
 
 A device at `hz` inferences per second finishes most inputs at the edge; a share is unsure and asked
 of the cloud (escalate/1, answered or timed out after `escalation_timeout_s`), a smaller share is sent
-as an uncertain sample (within the edge's budget of `max_per_minute`). Final answers wait up to one
-second to share a result/2 message (the edge's `results_max_delay_s` default); a telemetry window
-summarises every `telemetry_s` seconds. Every message carries an outbox `seq` (confirmed delivery).
+as an uncertain sample (within the edge's budget of `max_per_minute`, 3 a minute by default). Final
+answers wait up to `results_delay_s` (10 s, the edge's `[uplink] results_max_delay_s` default) or 256
+answers to share a result/2 message; a telemetry window summarises every `telemetry_s` seconds (10 s:
+the issue's profile, where the edge's default is now 30 s). Every message carries an outbox `seq` (confirmed delivery).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Profile:
     telemetry_s: float = 10.0
     escalate_share: float = 0.05
     sample_share: float = 0.02
-    samples_per_minute: int = 60
+    samples_per_minute: int = 3  # the edge's default sample budget
+    results_delay_s: float = 10.0  # the edge's [uplink] results_max_delay_s default
     escalation_timeout_s: float = 2.0
     drift_share: float = 0.01  # devices whose inputs drift, from `drift_after_s` into the run
     drift_after_s: float = 30.0
@@ -92,6 +94,7 @@ class Device:
         self.seq = 0
         self.window_seq = 0
         self.pending: list[Answer] = []
+        self.pending_since = 0.0
         self.sample_budget_at = 0.0
         self.sample_budget = 0
         self.drifting = False
@@ -148,6 +151,8 @@ class Device:
         return True
 
     def answer(self, inference_id: str, label: str, confidence: float, path: str, edge_label: str, ms: float) -> None:
+        if not self.pending:
+            self.pending_since = time.time()
         self.pending.append(
             Answer(
                 inference_id=inference_id,
@@ -163,9 +168,9 @@ class Device:
         )
         self.window.paths[path] = self.window.paths.get(path, 0) + 1
 
-    def results(self) -> Results | None:
-        """The answers waiting to share a message (the edge's default: at most one second)."""
-        if not self.pending:
+    def results(self, now: float, delay_s: float) -> Results | None:
+        """The answers waiting to share a message, once the oldest waited `delay_s` or 256 are waiting."""
+        if not self.pending or (len(self.pending) < 256 and now - self.pending_since < delay_s):
             return None
         answers, self.pending = self.pending[:256], self.pending[256:]
         return Results(

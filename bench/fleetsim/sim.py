@@ -199,7 +199,7 @@ class Simulator:
                 d.window.escalated += 1
             else:
                 d.answer(f"{d.name}-{d.inference}", label, confidence, "edge", label, 0.3)
-        results = d.results()
+        results = d.results(now, self.profile.results_delay_s)
         if results is not None:
             self.publish(d, Channel.RESULTS, results, "results")
         if now - d.window.start >= self.profile.telemetry_s:

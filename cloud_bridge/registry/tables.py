@@ -122,6 +122,9 @@ class TelemetryRow(Base):
     window_end: Mapped[float] = mapped_column(Float, index=True)
     count: Mapped[int] = mapped_column(Integer)
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The few fields fleet-wide queries read (cloud_bridge/ingest/rows.py telemetry_summary), so the
+    # rollout judge and `cloud-bridge devices` need not parse every window's whole body. None: older rows.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class CommandAckRow(Base):
@@ -257,6 +260,25 @@ class DriftStateRow(Base):
     last_window_end: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # A random token written with every change: a bridge whose cached state carries the same token
+    # need not read the row's windows again (cloud_bridge/drift/state.py). None: never written so.
+    version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class DriftWindowRow(Base):
+    """One telemetry window a drift state is scored on, written once when it arrives and deleted once
+    it leaves the recent pool (rows made before this table kept them in `drift_states.windows`)."""
+
+    __tablename__ = "drift_windows"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window_end: Mapped[float] = mapped_column(Float, primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    window_start: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(Integer)
+    stats: Mapped[bytes] = mapped_column(LargeBinary)  # cloud_bridge/drift/codec.py pack_window
 
 
 class DriftEpisodeRow(Base):

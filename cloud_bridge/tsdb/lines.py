@@ -165,10 +165,16 @@ def drift_tags(fleet_id: str, device_id: str, model: str, version: str) -> tuple
     return tag_part({"fleet": fleet_id, "device": device_id}), tag_part({"model": model, "version": version})
 
 
+# The drift kinds' metric tags, escaped once (a drift line per kind per scored window).
+_METRIC_TAGS = {k: f",metric={k}" for k in ("prediction_drift", "confidence_drift", "feature_drift", "latency")}
+
+
 def drift_line_for(tags: tuple[str, str], metric: str, score: float, threshold: float, firing: bool, ts: float) -> str:
     """`drift_line` with the tags from `drift_tags` (same output as `line`)."""
     head, tail = tags
-    metric_tag = f",metric={escape_tag(metric)}" if metric else ""
+    metric_tag = _METRIC_TAGS.get(metric)
+    if metric_tag is None:
+        metric_tag = f",metric={escape_tag(metric)}" if metric else ""
     fields = f"score={float(score)!r},threshold={float(threshold)!r},firing={int(firing)}i"
     return f"drift{head}{metric_tag}{tail} {fields} {round(ts * 1000)}"
 
