@@ -55,6 +55,7 @@ class EscalationTally:
     errors: int = 0
     agreed: int = 0
     over_budget: int = 0
+    paused: int = 0
 
     def freeze(self) -> EscalationCounts:
         return EscalationCounts(**self.__dict__)

@@ -86,6 +86,7 @@ def telemetry_lines(message: Telemetry) -> list[str]:
         f"escalations_timed_out={format_field(esc.timed_out)}",
         f"escalations_fallback={format_field(esc.offline_fallback)}",
         f"escalations_over_budget={format_field(esc.over_budget)}",
+        f"escalations_paused={format_field(esc.paused)}",
         f"samples_sent={format_field(smp.sent)}",
         f"samples_skipped={format_field(smp.skipped_budget)}",
         f"outbox_depth={format_field(box.depth)}",

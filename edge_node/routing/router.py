@@ -85,6 +85,9 @@ class Router:
                 if not self._online():
                     tally.offline_fallback += 1
                     finals.append(Final(row, "edge_fallback", "offline"))
+                elif self.escalations.paused():
+                    tally.paused += 1
+                    finals.append(Final(row, "edge_fallback", "budget"))
                 elif self.escalations.outstanding >= self.escalations.max_outstanding:
                     tally.shed += 1
                     finals.append(Final(row, "edge_fallback", "shed"))

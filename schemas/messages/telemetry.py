@@ -88,6 +88,7 @@ class EscalationCounts(Struct, frozen=True, kw_only=True, omit_defaults=True):
     errors: Count = 0
     agreed: Annotated[int, Meta(ge=0, description="answered with the edge's label")] = 0
     over_budget: Annotated[int, Meta(ge=0, description="not sent: over max_escalations_per_minute")] = 0
+    paused: Annotated[int, Meta(ge=0, description="not sent: the cloud said it does not help here (pause_s)")] = 0
 
 
 class SampleCounts(Struct, frozen=True, kw_only=True, omit_defaults=True):
