@@ -304,6 +304,9 @@ class Bench:
                         raise RuntimeError(f"edge node exited early ({proc.returncode}); see {log}")
                     memory = Memory.of_pid(proc.pid)
             finally:
+                if feeder is not None:  # first: a node before 4f8401d did not stop while inputs flowed
+                    feeder.close()
+                    feeder = None
                 _stop(proc)
         finally:
             if feeder is not None:
