@@ -304,7 +304,7 @@ class Bench:
                         raise RuntimeError(f"edge node exited early ({proc.returncode}); see {log}")
                     memory = Memory.of_pid(proc.pid)
             finally:
-                if feeder is not None:  # first: a node before 4f8401d did not stop while inputs flowed
+                if feeder is not None:  # first: an older node (a --baseline) does not stop while inputs flow
                     feeder.close()
                     feeder = None
                 _stop(proc)
