@@ -51,13 +51,21 @@ INTAKE_BATCHES = 4
 # float32, 600 KB each) would be 600 MB, more than a small device has. A batch takes at most a
 # quarter of it (27 such frames).
 INTAKE_MAX_BYTES = 64 << 20
+# An MQTT source cannot block its publisher: what finds the intake full is dropped (counted). So
+# the intake holds at least a burst of INTAKE_MIN_INPUTS small inputs (at most INTAKE_MIN_BYTES of
+# them), even while the measured cost sizes batches of one: a slow start, or a loaded machine,
+# must not drop a camera's burst of a few dozen frames.
+INTAKE_MIN_INPUTS = 64
+INTAKE_MIN_BYTES = 1 << 20
 
 
 def intake_bound(take: int, input_bytes: int) -> int:
     """How many inputs the intake holds for batches (or serial jobs) of `take` inputs of
     `input_bytes` each: INTAKE_BATCHES of them, fewer when that would pass INTAKE_MAX_BYTES, never
-    less than one batch."""
-    return max(take, min(INTAKE_BATCHES * take, INTAKE_MAX_BYTES // max(input_bytes, 1)))
+    less than one batch nor than a small burst (INTAKE_MIN_INPUTS within INTAKE_MIN_BYTES)."""
+    size = max(input_bytes, 1)
+    burst = min(INTAKE_MIN_INPUTS, max(1, INTAKE_MIN_BYTES // size))
+    return max(take, burst, min(INTAKE_BATCHES * take, INTAKE_MAX_BYTES // size))
 
 
 def job_size(input_bytes: int, cost: RunCost, per_run: int) -> tuple[int, int]:

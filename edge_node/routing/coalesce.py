@@ -4,6 +4,8 @@ At 20 inputs a second a micro-batch holds about one input, and one result/2 mess
 spends more bytes on MQTT framing, the topic and the envelope than on the answers. So answers wait
 here, per model (a result/2 names one model), until `max_answers` of them or `max_delay_s` after
 the first, then leave as one message. A model switch sends the old model's answers first, in order.
+The node's very first answers leave at once: whoever starts a device wants to see it answer, not
+wait out the delay (one message more per start).
 
 Nothing is counted done early: the inputs of waiting answers are finished (`notify_done`: a
 directory source moves its file then) only once the message holding their answers is committed,
@@ -54,6 +56,7 @@ class ResultCoalescer:
         self._commits: set[asyncio.Task[None]] = set()
         self._hold: Callable[[int], None] = _nothing
         self._release: Callable[[int], None] = _nothing
+        self._first = True
         self.outbox_errors = 0
 
     @property
@@ -76,7 +79,8 @@ class ResultCoalescer:
         waiting.answers.extend(answers)
         waiting.items.extend(items)
         self._hold(len(items))
-        if len(waiting.answers) >= self._max_answers:
+        if self._first or len(waiting.answers) >= self._max_answers:
+            self._first = False
             self._send()
 
     def _send(self) -> None:
