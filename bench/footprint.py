@@ -11,9 +11,8 @@ source, a real `edge-node run` process with the demo edge model:
 Measured per source:
 
 * time from exec (just before `Popen`) to the first `result/2` message a subscriber of the device's
-  results topic receives: the median of `--starts` starts (each with a fresh outbox). The nodes run
-  with `[uplink] results_max_delay_s = 0`, so the figure is the node's start, not the coalescer's
-  wait (with the default 1 s every first answer would wait that long for company);
+  results topic receives: the median of `--starts` starts (each with a fresh outbox), with the
+  defaults (a node's first answers leave at once; later ones wait up to `results_max_delay_s`);
 * resident memory after `--seconds` (60) of running at the rate: VmRSS and VmHWM from
   /proc/PID/status, and smaps_rollup's split into anonymous memory (heap, arenas, Python objects)
   and file-backed pages (shared libraries, the model file, mapped SQLite pages);
@@ -231,8 +230,6 @@ device_id = "{device}"
 path = "{model}"
 [outbox]
 path = "{work / device / "outbox.sqlite"}"
-[uplink]
-results_max_delay_s = 0
 [source]
 {body}"""
     )
