@@ -2,6 +2,14 @@
 results, samples, drift state, models, commands and rollouts.
 """
 
+from cloud_bridge.registry.loop_tables import (
+    DatasetItemRow,
+    DatasetVersionRow,
+    ImproveLoopRow,
+    LabelImportRow,
+    LabelRow,
+    ModelLineageRow,
+)
 from cloud_bridge.registry.registry import Batch, DeviceDelta, Registry
 from cloud_bridge.registry.tables import (
     Agreement,
@@ -29,11 +37,17 @@ __all__ = [
     "Batch",
     "CommandAckRow",
     "CommandRow",
+    "DatasetItemRow",
+    "DatasetVersionRow",
     "DeadLetter",
     "Device",
     "DeviceDelta",
     "DriftEpisodeRow",
     "DriftStateRow",
+    "ImproveLoopRow",
+    "LabelImportRow",
+    "LabelRow",
+    "ModelLineageRow",
     "ModelRow",
     "Registry",
     "ResultRow",

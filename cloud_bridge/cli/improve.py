@@ -1,0 +1,234 @@
+"""`cloud-bridge improve start|status|abort|run`: the improvement loop (cloud_bridge/improve).
+
+`start` records a loop in the registry; `run` is the worker that drives loops (training runs there,
+not in the ingesting bridge); `start --wait` drives it in the same process until it waits for its
+rollout (which the bridges' rollout drivers run) or ends. State lives in the registry only: a worker
+killed at any point is replaced by the next `run`, which resumes the loop at the phase it recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from cloud_bridge.cli.common import Commands, add_config, command, open_registry, print_table
+from cloud_bridge.config import BridgeConfig, load_config
+from cloud_bridge.errors import UsageError
+from cloud_bridge.improve.driver import DEFAULT_OPTIONS, ImproveDriver
+from cloud_bridge.improve.store import LoopStore, NewLoop
+from cloud_bridge.models.lineage import get_lineage
+from cloud_bridge.models.store import ModelStore
+from cloud_bridge.registry import Registry
+from cloud_bridge.rollout.stages import parse_stages
+
+
+def add_subparsers(sub: Commands) -> None:
+    improve = sub.add_parser(
+        "improve",
+        help="retrain the edge model on labeled drifted samples, gate it, and roll it out",
+        description="The loop from a drift alert to a better model: dataset version -> trainer -> INT8 -> "
+        "evaluation gate -> canary rollout -> promote or roll back. See docs/improve.md.",
+    )
+    isub = improve.add_subparsers(dest="improve_command", required=True)
+    start = isub.add_parser("start", help="start a loop for the drifted devices of a fleet")
+    add_config(start, "state_dir, [registry], [ota] model_store")
+    start.add_argument("--fleet", required=True, help="fleet id")
+    start.add_argument("--device", action="append", required=True, help="a drifted device (repeatable)")
+    start.add_argument("--base", required=True, help="the model to improve, NAME@VERSION (the devices' current)")
+    start.add_argument("--teacher", default=None, help="NAME@VERSION to pseudo-label unlabeled samples with")
+    start.add_argument("--min-confidence", type=float, default=DEFAULT_OPTIONS["min_confidence"])
+    start.add_argument("--min-human", type=int, default=DEFAULT_OPTIONS["min_human"], help="human labels needed")
+    start.add_argument(
+        "--holdout", type=float, default=DEFAULT_OPTIONS["holdout"], help="human labels kept for the gate"
+    )
+    start.add_argument(
+        "--min-gain", type=float, default=DEFAULT_OPTIONS["min_gain"], help="gain needed on the drifted holdout"
+    )
+    start.add_argument(
+        "--max-loss", type=float, default=DEFAULT_OPTIONS["max_loss"], help="loss allowed on the original test set"
+    )
+    start.add_argument("--stages", default="25,100", help="canary rollout stages, percent (default 25,100)")
+    start.add_argument("--window-s", type=float, default=DEFAULT_OPTIONS["window_s"], help="rollout watch window")
+    start.add_argument("--trainer", default=None, help="trainer command (default: python -m demokit.retrain)")
+    start.add_argument("--wait", action="store_true", help="drive the loop here until it waits for its rollout")
+    command(start, "improve start", _start)
+    status = isub.add_parser("status", help="every loop, or one in detail (phase, dataset, gate, rollout)")
+    add_config(status, "state_dir, [registry]")
+    status.add_argument("loop", nargs="?", default=None, help="a loop id (or unique prefix) for details")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+    command(status, "improve status", _status)
+    abort = isub.add_parser("abort", help="stop a running loop (its rollout, if any, is left to `rollout abort`)")
+    add_config(abort, "state_dir, [registry]")
+    abort.add_argument("loop", help="a loop id or unique prefix")
+    command(abort, "improve abort", _abort)
+    run = isub.add_parser("run", help="the worker: drive every running loop until stopped (Ctrl-C)")
+    add_config(run, "state_dir, [registry], [ota] model_store")
+    run.add_argument("--tick-s", type=float, default=5.0, help="seconds between passes (default 5)")
+    run.add_argument("--once", action="store_true", help="one pass, then exit")
+    command(run, "improve run", _run)
+
+
+def _driver(config: BridgeConfig, registry: Registry) -> ImproveDriver:
+    owner = f"improve-{socket.gethostname()}-{os.getpid()}"
+    store = ModelStore(config.model_store_dir, registry)
+    return ImproveDriver(registry, store, Path(config.state_dir) / "improve", owner)
+
+
+def _ref(text: str, option: str) -> tuple[str, str]:
+    name, _, version = text.partition("@")
+    if not name or not version:
+        raise UsageError(f"{option} {text!r}: give NAME@VERSION, e.g. digits-edge@1.0.0")
+    return name, version
+
+
+def _start(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    name, version = _ref(args.base, "--base")
+    if args.teacher:
+        _ref(args.teacher, "--teacher")
+    if not 0.0 < args.holdout < 1.0:
+        raise UsageError(f"--holdout {args.holdout} must be in (0, 1)")
+    options: dict[str, Any] = {
+        "teacher": args.teacher,
+        "min_confidence": args.min_confidence,
+        "min_human": args.min_human,
+        "holdout": args.holdout,
+        "min_gain": args.min_gain,
+        "max_loss": args.max_loss,
+        "stages": list(parse_stages(args.stages)),
+        "window_s": args.window_s,
+    }
+    if args.trainer:
+        options["trainer"] = args.trainer.split()
+
+    async def run() -> str:
+        async with open_registry(config) as registry:
+            await ModelStore(config.model_store_dir, registry).get(name, version)
+            loop_id = await LoopStore(registry).create(NewLoop(args.fleet, tuple(args.device), name, version, options))
+            if args.wait:
+                await _driver(config, registry).run_until_settled()
+                loop = await LoopStore(registry).get(loop_id)
+                assert loop is not None
+                return f"loop {loop_id}: {_summary(loop)}"
+        return f"loop {loop_id} started: `cloud-bridge improve run` drives it"
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def _summary(loop: dict[str, Any]) -> str:
+    text = f"{loop['state']} (phase {loop['phase']})"
+    gate = loop.get("gate")
+    if gate:
+        text += (
+            f"; gate {'passed' if gate['passed'] else 'FAILED'}: drifted holdout {gate['drifted_current']:.3f} -> "
+            f"{gate['drifted_candidate']:.3f} (n={gate['holdout_size']}), original test {gate['original_current']:.3f}"
+            f" -> {gate['original_candidate']:.3f}"
+        )
+    if loop.get("reason") and loop["state"] != "running":
+        text += f"; {loop['reason']}"
+    return text
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    async def run() -> list[dict[str, Any]]:
+        async with open_registry(config, create=False) as registry:
+            store = LoopStore(registry)
+            if args.loop is None:
+                return await store.all()
+            loop = await store.find(args.loop)
+            if loop["candidate_version"]:
+                lineage = await get_lineage(registry, loop["base_name"], loop["candidate_version"])
+                loop["lineage"] = None if lineage is None else lineage.__dict__
+            return [loop]
+
+    loops = asyncio.run(run())
+    if args.json:
+        print(json.dumps(loops, default=str, indent=1))
+        return 0
+    if args.loop is not None:
+        loop = loops[0]
+        for key in (
+            "id",
+            "fleet_id",
+            "devices",
+            "base_name",
+            "base_version",
+            "state",
+            "phase",
+            "dataset_id",
+            "candidate_version",
+            "rollout_id",
+            "reason",
+        ):
+            print(f"{key:18} {loop[key]}")
+        print(f"{'gate':18} {json.dumps(loop['gate'])}")
+        print(f"{'lineage':18} {json.dumps(loop.get('lineage'), default=str)}")
+        for entry in loop["history"]:
+            print(f"  {time.strftime('%H:%M:%S', time.gmtime(entry['at']))}  {entry['event']}")
+        return 0
+    rows = [["loop", "fleet", "base", "state", "phase", "candidate", "summary"]]
+    for loop in loops:
+        rows.append(
+            [
+                loop["id"][:8],
+                loop["fleet_id"],
+                f"{loop['base_name']}@{loop['base_version']}",
+                loop["state"],
+                loop["phase"],
+                loop["candidate_version"] or "-",
+                _summary(loop),
+            ]
+        )
+    if len(rows) == 1:
+        print("no improvement loops: start one with `cloud-bridge improve start`")
+    else:
+        print_table(rows)
+    return 0
+
+
+def _abort(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    async def run() -> str:
+        async with open_registry(config, create=False) as registry:
+            store = LoopStore(registry)
+            loop = await store.find(args.loop)
+            if not await store.abort(loop["id"], "aborted by `cloud-bridge improve abort`"):
+                return f"loop {loop['id']} is {loop['state']}, not running: nothing to abort"
+            return f"loop {loop['id']} aborted"
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with open_registry(config) as registry:
+            driver = _driver(config, registry)
+            while not stop.is_set():
+                await driver.tick()
+                if args.once:
+                    return
+                try:
+                    await asyncio.wait_for(stop.wait(), args.tick_s)
+                except TimeoutError:
+                    continue
+
+    asyncio.run(run())
+    return 0
