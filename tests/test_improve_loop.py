@@ -1,0 +1,135 @@
+"""The improvement loop end to end in one process against a real SQLite registry, the real trainer
+program (`python -m demokit.retrain`), real INT8 quantization and the rollout tables: a candidate that
+passes the gate gets a canary rollout, one that fails never does, and a worker that dies mid-loop is
+replaced by another that resumes at the recorded phase."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_bridge.cli import main as cli_main
+from cloud_bridge.config import load_config
+from cloud_bridge.improve.driver import ImproveDriver
+from cloud_bridge.improve.store import LoopStore, NewLoop
+from cloud_bridge.models.lineage import get_lineage
+from cloud_bridge.models.store import ModelStore
+from cloud_bridge.registry import Registry
+from cloud_bridge.rollout.store import RolloutStore
+from cloud_bridge.samples.export import ExportFilter, ExportOptions, export_resuming
+from cloud_bridge.samples.labels import import_labels
+from demokit.dataset import DigitsSplit
+from demokit.drift import rotate
+from demokit.labelers import StandInLabelingTeam
+from demokit.models import DemoModel
+from tests.config_files import write_bridge_config
+from tests.loop_helpers import FLEET, archive_samples
+
+pytestmark = pytest.mark.timeout(300)
+DEVICE = "dev-4"
+
+
+@dataclass
+class Setup:
+    toml: Path
+    registry: Registry
+    store: ModelStore
+    work: Path
+
+
+@pytest.fixture
+async def labeled(tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit) -> AsyncIterator[Setup]:
+    """The drifted device's 250 rotated samples archived, exported, labeled by the stand-in, imported."""
+    toml = write_bridge_config(tmp_path)
+    config = load_config(toml)
+    registry = Registry(config.registry_url)
+    await registry.create()
+    store = ModelStore(config.model_store_dir, registry)
+    edge = await store.add(demo_models["edge"].path)
+    rng = np.random.default_rng(1)
+    pick = rng.permutation(len(digits.y_train))[:250]
+    x = rotate(np.asarray(digits.X_train)[pick], 20)
+    truth = await archive_samples(registry, edge, x, np.asarray(digits.y_train)[pick], DEVICE)
+    out = tmp_path / "export"
+    await export_resuming(registry, ExportFilter(), ExportOptions(out_dir=out, label_studio=True), resume=True)
+    team = StandInLabelingTeam(truth, [str(d) for d in range(10)], error_rate=0.02)
+    team.label_export(out / "label-studio.json", tmp_path / "labels.json")
+    await import_labels(registry, tmp_path / "labels.json")
+    try:
+        yield Setup(toml, registry, store, tmp_path / "work")
+    finally:
+        await registry.close()
+
+
+def _new(**options: object) -> NewLoop:
+    return NewLoop(FLEET, (DEVICE,), "digits-edge", "1.0.0", {"stages": [50, 100], **options})
+
+
+async def test_a_passing_candidate_is_rolled_out_and_a_restart_resumes(
+    labeled: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loops = LoopStore(labeled.registry)
+    loop_id = await loops.create(_new(min_gain=0.05, max_loss=0.02))
+    now = [1000.0]
+    first = ImproveDriver(labeled.registry, labeled.store, labeled.work, "worker-a", lease_s=60, clock=lambda: now[0])
+    await first.tick()  # the dataset phase, then worker-a "dies" holding the lease
+    loop = await loops.get(loop_id)
+    assert loop is not None and loop["phase"] == "train" and loop["dataset_id"]
+    second = ImproveDriver(labeled.registry, labeled.store, labeled.work, "worker-b", lease_s=60, clock=lambda: now[0])
+    await second.tick()
+    assert (await loops.get(loop_id) or {})["phase"] == "train"  # worker-a's lease still holds
+    now[0] += 61
+    await second.run_until_settled()
+    loop = await loops.get(loop_id)
+    assert loop is not None and loop["state"] == "running" and loop["phase"] == "watch", loop
+    gate = loop["gate"]
+    assert gate["passed"] and gate["drifted_candidate"] >= gate["drifted_current"] + 0.05
+    assert gate["original_current"] - gate["original_candidate"] <= 0.02
+    lineage = await get_lineage(labeled.registry, "digits-edge", loop["candidate_version"])
+    assert lineage is not None and lineage.base_version == "1.0.0" and lineage.dataset_id == loop["dataset_id"]
+    assert lineage.metrics["human"] > 0 and "demokit.retrain" in lineage.trainer
+    rollout = await RolloutStore(labeled.registry).get(loop["rollout_id"])
+    assert rollout is not None and rollout["model_version"] == loop["candidate_version"]
+    assert rollout["stages"] == [50, 100] and rollout["state"] == "running"
+    # The rollout ends (here: rolled back by hand); the loop follows it.
+    await RolloutStore(labeled.registry).abort(rollout["id"], "canary worse", rollback=True)
+    await second.tick()
+    assert (await loops.get(loop_id) or {})["state"] == "rolled_back"
+    code = await asyncio.to_thread(cli_main, ["improve", "status", "--config", str(labeled.toml), loop_id[:8]])
+    out = capsys.readouterr().out
+    assert code == 0 and "gate" in out and "rolled_back" in out and "trained digits-edge" in out
+
+
+async def test_a_candidate_that_fails_the_gate_is_never_rolled_out(
+    labeled: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await asyncio.to_thread(
+        cli_main,
+        [
+            "improve",
+            "start",
+            "--config",
+            str(labeled.toml),
+            "--fleet",
+            FLEET,
+            "--device",
+            DEVICE,
+            "--base",
+            "digits-edge@1.0.0",
+            "--min-gain",
+            "0.9",
+            "--wait",
+        ],
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "gate_failed" in out and "FAILED" in out, out
+    assert await RolloutStore(labeled.registry).all() == []
+    (loop,) = await LoopStore(labeled.registry).all()
+    assert loop["state"] == "gate_failed" and loop["rollout_id"] is None and not loop["gate"]["passed"]
+    assert await asyncio.to_thread(cli_main, ["improve", "status", "--config", str(labeled.toml)]) == 0
+    assert "gate_failed" in capsys.readouterr().out
