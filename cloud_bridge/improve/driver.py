@@ -54,7 +54,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "stages": [25, 100],
     "window_s": 600.0,
     "trainer": list(DEFAULT_TRAINER),
-    "oversample": 5,
+    "oversample": 2,
+    "hidden": [32],  # the demo edge model's 12 units cannot hold both orientations (demokit/retrain.py)
     "seed": None,
 }
 _ROLLOUT_DONE = {"promoted": "promoted", "done": "promoted", "rolled_back": "rolled_back", "aborted": "rolled_back"}
@@ -181,6 +182,7 @@ class ImproveDriver:
                 base_data=str(opts["base_data"]),
                 seed=opts["seed"],
                 oversample=int(opts["oversample"]),
+                hidden=tuple(int(h) for h in opts["hidden"]) if opts["hidden"] else None,
             )
             trained = await run_trainer(job, dataset, tuple(opts["trainer"]))
             out = job.directory / "model.int8.onnx"

@@ -11,7 +11,7 @@ A trainer is any command (`[improve] trainer`, default `python -m demokit.retrai
     out          where to write the float ONNX model (metadata as every program reads it: labels,
                  input spec, output kind, model_version = `version`)
     metrics      where to write a JSON object of the trainer's own metrics (recorded as lineage)
-    name, version, seed, oversample
+    name, version, seed, oversample, hidden (hidden layer sizes, null: keep the base model's)
 
 Exit 0 with both files written is success; anything else fails the loop's train phase with the
 trainer's last output lines as the reason.
@@ -48,7 +48,8 @@ class TrainJob:
     base_model: Path
     base_data: str = "digits"
     seed: int | None = None
-    oversample: int = 5
+    oversample: int = 2
+    hidden: tuple[int, ...] | None = None  # None: the base model's architecture
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def write_job(job: TrainJob, dataset: Dataset) -> Path:
         "version": job.version,
         "seed": job.seed,
         "oversample": job.oversample,
+        "hidden": list(job.hidden) if job.hidden else None,
     }
     path = d / "job.json"
     path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
