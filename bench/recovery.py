@@ -37,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_bridge.improve.driver import ImproveDriver
+from cloud_bridge.improve.escalation_value import assess
 from cloud_bridge.improve.store import LoopStore, NewLoop
 from cloud_bridge.ingest.rows import add_message
 from cloud_bridge.models.store import ModelRecord, ModelStore
@@ -114,6 +115,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
         )
         team.label_export(out / "label-studio.json", root / "labels.json")
         await import_labels(registry, root / "labels.json")
+        cloud = await store.get("digits-cloud", "1.0.0")
+        (value,) = await assess(registry, cloud.path)
         options_loop = {"stages": [25, 100], "min_human": 20, "teacher": "digits-cloud@1.0.0" if args.teacher else None}
         loop_id = await LoopStore(registry).create(NewLoop(FLEET, (DEVICE,), edge.name, edge.version, options_loop))
         driver = ImproveDriver(registry, store, root / "improve", "bench")
@@ -135,6 +138,10 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
     recovered, esc_after = _accuracy(candidate.path, x_drift, y)
     clean_after, _ = _accuracy(candidate.path, x_clean, y)
     gate = loop["gate"] or {}
+    print(
+        f"escalation value on {value.labeled} human-labeled drifted samples: edge {value.edge_accuracy:.3f}, "
+        f"cloud {value.cloud_accuracy:.3f} -> {value.verdict}"
+    )
     print(
         f"stream {args.stream} rotated inputs, {len(truth)} archived as uncertain; labels: "
         f"{team.answered} human (stand-in, {team.mistakes} wrong on purpose), {counts.get('pseudo', 0)} pseudo"

@@ -51,6 +51,7 @@ async def labeled(tmp_path: Path, demo_models: dict[str, DemoModel], digits: Dig
     await registry.create()
     store = ModelStore(config.model_store_dir, registry)
     edge = await store.add(demo_models["edge"].path)
+    await store.add(demo_models["cloud"].path)
     rng = np.random.default_rng(1)
     pick = rng.permutation(len(digits.y_train))[:250]
     x = rotate(np.asarray(digits.X_train)[pick], 20)
@@ -133,3 +134,14 @@ async def test_a_candidate_that_fails_the_gate_is_never_rolled_out(
     assert loop["state"] == "gate_failed" and loop["rollout_id"] is None and not loop["gate"]["passed"]
     assert await asyncio.to_thread(cli_main, ["improve", "status", "--config", str(labeled.toml)]) == 0
     assert "gate_failed" in capsys.readouterr().out
+
+
+async def test_escalation_value_scores_edge_and_cloud_on_human_labels(
+    labeled: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["improve", "escalation", "--config", str(labeled.toml), "--cloud", "digits-cloud@1.0.0"]
+    assert await asyncio.to_thread(cli_main, args) == 0
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if DEVICE in row]
+    _, _, version, count, edge, cloud, verdict = line.split()
+    assert version == "1.0.0" and int(count) == 250
+    assert verdict == ("helps" if float(cloud) > float(edge) else "does_not_help")

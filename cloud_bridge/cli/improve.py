@@ -22,6 +22,7 @@ from cloud_bridge.cli.common import Commands, add_config, command, open_registry
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import UsageError
 from cloud_bridge.improve.driver import DEFAULT_OPTIONS, ImproveDriver
+from cloud_bridge.improve.escalation_value import EscalationValue, assess
 from cloud_bridge.improve.store import LoopStore, NewLoop
 from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
@@ -73,6 +74,17 @@ def add_subparsers(sub: Commands) -> None:
     run.add_argument("--tick-s", type=float, default=5.0, help="seconds between passes (default 5)")
     run.add_argument("--once", action="store_true", help="one pass, then exit")
     command(run, "improve run", _run)
+    value = isub.add_parser(
+        "escalation",
+        help="per device and model version: is the cloud model better than the edge on labeled samples?",
+        description="Scores the edge's answer and the cloud model's answer against human labels of the archived "
+        "(uncertain) samples, per device and edge model version: 'does_not_help' means escalating there costs "
+        "bytes without better answers.",
+    )
+    add_config(value, "state_dir, [registry], [ota] model_store")
+    value.add_argument("--cloud", required=True, help="the cloud model, NAME@VERSION")
+    value.add_argument("--min-samples", type=int, default=30, help="labels needed for a verdict (30)")
+    command(value, "improve escalation", _escalation)
 
 
 def _driver(config: BridgeConfig, registry: Registry) -> ImproveDriver:
@@ -208,6 +220,36 @@ def _abort(args: argparse.Namespace) -> int:
             return f"loop {loop['id']} aborted"
 
     print(asyncio.run(run()))
+    return 0
+
+
+def _escalation(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    name, version = _ref(args.cloud, "--cloud")
+
+    async def run() -> list[EscalationValue]:
+        async with open_registry(config, create=False) as registry:
+            cloud = await ModelStore(config.model_store_dir, registry).get(name, version)
+            return await assess(registry, cloud.path, min_samples=args.min_samples)
+
+    values = asyncio.run(run())
+    if not values:
+        print("no human-labeled samples yet: import labels with `cloud-bridge samples labels import FILE`")
+        return 0
+    rows = [["fleet", "device", "edge version", "labeled", "edge acc", "cloud acc", "escalation"]]
+    for v in values:
+        rows.append(
+            [
+                v.fleet_id,
+                v.device_id,
+                v.model_version,
+                str(v.labeled),
+                f"{v.edge_accuracy:.3f}",
+                f"{v.cloud_accuracy:.3f}",
+                v.verdict,
+            ]
+        )
+    print_table(rows)
     return 0
 
 
