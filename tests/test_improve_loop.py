@@ -6,6 +6,7 @@ replaced by another that resumes at the recorded phase."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,16 @@ class Setup:
 
 @pytest.fixture
 async def labeled(tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit) -> AsyncIterator[Setup]:
+    async with _labeled(tmp_path, demo_models, digits) as setup:
+        yield setup
+
+
+@contextlib.asynccontextmanager
+async def _labeled(
+    tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit, url: str | None = None
+) -> AsyncIterator[Setup]:
     """The drifted device's 250 rotated samples archived, exported, labeled by the stand-in, imported."""
-    toml = write_bridge_config(tmp_path)
+    toml = write_bridge_config(tmp_path, registry={"url": url} if url else None)
     config = load_config(toml)
     registry = Registry(config.registry_url)
     await registry.create()
@@ -145,3 +154,18 @@ async def test_escalation_value_scores_edge_and_cloud_on_human_labels(
     _, _, version, count, edge, cloud, verdict = line.split()
     assert version == "1.0.0" and int(count) == 250
     assert verdict == ("helps" if float(cloud) > float(edge) else "does_not_help")
+
+
+async def test_two_workers_on_postgresql_run_each_phase_once(
+    tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit, postgres_url: str
+) -> None:
+    async with _labeled(tmp_path, demo_models, digits, postgres_url) as setup:
+        loops = LoopStore(setup.registry)
+        loop_id = await loops.create(_new(min_gain=0.05, max_loss=0.02))
+        workers = [ImproveDriver(setup.registry, setup.store, setup.work, f"w{i}") for i in range(2)]
+        await asyncio.gather(*(w.run_until_settled() for w in workers))
+        loop = await loops.get(loop_id)
+        assert loop is not None and loop["phase"] == "watch", loop
+        events = [e["event"].split()[0] for e in loop["history"]]
+        assert events == ["started", "dataset", "trained", "gate", "rollout"], events
+        assert len(await RolloutStore(setup.registry).all()) == 1
