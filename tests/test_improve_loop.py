@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import insert
 
 from cloud_bridge.cli import main as cli_main
 from cloud_bridge.config import load_config
@@ -20,7 +21,7 @@ from cloud_bridge.improve.driver import ImproveDriver
 from cloud_bridge.improve.store import LoopStore, NewLoop
 from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
-from cloud_bridge.registry import Registry
+from cloud_bridge.registry import DriftEpisodeRow, Registry
 from cloud_bridge.rollout.store import RolloutStore
 from cloud_bridge.samples.export import ExportFilter, ExportOptions, export_resuming
 from cloud_bridge.samples.labels import import_labels
@@ -28,6 +29,7 @@ from demokit.dataset import DigitsSplit
 from demokit.drift import rotate
 from demokit.labelers import StandInLabelingTeam
 from demokit.models import DemoModel
+from schemas import new_msg_id
 from tests.config_files import write_bridge_config
 from tests.loop_helpers import FLEET, archive_samples
 
@@ -169,3 +171,27 @@ async def test_two_workers_on_postgresql_run_each_phase_once(
         events = [e["event"].split()[0] for e in loop["history"]]
         assert events == ["started", "dataset", "trained", "gate", "rollout"], events
         assert len(await RolloutStore(setup.registry).all()) == 1
+
+
+async def test_start_from_alerts_takes_the_devices_whose_drift_alert_fires(
+    labeled: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def episode(device: str, state: str) -> dict[str, object]:
+        return {
+            "fleet_id": FLEET, "device_id": device, "model_name": "digits-edge", "model_version": "1.0.0",
+            "kind": "input", "episode": 1, "state": state, "alert_msg_id": new_msg_id(), "payload": b"{}",
+            "published": True, "created_at": 1.0,
+        }  # fmt: skip
+
+    async with labeled.registry.engine.begin() as conn:
+        rows = [episode(DEVICE, "firing"), episode("dev-2", "firing"), episode("dev-2", "resolved")]
+        await conn.execute(insert(DriftEpisodeRow), rows)
+    base = ["improve", "start", "--config", str(labeled.toml), "--fleet", FLEET, "--base", "digits-edge@1.0.0"]
+    assert await asyncio.to_thread(cli_main, [*base, "--from-alerts", "--min-human", "1000"]) == 1
+    assert "250 human labels, 1000 needed" in capsys.readouterr().err
+    assert await asyncio.to_thread(cli_main, [*base]) == 2
+    assert "--from-alerts" in capsys.readouterr().err
+    assert await asyncio.to_thread(cli_main, [*base, "--from-alerts"]) == 0
+    assert f"started for {DEVICE}:" in capsys.readouterr().out
+    (loop,) = await LoopStore(labeled.registry).all()
+    assert loop["devices"] == [DEVICE] and loop["state"] == "running"

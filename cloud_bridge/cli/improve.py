@@ -23,7 +23,8 @@ from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import UsageError
 from cloud_bridge.improve.driver import DEFAULT_OPTIONS, ImproveDriver
 from cloud_bridge.improve.escalation_value import EscalationValue, assess
-from cloud_bridge.improve.store import LoopStore, NewLoop
+from cloud_bridge.improve.store import ImproveError, LoopStore, NewLoop
+from cloud_bridge.improve.trigger import drifted_devices, human_labels
 from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import Registry
@@ -41,7 +42,12 @@ def add_subparsers(sub: Commands) -> None:
     start = isub.add_parser("start", help="start a loop for the drifted devices of a fleet")
     add_config(start, "state_dir, [registry], [ota] model_store")
     start.add_argument("--fleet", required=True, help="fleet id")
-    start.add_argument("--device", action="append", required=True, help="a drifted device (repeatable)")
+    start.add_argument("--device", action="append", default=None, help="a drifted device (repeatable)")
+    start.add_argument(
+        "--from-alerts",
+        action="store_true",
+        help="take the devices whose drift alert on --base is firing now (with --min-human labels on them)",
+    )
     start.add_argument("--base", required=True, help="the model to improve, NAME@VERSION (the devices' current)")
     start.add_argument("--teacher", default=None, help="NAME@VERSION to pseudo-label unlabeled samples with")
     start.add_argument("--min-confidence", type=float, default=DEFAULT_OPTIONS["min_confidence"])
@@ -105,6 +111,8 @@ def _start(args: argparse.Namespace) -> int:
     name, version = _ref(args.base, "--base")
     if args.teacher:
         _ref(args.teacher, "--teacher")
+    if bool(args.device) == args.from_alerts:
+        raise UsageError("give the drifted devices with --device, or --from-alerts to take them from drift alerts")
     if not 0.0 < args.holdout < 1.0:
         raise UsageError(f"--holdout {args.holdout} must be in (0, 1)")
     options: dict[str, Any] = {
@@ -123,13 +131,22 @@ def _start(args: argparse.Namespace) -> int:
     async def run() -> str:
         async with open_registry(config) as registry:
             await ModelStore(config.model_store_dir, registry).get(name, version)
-            loop_id = await LoopStore(registry).create(NewLoop(args.fleet, tuple(args.device), name, version, options))
+            devices = args.device or await drifted_devices(registry, args.fleet, name, version)
+            if not devices:
+                return f"no drift alert on {name} {version} is firing in fleet {args.fleet}: nothing to improve"
+            labels = await human_labels(registry, args.fleet, devices)
+            if labels < args.min_human:
+                raise ImproveError(
+                    f"{len(devices)} drifted device(s) ({', '.join(devices)}) have {labels} human labels, "
+                    f"{args.min_human} needed: export their samples, label them, `cloud-bridge samples labels import`"
+                )
+            loop_id = await LoopStore(registry).create(NewLoop(args.fleet, tuple(devices), name, version, options))
             if args.wait:
                 await _driver(config, registry).run_until_settled()
                 loop = await LoopStore(registry).get(loop_id)
                 assert loop is not None
                 return f"loop {loop_id}: {_summary(loop)}"
-        return f"loop {loop_id} started: `cloud-bridge improve run` drives it"
+        return f"loop {loop_id} started for {', '.join(devices)}: `cloud-bridge improve run` drives it"
 
     print(asyncio.run(run()))
     return 0
