@@ -29,9 +29,11 @@ from demokit.dataset import DigitsSplit
 from demokit.drift import rotate
 from demokit.labelers import StandInLabelingTeam
 from demokit.models import DemoModel
+from devservers import VictoriaMetrics
 from schemas import new_msg_id
 from tests.config_files import write_bridge_config
 from tests.loop_helpers import FLEET, archive_samples
+from tests.processes import CLOUD_BRIDGE
 
 pytestmark = pytest.mark.timeout(300)
 DEVICE = "dev-4"
@@ -53,10 +55,18 @@ async def labeled(tmp_path: Path, demo_models: dict[str, DemoModel], digits: Dig
 
 @contextlib.asynccontextmanager
 async def _labeled(
-    tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit, url: str | None = None
+    tmp_path: Path,
+    demo_models: dict[str, DemoModel],
+    digits: DigitsSplit,
+    url: str | None = None,
+    influx: str | None = None,
 ) -> AsyncIterator[Setup]:
     """The drifted device's 250 rotated samples archived, exported, labeled by the stand-in, imported."""
-    toml = write_bridge_config(tmp_path, registry={"url": url} if url else None)
+    toml = write_bridge_config(
+        tmp_path,
+        registry={"url": url} if url else None,
+        influx={"url": influx, "flush_interval_s": 0.05} if influx else None,
+    )
     config = load_config(toml)
     registry = Registry(config.registry_url)
     await registry.create()
@@ -195,3 +205,23 @@ async def test_start_from_alerts_takes_the_devices_whose_drift_alert_fires(
     assert f"started for {DEVICE}:" in capsys.readouterr().out
     (loop,) = await LoopStore(labeled.registry).all()
     assert loop["devices"] == [DEVICE] and loop["state"] == "running"
+
+
+async def test_the_worker_resumes_phase_by_phase_and_writes_each_step_to_the_tsdb(
+    tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit, victoria: VictoriaMetrics
+) -> None:
+    async with _labeled(tmp_path, demo_models, digits, influx=victoria.url) as setup:
+        config = ["--config", str(setup.toml)]
+        start = ["improve", "start", *config, "--fleet", FLEET, "--device", DEVICE, "--base", "digits-edge@1.0.0"]
+        assert await asyncio.to_thread(cli_main, [*start, "--min-gain", "0.05", "--max-loss", "0.02"]) == 0
+        # Each `run --once` is a new worker process's first pass: one phase each, resumed from the registry.
+        for phase in ("train", "gate", "rollout", "watch"):
+            worker = await asyncio.create_subprocess_exec(*CLOUD_BRIDGE, "improve", "run", *config, "--once")
+            assert await worker.wait() == 0
+            (loop,) = await LoopStore(setup.registry).all()
+            assert loop["phase"] == phase and loop["state"] == "running", loop
+    series = {s.name: s for s in victoria.export('{__name__=~"improve_loop.*"}')}
+    assert series["improve_loop_phase"].values == [2.0, 3.0, 4.0, 5.0]
+    assert series["improve_loop_state"].values == [1.0] * 4
+    assert series["improve_loop_drifted_candidate"].values[-1] == pytest.approx(loop["gate"]["drifted_candidate"])
+    assert series["improve_loop_phase"].labels["loop"] == loop["id"]

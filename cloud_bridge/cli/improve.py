@@ -29,6 +29,7 @@ from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.stages import parse_stages
+from cloud_bridge.tsdb import TsdbSettings, TsdbWriter
 
 
 def add_subparsers(sub: Commands) -> None:
@@ -93,10 +94,18 @@ def add_subparsers(sub: Commands) -> None:
     command(value, "improve escalation", _escalation)
 
 
-def _driver(config: BridgeConfig, registry: Registry) -> ImproveDriver:
+def _driver(config: BridgeConfig, registry: Registry, tsdb: TsdbWriter | None = None) -> ImproveDriver:
     owner = f"improve-{socket.gethostname()}-{os.getpid()}"
     store = ModelStore(config.model_store_dir, registry)
-    return ImproveDriver(registry, store, Path(config.state_dir) / "improve", owner)
+    return ImproveDriver(registry, store, Path(config.state_dir) / "improve", owner, tsdb=tsdb)
+
+
+def _tsdb(config: BridgeConfig) -> TsdbWriter | None:
+    """The worker's own writer for `improve_loop` points ([influx] of the bridge config; its spill apart
+    from the bridge's, under state_dir/improve)."""
+    if config.influx.url is None:
+        return None
+    return TsdbWriter(TsdbSettings.from_config(config.influx, Path(config.state_dir) / "improve"))
 
 
 def _ref(text: str, option: str) -> tuple[str, str]:
@@ -142,7 +151,11 @@ def _start(args: argparse.Namespace) -> int:
                 )
             loop_id = await LoopStore(registry).create(NewLoop(args.fleet, tuple(devices), name, version, options))
             if args.wait:
-                await _driver(config, registry).run_until_settled()
+                driver = _driver(config, registry)
+                try:
+                    await driver.run_until_settled()
+                finally:
+                    await driver.store.release(driver.owner)
                 loop = await LoopStore(registry).get(loop_id)
                 assert loop is not None
                 return f"loop {loop_id}: {_summary(loop)}"
@@ -278,16 +291,25 @@ def _run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with open_registry(config) as registry:
-            driver = _driver(config, registry)
-            while not stop.is_set():
-                await driver.tick()
-                if args.once:
-                    return
-                try:
-                    await asyncio.wait_for(stop.wait(), args.tick_s)
-                except TimeoutError:
-                    continue
+        tsdb = _tsdb(config)
+        async with open_registry(config) as registry, asyncio.TaskGroup() as group:
+            if tsdb is not None:
+                group.create_task(tsdb.run())
+            driver = _driver(config, registry, tsdb)
+            try:
+                while not stop.is_set():
+                    await driver.tick()
+                    if args.once:
+                        break
+                    try:
+                        await asyncio.wait_for(stop.wait(), args.tick_s)
+                    except TimeoutError:
+                        continue
+            finally:
+                await driver.store.release(driver.owner)
+                if tsdb is not None:
+                    await tsdb.flush(10.0)
+                    await tsdb.close()
 
     asyncio.run(run())
     return 0

@@ -29,7 +29,7 @@ import numpy as np
 
 from cloud_bridge.errors import BridgeError, ModelStoreError
 from cloud_bridge.improve.gate import judge
-from cloud_bridge.improve.store import PHASES, LoopStore
+from cloud_bridge.improve.store import FINAL_STATES, PHASES, LoopStore
 from cloud_bridge.improve.trainer import DEFAULT_TRAINER, TrainJob, run_trainer
 from cloud_bridge.models.lineage import Lineage, record_lineage
 from cloud_bridge.models.quantize import EvalSet, QuantizeOptions, load_calibration, load_evaluation, quantize
@@ -38,6 +38,7 @@ from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.store import NewRollout, RolloutStore
 from cloud_bridge.samples.datasets import Dataset, DatasetSpec, create_dataset, load_dataset
 from cloud_bridge.samples.pseudo import pseudo_label
+from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "hidden": [32],  # the demo edge model's 12 units cannot hold both orientations (demokit/retrain.py)
     "seed": None,
 }
+# Numeric codes for the TSDB fields (Grafana value mappings turn them back into names).
+PHASE_CODES = {name: code for code, name in enumerate(PHASES, start=1)}
+STATE_CODES = {name: code for code, name in enumerate(("running", *FINAL_STATES), start=1)}
 _ROLLOUT_DONE = {"promoted": "promoted", "done": "promoted", "rolled_back": "rolled_back", "aborted": "rolled_back"}
 
 
@@ -76,6 +80,7 @@ class ImproveDriver:
         *,
         lease_s: float = 600.0,
         clock: Callable[[], float] = time.time,
+        tsdb: TsdbWriter | None = None,
     ) -> None:
         self.registry = registry
         self.store = LoopStore(registry)
@@ -85,6 +90,7 @@ class ImproveDriver:
         self.owner = owner
         self.lease_s = lease_s
         self.clock = clock
+        self.tsdb = tsdb
         self.errors = 0
 
     async def tick(self) -> None:
@@ -111,7 +117,9 @@ class ImproveDriver:
                 return
 
     async def _fail(self, loop_id: str, reason: str) -> None:
-        await self.store.advance(loop_id, self.owner, "failed", self.clock(), state="failed", reason=reason[:4096])
+        loop = await self.store.get(loop_id)
+        if loop is not None:
+            await self._advance(loop, "failed", state="failed", reason=reason[:4096])
 
     async def step(self, loop_id: str) -> None:
         loop = await self.store.get(loop_id)
@@ -134,7 +142,9 @@ class ImproveDriver:
             raise BridgeError(f"loop {loop_id} is in unknown phase {phase!r} (known: {', '.join(PHASES)})")
 
     async def _advance(self, loop: dict[str, Any], event: str, **values: Any) -> None:
-        await self.store.advance(loop["id"], self.owner, event, self.clock(), **values)
+        now = self.clock()
+        if await self.store.advance(loop["id"], self.owner, event, now, **values) and self.tsdb is not None:
+            self.tsdb.add([loop_line({**loop, **values}, now)])
 
     # -- phases --
     async def _dataset(self, loop: dict[str, Any], opts: dict[str, Any]) -> None:
@@ -264,6 +274,18 @@ class ImproveDriver:
         if outcome is not None:
             reason = rollout["reason"] or f"rollout {rollout['state']}"
             await self._advance(loop, f"rollout {rollout['state']}", state=outcome, reason=reason)
+
+
+def loop_line(loop: dict[str, Any], now: float) -> str:
+    """One `improve_loop` point: phase and state codes, and the gate's numbers once it ran."""
+    tags = {"fleet": loop["fleet_id"], "loop": loop["id"], "model": loop["base_name"], "base": loop["base_version"]}
+    fields: dict[str, FieldValue] = {"phase": PHASE_CODES[loop["phase"]], "state": STATE_CODES[loop["state"]]}
+    gate = loop.get("gate")
+    if gate:
+        for key in ("drifted_current", "drifted_candidate", "original_current", "original_candidate"):
+            fields[key] = float(gate[key])
+        fields["gate_passed"] = bool(gate["passed"])
+    return line("improve_loop", tags, fields, round(now * 1000))
 
 
 def _holdout(dataset: Dataset, model: ModelRecord) -> EvalSet:

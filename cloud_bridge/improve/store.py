@@ -114,6 +114,13 @@ class LoopStore:
             )
             return result.rowcount == 1
 
+    async def release(self, owner: str) -> None:
+        """Hand back every lease `owner` holds (a worker stopping cleanly), so the next one goes on at once."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(ImproveLoopRow).where(ImproveLoopRow.owner == owner).values(owner=None, lease_until=0.0)
+            )
+
     async def advance(self, loop_id: str, owner: str, event: str, now: float, **values: Any) -> bool:
         """Write a phase's outcome (only while `owner` holds the loop and it runs), appending to history."""
         async with self.engine.begin() as conn:
