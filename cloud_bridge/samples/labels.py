@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.registry import LabelImportRow, LabelRow, ModelRow, Registry, SampleRow
@@ -275,8 +275,6 @@ async def import_labels(
 
 async def label_counts(registry: Registry) -> dict[str, int]:
     """Labels stored per source."""
-    from sqlalchemy import func
-
     async with registry.engine.connect() as conn:
         rows = await conn.execute(select(LabelRow.source, func.count()).group_by(LabelRow.source))
         return {str(source): int(n) for source, n in rows}
