@@ -244,6 +244,7 @@ async def import_labels(
                 )
             )
         }
+        fresh: list[dict[str, Any]] = []
         for parsed in labels:
             old = current.get(parsed.msg_id)
             if old is not None and old.label == parsed.label:
@@ -252,7 +253,7 @@ async def import_labels(
             values = {"label": parsed.label, "origin": parsed.origin, "import_id": stats.file_id, "updated_at": now}
             if old is None:
                 stats.new += 1
-                await conn.execute(insert(LabelRow).values(msg_id=parsed.msg_id, source=HUMAN, revision=1, **values))
+                fresh.append({"msg_id": parsed.msg_id, "source": HUMAN, "revision": 1, "confidence": None, **values})
             else:
                 stats.changed += 1
                 await conn.execute(
@@ -260,6 +261,8 @@ async def import_labels(
                     .where(LabelRow.msg_id == parsed.msg_id, LabelRow.source == HUMAN)
                     .values(revision=old.revision + 1, **values)
                 )
+        if fresh:
+            await conn.execute(insert(LabelRow), fresh)  # one executemany, not a statement per label
         await conn.execute(
             insert(LabelImportRow).values(
                 id=stats.file_id,

@@ -88,6 +88,7 @@ async def pseudo_label(
             r.msg_id: r.revision
             for r in await conn.execute(select(LabelRow.msg_id, LabelRow.revision).where(LabelRow.source == PSEUDO))
         }
+        fresh: list[dict[str, Any]] = []
         for i in keep:
             msg_id = rows[i].msg_id
             values = {
@@ -104,5 +105,7 @@ async def pseudo_label(
                     .values(revision=old[msg_id] + 1, **values)
                 )
             else:
-                await conn.execute(insert(LabelRow).values(msg_id=msg_id, source=PSEUDO, revision=1, **values))
+                fresh.append({"msg_id": msg_id, "source": PSEUDO, "revision": 1, **values})
+        if fresh:
+            await conn.execute(insert(LabelRow), fresh)
     return PseudoStats(len(rows), len(keep), len(rows) - len(keep))
