@@ -18,7 +18,7 @@ saw: the drifted device's edge-only accuracy before drift (clean inputs), after 
 base model) and after the loop (rotated inputs, the INT8 candidate); clean devices' loss (clean inputs,
 base vs candidate); the drifted device's escalation rate (top-1 probability under 0.8) before and after.
 The last line: `ratio X recovered/pre-drift accuracy` (target >= 0.95). Run: `python bench/recovery.py`
-(about 15 s).
+(about 30 s for the default 3 runs; the last line is their median).
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ async def _archive_uncertain(registry: Registry, edge: ModelRecord, x: np.ndarra
     return truth
 
 
-async def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
-    models = build_demo_models(root / "demo-models")
+async def run(args: argparse.Namespace, root: Path, seed: int) -> dict[str, float]:
+    """One whole loop on a fresh registry; prints its lines and returns its figures."""
+    models = build_demo_models(root.parent / "demo-models")
     split = load_split()
     registry = Registry(f"sqlite+aiosqlite:///{root / 'registry.db'}")
     await registry.create()
@@ -103,21 +104,20 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
         store = ModelStore(root / "models", registry)
         edge = await store.add(models["edge"].path)
         await store.add(models["cloud"].path)
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(seed)
         pick = rng.permutation(len(split.y_train))[: args.stream]
         stream_x = rotate(np.asarray(split.X_train)[pick], args.degrees)
         truth = await _archive_uncertain(registry, edge, stream_x, np.asarray(split.y_train)[pick])
         out = root / "export"
         options = ExportOptions(out_dir=out, label_studio=True, image_url_prefix="/data/local-files/?d=export/")
         await export_resuming(registry, ExportFilter(device=DEVICE), options, resume=True)
-        team = StandInLabelingTeam(
-            truth, split.labels, error_rate=args.error_rate, seed=args.seed, budget=args.human_labels
-        )
+        team = StandInLabelingTeam(truth, split.labels, error_rate=args.error_rate, seed=seed, budget=args.human_labels)
         team.label_export(out / "label-studio.json", root / "labels.json")
         await import_labels(registry, root / "labels.json")
         cloud = await store.get("digits-cloud", "1.0.0")
         (value,) = await assess(registry, cloud.path)
-        options_loop = {"stages": [25, 100], "min_human": 20, "teacher": "digits-cloud@1.0.0" if args.teacher else None}
+        teacher = "digits-cloud@1.0.0" if args.teacher else None
+        options_loop = {"stages": [25, 100], "min_human": 20, "holdout": args.holdout, "teacher": teacher}
         loop_id = await LoopStore(registry).create(NewLoop(FLEET, (DEVICE,), edge.name, edge.version, options_loop))
         driver = ImproveDriver(registry, store, root / "improve", "bench")
         started = time.perf_counter()
@@ -138,6 +138,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
     recovered, esc_after = _accuracy(candidate.path, x_drift, y)
     clean_after, _ = _accuracy(candidate.path, x_clean, y)
     gate = loop["gate"] or {}
+    print(f"-- run seed {seed}")
     print(
         f"escalation value on {value.labeled} human-labeled drifted samples: edge {value.edge_accuracy:.3f}, "
         f"cloud {value.cloud_accuracy:.3f} -> {value.verdict}"
@@ -158,8 +159,38 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, float]:
         f"after loop {esc_after:.3f}"
     )
     print(f"clean devices: base {pre:.4f}  candidate {clean_after:.4f}  loss {100 * (pre - clean_after):+.2f} points")
-    print(f"ratio {recovered / pre:.3f} recovered/pre-drift accuracy")
-    return {"pre": pre, "drifted": drifted, "recovered": recovered}
+    return {
+        "pre": pre,
+        "drifted": drifted,
+        "recovered": recovered,
+        "clean_loss": pre - clean_after,
+        "esc_drift": esc_drift,
+        "esc_after": esc_after,
+        "human": team.answered,
+        "pseudo": counts.get("pseudo", 0),
+    }
+
+
+async def run_all(args: argparse.Namespace, root: Path) -> None:
+    results = []
+    for r in range(args.runs):
+        (root / f"run{r}").mkdir()
+        results.append(await run(args, root / f"run{r}", args.seed + r))
+
+    def median(key: str) -> float:
+        return float(np.median([res[key] for res in results]))
+
+    ratios = sorted(res["recovered"] / res["pre"] for res in results)
+    print(f"== {args.runs} runs (seeds {args.seed}..{args.seed + args.runs - 1}), medians:")
+    print(
+        f"drifted device edge-only accuracy: pre-drift {median('pre'):.4f}  after drift {median('drifted'):.4f}  "
+        f"after loop {median('recovered'):.4f}  (human labels <= {max(res['human'] for res in results):.0f}, "
+        f"pseudo {median('pseudo'):.0f})"
+    )
+    print(f"clean devices' loss {100 * median('clean_loss'):+.2f} points (negative: the candidate is better there)")
+    print(f"drifted device escalation rate {median('esc_drift'):.3f} after drift, {median('esc_after'):.3f} after loop")
+    print(f"ratios per run: {', '.join(f'{x:.3f}' for x in ratios)}")
+    print(f"ratio {float(np.median(ratios)):.3f} recovered/pre-drift accuracy")
 
 
 def main() -> int:
@@ -171,11 +202,13 @@ def main() -> int:
     parser.add_argument("--human-labels", type=int, default=300, help="labels the stand-in team gives at most")
     parser.add_argument("--error-rate", type=float, default=0.03, help="the stand-in team's share of wrong labels")
     parser.add_argument("--teacher", action="store_true", help="pseudo-label the rest with the cloud model")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (stream, labelers)")
+    parser.add_argument("--runs", type=int, default=3, help="whole loops, one per seed; the headline is the median")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of human labels the gate keeps (0.2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # onnxruntime.quantization advises pre-processing on every call
     with tempfile.TemporaryDirectory(prefix="recovery-") as tmp:
-        asyncio.run(run(args, Path(tmp)))
+        asyncio.run(run_all(args, Path(tmp)))
     return 0
 
 
