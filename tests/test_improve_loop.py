@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,3 +226,25 @@ async def test_the_worker_resumes_phase_by_phase_and_writes_each_step_to_the_tsd
     assert series["improve_loop_state"].values == [1.0] * 4
     assert series["improve_loop_drifted_candidate"].values[-1] == pytest.approx(loop["gate"]["drifted_candidate"])
     assert series["improve_loop_phase"].labels["loop"] == loop["id"]
+
+
+async def test_a_failing_trainer_fails_the_loop_with_its_output_and_abort_stops_one(
+    labeled: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loops = LoopStore(labeled.registry)
+    broken = [sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(3)"]
+    loop_id = await loops.create(_new(trainer=broken))
+    await ImproveDriver(labeled.registry, labeled.store, labeled.work, "w").run_until_settled()
+    loop = await loops.get(loop_id)
+    assert loop is not None and loop["state"] == "failed" and loop["phase"] == "train"
+    assert "exited 3" in loop["reason"] and "no GPU here" in loop["reason"]
+    assert await RolloutStore(labeled.registry).all() == []
+    other = await loops.create(_new())
+    config = ["--config", str(labeled.toml)]
+    assert await asyncio.to_thread(cli_main, ["improve", "abort", *config, other[:8]]) == 0
+    assert "aborted" in capsys.readouterr().out
+    assert (await loops.get(other) or {})["state"] == "aborted"
+    assert await asyncio.to_thread(cli_main, ["improve", "abort", *config, other[:8]]) == 0
+    assert "not running" in capsys.readouterr().out
+    assert await asyncio.to_thread(cli_main, ["improve", "abort", *config, "nope"]) == 1
+    assert "no loop with id 'nope'" in capsys.readouterr().err
