@@ -19,6 +19,7 @@ from sqlalchemy import insert
 from cloud_bridge.cli import main as cli_main
 from cloud_bridge.config import load_config
 from cloud_bridge.improve.driver import ImproveDriver
+from cloud_bridge.improve.policy import AutoPolicy, auto_start
 from cloud_bridge.improve.store import LoopStore, NewLoop
 from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
@@ -184,19 +185,25 @@ async def test_two_workers_on_postgresql_run_each_phase_once(
         assert len(await RolloutStore(setup.registry).all()) == 1
 
 
+def _episode(device: str, state: str) -> dict[str, object]:
+    return {
+        "fleet_id": FLEET, "device_id": device, "model_name": "digits-edge", "model_version": "1.0.0",
+        "kind": "input", "episode": 1, "state": state, "alert_msg_id": new_msg_id(), "payload": b"{}",
+        "published": True, "created_at": 1.0,
+    }  # fmt: skip
+
+
+async def _drift_alerts(registry: Registry) -> None:
+    """Drift episodes as the bridge records them: DEVICE's alert fires, dev-2's fired and resolved."""
+    async with registry.engine.begin() as conn:
+        rows = [_episode(DEVICE, "firing"), _episode("dev-2", "firing"), _episode("dev-2", "resolved")]
+        await conn.execute(insert(DriftEpisodeRow), rows)
+
+
 async def test_start_from_alerts_takes_the_devices_whose_drift_alert_fires(
     labeled: Setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def episode(device: str, state: str) -> dict[str, object]:
-        return {
-            "fleet_id": FLEET, "device_id": device, "model_name": "digits-edge", "model_version": "1.0.0",
-            "kind": "input", "episode": 1, "state": state, "alert_msg_id": new_msg_id(), "payload": b"{}",
-            "published": True, "created_at": 1.0,
-        }  # fmt: skip
-
-    async with labeled.registry.engine.begin() as conn:
-        rows = [episode(DEVICE, "firing"), episode("dev-2", "firing"), episode("dev-2", "resolved")]
-        await conn.execute(insert(DriftEpisodeRow), rows)
+    await _drift_alerts(labeled.registry)
     base = ["improve", "start", "--config", str(labeled.toml), "--fleet", FLEET, "--base", "digits-edge@1.0.0"]
     assert await asyncio.to_thread(cli_main, [*base, "--from-alerts", "--min-human", "1000"]) == 1
     assert "250 human labels, 1000 needed" in capsys.readouterr().err
@@ -248,3 +255,17 @@ async def test_a_failing_trainer_fails_the_loop_with_its_output_and_abort_stops_
     assert "not running" in capsys.readouterr().out
     assert await asyncio.to_thread(cli_main, ["improve", "abort", *config, "nope"]) == 1
     assert "no loop with id 'nope'" in capsys.readouterr().err
+
+
+async def test_the_auto_policy_starts_one_loop_per_drifted_model_and_waits_out_its_cooldown(labeled: Setup) -> None:
+    await _drift_alerts(labeled.registry)
+    strict = AutoPolicy(FLEET, min_human=1000)
+    assert await auto_start(labeled.registry, labeled.store, strict, now=100.0) == []  # too few labels
+    policy = AutoPolicy(FLEET, min_human=50, cooldown_s=600)
+    (loop_id,) = await auto_start(labeled.registry, labeled.store, policy, now=100.0)
+    assert await auto_start(labeled.registry, labeled.store, policy, now=101.0) == []  # one is running
+    await LoopStore(labeled.registry).abort(loop_id, "test", now=200.0)
+    assert await auto_start(labeled.registry, labeled.store, policy, now=700.0) == []  # cooling down
+    (again,) = await auto_start(labeled.registry, labeled.store, policy, now=801.0)
+    loop = await LoopStore(labeled.registry).get(again)
+    assert loop is not None and loop["devices"] == [DEVICE] and loop["base_version"] == "1.0.0"

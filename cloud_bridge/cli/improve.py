@@ -23,6 +23,7 @@ from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import UsageError
 from cloud_bridge.improve.driver import DEFAULT_OPTIONS, ImproveDriver
 from cloud_bridge.improve.escalation_value import EscalationValue, assess
+from cloud_bridge.improve.policy import AutoPolicy, auto_start
 from cloud_bridge.improve.store import ImproveError, LoopStore, NewLoop
 from cloud_bridge.improve.trigger import drifted_devices, human_labels
 from cloud_bridge.models.lineage import get_lineage
@@ -80,6 +81,16 @@ def add_subparsers(sub: Commands) -> None:
     add_config(run, "state_dir, [registry], [ota] model_store")
     run.add_argument("--tick-s", type=float, default=5.0, help="seconds between passes (default 5)")
     run.add_argument("--once", action="store_true", help="one pass, then exit")
+    run.add_argument(
+        "--auto",
+        action="store_true",
+        help="also start loops by themselves: devices of --fleet with a firing drift alert and --min-human labels",
+    )
+    run.add_argument("--fleet", default=None, help="the fleet --auto watches")
+    run.add_argument("--min-human", type=int, default=DEFAULT_OPTIONS["min_human"], help="labels --auto needs (50)")
+    run.add_argument(
+        "--cooldown-s", type=float, default=3600.0, help="--auto waits this long after a loop of a model ended"
+    )
     command(run, "improve run", _run)
     value = isub.add_parser(
         "escalation",
@@ -285,6 +296,9 @@ def _escalation(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.auto and not args.fleet:
+        raise UsageError("--auto needs --fleet: the fleet whose drift alerts start loops")
+    policy = AutoPolicy(args.fleet, args.min_human, args.cooldown_s) if args.auto else None
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -298,6 +312,8 @@ def _run(args: argparse.Namespace) -> int:
             driver = _driver(config, registry, tsdb)
             try:
                 while not stop.is_set():
+                    if policy is not None:
+                        await auto_start(registry, driver.models, policy, time.time())
                     await driver.tick()
                     if args.once:
                         break

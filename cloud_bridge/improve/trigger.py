@@ -16,20 +16,25 @@ from cloud_bridge.samples.labels import HUMAN
 DATA_KINDS_EXCLUDED = ("latency",)
 
 
-async def drifted_devices(registry: Registry, fleet: str, model_name: str, model_version: str) -> list[str]:
-    """Devices with a firing (not yet resolved) data-drift episode on this model version."""
+async def firing_cohorts(registry: Registry, fleet: str) -> dict[tuple[str, str], list[str]]:
+    """(model name, version) -> devices with a firing (not yet resolved) data-drift episode on it."""
     e = DriftEpisodeRow
-    where = (
-        e.fleet_id == fleet,
-        e.model_name == model_name,
-        e.model_version == model_version,
-        e.kind.not_in(DATA_KINDS_EXCLUDED),
+    query = select(e.device_id, e.model_name, e.model_version, e.kind, e.episode, e.state).where(
+        e.fleet_id == fleet, e.kind.not_in(DATA_KINDS_EXCLUDED)
     )
     async with registry.engine.connect() as conn:
-        rows = list(await conn.execute(select(e.device_id, e.kind, e.episode, e.state).where(*where)))
-    firing = {(r.device_id, r.kind, r.episode) for r in rows if r.state == "firing"}
-    resolved = {(r.device_id, r.kind, r.episode) for r in rows if r.state == "resolved"}
-    return sorted({device for device, _, _ in firing - resolved})
+        rows = list(await conn.execute(query))
+    resolved = {(r.device_id, r.model_name, r.model_version, r.kind, r.episode) for r in rows if r.state == "resolved"}
+    out: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        if r.state == "firing" and (r.device_id, r.model_name, r.model_version, r.kind, r.episode) not in resolved:
+            out.setdefault((r.model_name, r.model_version), set()).add(r.device_id)
+    return {key: sorted(devices) for key, devices in out.items()}
+
+
+async def drifted_devices(registry: Registry, fleet: str, model_name: str, model_version: str) -> list[str]:
+    """Devices with a firing (not yet resolved) data-drift episode on this model version."""
+    return (await firing_cohorts(registry, fleet)).get((model_name, model_version), [])
 
 
 async def human_labels(registry: Registry, fleet: str, devices: list[str]) -> int:
