@@ -142,3 +142,24 @@ async def test_pseudo_labels_stay_apart_and_datasets_record_their_source(
         assert PSEUDO not in without.sources
     finally:
         await registry.close()
+
+
+async def test_json_min_exports_import_too(
+    tmp_path: Path, demo_models: dict[str, DemoModel], digits: DigitsSplit
+) -> None:
+    _, registry, truth = await _setup(tmp_path, demo_models, digits, n=10)
+    try:
+        tasks = json.loads((await _export(registry, tmp_path / "export")).read_text())
+        # Export -> JSON-MIN: one flat object per task, the data fields beside the choice under its control's name.
+        rows = [{**t["data"], "id": i, "annotation_id": i, "annotator": 1, "label": truth[t["data"]["msg_id"]]}
+                for i, t in enumerate(tasks[:8])]  # fmt: skip
+        rows.append({**tasks[8]["data"], "id": 8})  # not labeled
+        (tmp_path / "min.json").write_text(json.dumps(rows))
+        stats = await import_labels(registry, tmp_path / "min.json")
+        assert (stats.tasks, stats.labeled, stats.unlabeled, stats.new) == (9, 8, 1, 8)
+        rows[0]["label"] = "ten"
+        (tmp_path / "bad-min.json").write_text(json.dumps(rows))
+        with pytest.raises(LabelImportError, match="'ten' is not one of"):
+            await import_labels(registry, tmp_path / "bad-min.json")
+    finally:
+        await registry.close()

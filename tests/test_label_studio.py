@@ -123,5 +123,9 @@ async def test_labels_round_trip_through_label_studio(
         (tmp_path / "ls-all.json").write_text(json.dumps(everything))
         stats = await import_labels(registry, tmp_path / "ls-all.json")
         assert (stats.tasks, stats.labeled, stats.unlabeled, stats.new, stats.unchanged) == (20, 15, 5, 0, 15)
+        minimal = label_studio.call("GET", f"/api/projects/{project['id']}/export?exportType=JSON_MIN")
+        (tmp_path / "ls-min.json").write_text(json.dumps(minimal))
+        stats = await import_labels(registry, tmp_path / "ls-min.json")
+        assert (stats.labeled, stats.new, stats.unchanged) == (15, 0, 15), minimal[:1]
     finally:
         await registry.close()

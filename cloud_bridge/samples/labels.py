@@ -2,8 +2,9 @@
 
 `cloud-bridge samples labels import FILE` reads the file Label Studio writes with Export → JSON (a list
 of tasks: `data`, `meta`, `annotations[].result[].value.choices`, `was_cancelled`, `ground_truth`; see
-labelstud.io/guide/export and /guide/task_format). Each task carries the sample's `msg_id` in `data`
-(and `meta`), put there by cloud_bridge/samples/export.py.
+labelstud.io/guide/export and /guide/task_format), or with Export → JSON-MIN (one flat object per
+annotated task: the data fields, `label` holding the choice, `annotation_id`, `annotator`). Each task
+carries the sample's `msg_id` in `data` (and `meta`), put there by cloud_bridge/samples/export.py.
 
 * Validated as a whole before anything is written: a task without our msg_id, a msg_id the archive
   does not hold, more than one choice, or a label the sample's model does not have rejects the file
@@ -112,6 +113,20 @@ def _chosen_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     )[1]
 
 
+def _minimal_annotation(task: Mapping[str, Any], from_name: str) -> Mapping[str, Any] | None:
+    """Export -> JSON-MIN flattens a task: data fields and `{from_name: "3"}` (or `{"choices": [...]}` for
+    several) side by side, `annotation_id` and `annotator`; as a JSON annotation, or None if unlabeled."""
+    value = task.get(from_name)
+    if value is None:
+        return None
+    value = {"choices": [value]} if isinstance(value, str) else value
+    return {
+        "id": task.get("annotation_id", "?"),
+        "completed_by": task.get("annotator"),
+        "result": [{"type": "choices", "from_name": from_name, "value": value}],
+    }
+
+
 def _choices(annotation: Mapping[str, Any], from_name: str) -> list[str] | str:
     """The annotation's choices on the `from_name` control, or a problem description."""
     found: list[str] = []
@@ -139,11 +154,12 @@ def parse_tasks(tasks: Sequence[Any], from_name: str = "label") -> tuple[list[Pa
             problems.append(f"task #{index} is a JSON {type(task).__name__}, not an object")
             continue
         where = _task_ref(index, task)
-        msg_id = _msg_id(task)
+        minimal = "data" not in task and "annotations" not in task and isinstance(task.get("msg_id"), str)
+        msg_id = str(task["msg_id"]) if minimal else _msg_id(task)
         if msg_id is None:
             problems.append(f"{where} has no data.msg_id: only tasks written by `cloud-bridge samples export` import")
             continue
-        annotation = _chosen_annotation(task)
+        annotation = _minimal_annotation(task, from_name) if minimal else _chosen_annotation(task)
         if annotation is None:
             unlabeled += 1
             continue
