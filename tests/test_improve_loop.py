@@ -127,6 +127,7 @@ async def test_a_passing_candidate_is_rolled_out_and_a_restart_resumes(
     code = await asyncio.to_thread(cli_main, ["improve", "status", "--config", str(labeled.toml), loop_id[:8]])
     out = capsys.readouterr().out
     assert code == 0 and "gate" in out and "rolled_back" in out and "trained digits-edge" in out
+    assert '"human_holdout":' in out and '"pseudo_train": 0' in out
 
 
 async def test_a_candidate_that_fails_the_gate_is_never_rolled_out(

@@ -30,6 +30,7 @@ from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.stages import parse_stages
+from cloud_bridge.samples.datasets import dataset_counts
 from cloud_bridge.tsdb import TsdbSettings, TsdbWriter
 
 
@@ -202,6 +203,8 @@ def _status(args: argparse.Namespace) -> int:
             if loop["candidate_version"]:
                 lineage = await get_lineage(registry, loop["base_name"], loop["candidate_version"])
                 loop["lineage"] = None if lineage is None else lineage.__dict__
+            if loop["dataset_id"]:
+                loop["dataset_counts"] = await dataset_counts(registry, loop["dataset_id"])
             return [loop]
 
     loops = asyncio.run(run())
@@ -224,6 +227,7 @@ def _status(args: argparse.Namespace) -> int:
             "reason",
         ):
             print(f"{key:18} {loop[key]}")
+        print(f"{'dataset':18} {json.dumps(loop.get('dataset_counts'))}")
         print(f"{'gate':18} {json.dumps(loop['gate'])}")
         print(f"{'lineage':18} {json.dumps(loop.get('lineage'), default=str)}")
         for entry in loop["history"]:

@@ -115,6 +115,14 @@ async def create_dataset(registry: Registry, spec: DatasetSpec, dataset_id: str 
     return dataset_id
 
 
+async def dataset_counts(registry: Registry, dataset_id: str) -> dict[str, int] | None:
+    """Labels per source and split of a dataset version (None if it does not exist)."""
+    async with registry.engine.connect() as conn:
+        found = await conn.execute(select(DatasetVersionRow.counts).where(DatasetVersionRow.id == dataset_id))
+        counts = found.scalar()
+    return None if counts is None else dict(counts)
+
+
 async def load_dataset(registry: Registry, dataset_id: str) -> Dataset:
     """The inputs and labels of a dataset version, split as frozen."""
     async with registry.engine.connect() as conn:
