@@ -54,6 +54,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "calibration": "digits",
     "stages": [25, 100],
     "window_s": 600.0,
+    "thresholds": {},  # rollout threshold overrides, as `rollout start --thresholds` gives them
     "trainer": list(DEFAULT_TRAINER),
     "oversample": 2,
     "hidden": [32],  # the demo edge model's 12 units cannot hold both orientations (demokit/retrain.py)
@@ -260,7 +261,7 @@ class ImproveDriver:
                     model=candidate,
                     stages=tuple(int(s) for s in opts["stages"]),
                     window_s=float(opts["window_s"]),
-                    thresholds={},
+                    thresholds=dict(opts["thresholds"]),
                 ),
                 now=self.clock(),
             )
