@@ -29,6 +29,7 @@ from cloud_bridge.improve.trigger import drifted_devices, human_labels
 from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import Registry
+from cloud_bridge.rollout.policy import parse_thresholds
 from cloud_bridge.rollout.stages import parse_stages
 from cloud_bridge.samples.datasets import dataset_counts
 from cloud_bridge.tsdb import TsdbSettings, TsdbWriter
@@ -53,19 +54,35 @@ def add_subparsers(sub: Commands) -> None:
     )
     start.add_argument("--base", required=True, help="the model to improve, NAME@VERSION (the devices' current)")
     start.add_argument("--teacher", default=None, help="NAME@VERSION to pseudo-label unlabeled samples with")
-    start.add_argument("--min-confidence", type=float, default=DEFAULT_OPTIONS["min_confidence"])
-    start.add_argument("--min-human", type=int, default=DEFAULT_OPTIONS["min_human"], help="human labels needed")
+    start.add_argument(
+        "--min-confidence", type=float, default=DEFAULT_OPTIONS["min_confidence"], help="of pseudo-labels (0.95)"
+    )
+    start.add_argument("--min-human", type=int, default=DEFAULT_OPTIONS["min_human"], help="human labels needed (50)")
     start.add_argument(
         "--holdout", type=float, default=DEFAULT_OPTIONS["holdout"], help="human labels kept for the gate"
     )
     start.add_argument(
-        "--min-gain", type=float, default=DEFAULT_OPTIONS["min_gain"], help="gain needed on the drifted holdout"
+        "--min-gain",
+        type=float,
+        default=DEFAULT_OPTIONS["min_gain"],
+        help="accuracy gain needed on the drifted holdout (0.02)",
     )
     start.add_argument(
-        "--max-loss", type=float, default=DEFAULT_OPTIONS["max_loss"], help="loss allowed on the original test set"
+        "--max-loss",
+        type=float,
+        default=DEFAULT_OPTIONS["max_loss"],
+        help="accuracy loss allowed on the original test set (0.005)",
     )
     start.add_argument("--stages", default="25,100", help="canary rollout stages, percent (default 25,100)")
-    start.add_argument("--window-s", type=float, default=DEFAULT_OPTIONS["window_s"], help="rollout watch window")
+    start.add_argument(
+        "--thresholds",
+        action="append",
+        default=[],
+        help="canary threshold overrides for the rollout, as `rollout start --thresholds` takes them",
+    )
+    start.add_argument(
+        "--window-s", type=float, default=DEFAULT_OPTIONS["window_s"], help="rollout watch window, seconds (600)"
+    )
     start.add_argument("--trainer", default=None, help="trainer command (default: python -m demokit.retrain)")
     start.add_argument("--wait", action="store_true", help="drive the loop here until it waits for its rollout")
     command(start, "improve start", _start)
@@ -145,6 +162,7 @@ def _start(args: argparse.Namespace) -> int:
         "max_loss": args.max_loss,
         "stages": list(parse_stages(args.stages)),
         "window_s": args.window_s,
+        "thresholds": parse_thresholds(args.thresholds),
     }
     if args.trainer:
         options["trainer"] = args.trainer.split()
