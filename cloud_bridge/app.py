@@ -33,6 +33,7 @@ from cloud_bridge.ota.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, deliver
 from cloud_bridge.ota.deltas import DeltaStore
 from cloud_bridge.ota.keys import load_signer
 from cloud_bridge.registry import Registry
+from cloud_bridge.registry.retention import prune_results
 from cloud_bridge.rollout.driver import RolloutDriver
 from cloud_bridge.samples.archive import prune_samples
 from cloud_bridge.samples.feed import SampleFeed
@@ -297,6 +298,8 @@ class Bridge:
         pruned = await self.registry.prune_seen(time.time() - self.config.ingest.seen_retention_s)
         if pruned:
             log.info("pruned seen message ids count=%d", pruned)
+        reg = self.config.registry
+        await prune_results(self.registry, reg.results_retention_s, reg.results_bucket_s)
         samples = await prune_samples(self.registry, self.config.samples, time.time())
         if samples:
             log.info(

@@ -66,8 +66,13 @@ path = "{model}"
 [routing]
 confidence_threshold = 0.8
 escalation_timeout_s = 2.0
+# The demo shows what escalation does to accuracy, so it escalates every unsure input (a device on a
+# billed link keeps the default budget of 6 a minute, examples/edge.toml).
+max_escalations_per_minute = 1200
 [sampling]
 max_per_minute = 120
+[uplink]
+results_max_delay_s = 1.0  # the demo's plots follow the answers live
 [telemetry]
 interval_s = 1.0
 [outbox]

@@ -123,15 +123,21 @@ class DriftSpec:
         return cls(kind=kind, strength=float(strength) if strength else 0.0)  # type: ignore[arg-type]
 
     def apply(
-        self, X: NDArray[np.float32], y: NDArray[np.integer], rng: np.random.Generator
+        self,
+        X: NDArray[np.float32],
+        y: NDArray[np.integer],
+        rng: np.random.Generator,
+        *,
+        rotate_backend: RotateBackend = "auto",
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        """The drifted batch: transformed images and their (possibly resampled) true labels."""
+        """The drifted batch: transformed images and their (possibly resampled) true labels.
+        `rotate_backend` as for `rotate` ("numpy" spares a process importing scipy)."""
         images = _as_batch(X)
         labels = np.asarray(y, dtype=np.int64)
         if self.kind == "noise":
             return add_noise(images, self.strength, rng), labels
         if self.kind == "rotation":
-            return rotate(images, self.strength), labels
+            return rotate(images, self.strength, backend=rotate_backend), labels
         if self.kind == "class_shift":
             indices = class_mix_shift(labels, self._shifted_mix(labels), rng)
             return images[indices], labels[indices]

@@ -36,6 +36,7 @@ from edge_node.routing.escalation import Escalations
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.status import StatusLine
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window
+from edge_node.uplink.budget import ByteBudget
 from edge_node.uplink.clock import RETRY_S as CLOCK_RETRY_S
 from edge_node.uplink.clock import ClockSync
 from edge_node.uplink.link import IncomingMessage, Link, LinkConfig
@@ -114,7 +115,9 @@ class EdgeNode:
     async def _serve(self, classifier: Classifier, outbox: Outbox) -> None:
         cfg = self.config
         dev = cfg.device
-        self._wire = wire = device_wire(cfg, outbox)
+        # The link's byte counts and the daily budget: the wire's producers ask it, the link pays it.
+        budget = ByteBudget(cfg.uplink.daily_bytes, pending=lambda: outbox.bytes)
+        self._wire = wire = device_wire(cfg, outbox, budget)
         self.clock = clock = ClockSync(wire, dev.fleet_id, dev.device_id)
         self.reporter = reporter = Reporter(cfg, wire, outbox, clock, self._classifier, self.stats)
         escalations = Escalations(cfg.routing.max_outstanding)
@@ -137,6 +140,7 @@ class EdgeNode:
             subscriptions=self._subscriptions(),
             on_message=self._on_message,
             on_connected=self._ask_the_time,
+            meter=budget,
         )
         self._pipeline = pipeline = Pipeline(
             cfg, classifier, outbox, escalations, sampler, reporter.current_window, lambda: link.is_connected, wire
@@ -149,6 +153,7 @@ class EdgeNode:
                 lambda: link.is_connected,
                 lambda: link.stats.published,
                 reporter.current_window,
+                link_bytes=lambda: (sum(budget.up.values()), sum(budget.down.values())),
             )
             reporter.closed = self.status.closed
         assert self._boot is not None
@@ -207,7 +212,7 @@ class EdgeNode:
             clock_task.cancel()
             with suppress(asyncio.CancelledError):
                 await tele_task
-            await reporter.publish_window(ctx, probe, sampler)
+            await reporter.publish_window(ctx, probe, sampler, final=True)
             await outbox.put(reporter.status("offline", "shutdown", link.connection or None))
             await link.close(DRAIN_TIMEOUT_S)
             link_task.cancel()

@@ -24,6 +24,7 @@ from edge_node.errors import OutboxError
 from edge_node.inference.model import Classifier
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
+from edge_node.uplink.budget import Spend
 from edge_node.uplink.clock import ClockSync
 from edge_node.uplink.outbox import Outbox, OutMessage, Priority
 from edge_node.uplink.wire import Wire
@@ -76,6 +77,7 @@ class Reporter:
         self._delivery_reported = (0, 0)
         self._write_errors_reported = 0
         self.window = Window(config.telemetry.max_features, time.time())
+        self._last_sent = 0.0  # unix time the last window was sent (none yet: the first goes at once)
         self.overloaded: Callable[[], int] = lambda: 0  # inputs a source dropped, since the last window
         self.closed: Callable[[Window], None] = lambda window: None  # told of each window it closes
         self.pipeline: Counted | None = None
@@ -130,12 +132,23 @@ class Reporter:
             next_at += interval
             await self.publish_window(ctx, probe, sampler)
 
-    async def publish_window(self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler) -> None:
-        window, now = self.window, time.time()
-        self.window = Window(self.config.telemetry.max_features, now)
+    async def publish_window(
+        self, ctx: TelemetryContext, probe: ResourceProbe, sampler: UncertaintySampler, *, final: bool = False
+    ) -> None:
+        """Close the window into a telemetry message; unless `final`, a window the daily byte budget
+        cannot pay for stays open and grows into the next one (its counts are not lost)."""
+        budget = self._wire.budget
         overloaded = self.overloaded()
         if overloaded:
-            window.rejected["overloaded"] += overloaded
+            self.window.rejected["overloaded"] += overloaded
+        if not final and self._idle(self.window):
+            return
+        if not final and not budget.allows(Spend.TELEMETRY):
+            budget.hold(Channel.TELEMETRY.value)
+            return
+        window, now = self.window, time.time()
+        self.window = Window(self.config.telemetry.max_features, now)
+        self._last_sent = now
         self.closed(window)
         message = build_telemetry(
             ctx,
@@ -146,6 +159,7 @@ class Reporter:
             samples=sampler.take_counts(),
             outbox=self._outbox_stats(),
             resources=probe.read(),
+            link=budget.take(),
         )
         message.clock_offset_s = self._clock.offset_s
         self._seq += 1
@@ -155,6 +169,15 @@ class Reporter:
             self._stats.outbox_errors += 1
             log.error("telemetry window %d not stored: %s", message.window_seq, exc)
         self._stats.windows += 1
+
+    def _idle(self, window: Window) -> bool:
+        """A window in which nothing happened waits to be sent until `[telemetry] idle_interval_s`
+        passed since the last one: an idle device costs a window every few minutes, not every
+        interval (the window then covers the whole quiet span; its counts are all zero)."""
+        idle_s = self.config.telemetry.idle_interval_s
+        if idle_s <= 0 or window.count or window.rejected or window.feature_n:
+            return False
+        return time.time() - self._last_sent < idle_s
 
     def _outbox_stats(self) -> OutboxStats:
         outbox = self._outbox

@@ -3,11 +3,13 @@
 Every `[node] status_interval_s` (0: never), independent of telemetry, one INFO line:
 
     node status connected=yes inputs_per_s=20.0 results_per_s=19.8 escalations_sent=12 answered=11
-    timed_out=1 outbox_depth=3 oldest_unsent_s=0.4 published=1520 rejected=0
+    timed_out=1 outbox_depth=3 oldest_unsent_s=0.4 published=1520 rejected=0 bytes_up=61234 bytes_down=9120
 
 Rates are over the interval; counts are since the node started. They are read from what the node
 keeps anyway: its telemetry windows (each window, when it is closed, is added to the totals; the
-open one is read as it stands), the outbox and the link (`published`: messages the broker acked).
+open one is read as it stands), the outbox and the link (`published`: messages the broker acked;
+`bytes_up`/`bytes_down`: what the link cost since the start as MQTT encodes it, see
+edge_node/uplink/budget.py).
 
 The oldest unsent message's age is read from the outbox file with a read-only connection in a
 worker thread: the first row by id, one B-tree lookup (ids grow with each stored message), so it
@@ -93,8 +95,10 @@ class StatusLine:
         published: Callable[[], int],
         window: Callable[[], Window],
         clock: Callable[[], float] = time.monotonic,
+        link_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.interval_s = interval_s
+        self._link_bytes = link_bytes
         self._outbox = outbox
         self._connected = connected
         self._published = published
@@ -123,6 +127,7 @@ class StatusLine:
         self._last = (at, totals)
         elapsed = max(1e-9, at - last_at)
         depth = self._outbox.depth
+        up, down = self._link_bytes()
         age = "-" if depth == 0 else "?" if oldest is None else f"{max(0.0, now - oldest):.1f}"
         return (
             f"node status connected={'yes' if self._connected() else 'no'}"
@@ -130,5 +135,5 @@ class StatusLine:
             f" results_per_s={(totals.results - last.results) / elapsed:.1f}"
             f" escalations_sent={totals.escalations_sent} answered={totals.answered} timed_out={totals.timed_out}"
             f" outbox_depth={depth} oldest_unsent_s={age} published={self._published()}"
-            f" rejected={totals.rejected}"
+            f" rejected={totals.rejected} bytes_up={up} bytes_down={down}"
         )

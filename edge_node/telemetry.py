@@ -15,12 +15,14 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
+from edge_node.uplink.budget import LinkCounts
 from schemas import (
     ConfidenceStats,
     EntropyStats,
     EscalationCounts,
     FeatureStats,
     LatencyStats,
+    LinkBytes,
     ModelRef,
     OutboxStats,
     Providers,
@@ -52,6 +54,8 @@ class EscalationTally:
     shed: int = 0
     errors: int = 0
     agreed: int = 0
+    over_budget: int = 0
+    paused: int = 0
 
     def freeze(self) -> EscalationCounts:
         return EscalationCounts(**self.__dict__)
@@ -146,7 +150,10 @@ class Window:
 
 
 def _floats(values: npt.NDArray[Any]) -> list[float]:
-    return [round(float(v), 6) for v in values]
+    """Feature statistics at float32 precision (7 digits, more than drift scoring can use): the
+    compact encoding packs a list of float32 values in 4 bytes each, not 9."""
+    as_float32: list[float] = values.astype(np.float32).tolist()
+    return as_float32
 
 
 def _latency(parts: list[npt.NDArray[np.float64]]) -> LatencyStats | None:
@@ -212,6 +219,7 @@ def build_telemetry(
     samples: tuple[int, int],
     outbox: OutboxStats,
     resources: Resources | None,
+    link: LinkCounts | None = None,
 ) -> Telemetry:
     """Freeze a window into a telemetry message (empty windows carry counts but no statistics)."""
     confidence, entropy = _confidence(window)
@@ -239,4 +247,5 @@ def build_telemetry(
         resources=resources,
         providers=ctx.providers,
         features=window.features(),
+        link=LinkBytes(up=link.up, down=link.down, held=link.held, budget_left=link.left) if link is not None else None,
     )

@@ -28,8 +28,14 @@ def edge_tables(tmp_path: Path, port: int, model: Path, **sections: dict[str, An
         "device": {"fleet_id": "f1", "device_id": "dev-1"},
         "model": {"path": model},
         "outbox": {"path": tmp_path / "outbox.sqlite"},
-        "telemetry": {"interval_s": 60.0},
+        "telemetry": {"interval_s": 60.0, "idle_interval_s": 0.0},
         "source": {"kind": "mqtt"},
+        # The tests count what each path does with every unsure input; the budgets that keep a
+        # billed link cheap have tests of their own (test_budgets.py).
+        "routing": {"max_escalations_per_minute": 100_000},
+        "sampling": {"max_per_minute": 60},
+        # Results reach a test's subscriber within a second (coalescing has its own tests).
+        "uplink": {"results_max_delay_s": 1.0},
     }
     for name, overrides in sections.items():
         values.setdefault(name, {}).update(overrides)

@@ -62,13 +62,16 @@ async def wait_connected(node: EdgeNode) -> None:
 class CloudResponder:
     """A stand-in for the cloud bridge's escalation worker: answers with the real cloud model."""
 
-    def __init__(self, host: str, port: int, model_path: Path, *, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, host: str, port: int, model_path: Path, *, delay_s: float = 0.0, pause_s: float | None = None
+    ) -> None:
         self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.labels = json.loads(meta["labels"])
         self.logits = meta.get("output_kind") == "logits"
         self.ref = ModelRef(name=meta["model_name"], version=meta["model_version"], sha256=file_sha256(model_path))
         self.delay_s = delay_s
+        self.pause_s = pause_s  # set on every reply: "the cloud does not help here"
         self.answered = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cloud-responder", protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -103,6 +106,7 @@ class CloudResponder:
             index=i,
             confidence=float(min(probs[i], 1.0)),
             topk=[TopK(label=self.labels[i], index=i, prob=float(min(probs[i], 1.0)))],
+            pause_s=self.pause_s,
         )
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         corr = getattr(msg.properties, "CorrelationData", None)

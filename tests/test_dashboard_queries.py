@@ -44,6 +44,7 @@ from schemas import (
     CommandAck,
     EscalationRequest,
     LatencyStats,
+    LinkBytes,
     ModelRef,
     OutboxStats,
     Result,
@@ -183,6 +184,12 @@ def window(fleet: str, device: str, model: ModelRef, end: float, i: int) -> Tele
         edge_latency_ms=None if device == "dev-c" else LatencyStats(p50=0.5, p95=0.7 + i, p99=0.9, max=1.0, mean=0.6),
         escalations=EscalationCounts(sent=seed % 11, answered=seed % 11, timed_out=0, agreed=seed % 7 % 11),
         outbox=OutboxStats(depth=seed % 13, bytes=100 * (seed % 13), evicted={"samples": i % 3} if i % 3 else {}),
+        link=LinkBytes(
+            up={"results": 100 * (seed % 7) + 50, "telemetry": 900 + i},
+            down={"confirm": 150 + seed % 3, "results": 4 * (seed % 5)},
+            held={"results": i % 4} if i % 4 else {},
+            budget_left=1000 * seed if device != "dev-c" else None,
+        ),
     )
 
 
@@ -389,6 +396,30 @@ def test_class_mix_and_outbox(written: tuple[str, Traffic], influxdb_session: In
     outbox = run(influxdb_session, db, view, target("Outbox depth"))
     assert by_tags(outbox, "device") == {k: d for k, (_, d) in depth.items()}
     assert by_tags(run(influxdb_session, db, view, target("Outbox depth", "B")), "device") == evicted
+
+
+def test_link_bytes_and_budget(written: tuple[str, Traffic], influxdb_session: InfluxDB) -> None:
+    db, traffic = written
+    view = _view()
+    by_channel: dict[tuple[str, int], int] = defaultdict(int)
+    held: dict[tuple[str, int], int] = defaultdict(int)
+    per_device: dict[tuple[str, int], int] = defaultdict(int)
+    left: dict[tuple[str, int], tuple[int, int]] = {}
+    for m in traffic.telemetry:
+        if m.link is None:  # the escalation and drift traffic's windows come from older devices
+            continue
+        bucket = view.bucket(_ms(m))
+        for channel in m.link.up.keys() | m.link.down.keys() | m.link.held.keys():
+            by_channel[(channel, bucket)] += m.link.up.get(channel, 0) + m.link.down.get(channel, 0)
+            held[(channel, bucket)] += m.link.held.get(channel, 0)
+        per_device[(m.device_id, bucket)] += sum(m.link.up.values()) + sum(m.link.down.values())
+        if m.link.budget_left is not None:
+            left[(m.device_id, bucket)] = max(left.get((m.device_id, bucket), (0, 0)), (_ms(m), m.link.budget_left))
+    assert by_tags(run(influxdb_session, db, view, target("Link bytes per channel")), "channel") == by_channel
+    assert by_tags(run(influxdb_session, db, view, target("Link bytes per channel", "B")), "channel") == held
+    assert by_tags(run(influxdb_session, db, view, target("budget left")), "device") == per_device
+    budget = by_tags(run(influxdb_session, db, view, target("budget left", "B")), "device")
+    assert budget == {k: v for k, (_, v) in left.items()} and "dev-c" not in {d for d, _ in budget}
 
 
 def test_agreement_drift_and_rollouts(written: tuple[str, Traffic], influxdb_session: InfluxDB) -> None:

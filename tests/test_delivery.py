@@ -73,6 +73,7 @@ async def _run(
     model: DemoModel,
     delivery: str,
     bridges: int = 1,
+    publish_results: bool = True,
 ) -> tuple[list[Bridge], EdgeNode, list[dict[str, object]], list[dict[str, object]]]:
     links = [tcp_proxy(broker.host, broker.port) for _ in range(bridges)]
     node_config = edge_config(
@@ -80,7 +81,7 @@ async def _run(
         broker.port,
         model.path,
         mqtt={"keepalive": 5},
-        routing={"escalate": False},
+        routing={"escalate": False, "publish_results": publish_results},
         telemetry={"interval_s": 1.0},
         outbox={"delivery": delivery, "confirm_timeout_s": 2.0, "confirm_timeout_max_s": 4.0},
         source={"kind": "replay", "rate_hz": RATE_HZ, "limit": INPUTS, "loop": False},
@@ -94,7 +95,9 @@ async def _run(
         async with RunningNode(node_config) as node:
 
             async def stored(n: int) -> bool:
-                return await registry.count(ResultRow) >= n
+                if publish_results:
+                    return await registry.count(ResultRow) >= n
+                return node.processed >= n and await registry.count(TelemetryRow) >= n // RATE_HZ
 
             await _poll(lambda: stored(200), 30, "200 results in the registry")
             await _outage(broker, links, hold_s=6.0)
@@ -145,6 +148,21 @@ async def test_the_registry_holds_everything_when_the_device_reconnects_before_t
     # The node asked a bridge for the time on each connect: same machine, so no offset to speak of.
     assert node.clock is not None and node.clock.offset_s is not None and abs(node.clock.offset_s) < 0.5
     assert sum(b.clock.stats.answered for b in running if b.clock is not None) >= 1
+
+
+async def test_results_summarised_the_windows_count_every_inference_once(
+    mosquitto: Mosquitto, tcp_proxy: TcpProxyFactory, demo_models: dict[str, DemoModel], tmp_path: Path
+) -> None:
+    """[routing] publish_results = false (the cheapest mode on a billed link): no result rows, and
+    the telemetry windows, through the same outages, count every inference exactly once."""
+    _, node, results, windows = await _run(
+        tmp_path, mosquitto, tcp_proxy, demo_models["edge"], "confirmed", publish_results=False
+    )
+    assert results == []
+    seqs_w = Counter(int(row["body"]["window_seq"]) for row in windows)  # type: ignore[index]
+    assert max(seqs_w.values()) == 1 and sorted(seqs_w) == list(range(len(seqs_w)))
+    assert sum(int(row["count"]) for row in windows) == INPUTS
+    assert node.outbox is not None and node.outbox.delivery.resent > 0, "the outages reached nothing"
 
 
 async def test_control_with_broker_delivery_the_same_outages_lose_messages(

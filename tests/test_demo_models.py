@@ -197,3 +197,36 @@ def test_cli_help_describes_options(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for option in ("--out", "--seed", "--edge-version", "--edge-hidden", "--shuffle-labels"):
         assert option in text
+
+
+@pytest.mark.parametrize(("seed", "test_fraction"), [(0, 0.3), (1, 0.3), (7, 0.25), (3, 0.5), (42, 0.1)])
+def test_digits_split_is_scikit_learns_without_importing_it(seed: int, test_fraction: float) -> None:
+    """demokit reads and splits the digits with numpy (so a replaying node loads no scikit-learn),
+    and gets exactly the rows and order `train_test_split` gives: models built before still see
+    the same held-out set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from demokit.dataset import load_digits_arrays, load_digits_split
+
+    bunch = load_digits()
+    features, targets = load_digits_arrays()
+    assert np.array_equal(features, bunch.data.astype(np.float32)) and np.array_equal(targets, bunch.target)
+    X_train, X_test, y_train, y_test = train_test_split(
+        features, targets, test_size=test_fraction, stratify=targets, random_state=seed
+    )
+    split = load_digits_split(seed=seed, test_fraction=test_fraction)
+    assert np.array_equal(split.X_train, X_train) and np.array_equal(split.y_train, y_train)
+    assert np.array_equal(split.X_test, X_test) and np.array_equal(split.y_test, y_test)
+    assert split.X_test.dtype == np.float32 and split.y_test.dtype == np.int64
+
+
+def test_digits_file_missing_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without scikit-learn installed (a device without the demo extra) the error says what to install."""
+    import importlib.util
+
+    from demokit import dataset
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install -e '\.\[demo\]'"):
+        dataset.digits_file()

@@ -211,6 +211,42 @@ async def test_escalations_answered_by_the_cloud_model_improve_accuracy(
     )
 
 
+async def test_a_reply_saying_the_cloud_does_not_help_pauses_escalations(
+    mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
+) -> None:
+    """A reply with pause_s (the bridge found on labeled samples that its model is no better than
+    this device's): the node stops asking for that long; unsure inputs keep their local answer."""
+    X, y = digits.X_test[:300], digits.y_test[:300]
+    config = edge_config(
+        tmp_path,
+        mosquitto.port,
+        demo_models["edge"].path,
+        routing={"confidence_threshold": 0.9, "escalation_timeout_s": 5.0, "max_outstanding": 1},
+    )
+    with (
+        CloudResponder(mosquitto.host, mosquitto.port, demo_models["cloud"].path, pause_s=600.0) as cloud,
+        Collector(mosquitto.host, mosquitto.port, ["fleet/f1/dev-1/#"]) as c,
+    ):
+        async with RunningNode(config) as node:
+            await wait_connected(node)
+            inputs = [_input(x, f"in-{i}", digits.labels[int(y[i])]) for i, x in enumerate(X)]
+            # One at a time, each answered before the next, until the cloud has replied once.
+            n = 0
+            while not c.on("escalate/reply"):
+                await asyncio.to_thread(c.publish_many, INPUT_TOPIC, [inputs[n]])
+                n += 1
+                await asyncio.to_thread(c.wait_for, _answered(n))
+            await asyncio.to_thread(c.publish_many, INPUT_TOPIC, inputs[n:])
+            await asyncio.to_thread(c.wait_for, _answered(len(X)))
+        await asyncio.to_thread(c.wait_for, lambda c: len(c.on("telemetry")) >= 1)
+        results = _results(c)
+        tele = _telemetry(c)[-1]
+    paused = [r for r in results if r.fallback_reason == "budget"]
+    assert cloud.answered == tele.escalations.sent == 1
+    assert paused and tele.escalations.paused == len(paused)
+    assert all(r.path == "edge_fallback" and r.label == r.edge_label for r in paused)
+
+
 async def test_bad_inputs_are_rejected_and_counted_while_good_ones_go_through(
     mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit, tmp_path: Path
 ) -> None:

@@ -42,9 +42,19 @@ def test_dashboard_is_wired_to_the_provisioned_influxql_datasource() -> None:
     mounts = dict(v.split(":")[:2][::-1] for v in compose["services"]["grafana"]["volumes"])
     assert mounts[provider["options"]["path"]] == "./grafana/dashboards"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("online", "inferences/s", "p95", "escalation rate", "agreement", "class mix", "drift", "outbox"):
+    for topic in (
+        "online",
+        "inferences/s",
+        "p95",
+        "escalation rate",
+        "agreement",
+        "class mix",
+        "drift",
+        "outbox",
+        "link",
+    ):
         assert topic in titles, f"no panel about {topic}"
-    assert "rollout" in titles and len(dashboard["panels"]) == 12
+    assert "rollout" in titles and "budget" in titles and len(dashboard["panels"]) == 14
 
 
 def test_every_panel_query_is_raw_influxql_over_the_range_and_the_selection() -> None:

@@ -26,7 +26,8 @@ from tests.poll import wait_for_async
 pytestmark = pytest.mark.timeout(90)
 LINE = re.compile(
     r"node status connected=(yes|no) inputs_per_s=([\d.]+) results_per_s=([\d.]+) escalations_sent=(\d+) "
-    r"answered=(\d+) timed_out=(\d+) outbox_depth=(\d+) oldest_unsent_s=(\S+) published=(\d+) rejected=(\d+)$"
+    r"answered=(\d+) timed_out=(\d+) outbox_depth=(\d+) oldest_unsent_s=(\S+) published=(\d+) rejected=(\d+) "
+    r"bytes_up=(\d+) bytes_down=(\d+)$"
 )
 
 
@@ -70,6 +71,8 @@ async def test_a_running_node_logs_its_status(
     assert len(lines) >= 2 and all(m[1] == "yes" for m in lines)
     assert sum(float(m[3]) for m in lines) > 0  # results were counted as a rate in some interval
     assert int(lines[-1][9]) > 0 and lines[-1][10] == "0"
+    # What the link cost, both ways: 30 results and the telemetry went up, PUBACKs came down.
+    assert int(lines[-1][11]) > 30 * 20 and int(lines[-1][12]) > 0
 
 
 async def test_status_line_off_and_offline(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:

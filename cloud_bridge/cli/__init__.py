@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloud-bridge",
         description="Ingest fleet MQTT traffic into a registry and InfluxDB, and answer escalations "
-        "with the cloud model. Every config key can be overridden with CLOUD_BRIDGE_<SECTION>__<KEY>.",
+        "with the cloud model. Every config key can be overridden with CLOUD_BRIDGE__<SECTION>__<KEY>.",
     )
     parser.add_argument("--version", action="version", version=f"cloud-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -19,8 +19,8 @@ class IngestConfig:
     seen_retention_s: float = 7 * 86400
     # How often each device is told what was stored (confirm/1): shorter frees device outboxes
     # sooner, longer sends fewer downlink messages (one per device per interval with traffic, about
-    # 250 B each with MQTT's framing: ~90 kB per device-hour at 10 s). Keep it well under the
-    # devices' [outbox] confirm_timeout_s (60 s), or they send rows again before they hear back.
+    # 150 B each compact, 250 B JSON, with MQTT's framing: 55-90 kB per device-hour at 10 s). Keep
+    # it well under the devices' [outbox] confirm_timeout_s (60 s), or they resend before they hear.
     confirm_interval_s: float = 10.0
     # A device clock that runs ahead would date windows in the future (a day ahead once switched
     # drift scoring off for that device for a day): a message whose ts is more than max_future_s

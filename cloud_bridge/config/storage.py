@@ -9,8 +9,16 @@ from typing import Literal
 @dataclass(frozen=True)
 class RegistryConfig:
     url: str = ""  # default: SQLite in state_dir; postgresql+asyncpg://... for several bridges
+    # Result rows (one per answer) older than this are folded into result_aggregates (one row per
+    # device, model version, path and bucket) and deleted, at the bridge's hourly prune; 0 = keep all.
+    results_retention_s: float = 86400.0
+    results_bucket_s: float = 300.0
 
     def validate(self) -> None:
+        if self.results_retention_s < 0:
+            raise ValueError(f"results_retention_s = {self.results_retention_s} must be >= 0 (0 keeps every row)")
+        if self.results_bucket_s <= 0 or 86400.0 % self.results_bucket_s:
+            raise ValueError(f"results_bucket_s = {self.results_bucket_s} must be > 0 and divide a day (60, 300, 3600)")
         if self.url and not self.url.split(":", 1)[0].startswith(("sqlite", "postgresql")):
             raise ValueError(f"url = {self.url!r}: use sqlite+aiosqlite:///PATH or postgresql+asyncpg://...")
 

@@ -63,6 +63,38 @@ def window_from_json(window_start: float, window_end: float, count: int, data: M
     )
 
 
+def pack_window(w: WindowStats) -> bytes:
+    """A window as a `drift_windows.stats` value: its small fields as JSON, a newline, then the feature
+    means and standard deviations as raw little-endian float64 (bit-identical, nothing to parse)."""
+    head = orjson.dumps(
+        {"classes": dict(w.classes), "confidence": w.confidence, "latency_p95": w.latency_p95, "feature_n": w.feature_n}
+    )
+    if w.feature_mean is None or w.feature_std is None:
+        return head
+    return head + b"\n" + np.asarray(w.feature_mean, "<f8").tobytes() + np.asarray(w.feature_std, "<f8").tobytes()
+
+
+def unpack_window(window_start: float, window_end: float, count: int, data: bytes) -> WindowStats:
+    head, _, tail = bytes(data).partition(b"\n")
+    d = orjson.loads(head)
+    mean = std = None
+    if tail:
+        both = np.frombuffer(tail, dtype="<f8").astype(np.float64)
+        half = len(both) // 2
+        mean, std = both[:half], both[half:]
+    return WindowStats(
+        window_start=window_start,
+        window_end=window_end,
+        count=count,
+        classes=d.get("classes") or {},
+        confidence=d.get("confidence"),
+        latency_p95=d.get("latency_p95"),
+        feature_n=int(d.get("feature_n") or 0),
+        feature_mean=mean,
+        feature_std=std,
+    )
+
+
 def pool_to_json(p: Pool) -> dict[str, Any]:
     return {
         "windows": p.windows,

@@ -234,20 +234,27 @@ class Transition:
 
 def step(settings: DriftSettings, state: KindState, score: Score, recent: Pool) -> Transition | None:
     """Advance one kind's state by one evaluation; return the alert transition it causes, if any."""
-    state.score, state.window_end = score.score, recent.window_end
+    return step_at(settings, state, score, recent.window_start, recent.window_end)
+
+
+def step_at(
+    settings: DriftSettings, state: KindState, score: Score, window_start: float, window_end: float
+) -> Transition | None:
+    """`step` for a recent pool spanning `window_start` .. `window_end`."""
+    state.score, state.window_end = score.score, window_end
     if not state.firing:
         state.above = state.above + 1 if score.score > score.high else 0
-        if state.above >= settings.fire_after and recent.window_end >= state.cooldown_until:
+        if state.above >= settings.fire_after and window_end >= state.cooldown_until:
             state.firing, state.above, state.below = True, 0, 0
             state.episode += 1
-            state.fired_at = recent.window_end
-            return Transition(score.kind, "firing", state.episode, score, recent.window_start, recent.window_end)
+            state.fired_at = window_end
+            return Transition(score.kind, "firing", state.episode, score, window_start, window_end)
         return None
     state.below = state.below + 1 if score.score < score.low else 0
     if state.below >= settings.resolve_after:
         state.firing, state.above, state.below = False, 0, 0
-        state.cooldown_until = recent.window_end + settings.cooldown_s
-        return Transition(score.kind, "resolved", state.episode, score, state.fired_at, recent.window_end)
+        state.cooldown_until = window_end + settings.cooldown_s
+        return Transition(score.kind, "resolved", state.episode, score, state.fired_at, window_end)
     return None
 
 

@@ -35,13 +35,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from cloud_bridge.drift.batch import Job, Scored, WindowCache, detail_for, score_batch
 from cloud_bridge.drift.codec import WindowCodec, finite
 from cloud_bridge.drift.scoring import (
     DriftSettings,
@@ -50,10 +51,10 @@ from cloud_bridge.drift.scoring import (
     baseline_complete,
     complete_baseline,
     score_all,
-    step,
+    step_at,
 )
-from cloud_bridge.drift.state import Key, KeyState, StateRows
-from cloud_bridge.drift.windows import Pool, WindowStats, pool
+from cloud_bridge.drift.state import Key, KeyState, StateCache, StateRows
+from cloud_bridge.drift.windows import WindowStats, pool
 from cloud_bridge.errors import ReferenceModelError
 from cloud_bridge.registry import AlertRow, Batch, DriftEpisodeRow, SeenMessage, TelemetryRow
 from cloud_bridge.tsdb.lines import alert_line, drift_line_for, drift_tags
@@ -121,13 +122,24 @@ def alert_id(key: Key, kind: str, episode: int) -> str:
 class DriftStore:
     """Builds a `DriftRun` for each ingest batch that carries telemetry."""
 
-    def __init__(self, settings: DriftSettings, dialect: str, references: Mapping[str, Mapping[str, float]]) -> None:
+    def __init__(
+        self,
+        settings: DriftSettings,
+        dialect: str,
+        references: Mapping[str, Mapping[str, float]],
+        *,
+        batched: bool = True,
+        cache: StateCache | None = None,
+    ) -> None:
         self.settings = settings
         self.dialect = dialect
         self.references = dict(references)
         self.stats = DriftStats()
         self.codec = WindowCodec()
-        self.rows = StateRows(self.insert, self.codec, self.references)
+        self.rows = StateRows(self.insert, self.codec, self.references, cache)
+        # False: pool and score each window on its own (the per-window path, for benches and tests).
+        self.batched = batched
+        self.window_cache = WindowCache()
 
     def insert(self, table: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
@@ -168,8 +180,8 @@ class DriftRun:
 
     def apply(self, conn: Connection) -> None:
         # A retried commit runs this again on a fresh transaction: start from nothing. One statement
-        # reads and one writes the state of every device in the batch (a statement is a thread hop
-        # with aiosqlite), whatever the number of devices.
+        # locks the state of every device in the batch (a statement is a thread hop with aiosqlite),
+        # whatever the number of devices; one pass of numpy scores them all (cloud_bridge/drift/batch.py).
         self.lines, self.alerts = [], []
         by_key: dict[Key, list[NewWindow]] = {}
         for w in self.windows:
@@ -177,64 +189,104 @@ class DriftRun:
         states = self.store.rows.lock(conn, {k: v[0].sha256 for k, v in by_key.items()})
         evaluated: dict[Key, KeyState] = {}
         transitions: list[tuple[Key, Transition]] = []
-        for key in sorted(by_key):
-            st = states[key]
+        # Round r takes each device's r-th new window (in window time): a device's windows are scored
+        # in order, and every device with an r-th window is scored in the same numpy pass.
+        queues = {key: sorted(by_key[key], key=lambda n: n.stats.window_end) for key in sorted(by_key)}
+        failed: set[Key] = set()
+        for key in queues:
+            # The newest window evaluated can never honestly lie in the bridge's future: if a device's
+            # clock put it there, it must not keep later windows from being scored (they would all look
+            # like late redeliveries until the bridge's clock caught up).
+            states[key].last_window_end = min(states[key].last_window_end, time.time())
+        for r in range(max(len(q) for q in queues.values())):
+            jobs: list[tuple[Key, Job]] = []
+            for key, queue in queues.items():
+                if r >= len(queue) or key in failed:
+                    continue
+                try:
+                    job = self._advance(key, states[key], queue[r])
+                except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+                    self._failed(key, exc, failed)
+                    continue
+                if job is not None:
+                    jobs.append((key, job))
             try:
-                found = self._score(key, st, by_key[key])
+                scored = self._score([job for _, job in jobs])
             except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
-                # Bad numbers in one device's telemetry must not stop ingestion (the messages are stored).
-                self.store.stats.errors += 1
-                log.error("drift evaluation failed fleet=%s device=%s model=%s version=%s error=%r", *key, exc)
+                for key, _ in jobs:
+                    self._failed(key, exc, failed)
                 continue
-            evaluated[key] = st
-            transitions.extend((key, t) for t in found)
+            for (key, job), result in zip(jobs, scored, strict=True):
+                transitions.extend((key, t) for t in self._evaluate(key, states[key], job, result))
+        for key in queues:
+            if key not in failed:
+                evaluated[key] = states[key]
         self.store.rows.save(conn, evaluated)
         for key, transition in transitions:
-            self._alert(conn, key, states[key].sha256, transition)
+            if key not in failed:
+                self._alert(conn, key, states[key].sha256, transition)
         self.store.stats.windows += len(self.windows)
 
-    # ---- pure part --------------------------------------------------------------------------------
-    def _score(self, key: Key, st: KeyState, new: list[NewWindow]) -> list[Transition]:
-        s = self.store.settings
-        transitions: list[Transition] = []
-        # The newest window evaluated can never honestly lie in the bridge's future: if a device's
-        # clock put it there, it must not keep later windows from being scored (they would all look
-        # like late redeliveries until the bridge's clock caught up).
-        st.last_window_end = min(st.last_window_end, time.time())
-        for w in sorted(new, key=lambda n: n.stats.window_end):
-            bisect.insort(st.windows, w.stats, key=lambda x: x.window_end)
-            if w.stats.window_end < st.last_window_end:
-                # A late redelivery joins the pool it belongs to but is not scored: hysteresis only
-                # moves forward in window time.
-                self.store.stats.late_windows += 1
-            else:
-                st.last_window_end = w.stats.window_end
-                if (st.baseline is None or not st.baseline.ready) and baseline_complete(s, st.windows):
-                    st.baseline = complete_baseline(st.baseline, st.windows)
-                    log.info(
-                        "drift baseline frozen fleet=%s device=%s model=%s version=%s windows=%d",
-                        *key,
-                        len(st.windows),
-                    )
-                if st.baseline is not None:
-                    transitions.extend(self._evaluate(key, st, pool(st.windows[-s.recent_windows :])))
-            if st.baseline is not None and st.baseline.ready:
-                del st.windows[: max(0, len(st.windows) - s.recent_windows)]
-        return transitions
+    def _failed(self, key: Key, exc: Exception, failed: set[Key]) -> None:
+        # Bad numbers in one device's telemetry must not stop ingestion (the messages are stored).
+        self.store.stats.errors += 1
+        failed.add(key)
+        log.error("drift evaluation failed fleet=%s device=%s model=%s version=%s error=%r", *key, exc)
 
-    def _evaluate(self, key: Key, st: KeyState, recent: Pool) -> list[Transition]:
-        assert st.baseline is not None
+    # ---- pure part --------------------------------------------------------------------------------
+    def _advance(self, key: Key, st: KeyState, w: NewWindow) -> Job | None:
+        """Add one new window to the device's state; the evaluation it calls for, if any."""
+        s = self.store.settings
+        job: Job | None = None
+        bisect.insort(st.windows, w.stats, key=lambda x: x.window_end)
+        st.added.append((w.msg_id, w.stats))
+        if w.stats.window_end < st.last_window_end:
+            # A late redelivery joins the pool it belongs to but is not scored: hysteresis only
+            # moves forward in window time.
+            self.store.stats.late_windows += 1
+        else:
+            st.last_window_end = w.stats.window_end
+            if (st.baseline is None or not st.baseline.ready) and baseline_complete(s, st.windows):
+                st.baseline = complete_baseline(st.baseline, st.windows)
+                log.info(
+                    "drift baseline frozen fleet=%s device=%s model=%s version=%s windows=%d", *key, len(st.windows)
+                )
+            if st.baseline is not None:
+                job = Job(st.baseline, st.windows[-s.recent_windows :])
+        if st.baseline is not None and st.baseline.ready and len(st.windows) > s.recent_windows:
+            del st.windows[: len(st.windows) - s.recent_windows]
+            st.dropped = True
+        return job
+
+    def _score(self, jobs: list[Job]) -> list[Scored]:
+        s = self.store.settings
+        if self.store.batched:
+            return score_batch(s, jobs, self.store.window_cache)
+        out = []
+        for job in jobs:
+            recent = pool(job.windows)
+            out.append(Scored(recent.window_start, recent.window_end, score_all(s, job.baseline, recent)))
+        return out
+
+    def _evaluate(self, key: Key, st: KeyState, job: Job, result: Scored) -> list[Transition]:
+        s = self.store.settings
         out: list[Transition] = []
         self.store.stats.evaluations += 1
-        tags = drift_tags(*key)
-        for score in score_all(self.store.settings, st.baseline, recent):
-            kind_state = st.kinds.setdefault(score.kind, KindState())
-            transition = step(self.store.settings, kind_state, score, recent)
+        tags = st.tags
+        if tags is None:
+            tags = st.tags = drift_tags(*key)
+        for score in result.scores:
+            kind_state = st.kinds.get(score.kind)
+            if kind_state is None:
+                kind_state = st.kinds[score.kind] = KindState()
+            transition = step_at(s, kind_state, score, result.window_start, result.window_end)
             threshold = score.low if kind_state.firing else score.high
             self.lines.append(
-                drift_line_for(tags, score.kind, finite(score.score), threshold, kind_state.firing, recent.window_end)
+                drift_line_for(tags, score.kind, finite(score.score), threshold, kind_state.firing, result.window_end)
             )
             if transition is not None:
+                if not transition.score.detail:
+                    transition = replace(transition, score=detail_for(s, job, transition.score))
                 out.append(transition)
         return out
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -242,10 +243,13 @@ class Escalator:
             self._slots.release()
 
     def _make_reply(
-        self, pending: _Pending, prediction: Prediction | None, done: float, error: str | None
+        self, pending: _Pending, prediction: Prediction | None, done: float, error: str | None, *, lean: bool = False
     ) -> EscalationReply:
+        """The reply; `lean` (a device on the compact encoding, i.e. one that counts its bytes)
+        leaves out what a device does not use: the cloud model's identity and its top-k (about
+        half the reply; the bridge records both itself)."""
         request = pending.request
-        return EscalationReply(
+        reply = EscalationReply(
             msg_id=new_msg_id(),
             fleet_id=request.fleet_id,
             device_id=request.device_id,
@@ -259,16 +263,23 @@ class Escalator:
             latency_ms=max(0.0, (done - pending.received) * 1000.0),
             error=(error or "no prediction") if prediction is None else None,
         )
+        if lean:
+            confidence = None if reply.confidence is None else float(np.float32(reply.confidence))
+            reply = msgspec.structs.replace(
+                reply, model=None, topk=[], confidence=confidence, latency_ms=float(np.float32(reply.latency_ms))
+            )
+        return reply
 
     async def _reply(self, pending: _Pending, prediction: Prediction | None, done: float, error: str | None) -> None:
         request = pending.request
-        reply = self._make_reply(pending, prediction, done, error)
         incoming = pending.incoming
+        compact = is_compact(incoming.payload)
+        reply = self._make_reply(pending, prediction, done, error, lean=compact)
         # Always the device's own reply topic, whatever Response Topic or reply_to it named: a device
         # must not be able to make the bridge publish anywhere else. The reply is in the request's
         # encoding (a device that wrote compact reads it).
         topic = self._topics.device(request.fleet_id, request.device_id, Channel.ESCALATE_REPLY)
-        payload = encode_compact(reply) if is_compact(incoming.payload) else encode(reply)
+        payload = encode_compact(reply) if compact else encode(reply)
         try:
             await self._publish(topic, payload, 1, incoming.correlation_data)
         except MqttError as exc:

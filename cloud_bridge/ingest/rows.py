@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.registry import AlertRow, Batch, CommandAckRow, ResultRow, SampleRow, TelemetryRow
@@ -92,6 +93,7 @@ def dead_letter_row(incoming: Incoming, exc: DecodeError, now: float, limit: int
 
 def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
     """The registry row of a telemetry window; `base` holds its msg_id, fleet_id and device_id."""
+    body: dict[str, Any] = to_builtins(m)
     return {
         **base,
         "model_name": m.model.name,
@@ -99,8 +101,27 @@ def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
         "window_start": m.window_start,
         "window_end": m.window_end,
         "count": m.count,
-        "body": to_builtins(m),
+        "body": body,
+        "summary": telemetry_summary(body),
     }
+
+
+def telemetry_summary(body: dict[str, Any]) -> dict[str, Any]:
+    """What fleet-wide queries read of a telemetry body (a subset with the same keys, so
+    cloud_bridge/rollout/policy.py `aggregate` takes either): a few dozen bytes against ~3 KB."""
+    out: dict[str, Any] = {"device_id": body.get("device_id"), "count": body.get("count", 0)}
+    for key in ("rejected", "escalations", "confidence", "edge_latency_ms", "latency_ms", "outbox"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if key == "confidence":
+            value = {"mean": value["mean"]}
+        elif key in ("edge_latency_ms", "latency_ms"):
+            value = {"p95": value["p95"]}
+        elif key == "outbox":
+            value = {"depth": value.get("depth")}
+        out[key] = value
+    return out
 
 
 def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:

@@ -47,7 +47,11 @@ def _set_aside_old_results(conn: Connection) -> None:
 
 
 # Columns added to existing tables since the registry was first released: (table, column, SQL type).
-NEW_COLUMNS = (("devices", "status_order", "BIGINT"),)
+NEW_COLUMNS = (
+    ("devices", "status_order", "BIGINT"),
+    ("drift_states", "version", "BIGINT"),
+    ("telemetry", "summary", "JSON"),
+)
 
 
 def _add_new_columns(conn: Connection) -> None:

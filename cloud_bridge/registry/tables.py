@@ -94,6 +94,23 @@ class ResultRow(Base):
     ts: Mapped[float] = mapped_column(Float)
 
 
+class ResultAggregate(Base):
+    """What the result rows of one (device, edge model version, path) said over one time bucket, kept
+    after the rows themselves pass `[registry] results_retention_s` (cloud_bridge/registry/retention.py)."""
+
+    __tablename__ = "result_aggregates"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bucket_start: Mapped[float] = mapped_column(Float, primary_key=True)  # unix s, a multiple of bucket_s
+    bucket_s: Mapped[float] = mapped_column(Float)
+    answers: Mapped[int] = mapped_column(BigInteger, default=0)
+    confidence_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    with_truth: Mapped[int] = mapped_column(BigInteger, default=0)  # answers whose input had a known label
+    correct: Mapped[int] = mapped_column(BigInteger, default=0)  # ... and the answer was that label
+
+
 class TelemetryRow(Base):
     __tablename__ = "telemetry"
     msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -105,6 +122,9 @@ class TelemetryRow(Base):
     window_end: Mapped[float] = mapped_column(Float, index=True)
     count: Mapped[int] = mapped_column(Integer)
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The few fields fleet-wide queries read (cloud_bridge/ingest/rows.py telemetry_summary), so the
+    # rollout judge and `cloud-bridge devices` need not parse every window's whole body. None: older rows.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class CommandAckRow(Base):
@@ -240,6 +260,25 @@ class DriftStateRow(Base):
     last_window_end: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # A random token written with every change: a bridge whose cached state carries the same token
+    # need not read the row's windows again (cloud_bridge/drift/state.py). None: never written so.
+    version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class DriftWindowRow(Base):
+    """One telemetry window a drift state is scored on, written once when it arrives and deleted once
+    it leaves the recent pool (rows made before this table kept them in `drift_states.windows`)."""
+
+    __tablename__ = "drift_windows"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window_end: Mapped[float] = mapped_column(Float, primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    window_start: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(Integer)
+    stats: Mapped[bytes] = mapped_column(LargeBinary)  # cloud_bridge/drift/codec.py pack_window
 
 
 class DriftEpisodeRow(Base):

@@ -85,6 +85,8 @@ def telemetry_lines(message: Telemetry) -> list[str]:
         f"escalations_answered={format_field(esc.answered)}",
         f"escalations_timed_out={format_field(esc.timed_out)}",
         f"escalations_fallback={format_field(esc.offline_fallback)}",
+        f"escalations_over_budget={format_field(esc.over_budget)}",
+        f"escalations_paused={format_field(esc.paused)}",
         f"samples_sent={format_field(smp.sent)}",
         f"samples_skipped={format_field(smp.skipped_budget)}",
         f"outbox_depth={format_field(box.depth)}",
@@ -98,7 +100,22 @@ def telemetry_lines(message: Telemetry) -> list[str]:
         ]
     if message.providers is not None:
         fields.append(f"provider_fallback={format_field(int(message.providers.fallback))}")
+    link = message.link
+    if link is not None:
+        fields += [
+            f"link_up={format_field(sum(link.up.values()))}",
+            f"link_down={format_field(sum(link.down.values()))}",
+        ]
+        if link.budget_left is not None:
+            fields.append(f"budget_left={format_field(link.budget_left)}")
     out = [f"inference{tags} {','.join(fields)}{ts}"]
+    if link is not None:
+        # One point per channel (tag "channel" sorts first): bytes up and down, and what the daily
+        # budget held back, so a panel can stack what each channel costs.
+        for channel in sorted(link.up.keys() | link.down.keys() | link.held.keys()):
+            values = (("up", link.up), ("down", link.down), ("held", link.held))
+            cf = ",".join(f"{name}={format_field(counts.get(channel, 0))}" for name, counts in values)
+            out.append(f"link,channel={escape_tag(channel)}{tags} {cf}{ts}")
     # "class" sorts before every other tag key, so it goes first.
     out.extend(
         f"class_counts{_class_tag(c)}{tags} count={format_field(n)}{ts}" for c, n in message.class_counts.items()
@@ -149,10 +166,16 @@ def drift_tags(fleet_id: str, device_id: str, model: str, version: str) -> tuple
     return tag_part({"fleet": fleet_id, "device": device_id}), tag_part({"model": model, "version": version})
 
 
+# The drift kinds' metric tags, escaped once (a drift line per kind per scored window).
+_METRIC_TAGS = {k: f",metric={k}" for k in ("prediction_drift", "confidence_drift", "feature_drift", "latency")}
+
+
 def drift_line_for(tags: tuple[str, str], metric: str, score: float, threshold: float, firing: bool, ts: float) -> str:
     """`drift_line` with the tags from `drift_tags` (same output as `line`)."""
     head, tail = tags
-    metric_tag = f",metric={escape_tag(metric)}" if metric else ""
+    metric_tag = _METRIC_TAGS.get(metric)
+    if metric_tag is None:
+        metric_tag = f",metric={escape_tag(metric)}" if metric else ""
     fields = f"score={float(score)!r},threshold={float(threshold)!r},firing={int(firing)}i"
     return f"drift{head}{metric_tag}{tail} {fields} {round(ts * 1000)}"
 

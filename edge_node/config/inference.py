@@ -32,6 +32,9 @@ class RoutingConfig:
     confidence_threshold: float = 0.8
     escalation_timeout_s: float = 2.0
     max_outstanding: int = 64
+    # Each escalation costs ~0.5 KB on the link (the input up, the answer down); a drifting device
+    # is unsure of a third of its inputs, so without a budget it would escalate all day.
+    max_escalations_per_minute: float = 4.0
     escalate: bool = True
     publish_results: bool = True
 
@@ -42,13 +45,16 @@ class RoutingConfig:
             raise ValueError("escalation_timeout_s must be > 0")
         if self.max_outstanding < 1:
             raise ValueError("max_outstanding must be at least 1")
+        if self.max_escalations_per_minute < 0:
+            raise ValueError("max_escalations_per_minute must be >= 0 (0: unsure answers stay local)")
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     entropy_threshold: float = 1.0
     margin_threshold: float = 0.2
-    max_per_minute: int = 60
+    # 4,320 a device a day: more than a labeling team reads, ~1.4 MB a day on the link.
+    max_per_minute: int = 3
     top_k: int = 3
 
     def validate(self) -> None:

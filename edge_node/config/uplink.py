@@ -74,11 +74,18 @@ class UplinkConfig:
     # shared dictionary, schemas/compact.py), then compact; json / compact: always that one.
     encoding: Literal["auto", "json", "compact"] = "auto"
     # Answers go up as result/2 messages of up to results_max_answers, sent at the latest
-    # results_max_delay_s after the first one waited (0: one message per micro-batch).
+    # results_max_delay_s after the first one waited (0: one message per micro-batch). 10 s: at 1 Hz
+    # ten answers share a message (~60 bytes an answer instead of ~240), and a bridge receives a
+    # tenth of the messages; a result reaches the cloud at most 10 s after its answer.
     results_max_answers: int = 256
-    results_max_delay_s: float = 1.0
+    results_max_delay_s: float = 10.0
+    # Bytes a day the link may cost, up and down (0: no limit); spent by priority, control >
+    # telemetry > escalations > samples > results, what does not fit held back and counted.
+    daily_bytes: int = 0
 
     def validate(self) -> None:
+        if self.daily_bytes < 0:
+            raise ValueError("daily_bytes must be >= 0 (0: no limit)")
         if not 1 <= self.results_max_answers <= 1024:
             raise ValueError("results_max_answers must be 1-1024")
         if not 0 <= self.results_max_delay_s <= 60:

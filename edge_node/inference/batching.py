@@ -35,14 +35,14 @@ BATCH_JOB_S = 0.02
 # inputs wait, several of them as one job, run one after the other (a serial job): one hand-off to
 # the worker and back, and one pass of routing, results and commit, per job instead of per input.
 # Each model run still takes one input. A job is sized by the measured run cost to take about
-# SERIAL_JOB_S, at most MAX_SERIAL_ROWS inputs; its answers leave together, so the first waits for
-# the others, only ever while inputs are backed up (a lone input is a job of one). On the 2-vCPU VM
-# of bench/edge_pipeline.py a hand-off cost a 1.3 ms model ~90 µs of its time (waking the loop
-# runs cold after the model streamed its weights through the caches), and the loop's work per job
-# slows the model's run on the other vCPU: 0.92 of raw throughput with jobs of one input, 0.95-0.98
-# with 5 ms jobs.
-SERIAL_JOB_S = 0.005
-MAX_SERIAL_ROWS = 16
+# SERIAL_JOB_S (as long as a batch may take), at most MAX_SERIAL_ROWS inputs; its answers leave
+# together, so the first waits for the others, only ever while inputs are backed up (a lone input
+# is a job of one). Between two jobs the worker idles ~100-250 µs on a 2-vCPU VM (it hands the
+# result back and waits for the GIL while the loop routes the job before), and the loop's work per
+# job slows the model's run on the other vCPU: with the 2 ms MLP of bench/edge_pipeline.py, 5 ms
+# jobs (2 inputs) lost 5-10% of the model's throughput, 20 ms jobs (8-10 inputs) 1-3%.
+SERIAL_JOB_S = 0.02
+MAX_SERIAL_ROWS = 64
 # The intake holds this many batches (or serial jobs): enough that the next one is waiting when
 # the two in inference finish. The pipeline resizes it to the jobs it forms (a model switch may
 # change them), so that an overloaded node holds no more inputs back than it needs to...

@@ -52,6 +52,8 @@ class MqttInputSource:
         self._ids = ids
         self.overloaded = 0
         self.duplicates = 0
+        self.stopping = False  # the node is draining: inputs are no longer taken
+        self.dropped_stopping = 0
         # QoS 1 is at-least-once: after a reconnect the broker may redeliver an input already taken.
         self._recent: OrderedDict[str, None] = OrderedDict()
 
@@ -70,9 +72,19 @@ class MqttInputSource:
         return False
 
     async def run(self) -> None:
-        await asyncio.Event().wait()  # passive: `offer` is called for each MQTT message
+        try:
+            await asyncio.Event().wait()  # passive: `offer` is called for each MQTT message
+        finally:
+            # Cancelled: the node is stopping. Inputs that still arrive until the link closes are
+            # not taken, or a steady stream would keep the drain (`queue.join()`, outstanding
+            # escalations) from ever ending: a node fed at 20 Hz did not stop on SIGTERM.
+            self.stopping = True
 
     def offer(self, payload: bytes, topic: str) -> None:
+        if self.stopping:
+            self.dropped_stopping += 1
+            log.warning("input dropped topic=%s reason=stopping (the node is shutting down)", topic)
+            return
         now = asyncio.get_running_loop().time()
         try:
             message = decode(payload, Input)

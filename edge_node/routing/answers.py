@@ -22,6 +22,7 @@ from edge_node.input.intake import InputItem
 from edge_node.routing.confidence import BatchDecision, top_k
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import Window
+from edge_node.uplink.budget import Spend
 from edge_node.uplink.outbox import OutMessage, Priority
 from edge_node.uplink.wire import Wire
 from schemas import (
@@ -146,7 +147,11 @@ class AnswerBuilder:
         return answers
 
     def results(self, info: ModelInfo, answers: list[Answer]) -> list[OutMessage]:
-        """The result/2 messages of answers given by one model, RESULTS_PER_MESSAGE at most each."""
+        """The result/2 messages of answers given by one model, RESULTS_PER_MESSAGE at most each;
+        none when the daily byte budget holds results back (the telemetry window counts them)."""
+        if answers and not self.wire.budget.allows(Spend.RESULTS):
+            self.wire.budget.hold(Channel.RESULTS.value, len(answers))
+            return []
         dev = self.config.device
         now = time.time()
         out: list[OutMessage] = []
@@ -171,7 +176,11 @@ class AnswerBuilder:
         out: list[OutMessage] = []
         now = time.monotonic()
         dev = self.config.device
+        budget = self.wire.budget
         for i in np.flatnonzero(self.sampler.candidates(d.entropy, d.margin)):
+            if not budget.allows(Spend.SAMPLES):
+                budget.hold(Channel.SAMPLES.value)
+                continue
             if not self.sampler.admit(now):
                 continue
             entropy, margin = float(d.entropy[i]), float(d.margin[i])

@@ -29,6 +29,9 @@ class EscalationResult:
 class Escalations:
     def __init__(self, max_outstanding: int) -> None:
         self.max_outstanding = max_outstanding
+        # Event-loop time until which nothing is escalated: a reply's pause_s (the cloud found,
+        # on labeled samples, that its model does not answer this device's inputs better).
+        self.paused_until = 0.0
         self._pending: dict[str, asyncio.Future[EscalationReply]] = {}
         self.late_replies = 0
         self._idle = asyncio.Event()
@@ -70,6 +73,11 @@ class Escalations:
 
     def resolve(self, reply: EscalationReply) -> bool:
         """Deliver a reply; False (and counted) if nobody waits for it any more."""
+        if reply.pause_s:
+            until = asyncio.get_running_loop().time() + reply.pause_s
+            if until > self.paused_until + 1.0:
+                log.info("escalations paused for %.0f s: the cloud model does not help here", reply.pause_s)
+            self.paused_until = max(self.paused_until, until)
         future = self._pending.get(reply.request_id)
         if future is None or future.done():
             self.late_replies += 1
@@ -77,6 +85,9 @@ class Escalations:
             return False
         future.set_result(reply)
         return True
+
+    def paused(self) -> bool:
+        return asyncio.get_running_loop().time() < self.paused_until
 
     async def wait_idle(self) -> None:
         """Until no escalation is outstanding (used by the shutdown drain)."""

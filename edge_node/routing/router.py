@@ -1,6 +1,7 @@
 """Routing one scored batch: samples what is uncertain, answers what is confident at the edge, and
 escalates the rest to the cloud model, falling back to the edge's answer when the node is offline,
-no escalation slot is free ("shed"), or the reply does not come in time.
+no escalation slot is free ("shed"), the escalation budget is spent ("budget"), or the reply does
+not come in time.
 
 The common case, every row confident (or escalation off), takes the batch's lists as they are.
 An escalated input's answer leaves when its reply (or its deadline) comes, in a task of its own;
@@ -20,12 +21,14 @@ from edge_node.config import EdgeConfig
 from edge_node.inference.model import ModelInfo
 from edge_node.input.intake import InputItem, notify_done
 from edge_node.routing.answers import AnswerBuilder, Final, Row
+from edge_node.routing.budget import RateBudget
 from edge_node.routing.coalesce import ResultCoalescer
 from edge_node.routing.confidence import BatchDecision
 from edge_node.routing.escalation import EscalationResult, Escalations
 from edge_node.telemetry import Window
+from edge_node.uplink.budget import Spend
 from edge_node.uplink.outbox import Outbox, OutMessage
-from schemas import Answer, EscalationReply
+from schemas import Answer, Channel, EscalationReply
 
 
 class Router:
@@ -45,6 +48,7 @@ class Router:
         up = config.uplink
         self.coalescer = ResultCoalescer(answers, outbox, up.results_max_answers, up.results_max_delay_s)
         self.escalations = escalations
+        self.budget = RateBudget(config.routing.max_escalations_per_minute)
         self.outbox = outbox
         self._window = window
         self._online = online
@@ -81,6 +85,15 @@ class Router:
                 if not self._online():
                     tally.offline_fallback += 1
                     finals.append(Final(row, "edge_fallback", "offline"))
+                elif self.escalations.paused():
+                    tally.paused += 1
+                    finals.append(Final(row, "edge_fallback", "budget"))
+                elif self.escalations.outstanding >= self.escalations.max_outstanding:
+                    tally.shed += 1
+                    finals.append(Final(row, "edge_fallback", "shed"))
+                elif not self._within_budget():
+                    tally.over_budget += 1
+                    finals.append(Final(row, "edge_fallback", "budget"))
                 elif (request := self._escalate(row, tasks)) is None:
                     tally.shed += 1
                     finals.append(Final(row, "edge_fallback", "shed"))
@@ -104,6 +117,15 @@ class Router:
         if given:
             out += answers.results(info, given)
         return out, answered
+
+    def _within_budget(self) -> bool:
+        """May one more escalation go? Within [routing] max_escalations_per_minute and the link's
+        daily byte budget ([uplink] daily_bytes)."""
+        bytes_budget = self.answers.wire.budget
+        if not bytes_budget.allows(Spend.ESCALATIONS):
+            bytes_budget.hold(Channel.ESCALATE.value)
+            return False
+        return self.budget.admit(time.monotonic())
 
     def _escalate(self, row: Row, tasks: asyncio.TaskGroup) -> OutMessage | None:
         """Reserve a slot and build the request; the wait for its reply runs as its own task."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from edge_node.routing.budget import RateBudget
 from schemas.messages import SampleReason
 
 
@@ -21,10 +22,10 @@ class UncertaintySampler:
     entropy_threshold: float
     margin_threshold: float
     max_per_minute: int
-    sent: int = 0
-    skipped_budget: int = 0
-    _tokens: float = field(default=-1.0, repr=False)
-    _last: float | None = field(default=None, repr=False)
+    _budget: RateBudget = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._budget = RateBudget(self.max_per_minute)
 
     def candidates(self, entropy: npt.NDArray[np.float32], margin: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
         by_entropy = entropy >= np.float32(self.entropy_threshold)
@@ -41,24 +42,8 @@ class UncertaintySampler:
 
     def admit(self, now: float) -> bool:
         """Spend one token if the budget allows at time `now` (monotonic seconds)."""
-        if self.max_per_minute <= 0:
-            self.skipped_budget += 1
-            return False
-        capacity = float(self.max_per_minute)
-        if self._last is None:
-            self._tokens = capacity
-        else:
-            self._tokens = min(capacity, self._tokens + (now - self._last) * capacity / 60.0)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            self.sent += 1
-            return True
-        self.skipped_budget += 1
-        return False
+        return self._budget.admit(now)
 
     def take_counts(self) -> tuple[int, int]:
         """(sent, skipped) since the last call."""
-        counts = (self.sent, self.skipped_budget)
-        self.sent = self.skipped_budget = 0
-        return counts
+        return self._budget.take_counts()

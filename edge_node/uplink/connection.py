@@ -39,6 +39,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
 from edge_node.errors import ConnectFailure
+from edge_node.uplink.budget import ACK_SIZE, PROTOCOL, ByteBudget, channel_of, connect_size, publish_size, varint_size
 from edge_node.uplink.message import OutMessage, Stored
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,14 @@ def publish_properties(msg: OutMessage, now: float) -> Properties | None:
     return props
 
 
+def _packed_size(props: Properties | None) -> int:
+    """Bytes of MQTT 5 properties on the wire, their length included (1 for none)."""
+    if props is None:
+        return 1
+    packed: bytes = props.pack()  # type: ignore[no-untyped-call]
+    return len(packed)
+
+
 @dataclass(slots=True)
 class _Sent:
     row_id: int
@@ -153,6 +162,7 @@ class Hooks:
     acked: Callable[[list[int]], None]
     received: Callable[[Connection, mqtt.MQTTMessage], None]  # ack it with `ack_incoming` once handled
     stats: LinkStats
+    meter: ByteBudget  # bytes per channel, as MQTT encodes them (edge_node/uplink/budget.py)
 
 
 class Connection:
@@ -204,6 +214,7 @@ class Connection:
         # connection means paho never re-sends an aliased PUBLISH on a new one, docs/traps.md).
         self.aliases: dict[str, int] = {}
         self.alias_max = 0
+        self._will = will
         client.will_set(
             will.topic,
             will.payload,
@@ -261,7 +272,17 @@ class Connection:
             self.window = min(self.window, int(receive_max))
         if self.v5 and ack.properties is not None:
             self.alias_max = min(cfg.topic_aliases, int(getattr(ack.properties, "TopicAliasMaximum", 0) or 0))
+        self._count_connect(props, ack)
         return ack
+
+    def _count_connect(self, props: Properties | None, ack: ConnAck) -> None:
+        """Book the CONNECT (with its will) and the CONNACK: a reconnect's price on the link."""
+        cfg, will = self.config, self._will
+        fields = [cfg.client_id.encode(), will.topic.encode(), will.payload]
+        fields += [v.encode() for v in (cfg.username, cfg.password) if v]
+        props_size = _packed_size(props) + _packed_size(publish_properties(will, time.time())) if self.v5 else 0
+        self.hooks.meter.sent(PROTOCOL, connect_size(fields, props_size))
+        self.hooks.meter.received(PROTOCOL, 4 + (_packed_size(ack.properties) if self.v5 else 0))
 
     def _on_socket_closed(self) -> None:
         self._mark_closed("socket closed")
@@ -323,6 +344,7 @@ class Connection:
         sent = self.sent.pop(mid, None)
         if sent is None:
             return
+        self.hooks.meter.received(channel_of(sent.topic), ACK_SIZE)
         stats = self.hooks.stats
         if reason.is_failure:
             stats.puback_failures += 1
@@ -354,6 +376,10 @@ class Connection:
         self.hooks.acked(acked)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        meter, channel = self.hooks.meter, channel_of(message.topic)
+        meter.received(channel, self._publish_size(message.topic, message.payload, message.qos, message.properties))
+        if message.qos > 0:
+            meter.sent(channel, ACK_SIZE)  # our PUBACK, once the handler ran
         self.hooks.received(self, message)
 
     def ack_incoming(self, mid: int, qos: int) -> None:
@@ -376,11 +402,15 @@ class Connection:
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.debug("mqtt publish refused rc=%s topic=%s", info.rc, msg.topic)
             return False
+        self.hooks.meter.sent(channel_of(msg.topic), self._publish_size(topic, msg.payload, msg.qos, props))
         self.sent[info.mid] = _Sent(row.row_id, msg.msg_id, msg.topic)
         self.all_acked.clear()
         if len(self.sent) >= self.window:
             self.window_open.clear()
         return True
+
+    def _publish_size(self, topic: str, payload: bytes | bytearray, qos: int, props: Properties | None) -> int:
+        return publish_size(len(topic.encode()), len(payload), qos, _packed_size(props) if self.v5 else None)
 
     def _aliased(self, topic: str, props: Properties | None) -> tuple[str, Properties]:
         """The topic name sent and the properties carrying its alias: the name with a new alias the
@@ -399,6 +429,11 @@ class Connection:
     def subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
         if not subscriptions:
             return
+        # SUBSCRIBE: header, packet id, (properties,) each filter with its length and options; SUBACK
+        # a reason code each.
+        size = sum(3 + len(t.encode()) for t, _ in subscriptions) + 2 + (1 if self.v5 else 0)
+        self.hooks.meter.sent(PROTOCOL, 1 + varint_size(size) + size)
+        self.hooks.meter.received(PROTOCOL, 4 + (1 if self.v5 else 0) + len(subscriptions))
         if self.v5:
             self.client.subscribe([(t, SubscribeOptions(qos=q)) for t, q in subscriptions])
         else:

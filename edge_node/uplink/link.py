@@ -25,6 +25,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from common.backoff import Backoff
 from common.tls import client_context
 from edge_node.errors import ConfigError, ConnectFailure, OutboxClosedError, OutboxError
+from edge_node.uplink.budget import ByteBudget
 from edge_node.uplink.connection import ConnAck, Connection, Hooks, LinkConfig, LinkStats
 from edge_node.uplink.message import IncomingMessage, OutMessage, Priority
 from edge_node.uplink.outbox import Outbox
@@ -71,8 +72,11 @@ class Link:
         subscriptions: list[tuple[str, int]],
         on_message: MessageHandler,
         on_connected: Callable[[], Awaitable[None]] | None = None,
+        meter: ByteBudget | None = None,
     ) -> None:
         self.config = config
+        # Bytes per channel and the daily budget; a Link of its own (tests, tools) only counts.
+        self.meter = meter if meter is not None else ByteBudget()
         self.outbox = outbox
         # The last will and the birth of connection number n (`connection`): each CONNECT gets a
         # fresh will, so that every connection's has its own msg_id (a reused one would be dropped
@@ -99,7 +103,7 @@ class Link:
         self._tls = (
             client_context(config.tls_ca, config.tls_cert, config.tls_key, error=ConfigError) if config.tls else None
         )
-        self._hooks = Hooks(acked=self._acked, received=self._received, stats=self.stats)
+        self._hooks = Hooks(acked=self._acked, received=self._received, stats=self.stats, meter=self.meter)
         self._protocol: MQTTProtocolVersion | None = {
             "mqtt5": MQTTProtocolVersion.MQTTv5,
             "mqtt311": MQTTProtocolVersion.MQTTv311,

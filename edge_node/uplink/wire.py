@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any, Literal, Protocol
 
 from edge_node.config import EdgeConfig
+from edge_node.uplink.budget import ByteBudget
 from edge_node.uplink.message import OutMessage, Priority
 from schemas import Channel, Envelope, Topics, encode
 from schemas.compact import ENCODING, encode_compact
@@ -44,9 +45,12 @@ class Wire:
         device_id: str,
         seqs: Sequenced | None,
         encoding: Literal["auto", "json", "compact"] = "json",
+        budget: ByteBudget | None = None,
     ) -> None:
-        """`seqs`: the outbox that numbers confirmed messages, or None when delivery is "broker"."""
+        """`seqs`: the outbox that numbers confirmed messages, or None when delivery is "broker".
+        `budget`: the link's byte counts and daily budget, which producers ask before they queue."""
         self._seqs = seqs
+        self.budget = budget if budget is not None else ByteBudget()
         self.encoding = encoding
         self.compact = encoding == "compact"
         self.topic = {channel: topics.device(fleet_id, device_id, channel) for channel in Channel}
@@ -82,9 +86,9 @@ class Wire:
         )
 
 
-def device_wire(config: EdgeConfig, outbox: Sequenced) -> Wire:
+def device_wire(config: EdgeConfig, outbox: Sequenced, budget: ByteBudget | None = None) -> Wire:
     """The wire of the configured device: confirmed messages numbered by `outbox` unless
     `[outbox] delivery = "broker"`."""
     dev = config.device
     seqs = outbox if config.outbox.delivery == "confirmed" else None
-    return Wire(config.topics, dev.fleet_id, dev.device_id, seqs, config.uplink.encoding)
+    return Wire(config.topics, dev.fleet_id, dev.device_id, seqs, config.uplink.encoding, budget)

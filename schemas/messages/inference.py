@@ -22,7 +22,9 @@ from schemas.messages.base import (
 
 SampleReason = Literal["entropy", "margin"]
 Path = Literal["edge", "cloud", "edge_fallback"]
-FallbackReason = Literal["timeout", "offline", "shed", "error"]
+# "budget": the escalation budget ([routing] max_escalations_per_minute) was spent. A bridge older
+# than the devices rejects it: upgrade the cloud side first, as with every contract addition.
+FallbackReason = Literal["timeout", "offline", "shed", "error", "budget"]
 
 
 class Sample(Envelope, kw_only=True, tag="sample/1"):
@@ -85,6 +87,18 @@ class EscalationReply(Envelope, kw_only=True, tag="escalate_reply/1"):
     topk: Annotated[list[TopK], Meta(max_length=32)] = field(default_factory=list)
     latency_ms: NonNeg = 0.0
     error: Text | None = None
+    pause_s: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                le=86400,
+                description="the cloud model is not better than this device's model here (labeled samples say so): "
+                "ask nothing for this long",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class Result(Envelope, kw_only=True, tag="result/1"):

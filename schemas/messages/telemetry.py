@@ -87,6 +87,8 @@ class EscalationCounts(Struct, frozen=True, kw_only=True, omit_defaults=True):
     shed: Annotated[int, Meta(ge=0, description="not sent: too many outstanding")] = 0
     errors: Count = 0
     agreed: Annotated[int, Meta(ge=0, description="answered with the edge's label")] = 0
+    over_budget: Annotated[int, Meta(ge=0, description="not sent: over max_escalations_per_minute")] = 0
+    paused: Annotated[int, Meta(ge=0, description="not sent: the cloud said it does not help here (pause_s)")] = 0
 
 
 class SampleCounts(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -136,6 +138,23 @@ class FeatureStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
     std: Annotated[list[float], Meta(max_length=256)]
 
 
+class LinkBytes(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the link cost in the window, as MQTT encodes it, per channel (results, telemetry,
+    escalate, escalate/reply, protocol, ...), and what the daily byte budget held back."""
+
+    up: Annotated[Counts, Meta(description="bytes sent, by channel (our PUBACKs booked to the channel they ack)")] = (
+        field(default_factory=dict)
+    )
+    down: Annotated[Counts, Meta(description="bytes received, by channel (PUBACKs to the channel they ack)")] = field(
+        default_factory=dict
+    )
+    held: Annotated[
+        Counts,
+        Meta(description="held back by [uplink] daily_bytes: answers (results), samples, escalations, windows"),
+    ] = field(default_factory=dict)
+    budget_left: Annotated[int, Meta(ge=0, description="bytes the daily budget can spend now")] | None = None
+
+
 class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
     """One aggregated window, published every interval_s. `ts` equals `window_end`."""
 
@@ -168,6 +187,7 @@ class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
     clock_offset_s: Annotated[
         float | None, Meta(description="this device's clock minus the cloud's, estimated from clock/1 round trips")
     ] = None
+    link: LinkBytes | None = None
 
 
 # ---- inference traffic -------------------------------------------------------------------------
