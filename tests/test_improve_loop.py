@@ -19,6 +19,7 @@ from sqlalchemy import insert
 from cloud_bridge.cli import main as cli_main
 from cloud_bridge.config import load_config
 from cloud_bridge.improve.driver import ImproveDriver
+from cloud_bridge.improve.escalation_value import EscalationAdvice
 from cloud_bridge.improve.policy import AutoPolicy, auto_start
 from cloud_bridge.improve.store import LoopStore, NewLoop
 from cloud_bridge.models.lineage import get_lineage
@@ -169,6 +170,16 @@ async def test_escalation_value_scores_edge_and_cloud_on_human_labels(
     _, _, version, count, edge, cloud, verdict = line.split()
     assert version == "1.0.0" and int(count) == 250
     assert verdict == ("helps" if float(cloud) > float(edge) else "does_not_help")
+    # Demanding a 0.9 gain, the cloud does not help here: stored, replies to this device carry a pause.
+    assert await asyncio.to_thread(cli_main, [*args, "--min-gain", "0.9", "--apply", "600"]) == 0
+    assert "1 device/version pair(s) told to pause escalations 600 s" in capsys.readouterr().out
+    advice = EscalationAdvice()
+    await advice.refresh(labeled.registry)
+    assert advice.pause_for(FLEET, DEVICE, "1.0.0") == 600.0 and advice.pause_for(FLEET, "dev-2", "1.0.0") is None
+    assert await asyncio.to_thread(cli_main, [*args, "--apply", "600"]) == 0  # the default: helps if better
+    await advice.refresh(labeled.registry)
+    paused = advice.pause_for(FLEET, DEVICE, "1.0.0")
+    assert paused == (None if verdict == "helps" else 600.0)
 
 
 async def test_two_workers_on_postgresql_run_each_phase_once(

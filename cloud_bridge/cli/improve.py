@@ -22,7 +22,7 @@ from cloud_bridge.cli.common import Commands, add_config, command, open_registry
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import UsageError
 from cloud_bridge.improve.driver import DEFAULT_OPTIONS, ImproveDriver
-from cloud_bridge.improve.escalation_value import EscalationValue, assess
+from cloud_bridge.improve.escalation_value import EscalationValue, assess, record_advice
 from cloud_bridge.improve.policy import AutoPolicy, auto_start
 from cloud_bridge.improve.store import ImproveError, LoopStore, NewLoop
 from cloud_bridge.improve.trigger import drifted_devices, human_labels
@@ -120,6 +120,16 @@ def add_subparsers(sub: Commands) -> None:
     add_config(value, "state_dir, [registry], [ota] model_store")
     value.add_argument("--cloud", required=True, help="the cloud model, NAME@VERSION")
     value.add_argument("--min-samples", type=int, default=30, help="labels needed for a verdict (30)")
+    value.add_argument(
+        "--min-gain", type=float, default=0.0, help="the cloud must be this much more accurate to help (0)"
+    )
+    value.add_argument(
+        "--apply",
+        type=float,
+        default=None,
+        metavar="PAUSE_S",
+        help="store the verdicts: escalation replies to 'does_not_help' devices then carry pause_s = PAUSE_S",
+    )
     command(value, "improve escalation", _escalation)
 
 
@@ -291,10 +301,16 @@ def _escalation(args: argparse.Namespace) -> int:
     name, version = _ref(args.cloud, "--cloud")
 
     async def run() -> list[EscalationValue]:
-        async with open_registry(config, create=False) as registry:
+        async with open_registry(config, create=args.apply is not None) as registry:
             cloud = await ModelStore(config.model_store_dir, registry).get(name, version)
-            return await assess(registry, cloud.path, min_samples=args.min_samples)
+            found = await assess(registry, cloud.path, min_samples=args.min_samples, min_gain=args.min_gain)
+            if args.apply is not None:
+                paused = await record_advice(registry, found, args.apply)
+                print(f"advice stored: {paused} device/version pair(s) told to pause escalations {args.apply:g} s")
+            return found
 
+    if args.apply is not None and not 0 < args.apply <= 86400:
+        raise UsageError(f"--apply {args.apply}: a pause of 1 s to 86400 s (what escalate_reply/1 allows)")
     values = asyncio.run(run())
     if not values:
         print("no human-labeled samples yet: import labels with `cloud-bridge samples labels import FILE`")

@@ -5,6 +5,7 @@ results, samples, drift state, models, commands and rollouts.
 from cloud_bridge.registry.loop_tables import (
     DatasetItemRow,
     DatasetVersionRow,
+    EscalationAdviceRow,
     ImproveLoopRow,
     LabelImportRow,
     LabelRow,
@@ -47,6 +48,7 @@ __all__ = [
     "DriftEpisodeRow",
     "DriftStateRow",
     "DriftWindowRow",
+    "EscalationAdviceRow",
     "ImproveLoopRow",
     "LabelImportRow",
     "LabelRow",

@@ -102,3 +102,20 @@ class ImproveLoopRow(Base):
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class EscalationAdviceRow(Base):
+    """Whether escalating helps, per device and edge model version (cloud_bridge/improve/escalation_value.py):
+    the last assessment on human labels, and the pause the bridge's escalation replies should carry
+    (`escalate_reply/1` `pause_s`; None while escalating helps or too few labels say)."""
+
+    __tablename__ = "escalation_advice"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    labeled: Mapped[int] = mapped_column(Integer)
+    edge_accuracy: Mapped[float] = mapped_column(Float)
+    cloud_accuracy: Mapped[float] = mapped_column(Float)
+    pause_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
