@@ -90,7 +90,7 @@ def test_every_help_text_reads_clean() -> None:
         assert "%%" not in text, name
         assert not re.search(r"[\w/]+\.py\b", text), f"{name} --help points at a source file:\n{text}"
         assert (parser.description or "").strip() not in module_docs, f"{name} shows a module docstring"
-    assert len(helps) == 22 and {"cloud-bridge check", "cloud-bridge devices", "cloud-bridge alerts"} <= set(helps)
+    assert len(helps) == 32 and {"cloud-bridge check", "cloud-bridge devices", "cloud-bridge alerts"} <= set(helps)
     assert "5%, 25%, 100%" in " ".join(helps["cloud-bridge rollout"].split())
     top = subprocess.run([*CLOUD_BRIDGE, "--help"], capture_output=True, text=True, timeout=30, check=True)
     assert top.stdout == helps["cloud-bridge"]

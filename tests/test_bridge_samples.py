@@ -255,7 +255,7 @@ async def test_since_last_resumes_by_arrival_including_late_old_samples(
     assert [e["msg_id"] for e in manifest(out)] == [s.msg_id for s in first + late + fresh]
 
 
-async def test_label_studio_tasks_cover_the_whole_manifest(
+async def test_label_studio_tasks_are_only_the_new_samples(
     tmp_path: Path, mosquitto: Mosquitto, toml: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sent = [make_sample(i, "dev-1", time.time(), ["entropy"]) for i in range(3)]
@@ -263,13 +263,20 @@ async def test_label_studio_tasks_cover_the_whole_manifest(
     async with running_bridge(config(tmp_path, mosquitto)) as bridge:
         await ingest(bridge, mosquitto, sent)
     base = ("--config", str(toml), "--out", str(out), "--format", "label-studio")
+    code, _, err = await export(capsys, *base, "--since", "0", "--limit", "2")
+    assert code == 0 and "--image-url-prefix" in err  # PNG paths Label Studio cannot open: warned
     assert (await export(capsys, *base, "--since", "0", "--limit", "2", "--image-url-prefix", "/data/x/"))[0] == 0
-    assert (await export(capsys, *base, "--since", "0", "--image-url-prefix", "/data/x/"))[0] == 0
-    tasks = json.loads((out / "label-studio.json").read_text(encoding="utf-8"))
-    assert [t["data"]["msg_id"] for t in tasks] == [s.msg_id for s in sent]
+    assert json.loads((out / "label-studio.json").read_text(encoding="utf-8")) == []  # nothing new
+    code, _, err = await export(capsys, *base, "--since", "0", "--image-url-prefix", "/data/x/")
+    assert code == 0 and "--image-url-prefix" not in err
+    newer = json.loads((out / "label-studio.json").read_text(encoding="utf-8"))
+    assert [t["data"]["msg_id"] for t in newer] == [sent[2].msg_id]  # only what is new since the last export
+    code, _, _ = await export(capsys, *base, "--since", "0", "--limit", "1", "--out", str(tmp_path / "again"))
+    tasks = json.loads((tmp_path / "again" / "label-studio.json").read_text(encoding="utf-8"))
+    assert [t["data"]["msg_id"] for t in tasks] == [sent[0].msg_id]
     task, sample = tasks[0], sent[0]
-    assert task["data"]["image"] == f"/data/x/inputs/{sample.msg_id}.png"
-    assert task["data"]["npy"] == f"/data/x/inputs/{sample.msg_id}.npy"
+    assert task["data"]["image"] == f"inputs/{sample.msg_id}.png"
+    assert newer[0]["data"]["npy"] == f"/data/x/inputs/{sent[2].msg_id}.npy"
     (prediction,) = task["predictions"]
     assert prediction["model_version"] == "digits-edge@1.0.0" and prediction["score"] == pytest.approx(0.48)
     assert prediction["result"] == [

@@ -11,7 +11,7 @@ import select
 import sys
 
 from cloud_bridge import __version__
-from cloud_bridge.cli import alerts, check, cmd, devices, keys, models, rollout, run, samples
+from cloud_bridge.cli import alerts, check, cmd, devices, improve, keys, models, rollout, run, samples
 from cloud_bridge.errors import BridgeError, ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cloud-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run, check, keys, models, cmd, rollout, samples, devices, alerts):
+    for group in (run, check, keys, models, cmd, rollout, samples, devices, alerts, improve):
         group.add_subparsers(sub)
     return parser
 

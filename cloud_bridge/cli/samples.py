@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloud_bridge.cli import labels
 from cloud_bridge.cli.common import Commands, add_config, command, parse_when, require_registry
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import UsageError
@@ -48,6 +49,7 @@ def add_subparsers(sub: Commands) -> None:
     ssub = samples.add_subparsers(dest="samples_command", required=True)
     _add_export(ssub)
     _add_tail(ssub)
+    labels.add_subparsers(ssub)
 
 
 def _add_export(ssub: Commands) -> None:
@@ -114,7 +116,7 @@ def _check_ids(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> BridgeConfig:
     config = load_config(args.config)
-    if args.samples_command == "export":
+    if args.samples_command in ("export", "labels"):
         require_registry(config)
     return config
 
@@ -159,6 +161,8 @@ def _export(args: argparse.Namespace) -> int:
     config = _load(args)
     request = _export_request(args)
     stats = asyncio.run(_run_export(config, request))
+    for warning in stats.warnings:
+        print(f"cloud-bridge samples export: warning: {warning}", file=sys.stderr)
     print(f"exported to {request.options.out_dir}: {summarize(stats)}")
     return 0
 

@@ -1,3 +1,3 @@
 """The model store: content-addressed ONNX artifacts registered by name and version,
-and INT8 quantization with an accuracy budget.
+INT8 quantization with an accuracy budget, and lineage (where a retrained model came from).
 """

@@ -2,6 +2,15 @@
 results, samples, drift state, models, commands and rollouts.
 """
 
+from cloud_bridge.registry.loop_tables import (
+    DatasetItemRow,
+    DatasetVersionRow,
+    EscalationAdviceRow,
+    ImproveLoopRow,
+    LabelImportRow,
+    LabelRow,
+    ModelLineageRow,
+)
 from cloud_bridge.registry.registry import Batch, DeviceDelta, Registry
 from cloud_bridge.registry.tables import (
     Agreement,
@@ -31,12 +40,19 @@ __all__ = [
     "Batch",
     "CommandAckRow",
     "CommandRow",
+    "DatasetItemRow",
+    "DatasetVersionRow",
     "DeadLetter",
     "Device",
     "DeviceDelta",
     "DriftEpisodeRow",
     "DriftStateRow",
     "DriftWindowRow",
+    "EscalationAdviceRow",
+    "ImproveLoopRow",
+    "LabelImportRow",
+    "LabelRow",
+    "ModelLineageRow",
     "ModelRow",
     "Registry",
     "ResultAggregate",

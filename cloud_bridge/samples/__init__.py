@@ -1,3 +1,3 @@
 """Uncertain samples for labelers: the archive in the registry, exports to .npy/PNG
-and Label Studio tasks, and a live tail.
+and Label Studio tasks, a live tail, and what comes back: human labels, pseudo-labels, dataset versions.
 """

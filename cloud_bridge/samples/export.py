@@ -5,7 +5,8 @@ Layout of an export directory (documented in README "Samples for labelers"):
     manifest.jsonl          one JSON object per sample, appended in archive order
     inputs/{msg_id}.npy     the input tensor exactly as the device sent it (dtype and shape kept)
     inputs/{msg_id}.png     the same input as a picture, when it is image-shaped (cloud_bridge/samples/images.py)
-    label-studio.json       with --format label-studio: every manifest entry as a Label Studio task
+    label-studio.json       with --format label-studio: the tasks this run added to the manifest (new
+                            since the last export), so importing each file never re-imports a task
     .cursor.json            where `--since last` resumes, per filter set
 
 Re-running is idempotent: a msg_id already in the manifest is skipped, files are written to a temp
@@ -104,6 +105,8 @@ class ExportStats:
     skipped: int = 0
     images: int = 0
     cursor: tuple[float, str] | None = None
+    tasks: int = 0  # Label Studio tasks written (the samples new in this run)
+    warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -156,7 +159,13 @@ async def export_samples(
             progress(stats)
             last_report = time.monotonic()
     if options.label_studio:
-        await asyncio.to_thread(writer.write_label_studio)
+        stats.tasks = await asyncio.to_thread(writer.write_label_studio)
+        if not options.image_url_prefix and stats.images:
+            stats.warnings.append(
+                "label-studio.json names images by paths relative to the export directory, which Label Studio "
+                "cannot open: pass --image-url-prefix (e.g. '/data/local-files/?d=EXPORT_DIR/' with local "
+                "file serving, or the URL the directory is served at)"
+            )
     return stats
 
 
@@ -190,6 +199,7 @@ class ExportWriter:
         self.options = options
         self.exported = exported
         self.inputs = options.out_dir / INPUTS
+        self.new_entries: list[dict[str, Any]] = []  # manifest entries this run wrote
 
     @classmethod
     def open(cls, options: ExportOptions) -> ExportWriter:
@@ -207,6 +217,7 @@ class ExportWriter:
             if row["msg_id"] in self.exported:
                 continue
             entry = self._write_files(row)
+            self.new_entries.append(entry)
             images += entry["png"] is not None
             lines.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
             self.exported.add(row["msg_id"])
@@ -230,12 +241,12 @@ class ExportWriter:
             _write_new(self.options.out_dir / png, encode_png(zoom(picture, self.options.png_zoom)))
         return manifest_entry(row, npy, png)
 
-    def write_label_studio(self) -> None:
-        tasks = [
-            label_studio_task(entry, self.options.image_url_prefix)
-            for entry in read_manifest(self.options.out_dir / MANIFEST)
-        ]
+    def write_label_studio(self) -> int:
+        """label-studio.json with the tasks of this run's new samples only (an earlier file was imported
+        already, or will be: rewriting every task made each import re-import the old ones)."""
+        tasks = [label_studio_task(entry, self.options.image_url_prefix) for entry in self.new_entries]
         write_atomic(self.options.out_dir / LABEL_STUDIO, json.dumps(tasks, ensure_ascii=False).encode())
+        return len(tasks)
 
 
 def _write_new(path: Path, data: bytes) -> None:
