@@ -23,6 +23,7 @@ from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
+from cloud_bridge.improve.escalation_value import EscalationAdvice
 from cloud_bridge.ingest.admission import ingest_filters
 from cloud_bridge.ingest.confirm import Confirmer
 from cloud_bridge.ingest.ingestor import Ingestor
@@ -65,6 +66,7 @@ class Bridge:
         self.alerts: AlertPublisher | None = None
         self._alerts_task: asyncio.Task[None] | None = None
         self.escalator: Escalator | None = None
+        self.advice = EscalationAdvice()
         self.ingestor: Ingestor | None = None
         self.confirmer: Confirmer | None = None
         self.feed = SampleFeed(config.topics, self._publish_chunk)
@@ -123,6 +125,9 @@ class Bridge:
         )
         if model is not None:
             self.escalator = Escalator(self.topics, model, cfg.escalation, self._publish, self.mqtt.ack)
+            # Where labeled samples showed the cloud model no better than a device's (cloud-bridge
+            # improve escalation --apply), replies tell the device to stop asking (pause_s).
+            self.escalator.pause_for = self.advice.pause_for
             log.info(
                 "cloud model loaded name=%s version=%s sha256=%s providers=%s",
                 model.ref.name,
@@ -130,6 +135,7 @@ class Bridge:
                 model.ref.sha256[:12],
                 ",".join(model.providers),
             )
+        await self.refresh_advice()  # before the first reply: a restart keeps the pauses
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.mqtt.run(self.ready))
@@ -282,11 +288,18 @@ class Bridge:
             now = time.time()
             self.tsdb.add(agreement_line(f, d, v, agreed, answered, now) for (f, d, v), (answered, agreed) in counts)
 
+    async def refresh_advice(self) -> None:
+        """Re-read the escalation advice (a device resumes asking once a new assessment says the
+        cloud helps there again)."""
+        if self.escalator is not None:
+            await self.advice.refresh(self.registry)
+
     async def _status_loop(self) -> None:
         next_prune = 0.0
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             await self.flush_agreement()
+            await self.refresh_advice()
             if time.monotonic() >= next_prune:
                 await self.prune()
                 next_prune = time.monotonic() + _PRUNE_INTERVAL_S

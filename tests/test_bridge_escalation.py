@@ -16,6 +16,7 @@ from paho.mqtt.properties import Properties
 from cloud_bridge.app import running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig
 from cloud_bridge.escalation.escalator import CloudModel
+from cloud_bridge.improve.escalation_value import EscalationValue, record_advice
 from cloud_bridge.registry import Agreement, Registry
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel
@@ -179,3 +180,42 @@ async def test_request_the_model_cannot_take_is_refused_and_counted(
     assert decode(message.payload, EscalationReply).request_id == "ok"
     assert bridge.escalator is not None
     assert bridge.escalator.stats.invalid == 2 and bridge.escalator.stats.answered == 1
+
+
+async def test_replies_carry_the_pause_the_escalation_advice_holds_and_drop_it_when_the_advice_changes(
+    tmp_path: Path, mosquitto: Mosquitto, demo_models: dict[str, DemoModel], digits: DigitsSplit
+) -> None:
+    """Where labeled samples showed the cloud no better than a device's model (`improve escalation
+    --apply`), the bridge's replies to that device carry pause_s; a later assessment that says the
+    cloud helps again takes it away. Read from the registry at start and on every status tick."""
+    cloud = demo_models["cloud"]
+    (i,) = correct_indices(CloudModel(cloud.path), digits, 1)
+    config = bridge_config(tmp_path, mosquitto, cloud.path)
+
+    def value(device: str, verdict: str) -> EscalationValue:
+        return EscalationValue("f1", device, EDGE.version, 40, 0.9, 0.8 if verdict != "helps" else 0.95, verdict)
+
+    async def ask(client: aiomqtt.Client, device: str, request_id: str) -> EscalationReply:
+        req = request(device, digits.X_test[i], request_id, "1", time.time() + 10)
+        await client.publish(TOPICS.device("f1", device, Channel.ESCALATE), encode(req), qos=1)
+        (message,) = await collect(client, 1)
+        return decode(message.payload, EscalationReply)
+
+    registry = Registry(config.registry_url)
+    await registry.create()
+    try:
+        await record_advice(registry, [value("dev-1", "does_not_help"), value("dev-2", "helps")], pause_s=900.0)
+        async with (
+            running_bridge(config) as bridge,
+            aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as client,
+        ):
+            await client.subscribe(TOPICS.filter(Channel.ESCALATE_REPLY, "f1"), qos=1)
+            first = await ask(client, "dev-1", "r-1")
+            other = await ask(client, "dev-2", "r-2")
+            await record_advice(registry, [value("dev-1", "helps")], pause_s=900.0)
+            await bridge.refresh_advice()
+            later = await ask(client, "dev-1", "r-3")
+    finally:
+        await registry.close()
+    assert first.pause_s == 900.0 and first.label == digits.labels[digits.y_test[i]]
+    assert other.pause_s is None and later.pause_s is None

@@ -156,6 +156,10 @@ def escalation_filter(topics: Topics, share_group: str, shared: bool) -> str:
     return Topics.shared(share_group, topic_filter) if shared else topic_filter
 
 
+def _no_pause(fleet_id: str, device_id: str, model_version: str) -> None:
+    return None
+
+
 class Escalator:
     """Answers escalation requests with the cloud model."""
 
@@ -170,6 +174,9 @@ class Escalator:
         self._inflight: set[asyncio.Task[None]] = set()
         self.stats = EscalationStats()
         self.agreement = AgreementCounts()
+        # (fleet, device, edge model version) -> the pause a reply carries, if any (app.py wires
+        # the registry's escalation advice in).
+        self.pause_for: Callable[[str, str, str], float | None] = _no_pause
 
     def submit(self, incoming: Incoming) -> None:
         """Called from the MQTT callback: validate cheaply and queue; bad requests are acked and dropped."""
@@ -262,6 +269,7 @@ class Escalator:
             topk=[] if prediction is None else prediction.topk,
             latency_ms=max(0.0, (done - pending.received) * 1000.0),
             error=(error or "no prediction") if prediction is None else None,
+            pause_s=self.pause_for(request.fleet_id, request.device_id, request.model.version),
         )
         if lean:
             confidence = None if reply.confidence is None else float(np.float32(reply.confidence))
