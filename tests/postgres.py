@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,21 @@ def _run(*argv: str, timeout: float) -> None:
     subprocess.run(_as_postgres(*argv), check=True, capture_output=True, timeout=timeout)
 
 
+def _createdb(port: int, within_s: float) -> None:
+    """`createdb registry`, again until `within_s` while it fails: the server's port opens before it
+    accepts connections ("the database system is starting up"), more so on a loaded machine. The
+    last failure is raised with what createdb said."""
+    deadline = time.monotonic() + within_s
+    while True:
+        argv = [str(PG_BIN / "createdb"), "-h", HOST, "-p", str(port), "-U", "bridge", "registry"]
+        done = subprocess.run(_as_postgres(*argv), capture_output=True, text=True, timeout=within_s)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"createdb failed (exit {done.returncode}): {done.stderr.strip()}")
+        time.sleep(0.1)
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """A started server with an empty database `registry` owned by `bridge`; yields its SQLAlchemy
@@ -53,7 +69,7 @@ def postgres_server() -> Iterator[str]:
             proc = server.launch(_as_postgres(*argv, "-c", "fsync=off"))
             try:
                 wait_for_port(HOST, port, 30, name="postgres", process=proc, log_path=server.console_log)
-                _run(str(PG_BIN / "createdb"), "-h", HOST, "-p", str(port), "-U", "bridge", "registry", timeout=30)
+                _createdb(port, 30)
                 yield f"postgresql+asyncpg://bridge@{HOST}:{port}/registry"
             finally:
                 server.terminate(15)
