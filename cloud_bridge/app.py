@@ -319,7 +319,8 @@ class Bridge:
         esc = self.escalator.stats if self.escalator is not None else None
         log.info(
             "bridge status msgs_per_s=%.1f received=%d stored=%d dead_letters=%d dups=%d backlog=%d "
-            "escalations_answered=%d escalations_expired=%d %s connected=%s",
+            "escalations_answered=%d escalations_expired=%d %s connected=%s unacked=%d escalation_backlog=%d "
+            "ingest_s idle=%.1f plan=%.1f commit=%.1f commit_wait=%.1f after=%.1f batches=%d largest_batch=%d",
             rate,
             received,
             ing.stored if ing else 0,
@@ -330,6 +331,15 @@ class Bridge:
             esc.expired if esc else 0,
             self.tsdb.status() if self.tsdb is not None else "tsdb=off",
             self.mqtt.connected if self.mqtt is not None else False,
+            self.mqtt.unacked if self.mqtt is not None else 0,
+            self.escalator.backlog if self.escalator is not None else 0,
+            ing.idle_s if ing else 0.0,
+            ing.plan_s if ing else 0.0,
+            ing.commit_s if ing else 0.0,
+            ing.commit_wait_s if ing else 0.0,
+            ing.after_s if ing else 0.0,
+            ing.batches if ing else 0,
+            ing.largest_batch if ing else 0,
         )
 
 

@@ -186,6 +186,11 @@ class Escalator:
             return
         self._queue.put(_Pending(incoming, message, row, time.time()))
 
+    @property
+    def backlog(self) -> int:
+        """Requests queued, not yet in a batch."""
+        return len(self._queue)
+
     async def close(self) -> None:
         self._queue.close()
 

@@ -8,6 +8,7 @@ of the bridge.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from cloud_bridge.registry.migrations import upgrade
 from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, SeenMessage
+from cloud_bridge.registry.writer import SqliteBatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +132,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class Registry:
-    """Async access to the registry database."""
+    """Async access to the registry database.
 
-    def __init__(self, url: str) -> None:
+    `batch_writer`: on a SQLite file, ingest batches are committed from a writer thread of their own
+    in one hop (cloud_bridge/registry/writer.py); False keeps them on the async engine (per statement)."""
+
+    def __init__(self, url: str, *, batch_writer: bool = True) -> None:
         self.url = url
+        self._writer: SqliteBatchWriter | None = None
+        db_path = ""
         if url.startswith("sqlite"):
-            db_path = url.split(":///", 1)[-1]
+            db_path = url.split(":///", 1)[-1].split("?", 1)[0]
             if db_path and db_path != ":memory:":
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         # orjson for JSON columns: telemetry bodies, sample top-k and drift state are encoded on the
@@ -149,6 +156,8 @@ class Registry:
         ] = {}
         if self._dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            if batch_writer and db_path and db_path != ":memory:" and "mode=memory" not in url:
+                self._writer = SqliteBatchWriter(db_path, _sqlite_pragmas, _json_dumps, _json_loads)
 
     async def create(self) -> None:
         async with self.engine.begin() as conn:
@@ -159,6 +168,8 @@ class Registry:
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.close)
         await self.engine.dispose()
 
     def _insert(self, table: Any) -> Any:
@@ -166,6 +177,9 @@ class Registry:
 
     async def commit_batch(self, batch: Batch) -> None:
         """Write a whole batch in one transaction."""
+        if self._writer is not None:
+            await self._writer.run(lambda conn: self._write_batch_sync(conn, batch))
+            return
         async with self.engine.begin() as conn:
             await conn.run_sync(self._write_batch_sync, batch)
 
