@@ -1,21 +1,27 @@
-"""Ingestion pipelined with its commits, the SQLite batch writer thread, and the per-device TSDB tags:
-what changed to make one bridge cheaper per message at 10,000 devices (docs/scaling.md)."""
+"""Ingestion pipelined with its commits, the SQLite batch writer thread, the per-device TSDB tags and
+escalation slots freed before the replies' PUBACKs: what changed to make one bridge keep up better
+at 10,000 devices (docs/scaling.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from cloud_bridge.config import IngestConfig
+from cloud_bridge.config import EscalationConfig, IngestConfig
+from cloud_bridge.escalation.escalator import CloudModel, Escalator
 from cloud_bridge.ingest.ingestor import Ingestor
 from cloud_bridge.mqtt import Incoming
 from cloud_bridge.registry import Batch, Registry, ResultRow, SeenMessage, TelemetryRow
 from cloud_bridge.tsdb.lines import device_tags, line, status_line
-from schemas import Results, Telemetry, encode
-from schemas.topics import Topics
+from demokit.dataset import DigitsSplit
+from demokit.models import DemoModel
+from schemas import EscalationRequest, ModelRef, Results, Telemetry, TopK, encode, encode_tensor, new_msg_id
+from schemas.topics import Channel, Topics
 from tests.factories import examples, topic_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,3 +98,53 @@ def test_device_tags_are_those_line_formats() -> None:
     tags = {"fleet": "f1", "device": "d1", "model": "", "version": "2"}
     assert status_line("f1", "d1", True, 12.3456, "", "2") == line("device_status", tags, {"online": 1}, 12346)
     assert status_line("f1", "d1", False, 1.0) == line("device_status", tags | {"version": ""}, {"online": 0}, 1000)
+
+
+async def test_an_escalation_batch_frees_its_model_slot_before_its_replies_are_acknowledged(
+    demo_models: dict[str, DemoModel], digits: DigitsSplit
+) -> None:
+    """One model slot, the first reply's PUBACK held back: the second request is still answered by the
+    model (its reply published) while the first reply waits."""
+    model = CloudModel(demo_models["cloud"].path)
+    published: list[str] = []
+    first_acked, second_published = asyncio.Event(), asyncio.Event()
+
+    async def publish(topic: str, payload: bytes, qos: int, correlation: bytes | None) -> None:
+        published.append(topic)
+        if len(published) == 2:
+            second_published.set()
+        if len(published) == 1:
+            await first_acked.wait()  # the broker's PUBACK of the first reply, held back
+
+    config = EscalationConfig(max_concurrency=1, max_batch=1)
+    escalator = Escalator(TOPICS, model, config, publish, lambda _m: True)
+    task = asyncio.create_task(escalator.run())
+    deadline = time.time() + 30
+    for i, device in enumerate(("dev-a", "dev-b")):
+        req = _escalation(device, digits.X_test[i], deadline)
+        escalator.submit(Incoming(TOPICS.device("f1", device, Channel.ESCALATE), encode(req), 1, i, 1, None, None))
+    try:
+        async with asyncio.timeout(20):
+            await second_published.wait()
+        assert published == [TOPICS.device("f1", d, Channel.ESCALATE_REPLY) for d in ("dev-a", "dev-b")]
+        assert escalator.stats.answered == 1  # dev-b's; dev-a's reply is still waiting for its PUBACK
+    finally:
+        first_acked.set()
+        await escalator.close()
+        await task
+    assert escalator.stats.answered == 2
+
+
+def _escalation(device: str, x: np.ndarray, deadline: float) -> EscalationRequest:
+    return EscalationRequest(
+        msg_id=new_msg_id(),
+        fleet_id="f1",
+        device_id=device,
+        ts=time.time(),
+        request_id=f"{device}-1",
+        model=ModelRef(name="digits-edge", version="1.0.0", sha256="ab" * 32),
+        input=encode_tensor(x.reshape(1, -1).astype(np.float32)),
+        edge_topk=[TopK(label="3", index=3, prob=0.5)],
+        deadline=deadline,
+        reply_to=TOPICS.device("f1", device, Channel.ESCALATE_REPLY),
+    )
