@@ -9,11 +9,11 @@ import time
 from typing import Any
 
 from cloud_bridge.mqtt import Incoming
-from cloud_bridge.registry import AlertRow, Batch, CommandAckRow, ResultRow, SampleRow, TelemetryRow
+from cloud_bridge.registry import AlertRow, Batch, CommandAckRow, SampleRow, TelemetryRow
 from cloud_bridge.tsdb.lines import status_line, telemetry_lines
 from schemas.codec import to_builtins
 from schemas.errors import DecodeError
-from schemas.messages import Alert, Answer, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry
+from schemas.messages import Alert, CommandAck, Envelope, Result, Results, Sample, Status, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,18 @@ def add_message(batch: Batch, lines: list[str] | None, message: Envelope, receiv
         batch.add_row(SampleRow, _sample_row(base, message))
     elif isinstance(message, Results):
         delta.results += len(message.answers)
-        version = message.model.version
-        for seq, answer in enumerate(message.answers):
-            batch.add_row(ResultRow, _result_row(base, seq, version, answer, message.ts))
+        m, f, d, v, ts = message.msg_id, message.fleet_id, message.device_id, message.model.version, message.ts
+        # Tuples in RESULT_COLUMNS order (Batch.results): msg_id, seq, fleet, device, inference_id,
+        # model_version, label, path, confidence, truth, ts.
+        batch.results.extend(
+            (m, seq, f, d, a.inference_id, v, a.label, a.path, a.confidence, a.truth, ts)
+            for seq, a in enumerate(message.answers)
+        )
     elif isinstance(message, Result):  # result/1, from devices on older software
         delta.results += 1
-        batch.add_row(ResultRow, _result_row(base, 0, message.model.version, message, message.ts))
+        r = message
+        m, f, d, v = r.msg_id, r.fleet_id, r.device_id, r.model.version
+        batch.results.append((m, 0, f, d, r.inference_id, v, r.label, r.path, r.confidence, r.truth, r.ts))
     elif isinstance(message, CommandAck):
         batch.add_row(
             CommandAckRow,
@@ -147,21 +153,6 @@ def _sample_row(base: dict[str, str], m: Sample) -> dict[str, object]:
         "model_sha256": m.model.sha256,
         "source_ref": m.source_ref,
         "received_at": time.time(),
-    }
-
-
-def _result_row(base: dict[str, str], seq: int, version: str, a: Answer | Result, ts: float) -> dict[str, object]:
-    """One answer's row; `seq` is its place in its message (the key is msg_id + seq)."""
-    return {
-        **base,
-        "seq": seq,
-        "inference_id": a.inference_id,
-        "model_version": version,
-        "label": a.label,
-        "path": a.path,
-        "confidence": a.confidence,
-        "truth": a.truth,
-        "ts": ts,
     }
 
 
