@@ -55,7 +55,15 @@ from fleetsim.device import Profile  # noqa: E402
 from fleetsim.queries import time_queries  # noqa: E402
 from fleetsim.servers import BridgeSpec, cloud_model, create_database, postgres, write_bridge_config  # noqa: E402
 from fleetsim.sim import child_main  # noqa: E402
-from fleetsim.watch import BridgeLog, BrokerStore, RegistryLag, Series, proc_sample, tree_cpu  # noqa: E402
+from fleetsim.watch import (  # noqa: E402
+    BridgeLog,
+    BrokerStore,
+    RegistryLag,
+    Series,
+    proc_sample,
+    run_queue_wait,
+    tree_cpu,
+)
 
 from devservers import Mosquitto  # noqa: E402
 
@@ -74,6 +82,8 @@ class Outcome:
     stored_per_s: float
     bridge_cpu_us: list[float]
     bridge_cpu_share: list[float]
+    bridge_handled_us: list[float]  # CPU per message the bridge finished with (stored, dup, escalation)
+    bridge_runq_share: list[float]  # seconds runnable but waiting for a CPU, per second of the run
     other_cpu_us: dict[str, float]
     lag_first: float
     lag_last: float
@@ -85,6 +95,7 @@ class Outcome:
     esc_p50: float
     esc_p99: float
     sim_late_s: float
+    sim_runq_share: float
     growth_per_device_day: float
     rss_per_device: float
     queries: dict[str, float] = field(default_factory=dict)
@@ -187,6 +198,8 @@ class Fleet:
             for log in logs:
                 log.refresh()
             stored0 = sum(log.stored for log in logs)
+            handled0 = [log.handled for log in logs]
+            sim_runq0 = sum(run_queue_wait(s.pid) for s in sims)
             lags, stored = Series(), Series()
             lines: list[dict[str, Any]] = []
             lock_waits = 0
@@ -210,6 +223,8 @@ class Fleet:
             for log in logs:
                 log.refresh()
             stored_rate = (sum(log.stored for log in logs) - stored0) / elapsed
+            handled = [log.handled - h0 for log, h0 in zip(logs, handled0, strict=True)]
+            sim_runq = sum(run_queue_wait(s.pid) for s in sims) - sim_runq0
             other = {
                 "broker": tree_cpu(broker.pid or 0) - broker_cpu0,
                 "simulators": sum(tree_cpu(s.pid) for s in sims) - sim_cpu0,
@@ -232,6 +247,10 @@ class Fleet:
         )
         outcome.stored_per_s = stored_rate
         outcome.lock_waits = lock_waits
+        outcome.bridge_handled_us = [
+            (e.cpu_s - b.cpu_s) / max(1, n) * 1e6 for b, e, n in zip(start, end, handled, strict=True)
+        ]
+        outcome.sim_runq_share = sim_runq / elapsed / max(1, len(sims))
         return outcome
 
     def _pg_cpu(self) -> float:
@@ -373,6 +392,8 @@ class Fleet:
             stored_per_s=0.0,
             bridge_cpu_us=bridge_us,
             bridge_cpu_share=[c / elapsed for c in cpu],
+            bridge_handled_us=[],
+            bridge_runq_share=[(e.runq_s - s.runq_s) / elapsed for s, e in zip(start, end, strict=True)],
             other_cpu_us={k: v / max(1, total) * 1e6 for k, v in other.items()},
             lag_first=lag_first,
             lag_last=lag_last,
@@ -384,6 +405,7 @@ class Fleet:
             esc_p50=pct(latencies, 0.5),
             esc_p99=pct(latencies, 0.99),
             sim_late_s=late,
+            sim_runq_share=0.0,
             growth_per_device_day=growth / devices * 86400 / elapsed,
             rss_per_device=rss / devices,
             queries=queries,
@@ -412,8 +434,15 @@ def print_outcome(o: Outcome) -> None:
         f"bridges stored {o.stored_per_s:.0f} msgs/s",
         flush=True,
     )
-    cpu = ", ".join(f"{u:.0f} us ({s:.0%} of a core)" for u, s in zip(o.bridge_cpu_us, o.bridge_cpu_share, strict=True))
+    cpu = ", ".join(
+        f"{u:.0f} us per message sent, {h:.0f} us per message handled ({s:.0%} of a core, "
+        f"waited for a CPU {q:.0%} of the time)"
+        for u, h, s, q in zip(
+            o.bridge_cpu_us, o.bridge_handled_us, o.bridge_cpu_share, o.bridge_runq_share, strict=True
+        )
+    )
     others = ", ".join(f"{k} {v:.0f} us" for k, v in o.other_cpu_us.items())
+    others += f" (simulators waited for a CPU {o.sim_runq_share:.0%} of the time each)"
     if "postgresql" in o.other_cpu_us:
         others += f"; lock waits seen {o.lock_waits} (samples every {SAMPLE_S:g} s)"
     print(f"  CPU per message: bridge(s) {cpu}; {others}")
@@ -436,7 +465,8 @@ def print_outcome(o: Outcome) -> None:
 
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        work = Path(tmp)
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         model = cloud_model(Path(args.model_cache))
         if args.scale:
             await scale(args, work, model)
@@ -488,6 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--postgres", action="store_true", help="the registry on a private PostgreSQL")
     parser.add_argument("--keep-going", action="store_true", help="try the next size after one not held")
     parser.add_argument("--no-queries", dest="queries", action="store_false", help="skip the CLI query timings")
+    parser.add_argument("--workdir", help="keep the run's files (bridge logs, registries, broker log) here")
     parser.add_argument("--scale", type=int, default=0, metavar="N", help="one vs two bridges on PostgreSQL at N")
     parser.add_argument(
         "--model-cache", default=str(Path(tempfile.gettempdir()) / "edgefleet-bench-models"), help=argparse.SUPPRESS
