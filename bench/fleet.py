@@ -134,7 +134,12 @@ class Fleet:
         run_dir = self.work / label
         run_dir.mkdir(parents=True, exist_ok=True)
         url, db = self.registry(label)
-        with Mosquitto(run_dir / "broker", max_inflight_messages=1000, extra_conf="sys_interval 2") as broker:
+        # As mosquitto/cloud.conf ships: autosave every 10 s. Each autosave writes the whole in-memory
+        # database (retained statuses, every queued message) and blocks the broker meanwhile: at 10,000
+        # devices with a backlog, the 1 s of the test default stalled delivery for seconds at a time.
+        with Mosquitto(
+            run_dir / "broker", max_inflight_messages=1000, autosave_interval_s=10, extra_conf="sys_interval 2"
+        ) as broker:
             specs = [BridgeSpec(f"{label}-b{i}", url) for i in range(bridges)]
             configs = [write_bridge_config(run_dir, s, broker, self.model, None) for s in specs]
             procs, logs = [], []
