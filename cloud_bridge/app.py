@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from cloud_bridge.clock import CLOCK_SUFFIX, ClockServer, clock_filter
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.drift.alerts import AlertPublisher
@@ -277,7 +279,16 @@ class Bridge:
         counts = self.escalator.agreement.take()
         if not counts:
             return
-        await self.registry.add_agreement(counts)
+        try:
+            await self.registry.add_agreement(counts)
+        except SQLAlchemyError as exc:
+            # E.g. SQLite's lock held past its busy timeout by an ingest batch on a starved machine:
+            # measured at 10,000 devices, where this stopped the bridge. Kept for the next flush.
+            self.escalator.agreement.restore(counts)
+            log.error(
+                "escalation agreement not stored devices=%d error=%s (retried at the next flush)", len(counts), exc
+            )
+            return
         if self.tsdb is not None:
             now = time.time()
             self.tsdb.add(agreement_line(f, d, v, agreed, answered, now) for (f, d, v), (answered, agreed) in counts)
@@ -288,8 +299,11 @@ class Bridge:
             await asyncio.sleep(self.config.status_interval_s)
             await self.flush_agreement()
             if time.monotonic() >= next_prune:
-                await self.prune()
-                next_prune = time.monotonic() + _PRUNE_INTERVAL_S
+                try:
+                    await self.prune()
+                    next_prune = time.monotonic() + _PRUNE_INTERVAL_S
+                except SQLAlchemyError as exc:
+                    log.error("registry prune failed error=%s (retried at the next status interval)", exc)
             self.log_status()
 
     async def prune(self) -> int:

@@ -1,10 +1,11 @@
-"""Ingestion pipelined with its commits, the SQLite batch writer thread, the per-device TSDB tags and
-escalation slots freed before the replies' PUBACKs: what changed to make one bridge keep up better
-at 10,000 devices (docs/scaling.md)."""
+"""Ingestion pipelined with its commits, result rows as tuples, the per-device TSDB tags and escalation
+slots freed before the replies' PUBACKs: what changed to make one bridge keep up better at 10,000
+devices (docs/scaling.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,11 +13,12 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from cloud_bridge.config import EscalationConfig, IngestConfig
+from cloud_bridge.app import Bridge
+from cloud_bridge.config import BridgeConfig, EscalationConfig, IngestConfig
 from cloud_bridge.escalation.escalator import CloudModel, Escalator
 from cloud_bridge.ingest.ingestor import Ingestor
 from cloud_bridge.mqtt import Incoming
-from cloud_bridge.registry import Batch, Registry, ResultRow, SeenMessage, TelemetryRow
+from cloud_bridge.registry import Agreement, Batch, Registry, ResultRow, SeenMessage, TelemetryRow
 from cloud_bridge.tsdb.lines import device_tags, line, status_line
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel
@@ -40,13 +42,10 @@ def _messages(devices: int) -> list[Results | Telemetry]:
     return out
 
 
-@pytest.mark.parametrize("batch_writer", [True, False])
-async def test_batches_planned_while_others_commit_are_stored_once_and_acked_in_order(
-    tmp_path: Path, batch_writer: bool
-) -> None:
+async def test_batches_planned_while_others_commit_are_stored_once_and_acked_in_order(tmp_path: Path) -> None:
     """batch_max 1: every message is its own batch, each planned while the previous one commits; a
     redelivered copy planned before its original committed is still stored once (the unique msg_id)."""
-    registry = Registry(f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}", batch_writer=batch_writer)
+    registry = Registry(f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
     await registry.create()
     acked: list[int] = []
     ingestor = Ingestor(TOPICS, registry, IngestConfig(batch_max=1), lambda m: acked.append(m.mid) is None)
@@ -75,7 +74,7 @@ async def test_batches_planned_while_others_commit_are_stored_once_and_acked_in_
         await registry.close()
 
 
-async def test_a_failing_batch_on_the_writer_thread_raises_here_and_writes_nothing(tmp_path: Path) -> None:
+async def test_a_failing_batch_raises_and_writes_nothing(tmp_path: Path) -> None:
     registry = Registry(f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
     await registry.create()
     try:
@@ -148,3 +147,32 @@ def _escalation(device: str, x: np.ndarray, deadline: float) -> EscalationReques
         deadline=deadline,
         reply_to=TOPICS.device("f1", device, Channel.ESCALATE_REPLY),
     )
+
+
+async def test_agreement_counts_survive_a_locked_registry(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:
+    """Another writer holds SQLite's lock past the busy timeout (an ingest batch on a starved machine):
+    the flush fails without stopping the bridge, and the counts go with the next flush."""
+    config = BridgeConfig(state_dir=tmp_path / "state")
+    db = (tmp_path / "state" / "registry.db").resolve()
+    bridge = Bridge(config)
+    await bridge.registry.create()
+
+    async def publish(topic: str, payload: bytes, qos: int, correlation: bytes | None) -> None:
+        return None
+
+    model = CloudModel(demo_models["cloud"].path)
+    bridge.escalator = Escalator(TOPICS, model, EscalationConfig(), publish, lambda _m: True)
+    bridge.escalator.agreement.counts[("f1", "dev-1", "1.0.0")] = [3, 2]
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+        await bridge.flush_agreement()  # waits out the busy timeout, then gives up
+        assert bridge.escalator.agreement.counts == {("f1", "dev-1", "1.0.0"): [3, 2]}
+        blocker.execute("ROLLBACK")
+        await bridge.flush_agreement()
+        assert bridge.escalator.agreement.counts == {}
+        (row,) = await bridge.registry.rows(Agreement)
+        assert (row["answered"], row["agreed"]) == (3, 2)
+    finally:
+        blocker.close()
+        await bridge.registry.close()

@@ -151,6 +151,13 @@ class AgreementCounts:
         self.counts.clear()
         return out
 
+    def restore(self, taken: list[tuple[tuple[str, str, str], tuple[int, int]]]) -> None:
+        """Add back counts `take()` returned whose write failed (they go with the next flush)."""
+        for key, (answered, agreed) in taken:
+            entry = self.counts.setdefault(key, [0, 0])
+            entry[0] += answered
+            entry[1] += agreed
+
 
 def escalation_filter(topics: Topics, share_group: str, shared: bool) -> str:
     topic_filter = topics.filter(Channel.ESCALATE)

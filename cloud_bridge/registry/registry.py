@@ -8,7 +8,6 @@ of the bridge.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -37,7 +36,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from cloud_bridge.registry.migrations import upgrade
 from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, ResultRow, SeenMessage
-from cloud_bridge.registry.writer import SqliteBatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +81,7 @@ class Batch:
     seen: list[dict[str, Any]] = field(default_factory=list)
     # Result rows (one per answer: ~10 per result/2 message, the most rows by far) as tuples in
     # RESULT_COLUMNS order: a dict per row, then a list per row for the driver, cost more than
-    # SQLite took to store them (a third of the writer's time at 10,000 devices).
+    # SQLite took to store them (a third of the commit's CPU at 10,000 devices).
     results: list[tuple[Any, ...]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     rows: dict[type[Base], list[dict[str, Any]]] = field(default_factory=dict)
@@ -152,17 +150,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class Registry:
-    """Async access to the registry database.
+    """Async access to the registry database."""
 
-    `batch_writer`: on a SQLite file, ingest batches are committed from a writer thread of their own
-    in one hop (cloud_bridge/registry/writer.py); False keeps them on the async engine (per statement)."""
-
-    def __init__(self, url: str, *, batch_writer: bool = True) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self._writer: SqliteBatchWriter | None = None
-        db_path = ""
         if url.startswith("sqlite"):
-            db_path = url.split(":///", 1)[-1].split("?", 1)[0]
+            db_path = url.split(":///", 1)[-1]
             if db_path and db_path != ":memory:":
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         # orjson for JSON columns: telemetry bodies, sample top-k and drift state are encoded on the
@@ -179,8 +172,6 @@ class Registry:
         ] = {}
         if self._dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            if batch_writer and db_path and db_path != ":memory:" and "mode=memory" not in url:
-                self._writer = SqliteBatchWriter(db_path, _sqlite_pragmas, _json_dumps, _json_loads)
 
     async def create(self) -> None:
         async with self.engine.begin() as conn:
@@ -191,8 +182,6 @@ class Registry:
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await asyncio.to_thread(self._writer.close)
         await self.engine.dispose()
 
     def _insert(self, table: Any) -> Any:
@@ -200,9 +189,6 @@ class Registry:
 
     async def commit_batch(self, batch: Batch) -> None:
         """Write a whole batch in one transaction."""
-        if self._writer is not None:
-            await self._writer.run(lambda conn: self._write_batch_sync(conn, batch))
-            return
         async with self.engine.begin() as conn:
             await conn.run_sync(self._write_batch_sync, batch)
 
