@@ -1,6 +1,7 @@
 """Fleet scale: how many simulated devices one bridge holds, and what two bridges on PostgreSQL give.
 
-A run starts its own Mosquitto (queue limits raised, docs/traps.md #1; `$SYS` every 2 s), the demo
+A run starts its own Mosquitto (queue limits raised, docs/traps.md #1; autosave every 10 s as
+mosquitto/cloud.conf ships; `$SYS` every 2 s), the demo
 cloud model, real `cloud-bridge run` processes and simulator processes (bench/fleetsim/): N devices
 (ids sim-000000...) over a handful of MQTT 5 connections, speaking schemas/ in the compact encoding
 (status birth retained, result/2 coalesced for up to 10 s as the edge does by default, samples at its
@@ -8,8 +9,10 @@ default budget of 3 a minute, telemetry windows every 10 s with per-device
 class mixes and feature profiles, 5% escalations awaiting the cloud's answer, uncertain samples within
 budget, command acks; drift injected into 1% of devices after 30 s). Per run it prints:
 
-- messages/s by type (what the simulators sent) and the bridge's CPU µs per message (all types;
-  `--by-type` also drains a backlog of each type alone for its own CPU per message);
+- messages/s by type (what the simulators sent) and the bridge's CPU µs per message sent and per
+  message it handled (stored, duplicate, escalation answered or expired), with the share of the run
+  each process spent runnable but waiting for a CPU (Linux schedstat): a bridge that looks idle may
+  be waiting for a core the simulator, the broker and other jobs hold;
 - end-to-end lag: device time of a message -> the bridge taking it into a committed batch (median of
   the newest 300 registry rows, sampled every 5 s), first and last third of the run;
 - escalation answer latency p50/p99 (request sent -> reply received, at the simulator) and the share
