@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from cloud_bridge.clock import CLOCK_SUFFIX, ClockServer, clock_filter
 from cloud_bridge.config import BridgeConfig
 from cloud_bridge.drift.alerts import AlertPublisher
@@ -283,7 +285,16 @@ class Bridge:
         counts = self.escalator.agreement.take()
         if not counts:
             return
-        await self.registry.add_agreement(counts)
+        try:
+            await self.registry.add_agreement(counts)
+        except SQLAlchemyError as exc:
+            # E.g. SQLite's lock held past its busy timeout by an ingest batch on a starved machine:
+            # measured at 10,000 devices, where this stopped the bridge. Kept for the next flush.
+            self.escalator.agreement.restore(counts)
+            log.error(
+                "escalation agreement not stored devices=%d error=%s (retried at the next flush)", len(counts), exc
+            )
+            return
         if self.tsdb is not None:
             now = time.time()
             self.tsdb.add(agreement_line(f, d, v, agreed, answered, now) for (f, d, v), (answered, agreed) in counts)
@@ -301,8 +312,11 @@ class Bridge:
             await self.flush_agreement()
             await self.refresh_advice()
             if time.monotonic() >= next_prune:
-                await self.prune()
-                next_prune = time.monotonic() + _PRUNE_INTERVAL_S
+                try:
+                    await self.prune()
+                    next_prune = time.monotonic() + _PRUNE_INTERVAL_S
+                except SQLAlchemyError as exc:
+                    log.error("registry prune failed error=%s (retried at the next status interval)", exc)
             self.log_status()
 
     async def prune(self) -> int:
@@ -332,7 +346,8 @@ class Bridge:
         esc = self.escalator.stats if self.escalator is not None else None
         log.info(
             "bridge status msgs_per_s=%.1f received=%d stored=%d dead_letters=%d dups=%d backlog=%d "
-            "escalations_answered=%d escalations_expired=%d %s connected=%s",
+            "escalations_answered=%d escalations_expired=%d %s connected=%s unacked=%d escalation_backlog=%d "
+            "ingest_s idle=%.1f plan=%.1f commit=%.1f commit_wait=%.1f after=%.1f batches=%d largest_batch=%d",
             rate,
             received,
             ing.stored if ing else 0,
@@ -343,6 +358,15 @@ class Bridge:
             esc.expired if esc else 0,
             self.tsdb.status() if self.tsdb is not None else "tsdb=off",
             self.mqtt.connected if self.mqtt is not None else False,
+            self.mqtt.unacked if self.mqtt is not None else 0,
+            self.escalator.backlog if self.escalator is not None else 0,
+            ing.idle_s if ing else 0.0,
+            ing.plan_s if ing else 0.0,
+            ing.commit_s if ing else 0.0,
+            ing.commit_wait_s if ing else 0.0,
+            ing.after_s if ing else 0.0,
+            ing.batches if ing else 0,
+            ing.largest_batch if ing else 0,
         )
 
 

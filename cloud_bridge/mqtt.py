@@ -85,6 +85,9 @@ class MqttConnection:
         self._probe = probe if any(f.startswith("$share/") for f, _ in subscriptions) else None
         self._probe_seen = asyncio.Event()
         self.sessions_lost = 0  # reconnects whose session the broker had not kept
+        # QoS 1 messages of this connection taken but not yet acknowledged: when it sits at the
+        # broker's in-flight limit (Receive Maximum / max_inflight_messages), acks pace the intake.
+        self.unacked = 0
         self._on_message_cb = on_message
         self._loop = asyncio.get_running_loop()
         self._v5 = config.protocol == "mqtt5"
@@ -311,6 +314,7 @@ class MqttConnection:
         if message.generation != self._generation or not self._connected.is_set():
             return False
         self._client.ack(message.mid, message.qos)
+        self.unacked -= 1
         return True
 
     # -- paho callbacks (all run on the event-loop thread) -----------------------------------------
@@ -327,6 +331,7 @@ class MqttConnection:
             self.sessions_lost += 1
             log.warning("mqtt session not kept by the broker: messages published while away were not queued")
         self._generation += 1
+        self.unacked = 0  # what the last connection left unacked, the broker sends again
         self._connected.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -352,6 +357,8 @@ class MqttConnection:
         if props is not None:
             response_topic = getattr(props, "ResponseTopic", None)
             correlation = getattr(props, "CorrelationData", None)
+        if msg.qos:
+            self.unacked += 1
         self._on_message_cb(
             Incoming(msg.topic, msg.payload, msg.qos, msg.mid, self._generation, response_topic, correlation)
         )

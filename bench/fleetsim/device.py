@@ -125,17 +125,21 @@ class Device:
             protocol="mqtt5",
         )
 
-    def infer(self, now: float) -> tuple[str, float, bool, bool]:
-        """One inference: (label, confidence, escalate?, sample?)."""
-        self.inference += 1
-        mix = self.mix
+    def mix_now(self) -> npt.NDArray[np.float64]:
+        """The class mix the device's inputs follow now (drift moves most of it onto one class)."""
         if self.drifting:
-            mix = 0.4 * mix + 0.6 * np.eye(10)[sum(self.name.encode()) % 10]
-        label = LABELS[int(self.rng.choice(10, p=mix))]
-        u = float(self.rng.random())
+            return 0.4 * self.mix + 0.6 * np.eye(10)[sum(self.name.encode()) % 10]
+        return self.mix
+
+    def infer(self, now: float, label_index: int, u: float, u2: float, u3: float) -> tuple[str, float, bool, bool]:
+        """One inference whose draws were made for the whole slot at once (`Fleet.draw`): the label
+        from the class mix, and three uniforms for escalating, the confidence and sampling.
+        Returns (label, confidence, escalate?, sample?)."""
+        self.inference += 1
+        label = LABELS[label_index]
         escalate = u < self.escalate_share
-        confidence = 0.45 + 0.3 * u if escalate else 0.8 + 0.2 * float(self.rng.random())
-        sample = escalate and float(self.rng.random()) < self.sample_given_escalate and self._take_sample(now)
+        confidence = 0.45 + 0.3 * u if escalate else 0.8 + 0.2 * u2
+        sample = escalate and u3 < self.sample_given_escalate and self._take_sample(now)
         w = self.window
         w.count += 1
         w.classes[label] = w.classes.get(label, 0) + 1

@@ -2,9 +2,9 @@
 
 Every device runs the schedule of `device.Profile` on one shared clock: the devices are dealt to ten
 slots and each 100 ms tick serves one slot, so every device is visited once a second (its inferences
-of that second, its result/2 message, and every `telemetry_s` its window). Escalation replies and
-commands arrive on the paho threads and are handed to the tick loop through a queue; the reply's
-arrival time is taken on the paho thread, so a busy tick loop does not inflate the latency.
+of that second, its result/2 message, and every `telemetry_s` its window). A slot's inferences are
+drawn in one numpy pass. The connections are driven from this one thread (fleetsim/links.py):
+publishes go out at once, replies and commands are read between ticks.
 
 The process prints one JSON line per `report_s` (counters so far, escalation latencies since the last
 line, how late the tick loop runs) and a last one after "stop" arrives on stdin: then every device
@@ -14,19 +14,18 @@ publishes its offline status (reason "shutdown") and the connections close.
 from __future__ import annotations
 
 import json
-import queue
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+import numpy.typing as npt
 
 from fleetsim.device import Device, Profile
+from fleetsim.links import Inbox, Link, pump, pump_until
 from schemas import (
     ClockReply,
     ClockRequest,
@@ -41,8 +40,6 @@ from schemas.compact import ENCODING, encode_compact
 from schemas.topics import Channel, Topics
 
 TICKS_PER_S = 10
-INFLIGHT = 1000  # QoS 1 publishes in flight per connection (paho's default of 20 caps a connection)
-SUBSCRIBE_CHUNK = 200  # filters per SUBSCRIBE packet
 
 
 @dataclass
@@ -58,49 +55,12 @@ class Counts:
     tick_late_s: float = 0.0
 
 
-class Link:
-    """One MQTT connection carrying many devices' traffic."""
-
-    def __init__(self, host: str, port: int, client_id: str, devices: list[Device], inbox: queue.Queue[Any]) -> None:
-        self.devices = devices
-        self.inbox = inbox
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(INFLIGHT)
-        self.client.max_queued_messages_set(0)
-        self.client.on_message = self._on_message
-        self.subscribed = threading.Semaphore(0)
-        self.client.on_subscribe = lambda *_: self.subscribed.release()
-        self.client.connect(host, port, keepalive=60)
-        self.client.loop_start()
-
-    def subscribe(self) -> None:
-        filters = [
-            (d.topic(ch), 1) for d in self.devices for ch in (Channel.ESCALATE_REPLY, Channel.CMD, Channel.CLOCK_REPLY)
-        ]
-        chunks = [filters[i : i + SUBSCRIBE_CHUNK] for i in range(0, len(filters), SUBSCRIBE_CHUNK)]
-        for chunk in chunks:
-            self.client.subscribe(chunk)
-        for _ in chunks:
-            if not self.subscribed.acquire(timeout=60):
-                raise RuntimeError("simulator: no SUBACK within 60 s")
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put((time.time(), msg.topic, msg.payload))
-
-    def publish(self, topic: str, message: Envelope, retain: bool = False) -> None:
-        self.client.publish(topic, encode_compact(message), qos=1, retain=retain)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 class Simulator:
     def __init__(self, args: dict[str, Any]) -> None:
         self.topics = Topics(args["prefix"])
         self.fleet = args["fleet"]
         self.profile = Profile(**args["profile"])
-        rng = np.random.default_rng(args["seed"])
+        rng = self.rng = np.random.default_rng(args["seed"])
         first, count = args["first"], args["devices"]
         drifting = round(count * self.profile.drift_share)
         self.devices = [
@@ -108,13 +68,12 @@ class Simulator:
             for i in range(count)
         ]
         self.by_name = {d.name: d for d in self.devices}
-        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.inbox: Inbox = deque()
         n = max(1, args["connections"])
-        self.links = [
-            Link(args["host"], args["port"], f"fleetsim-{args['seed']}-{i}", self.devices[i::n], self.inbox)
-            for i in range(n)
-        ]
-        self.link_of = {d.name: link for link in self.links for d in link.devices}
+        self.links = [Link(args["host"], args["port"], f"fleetsim-{args['seed']}-{i}", self.inbox) for i in range(n)]
+        if not pump_until(self.links, time.monotonic() + 30, lambda: all(k.client.is_connected() for k in self.links)):
+            raise RuntimeError("simulator: no CONNACK within 30 s")
+        self.link_of = {d.name: self.links[i % n] for i, d in enumerate(self.devices)}
         self.outstanding: dict[str, tuple[Device, str, float, float, int]] = {}
         self.counts = Counts()
         self.started = time.time()
@@ -122,22 +81,32 @@ class Simulator:
         self.encoding_ok = False
 
     def publish(self, device: Device, channel: Channel, message: Envelope, kind: str, retain: bool = False) -> None:
-        self.link_of[device.name].publish(device.topic(channel), message, retain)
+        self.link_of[device.name].publish(device.topic(channel), encode_compact(message), retain)
         self.counts.sent[kind] += 1
 
+    def _drain_inbox(self) -> None:
+        while self.inbox:
+            self._handle(*self.inbox.popleft())
+
     def start(self) -> None:
-        for link in self.links:
-            link.subscribe()
+        wanted = [0] * len(self.links)
+        for i, link in enumerate(self.links):
+            channels = (Channel.ESCALATE_REPLY, Channel.CMD, Channel.CLOCK_REPLY)
+            filters = [(d.topic(ch), 1) for d in self.devices if self.link_of[d.name] is link for ch in channels]
+            wanted[i] = link.subscribe(filters)
+        subscribed = lambda: all(k.subacks >= n for k, n in zip(self.links, wanted, strict=True))  # noqa: E731
+        if not pump_until(self.links, time.monotonic() + 60, subscribed):
+            raise RuntimeError("simulator: no SUBACK within 60 s")
         # One clock exchange, as a node does at connect: the bridge's reply says it reads compact.
         probe = self.devices[0]
         request = ClockRequest(msg_id=new_msg_id(), fleet_id=self.fleet, device_id=probe.name, ts=time.time())
-        self.link_of[probe.name].client.publish(probe.topic(Channel.CLOCK), encode_compact(request), qos=1)
-        deadline = time.time() + 30
-        while not self.encoding_ok and time.time() < deadline:
-            try:
-                self._handle(*self.inbox.get(timeout=0.5))
-            except queue.Empty:
-                continue
+        self.link_of[probe.name].publish(probe.topic(Channel.CLOCK), encode_compact(request))
+
+        def compact_announced() -> bool:
+            self._drain_inbox()
+            return self.encoding_ok
+
+        pump_until(self.links, time.monotonic() + 30, compact_announced)
         if not self.encoding_ok:
             raise RuntimeError("simulator: no clock/1 reply announcing the compact encoding within 30 s")
         for d in self.devices:
@@ -182,23 +151,40 @@ class Simulator:
             device, Channel.CMD_ACK, device.ack(cmd.cmd_id, "installed", device.model, cmd.rollout_id), "cmd_ack"
         )
 
-    def _visit(self, d: Device, now: float) -> None:
-        if d.drifts and not d.drifting and now - self.started >= self.profile.drift_after_s:
-            d.drifting = True
-        n = int(self.profile.hz) + (float(d.rng.random()) < self.profile.hz % 1)
-        for _ in range(n):
-            label, confidence, escalate, sample = d.infer(now)
-            if sample:
-                self.publish(d, Channel.SAMPLES, d.sample(f"{d.name}-{d.inference}", label, confidence), "sample")
-            if escalate:
-                request_id = f"{d.name}-{d.inference}"
-                deadline = now + self.profile.escalation_timeout_s
-                self.outstanding[request_id] = (d, label, confidence, time.time(), d.inference)
-                self.publish(d, Channel.ESCALATE, d.escalation(request_id, label, confidence, deadline), "escalate")
-                self.counts.escalations += 1
-                d.window.escalated += 1
-            else:
-                d.answer(f"{d.name}-{d.inference}", label, confidence, "edge", label, 0.3)
+    def _visit_slot(self, slot: list[Device], cum: npt.NDArray[np.float64], now: float) -> None:
+        """Every device of a slot: its inferences of this second, drawn for the whole slot in one
+        numpy pass (`cum`: each device's cumulative class mix, a row per device of the slot)."""
+        hz = self.profile.hz
+        for i, d in enumerate(slot):
+            if d.drifts and not d.drifting and now - self.started >= self.profile.drift_after_s:
+                d.drifting = True
+                cum[i] = np.cumsum(d.mix_now())
+        rng = self.rng
+        counts = np.full(len(slot), int(hz)) + (rng.random(len(slot)) < hz % 1)
+        rows = np.repeat(np.arange(len(slot)), counts)
+        draws = rng.random((len(rows), 4))
+        labels = (draws[:, :1] > cum[rows]).sum(axis=1).clip(max=9).tolist()
+        u, u2, u3 = draws[:, 1].tolist(), draws[:, 2].tolist(), draws[:, 3].tolist()
+        for j, row in enumerate(rows.tolist()):
+            self._infer(slot[row], now, labels[j], u[j], u2[j], u3[j])
+        for d in slot:
+            self._after(d, now)
+
+    def _infer(self, d: Device, now: float, label_index: int, u: float, u2: float, u3: float) -> None:
+        label, confidence, escalate, sample = d.infer(now, label_index, u, u2, u3)
+        if sample:
+            self.publish(d, Channel.SAMPLES, d.sample(f"{d.name}-{d.inference}", label, confidence), "sample")
+        if escalate:
+            request_id = f"{d.name}-{d.inference}"
+            deadline = now + self.profile.escalation_timeout_s
+            self.outstanding[request_id] = (d, label, confidence, time.time(), d.inference)
+            self.publish(d, Channel.ESCALATE, d.escalation(request_id, label, confidence, deadline), "escalate")
+            self.counts.escalations += 1
+            d.window.escalated += 1
+        else:
+            d.answer(f"{d.name}-{d.inference}", label, confidence, "edge", label, 0.3)
+
+    def _after(self, d: Device, now: float) -> None:
         results = d.results(now, self.profile.results_delay_s)
         if results is not None:
             self.publish(d, Channel.RESULTS, results, "results")
@@ -237,6 +223,7 @@ class Simulator:
 
     def run(self, stop: threading.Event) -> None:
         slots = [self.devices[i::TICKS_PER_S] for i in range(TICKS_PER_S)]
+        cums = [np.array([np.cumsum(d.mix_now()) for d in slot]).reshape(len(slot), 10) for slot in slots]
         tick = 0
         t0 = time.monotonic()
         next_report = t0 + self.report_s
@@ -244,17 +231,13 @@ class Simulator:
             due = t0 + tick / TICKS_PER_S
             wait = due - time.monotonic()
             if wait > 0:
-                stop.wait(wait)
+                pump_until(self.links, due)
             else:
                 self.counts.tick_late_s = max(self.counts.tick_late_s, -wait)
+                pump(self.links, 0.0)
             now = time.time()
-            while True:
-                try:
-                    self._handle(*self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for d in slots[tick % TICKS_PER_S]:
-                self._visit(d, now)
+            self._drain_inbox()
+            self._visit_slot(slots[tick % TICKS_PER_S], cums[tick % TICKS_PER_S], now)
             self._expire(now)
             tick += 1
             if time.monotonic() >= next_report:
@@ -262,6 +245,7 @@ class Simulator:
                 next_report += self.report_s
         for d in self.devices:
             self.publish(d, Channel.STATUS, d.status(False, "shutdown"), "status", retain=True)
+        pump_until(self.links, time.monotonic() + 10, lambda: not any(k.client.want_write() for k in self.links))
         for link in self.links:
             link.close()
         self.report(final=True)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from schemas import msg_id_time
 
 _STATUS = re.compile(
-    r"bridge status msgs_per_s=(\S+) received=(\d+) stored=(\d+).* backlog=(\d+) "
+    r"bridge status msgs_per_s=(\S+) received=(\d+) stored=(\d+) dead_letters=\d+ dups=(\d+) backlog=(\d+) "
     r"escalations_answered=(\d+) escalations_expired=(\d+)"
 )
 
@@ -28,13 +28,28 @@ _STATUS = re.compile(
 class ProcSample:
     cpu_s: float
     rss: int
+    runq_s: float = 0.0  # time its threads were runnable but waiting for a CPU (run_queue_wait)
+
+
+def run_queue_wait(pid: int) -> float:
+    """Seconds the threads of `pid` spent runnable but waiting for a CPU (Linux schedstat, field 2).
+
+    A process that is "mostly idle" by its CPU share may in fact be waiting for a core the other
+    processes hold: this tells the two apart (0.0 where /proc has no schedstat)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
 
 
 def proc_sample(pid: int) -> ProcSample:
-    """CPU seconds (user + system, children included) and RSS of a process."""
+    """CPU seconds (user + system, children included), RSS and run-queue wait of a process."""
     p = psutil.Process(pid)
     t = p.cpu_times()
-    return ProcSample(t.user + t.system + t.children_user + t.children_system, p.memory_info().rss)
+    return ProcSample(t.user + t.system + t.children_user + t.children_system, p.memory_info().rss, run_queue_wait(pid))
 
 
 def tree_cpu(pid: int) -> float:
@@ -109,6 +124,12 @@ class BridgeLog:
     expired: int = 0
     received: int = 0
     stored: int = 0
+    dups: int = 0
+
+    @property
+    def handled(self) -> int:
+        """Messages the bridge has finished with: stored, duplicates, escalations answered or expired."""
+        return self.stored + self.dups + self.answered + self.expired
 
     def refresh(self) -> None:
         try:
@@ -117,8 +138,9 @@ class BridgeLog:
             return
         found = _STATUS.findall(text_)  # whole file: drift logs a line per device between status lines
         if found:
-            _rate, received, stored, backlog, answered, expired = found[-1]
+            _rate, received, stored, dups, backlog, answered, expired = found[-1]
             self.received, self.backlog, self.stored = int(received), int(backlog), int(stored)
+            self.dups = int(dups)
             self.answered, self.expired = int(answered), int(expired)
 
 

@@ -2,8 +2,9 @@
 
 Requests arrive on `$share/{group}/{prefix}/+/+/escalate`. Those that arrive together are stacked into
 one `session.run` (micro-batching), which runs in a worker thread so the event loop keeps receiving;
-at most `max_concurrency` batches run at once. The reply goes to the MQTT 5 Response Topic with the
-Correlation Data echoed, or to the payload's `reply_to` when the request came over MQTT 3.1.1.
+at most `max_concurrency` batches run the model at once (their replies then wait for their PUBACKs
+outside that bound). The reply goes to the MQTT 5 Response Topic with the Correlation Data echoed,
+or to the payload's `reply_to` when the request came over MQTT 3.1.1.
 Requests already past their deadline are skipped (the device has fallen back to its own answer).
 The model is loaded and checked by common/onnx.py, as the edge loads its own: a file that is not a
 classifier stops the bridge at start with a message naming it.
@@ -150,6 +151,13 @@ class AgreementCounts:
         self.counts.clear()
         return out
 
+    def restore(self, taken: list[tuple[tuple[str, str, str], tuple[int, int]]]) -> None:
+        """Add back counts `take()` returned whose write failed (they go with the next flush)."""
+        for key, (answered, agreed) in taken:
+            entry = self.counts.setdefault(key, [0, 0])
+            entry[0] += answered
+            entry[1] += agreed
+
 
 def escalation_filter(topics: Topics, share_group: str, shared: bool) -> str:
     topic_filter = topics.filter(Channel.ESCALATE)
@@ -193,6 +201,11 @@ class Escalator:
             return
         self._queue.put(_Pending(incoming, message, row, time.time()))
 
+    @property
+    def backlog(self) -> int:
+        """Requests queued, not yet in a batch."""
+        return len(self._queue)
+
     async def close(self) -> None:
         self._queue.close()
 
@@ -213,22 +226,27 @@ class Escalator:
     def _take_batch(self) -> list[_Pending]:
         now = time.time()
         batch: list[_Pending] = []
+        expired, latest = 0, 0.0
         while self._queue.items and len(batch) < self._config.max_batch:
             pending = self._queue.items.popleft()
             if pending.request.deadline <= now:
-                self.stats.expired += 1
-                log.info(
-                    "escalation expired device=%s request_id=%s late_s=%.3f",
-                    pending.request.device_id,
-                    pending.request.request_id,
-                    now - pending.request.deadline,
-                )
+                expired += 1
+                latest = max(latest, now - pending.request.deadline)
                 self._ack(pending.incoming)
                 continue
             batch.append(pending)
+        if expired:
+            # One line per batch, not per request: an overloaded bridge expires thousands a second,
+            # and a log line each made it slower still.
+            self.stats.expired += expired
+            log.info("escalations expired count=%d most_late_s=%.3f total=%d", expired, latest, self.stats.expired)
         return batch
 
     async def _answer(self, batch: list[_Pending]) -> None:
+        # The slot bounds model runs, not replies: it is free again once the model answered, while the
+        # replies wait for their PUBACKs (bounded by [mqtt] publish_window). Held until the PUBACKs,
+        # two slots let two batches through per broker round trip, which a loaded bridge stretched
+        # to seconds: most requests then expired in the queue.
         try:
             inputs = np.concatenate([p.row for p in batch], axis=0)
             try:
@@ -241,13 +259,11 @@ class Escalator:
                 error: str | None = f"cloud model failed: {exc}"[:1024]
             else:
                 error = None
-            self.stats.batches += 1
-            done = time.time()
-            await asyncio.gather(
-                *(self._reply(p, pred, done, error) for p, pred in zip(batch, predictions, strict=True))
-            )
         finally:
             self._slots.release()
+        self.stats.batches += 1
+        done = time.time()
+        await asyncio.gather(*(self._reply(p, pred, done, error) for p, pred in zip(batch, predictions, strict=True)))
 
     def _make_reply(
         self, pending: _Pending, prediction: Prediction | None, done: float, error: str | None, *, lean: bool = False
