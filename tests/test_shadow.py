@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -15,12 +16,14 @@ from cloud_bridge.errors import UsageError
 from cloud_bridge.rollout.policy import GroupStats, Thresholds, parse_thresholds, thresholds_for
 from cloud_bridge.rollout.shadow_policy import ShadowGroup, aggregate_shadow, judge_shadow
 from cloud_bridge.rollout.stages import parse_stages, stages_text
+from cloud_bridge.tsdb import telemetry_lines
 from demokit.dataset import DigitsSplit
 from demokit.models import DemoModel
 from edge_node.inference.model import Classifier
 from edge_node.inference.shadow import QUEUE_BATCHES, ShadowRunner
 from edge_node.input.intake import InputItem
-from schemas import to_builtins
+from schemas import ModelRef, ShadowStats, Telemetry, to_builtins
+from tests.factories import examples
 
 
 def test_stages_take_one_leading_shadow_stage() -> None:
@@ -78,8 +81,13 @@ def _items(digits: DigitsSplit, n: int, start: int = 0) -> tuple[list[InputItem]
     return items, x
 
 
-def _active_top1(active: Classifier, x: npt.NDArray[np.float32]) -> list[int]:
-    return [int(i) for i in active.predict(x).argmax(axis=1)]
+def _active_top1(active: Classifier, x: npt.NDArray[np.float32]) -> npt.NDArray[np.intp]:
+    return active.predict(x).argmax(axis=1)
+
+
+def _unsure(n: int) -> npt.NDArray[np.bool_]:
+    """`confident` for a batch none of whose answers is final at the edge (each may be escalated)."""
+    return np.zeros(n, dtype=np.bool_)
 
 
 def test_runner_compares_the_shadow_with_the_active_model_the_labels_and_the_cloud(
@@ -87,14 +95,14 @@ def test_runner_compares_the_shadow_with_the_active_model_the_labels_and_the_clo
 ) -> None:
     active = Classifier.load(demo_models["edge"].path)
     candidate = Classifier.load(demo_models["cloud"].path)
-    runner = ShadowRunner(share=0.5, seed=1)
+    runner = ShadowRunner(share=0.5, seed=1, min_rows=1)  # every offer a job of its own
     items, x = _items(digits, 64)
-    runner.offer(items, x, _active_top1(active, x), active.info.labels)  # nothing shadowed yet
+    runner.offer(items, x, _active_top1(active, x), _unsure(len(x)), active.info.labels)  # nothing shadowed yet
     runner.start(candidate)
     try:
         for start in range(0, 320, 64):
             items, x = _items(digits, 64, start)
-            runner.offer(items, x, _active_top1(active, x), active.info.labels)
+            runner.offer(items, x, _active_top1(active, x), _unsure(len(x)), active.info.labels)
             runner.drain()  # one batch at a time: none is dropped
         answered = [item.input_id for item in items]
         for input_id in answered:
@@ -133,16 +141,16 @@ def test_a_busy_runner_drops_and_counts_instead_of_waiting(
 ) -> None:
     active = Classifier.load(demo_models["edge"].path)
     gated = _Gated(Classifier.load(demo_models["cloud"].path))
-    runner = ShadowRunner(share=1.0)
+    runner = ShadowRunner(share=1.0, min_rows=1)
     runner.start(gated)
     try:
         items, x = _items(digits, 8)
         top1 = _active_top1(active, x)
-        runner.offer(items, x, top1, active.info.labels)
+        runner.offer(items, x, top1, _unsure(len(x)), active.info.labels)
         assert gated.entered.wait(30)  # the thread holds the first batch
         for _ in range(QUEUE_BATCHES):
-            runner.offer(items, x, top1, active.info.labels)  # queued
-        runner.offer(items, x, top1, active.info.labels)  # no room: dropped at once
+            runner.offer(items, x, top1, _unsure(len(x)), active.info.labels)  # queued
+        runner.offer(items, x, top1, _unsure(len(x)), active.info.labels)  # no room: dropped at once
         gated.gate.set()
         runner.drain()
         stats = runner.take()
@@ -151,3 +159,37 @@ def test_a_busy_runner_drops_and_counts_instead_of_waiting(
         runner.close()
     assert stats is not None
     assert (stats.inputs, stats.skipped) == (8 * (1 + QUEUE_BATCHES), 8)
+
+
+def test_the_shadow_counts_are_a_tsdb_point_of_their_own() -> None:
+    telemetry = next(m for m in examples() if isinstance(m, Telemetry))
+    candidate = ModelRef(name="digits-edge", version="1.1.0", sha256="a" * 64)
+    stats = ShadowStats(model=candidate, inputs=40, skipped=3, agreed=38, labeled=10, correct=9, active_correct=8)
+    lines = telemetry_lines(msgspec.structs.replace(telemetry, shadow=stats))
+    ts = str(round(telemetry.window_end * 1000))
+    assert lines[-1].startswith("shadow,active=1.0.0,device=dev-1,fleet=f1,model=digits-edge,version=1.1.0 inputs=40i,")
+    assert "skipped=3i" in lines[-1] and "active_correct=8i" in lines[-1] and lines[-1].endswith(" " + ts)
+    assert "confidence_mean" not in lines[-1]
+
+
+def test_small_offers_are_gathered_into_one_job(demo_models: dict[str, DemoModel], digits: DigitsSplit) -> None:
+    active = Classifier.load(demo_models["edge"].path)
+    runner = ShadowRunner(share=1.0, min_rows=64, flush_s=3600)
+    runner.start(Classifier.load(demo_models["cloud"].path))
+    try:
+        for start in range(0, 48, 16):
+            items, x = _items(digits, 16, start)
+            runner.offer(items, x, _active_top1(active, x), _unsure(16), active.info.labels)
+        runner.drain()
+        gathering = runner.take()
+        items, x = _items(digits, 16, 48)
+        runner.offer(items, x, _active_top1(active, x), _unsure(16), active.info.labels)  # 64 rows: one job
+        runner.drain()
+        for item in _items(digits, 64)[0]:
+            runner.cloud_answer(item.input_id, "0", active_agreed=False)
+        stats = runner.take()
+    finally:
+        runner.close()
+    assert gathering is not None and gathering.inputs == 0
+    assert stats is not None and (stats.inputs, stats.labeled, stats.cloud_answered) == (64, 64, 64)
+    assert stats.agreed > 48 and stats.active_cloud_agreed == 0

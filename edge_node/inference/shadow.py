@@ -1,13 +1,14 @@
 """A candidate model run in shadow beside the active one: a rollout's shadow stage, on the device.
 
 The router hands each scored batch to `ShadowRunner.offer` after the active model's answers are
-known. A sampled share (`[ota] shadow_share`) of its inputs is copied into a small bounded queue, and
-the runner's own thread runs the candidate on them; when the queue is full the sample is dropped and
-counted (`skipped`), so the shadow never holds up the active model's answers (bench/edge_pipeline.py
-measures the cost). The shadow's answers are never used: they are only compared, with the active
-model's top-1, with the input's known label (`truth`) where there is one, and with the cloud's answer
-where the active model escalated and the cloud answered (`cloud_answer`, from the router). A cloud
-reply that arrives before the shadow thread ran that input is not compared.
+known. A sampled share (`[ota] shadow_share`) of its inputs is copied into a small bounded queue,
+and the runner's own thread (at the lowest CPU priority) runs the candidate on them; when the queue
+is full the sample is dropped and counted (`skipped`), so the shadow never holds up the active
+model's answers (bench/edge_pipeline.py measures the cost). The shadow's answers are never used:
+they are only compared, with the active model's top-1, with the input's known label (`truth`) where
+there is one, and with the cloud's answer where the active model escalated and the cloud answered
+(`cloud_answer`, from the router). A cloud reply that arrives before the shadow thread ran that
+input is not compared.
 
 `take()` closes the window's counts into the telemetry's `shadow` field (schemas ShadowStats).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -33,16 +35,21 @@ from schemas import ModelRef, ShadowStats
 log = logging.getLogger(__name__)
 
 QUEUE_BATCHES = 4  # sampled batches waiting for the shadow thread; more are dropped
+# Sampled rows are gathered into one job of at least this many rows (or after FLUSH_S): fewer
+# wake-ups of the shadow thread, each of which costs the serving thread a GIL hand-off.
+MIN_ROWS = 256
+FLUSH_S = 1.0
 _REMEMBERED = 4096  # shadow answers kept by input id for a cloud reply to be compared with
 
 
 @dataclass(slots=True)
 class _Job:
     model: Classifier
-    ids: list[str]
     batch: npt.NDArray[Any]
-    active: list[str]  # the active model's top-1 labels
-    truths: list[str | None]
+    active: npt.NDArray[np.intp]  # the active model's top-1, indices into `labels`
+    labels: tuple[str, ...]  # the active model's labels
+    truths: list[tuple[int, str]]  # (row, label) of the rows whose label is known
+    unsure: list[tuple[int, str]]  # (row, input id) of the rows the active model may escalate
 
 
 @dataclass
@@ -61,11 +68,34 @@ class _Counts:
     latencies_ms: list[float] = field(default_factory=list)
 
 
+def _merge(jobs: list[_Job]) -> _Job:
+    """One job of the rows of several (same model, same active labels)."""
+    if len(jobs) == 1:
+        return jobs[0]
+    truths: list[tuple[int, str]] = []
+    unsure: list[tuple[int, str]] = []
+    offset = 0
+    for job in jobs:
+        truths += [(row + offset, truth) for row, truth in job.truths]
+        unsure += [(row + offset, input_id) for row, input_id in job.unsure]
+        offset += len(job.batch)
+    first = jobs[0]
+    batch = np.concatenate([j.batch for j in jobs])
+    return _Job(first.model, batch, np.concatenate([j.active for j in jobs]), first.labels, truths, unsure)
+
+
 class ShadowRunner:
     """Runs a shadow model (if one is set) on a sampled share of the inputs, in its own thread."""
 
-    def __init__(self, share: float, seed: int | None = None) -> None:
+    def __init__(
+        self, share: float, seed: int | None = None, min_rows: int = MIN_ROWS, flush_s: float = FLUSH_S
+    ) -> None:
         self.share = share
+        self.min_rows = min_rows
+        self.flush_s = flush_s
+        self._pending: list[_Job] = []
+        self._pending_rows = 0
+        self._pending_since = 0.0
         self._model: Classifier | None = None
         self._rng = np.random.default_rng(seed)
         self._queue: queue.Queue[_Job | None] = queue.Queue(QUEUE_BATCHES)
@@ -73,6 +103,7 @@ class ShadowRunner:
         self._counts = _Counts()
         self._answers: OrderedDict[str, str] = OrderedDict()
         self._thread: threading.Thread | None = None
+        self._maps: dict[tuple[tuple[str, ...], tuple[str, ...]], npt.NDArray[np.intp]] = {}
 
     @property
     def model(self) -> ModelRef | None:
@@ -95,6 +126,8 @@ class ShadowRunner:
         """Stop shadowing; return the model that was shadowed (None if none)."""
         with self._lock:
             old, self._model = self._model, None
+        self._pending.clear()
+        self._pending_rows = 0
         if old is not None:
             log.info("shadow model stopped %s %s", old.info.ref.name, old.info.ref.version)
         return None if old is None else old.info.ref
@@ -107,8 +140,17 @@ class ShadowRunner:
             self._thread = None
 
     # ---- the hook (event loop) ---------------------------------------------------------------
-    def offer(self, items: list[InputItem], batch: npt.NDArray[Any], top1: list[int], labels: tuple[str, ...]) -> None:
-        """A scored batch of the active model (`top1` its indices into `labels`): queue a sampled share."""
+    def offer(
+        self,
+        items: list[InputItem],
+        batch: npt.NDArray[Any],
+        top1: npt.NDArray[Any],
+        confident: npt.NDArray[np.bool_],
+        labels: tuple[str, ...],
+    ) -> None:
+        """A scored batch of the active model (`top1` its indices into `labels`; `confident` the rows
+        answered at the edge, the others may be escalated): queue a sampled share. The per-row Python
+        here is kept to the rows with a known label and the unsure ones, both few."""
         model = self._model
         if model is None or self.share <= 0:
             return
@@ -117,18 +159,29 @@ class ShadowRunner:
         if not len(picked):
             return
         rows = picked.tolist()
-        job = _Job(
-            model,
-            [items[i].input_id for i in rows],
-            batch[picked],
-            [labels[top1[i]] for i in rows],
-            [items[i].truth for i in rows],
-        )
+        truths = [(k, truth) for k, i in enumerate(rows) if (truth := items[i].truth) is not None]
+        sure = confident[picked]
+        unsure = [] if sure.all() else [(k, items[rows[k]].input_id) for k in np.flatnonzero(~sure).tolist()]
+        job = _Job(model, batch[picked], np.asarray(top1)[picked], labels, truths, unsure)
+        pending = self._pending
+        if pending and (pending[0].model is not model or pending[0].labels != labels):
+            pending.clear()  # a model switched meanwhile: its rows are not worth a job of their own
+            self._pending_rows = 0
+        now = time.monotonic()
+        if not pending:
+            self._pending_since = now
+        pending.append(job)
+        self._pending_rows += len(rows)
+        if self._pending_rows < self.min_rows and now - self._pending_since < self.flush_s:
+            return
+        merged, taken = _merge(pending), self._pending_rows
+        pending.clear()
+        self._pending_rows = 0
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait(merged)
         except queue.Full:
             with self._lock:
-                self._counts.skipped += len(rows)
+                self._counts.skipped += taken
 
     def cloud_answer(self, input_id: str, cloud_label: str, active_agreed: bool) -> None:
         """The cloud answered an escalated input: compare with the shadow's answer, if it has one."""
@@ -173,6 +226,10 @@ class ShadowRunner:
         self._queue.join()
 
     def _work(self) -> None:
+        # The lowest CPU priority for this thread (Linux schedules threads by their own nice value):
+        # on a busy device the active model's answers go first and the shadow drops samples instead.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             job = self._queue.get()
             try:
@@ -189,30 +246,39 @@ class ShadowRunner:
         except Exception as exc:  # the shadow model failing must never touch serving
             with self._lock:
                 if job.model is self._model:
-                    self._counts.errors += len(job.ids)
-            log.warning("shadow model raised on %d inputs: %s: %s", len(job.ids), type(exc).__name__, exc)
+                    self._counts.errors += len(job.batch)
+            log.warning("shadow model raised on %d inputs: %s: %s", len(job.batch), type(exc).__name__, exc)
 
     def _run(self, job: _Job) -> None:
+        n = len(job.batch)
         start = time.perf_counter()
         probs = job.model.predict(job.batch)
-        per_input_ms = (time.perf_counter() - start) * 1000 / len(job.ids)
+        per_input_ms = (time.perf_counter() - start) * 1000 / n
         labels = job.model.info.labels
-        top = probs.argmax(axis=1).tolist()
+        top = probs.argmax(axis=1)
+        agreed = int((top == self._label_map(job.labels, labels)[job.active]).sum())
         conf = float(probs.max(axis=1).sum())
         with self._lock:
             if job.model is not self._model:
                 return
             c = self._counts
-            c.inputs += len(job.ids)
+            c.inputs += n
+            c.agreed += agreed
             c.confidence_sum += conf
             c.latencies_ms.append(per_input_ms)
-            for input_id, index, active, truth in zip(job.ids, top, job.active, job.truths, strict=True):
-                label = labels[index]
-                c.agreed += label == active
-                if truth is not None:
-                    c.labeled += 1
-                    c.correct += label == truth
-                    c.active_correct += active == truth
-                self._answers[input_id] = label
+            for row, truth in job.truths:
+                c.labeled += 1
+                c.correct += labels[top[row]] == truth
+                c.active_correct += job.labels[job.active[row]] == truth
+            for row, input_id in job.unsure:
+                self._answers[input_id] = labels[top[row]]
             while len(self._answers) > _REMEMBERED:
                 self._answers.popitem(last=False)
+
+    def _label_map(self, active: tuple[str, ...], shadow: tuple[str, ...]) -> npt.NDArray[np.intp]:
+        """For each active label index, the shadow model's index of the same label (-1: it has none)."""
+        key = (active, shadow)
+        if self._maps.get(key) is None:
+            where = {label: i for i, label in enumerate(shadow)}
+            self._maps = {key: np.array([where.get(label, -1) for label in active], dtype=np.intp)}
+        return self._maps[key]

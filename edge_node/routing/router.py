@@ -76,7 +76,7 @@ class Router:
         top1 = decision.top1.tolist()
         confidence = decision.confidence.tolist()  # within [0, 1] (decide)
         if self.shadow is not None:
-            self.shadow.offer(good, batch, top1, info.labels)
+            self.shadow.offer(good, batch, decision.top1, decision.confident, info.labels)
         # Positions in the batch of the edge answers and of `finals`, kept only when both exist.
         edge: list[int] = []
         fallback: list[int] = []
