@@ -28,9 +28,9 @@ from tests.factories import examples
 
 def test_stages_take_one_leading_shadow_stage() -> None:
     assert parse_stages("shadow:100,25,100") == (-100, 25, 100)
-    assert parse_stages("shadow:50") == (-50,)
+    assert parse_stages("shadow:50,100") == (-50, 100)
     assert stages_text((-100, 25, 100)) == "shadow:100,25,100"
-    for bad in ("25,shadow:100", "shadow:0", "shadow:100,shadow:50", "shadow:x,100", "shadow"):
+    for bad in ("25,shadow:100", "shadow:0", "shadow:100,shadow:50", "shadow:x,100", "shadow", "shadow:100"):
         with pytest.raises(UsageError, match="--stages"):
             parse_stages(bad)
 

@@ -90,7 +90,11 @@ def parse_stages(text: str) -> tuple[int, ...]:
         stages = tuple(int(part) for part in parts)
     except ValueError:
         raise UsageError(f"--stages {text!r} must be comma-separated percentages, e.g. 5,25,100") from None
-    if (not stages and not shadow) or any(not 1 <= s <= 100 for s in stages) or list(stages) != sorted(set(stages)):
+    if shadow and not stages:
+        raise UsageError(
+            f"--stages {text!r}: a shadow stage precedes canary stages, e.g. shadow:100,25,100 (it switches no device)"
+        )
+    if not stages or any(not 1 <= s <= 100 for s in stages) or list(stages) != sorted(set(stages)):
         raise UsageError(f"--stages {text!r} must be increasing percentages between 1 and 100, e.g. 5,25,100")
     return shadow + stages
 
