@@ -50,17 +50,17 @@ from cloud_bridge.rollout.policy import (
     judge_window,
     thresholds_for,
 )
+from cloud_bridge.rollout.records import STATE_CODES as STATE_CODES  # re-exported
+from cloud_bridge.rollout.records import STATES as STATES  # re-exported
+from cloud_bridge.rollout.records import eval_record, rollout_line, stage_tag
 from cloud_bridge.rollout.shadow import ShadowStage
 from cloud_bridge.rollout.stages import FleetDevice, is_shadow, select_stage, split_groups
 from cloud_bridge.rollout.store import RolloutStore
-from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
+from cloud_bridge.tsdb import TsdbWriter
 from schemas.messages import Command
 
 log = logging.getLogger(__name__)
 
-STATES = ("running", "promoted", "done", "rolled_back", "aborted")
-# Numeric codes for the TSDB `state` field (Grafana state timelines map them back to names).
-STATE_CODES = {name: code for code, name in enumerate(STATES, start=1)}
 # Device row states after which the device may run (or soon run) the new model: rollback targets.
 _MAY_RUN_NEW = frozenset({"sent", "received", "downloading", "verifying", "installing", "installed", "done"})
 _TERMINAL = INSTALL_OK | INSTALL_FAILED | {"cancelled"}
@@ -100,45 +100,6 @@ def thresholds_from(config: RolloutConfig) -> Thresholds:
     """The stage thresholds the `[rollout]` config section sets: every name Thresholds defines, read
     from the section by that name (the one adapter between the config and the policy)."""
     return Thresholds(**{name: getattr(config, name) for name in THRESHOLD_NAMES})
-
-
-def rollout_line(rollout: dict[str, Any], devices: int, metrics: dict[str, float], now: float) -> str:
-    stages: list[int] = rollout["stages"]
-    tags = {
-        "fleet": rollout["fleet_id"],
-        "rollout": rollout["id"],
-        "model": rollout["model_name"],
-        "version": rollout["model_version"],
-        "stage": _stage_tag(stages[min(rollout["stage"], len(stages) - 1)]),
-    }
-    fields: dict[str, FieldValue] = {"devices": devices, "state": STATE_CODES[rollout["state"]]}
-    fields.update(metrics)
-    return line("rollout", tags, fields, round(now * 1000))
-
-
-def _stage_tag(stage: int) -> str:
-    return f"shadow{-stage}" if is_shadow(stage) else str(stage)
-
-
-def _eval_record(
-    decision: Decision,
-    now: float,
-    canary: GroupStats | None,
-    control: GroupStats | None,
-    extra: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    return {
-        "at": now,
-        "verdict": decision.verdict,
-        "reason": decision.reason,
-        "canary": canary.metrics() if canary else {},
-        "control": control.metrics() if control else {},
-        **({"shadow": extra} if extra else {}),
-        "checks": [
-            {"metric": c.metric, "canary": c.canary, "control": c.control, "limit": c.limit, "passed": c.passed}
-            for c in decision.checks
-        ],
-    }
 
 
 class RolloutDriver:
@@ -181,7 +142,7 @@ class RolloutDriver:
         return self._clock()
 
     def evaluation(self, decision: Decision, now: float, extra: dict[str, float]) -> dict[str, Any]:
-        return _eval_record(decision, now, None, None, extra)
+        return eval_record(decision, now, None, None, extra)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Tick until `close()` (from when `ready` is set: commands need the MQTT connection); then
@@ -319,7 +280,7 @@ class RolloutDriver:
             rollout["id"],
             self.owner,
             reason=reason,
-            last_eval=_eval_record(Decision("wait", reason), now, None, None),
+            last_eval=eval_record(Decision("wait", reason), now, None, None),
             updated_at=now,
             **values,
         ):
@@ -364,7 +325,7 @@ class RolloutDriver:
         control: GroupStats | None = None,
         extra: dict[str, float] | None = None,
     ) -> None:
-        evaluation = _eval_record(decision, now, canary, control, extra)
+        evaluation = eval_record(decision, now, canary, control, extra)
         previous = rollout.get("last_eval") or {}
         if (previous.get("verdict"), previous.get("reason", "")[:40]) != (decision.verdict, decision.reason[:40]):
             # Logged on change only: a stage may wait or hold for many ticks.
@@ -400,7 +361,7 @@ class RolloutDriver:
         control: GroupStats,
     ) -> None:
         rid, stages, stage = rollout["id"], rollout["stages"], rollout["stage"]
-        evaluation = _eval_record(decision, now, canary, control)
+        evaluation = eval_record(decision, now, canary, control)
         if stage + 1 < len(stages):
             log.info(
                 "rollout %s stage %d%% passed (%s): next stage %d%%",
@@ -436,7 +397,7 @@ class RolloutDriver:
         extra: dict[str, float] | None = None,
     ) -> None:
         rid = rollout["id"]
-        stage = _stage_tag(rollout["stages"][rollout["stage"]])
+        stage = stage_tag(rollout["stages"][rollout["stage"]])
         log.warning("rollout %s rolled back at stage %s%%: %s", rid, stage, decision.reason)
         values: dict[str, Any] = {
             "state": "rolled_back",
@@ -448,7 +409,7 @@ class RolloutDriver:
             rid,
             self.owner,
             reason=decision.reason,
-            last_eval=_eval_record(decision, now, canary, control, extra),
+            last_eval=eval_record(decision, now, canary, control, extra),
             updated_at=now,
             **values,
         ):
