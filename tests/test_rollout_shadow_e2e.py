@@ -7,7 +7,8 @@ their active model on a share of the inputs, reporting `shadow` telemetry. A lab
 (it disagrees with the active model on most inputs) fails the shadow stage: the rollout ends
 rolled_back, every shadow is stopped, and no device ever received a model_update of it. A retrained
 candidate that agrees passes, the shadows are stopped, and the rollout goes on to its canary stage and
-installs it on the whole fleet.
+installs it on the whole fleet. An operator's abort with --rollback during the shadow stage stops the
+shadows (shadow_stop, never `rollback`: no device switched).
 """
 
 from __future__ import annotations
@@ -159,3 +160,38 @@ async def test_an_agreeing_shadow_passes_and_the_rollout_goes_on_to_its_canary(
     # The shadow stage's rows were dropped when it passed: the canary stage (index 1) took both devices.
     assert sorted((d["device_id"], d["stage"], d["state"]) for d in devices) == [(d, 1, "done") for d in DEVICES]
     assert running == {d: healthy.version for d in DEVICES}
+
+
+async def test_aborting_during_the_shadow_stage_stops_the_shadows_and_installs_nothing(
+    tmp_path: Path, mosquitto: Mosquitto, models: dict[str, DemoModel], capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = models["healthy"]
+    key = generate(tmp_path / "keys")
+    config = bridge_config(tmp_path, mosquitto, key, models["cloud"].path)
+    toml = cli_config(tmp_path, config)
+    async with Db(config) as db:
+        await db.models.add(target.path)
+        async with running_bridge(config), edge_fleet(tmp_path, mosquitto, models["edge"].path, key):
+            await db.wait_devices(len(DEVICES))
+            args = ["rollout", "start", "--model", target.name, "--version", target.version]
+            args += ["--stages", "shadow:100,100", "--fleet", FLEET, "--config", str(toml)]
+            args += ["--thresholds=shadow:min_shadow_inputs=100000"]  # it never passes by itself
+            assert await asyncio.to_thread(cli_main, args) == 0
+            rid = capsys.readouterr().out.strip()
+            await db.wait_rollout(rid, lambda r: r["phase"] == "watching", limit_s=60)
+            abort = ["rollout", "abort", rid, "--rollback", "--config", str(toml)]
+            assert await asyncio.to_thread(cli_main, abort) == 0
+            final = await db.wait_rollout(rid, lambda r: not r["rollback_pending"], limit_s=30)
+
+            async def states() -> list[Any]:
+                return await command_states(db.registry, rollout_id=rid)
+
+            commands = await wait_for_async(
+                states,
+                30,
+                "every shadow_stop acked done",
+                until=lambda cs: sum(c.action == "shadow_stop" and c.state == "done" for c in cs) == len(DEVICES),
+                interval=POLL_S,
+            )
+    assert final["state"] == "aborted"
+    assert sorted(c.action for c in commands) == ["shadow_start"] * 2 + ["shadow_stop"] * 2
