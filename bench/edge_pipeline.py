@@ -30,7 +30,15 @@ hand-offs wait for a core), while CPU per inference is what the daemon itself co
 also prints how much slower a predict is right after its thread slept: on a VM that parks idle
 vCPUs every pipeline stage that waits on another pays that, the raw loop never does.
 
-Run: `.venv/bin/python bench/edge_pipeline.py` (about 40 s).
+Then the cost of a rollout's shadow stage on the device: the same micro-batched and one-in-flight
+pipelines on the demo edge model, rounds alternating with no shadow model and with a retrained
+candidate (the edge MLP widened to 32 units, as demokit.retrain makes it) shadowed on
+`[ota] shadow_share` = 0.2 of the inputs in the ShadowRunner's own thread, at the lowest CPU
+priority (edge_node/inference/shadow.py); the shadow's queue is drained between
+rounds so no round pays for another's leftovers. Its ratios (shadow on / off) are printed above the
+headline.
+
+Run: `.venv/bin/python bench/edge_pipeline.py` (about 60 s).
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from demokit.models import build_demo_models, load_split
+from demokit.models import build_demo_models, build_edge_model, load_split
 from edge_node.config import EdgeConfig, validate
 from edge_node.inference.batching import intake_bound
 from edge_node.inference.model import Classifier
@@ -383,12 +391,48 @@ async def model_runs(
             runs.stream.append(await pipeline_stream(b1, items, per_round))
             runs.micro.append(await pipeline_stream(mb, items, sizes.wide_micro if wide else sizes.micro))
         runs.latency.append(await pipeline_batch1(b1, items, sizes.wide_latency if wide else sizes.latency))
+        (sent_b1, skipped_b1), (sent_mb, skipped_mb) = b1.sampler.take_counts(), mb.sampler.take_counts()
         counts = {
             "outbox_rows": b1.outbox.depth + mb.outbox.depth,
-            "samples_sent": b1.sampler.sent + mb.sampler.sent,
-            "samples_skipped_budget": b1.sampler.skipped_budget + mb.sampler.skipped_budget,
+            "samples_sent": sent_b1 + sent_mb,
+            "samples_skipped_budget": skipped_b1 + skipped_mb,
         }
     return runs, counts
+
+
+@dataclass
+class ShadowRuns:
+    micro: dict[bool, list[Measurement]] = dataclasses.field(default_factory=lambda: {False: [], True: []})
+    latency: dict[bool, list[Measurement]] = dataclasses.field(default_factory=lambda: {False: [], True: []})
+    inputs: int = 0
+    skipped: int = 0
+
+
+async def shadow_runs(
+    configs: tuple[EdgeConfig, EdgeConfig], edge: Classifier, shadow: Classifier, items: Inputs, sizes: Sizes
+) -> ShadowRuns:
+    """Micro-batched (queue kept full) and one-in-flight rows, without and with a shadow model running."""
+    out = ShadowRuns()
+    batch1_config, micro_config = configs
+    async with running_pipeline(batch1_config, edge) as b1, running_pipeline(micro_config, edge) as mb:
+        await pipeline_batch1(b1, items, 100)  # warm-up
+        await pipeline_stream(mb, items, 1000)
+        for _ in range(sizes.rounds):
+            for on in (False, True):
+                for rig in (b1, mb):
+                    if on:
+                        rig.pipeline.shadow.start(shadow)
+                    else:
+                        rig.pipeline.shadow.stop()
+                out.micro[on].append(await pipeline_stream(mb, items, sizes.micro))
+                out.latency[on].append(await pipeline_batch1(b1, items, max(50, sizes.latency // sizes.rounds)))
+                for rig in (b1, mb):
+                    await asyncio.to_thread(rig.pipeline.shadow.drain)
+                    stats = rig.pipeline.shadow.take()
+                    if stats is not None:
+                        out.inputs += stats.inputs
+                        out.skipped += stats.skipped
+    return out
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -439,6 +483,13 @@ async def run(args: argparse.Namespace) -> str:
         )
         wide_runs, _ = await model_runs(wide_configs, wide, feeds, items, sizes, wide=True)
         slowdown = after_idle_slowdown(edge, feeds)
+        # A candidate like the improvement loop's (demokit.retrain: the edge MLP widened to 32 units).
+        candidate = Classifier.load(build_edge_model(args.models, "1.0.0-shadow", hidden=(32,), seed=1).path)
+        shadow_configs = (
+            bench_config(demo.path, work / "shadow-b1.sqlite", max_batch=1),
+            bench_config(demo.path, work / "shadow-mb.sqlite"),
+        )
+        shadowed = await shadow_runs(shadow_configs, edge, candidate, items, sizes)
     raw, stream, micro, latency = (
         Measurement.combine(demo_runs.raw),
         Measurement.combine(demo_runs.stream),
@@ -451,6 +502,9 @@ async def run(args: argparse.Namespace) -> str:
         Measurement.combine(wide_runs.micro),
         Measurement.combine(wide_runs.latency),
     )
+    micro_off, micro_on = (Measurement.combine(shadowed.micro[on]) for on in (False, True))
+    lat_off, lat_on = (Measurement.combine(shadowed.latency[on]) for on in (False, True))
+    share = shadow_configs[1].ota.shadow_share
     wide_name = f"wide MLP {wide.info.feature_shape[0]}-{wide.info.ref.name.rsplit('-', 1)[-1]}x2-10"
     return "\n".join(
         [
@@ -473,6 +527,10 @@ async def run(args: argparse.Namespace) -> str:
                     ("1 ms model", wide_stream),
                     ("1 ms model", wide_micro),
                     ("1 ms model", wide_latency),
+                    ("shadow off", micro_off),
+                    ("shadow on", micro_on),
+                    ("shadow off", lat_off),
+                    ("shadow on", lat_on),
                 ]
             ),
             "",
@@ -489,6 +547,12 @@ async def run(args: argparse.Namespace) -> str:
             " (batches kept to ~20 ms of model time)",
             f"CPU per inference, raw batch-1 run / micro-batched pipeline: {raw.cpu_us / micro.cpu_us:.2f}"
             " (the headline's ratio without the machine's load in it)",
+            f"shadow stage (a 32-unit candidate shadowed on {share:g} of inputs, own thread; it ran "
+            f"{shadowed.inputs} inputs and dropped {shadowed.skipped} while busy): shadow on/off "
+            f"micro-batched throughput {micro_on.throughput / micro_off.throughput:.2f}, "
+            f"CPU per inference {micro_on.cpu_us / micro_off.cpu_us:.2f}, "
+            f"one-in-flight latency p50 {lat_on.percentile_us(50) / lat_off.percentile_us(50):.2f}, "
+            f"p99 {lat_on.percentile_us(99) / lat_off.percentile_us(99):.2f}",
             "headline target: micro-batched pipeline / raw batch-1 run >= 1.0",
             f"ratio {micro.throughput / raw.throughput:.2f} pipeline-microbatched/raw-batch1",
         ]

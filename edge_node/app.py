@@ -30,6 +30,7 @@ from edge_node.ota.acks import CommandAcks
 from edge_node.ota.agent import Installer, OtaAgent, build_agent
 from edge_node.ota.boot import Boot, boot_slots
 from edge_node.ota.installer import InstallPolicy, SlotManager
+from edge_node.ota.shadow import ShadowControl
 from edge_node.ota.slots import SlotStore
 from edge_node.reporting import NodeStats, Reporter
 from edge_node.routing.escalation import Escalations
@@ -169,7 +170,8 @@ class EdgeNode:
         if self.installer is None:
             self.installer = slots
         acks = CommandAcks(outbox, wire, dev.fleet_id, dev.device_id)
-        self.ota = build_agent(cfg, outbox, acks, link, self.installer, self._model_files)
+        shadow = ShadowControl(pipeline.shadow, self._load_model, acks)
+        self.ota = build_agent(cfg, outbox, acks, link, self.installer, self._model_files, shadow)
         probe = ResourceProbe()
         ctx = TelemetryContext(
             dev.fleet_id,

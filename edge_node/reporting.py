@@ -22,6 +22,7 @@ from edge_node import __version__
 from edge_node.config import EdgeConfig
 from edge_node.errors import OutboxError
 from edge_node.inference.model import Classifier
+from edge_node.inference.shadow import ShadowRunner
 from edge_node.routing.sampling import UncertaintySampler
 from edge_node.telemetry import ResourceProbe, TelemetryContext, Window, build_telemetry
 from edge_node.uplink.budget import Spend
@@ -48,6 +49,11 @@ class Counted(Protocol):
 
     @property
     def outbox_errors(self) -> int: ...
+
+    @property
+    def shadow(self) -> ShadowRunner:
+        """A rollout's shadow model, whose window counts go into the telemetry's `shadow` field."""
+        ...
 
 
 class Reporter:
@@ -162,6 +168,8 @@ class Reporter:
             link=budget.take(),
         )
         message.clock_offset_s = self._clock.offset_s
+        if self.pipeline is not None:
+            message.shadow = self.pipeline.shadow.take()
         self._seq += 1
         try:
             await self._outbox.put(self._wire.out(Channel.TELEMETRY, message, Priority.TELEMETRY))

@@ -22,7 +22,7 @@ from cloud_bridge.models.store import ModelStore
 from cloud_bridge.ota.commands import command_states
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.policy import THRESHOLD_NAMES, parse_thresholds
-from cloud_bridge.rollout.stages import parse_stages
+from cloud_bridge.rollout.stages import parse_stages, stage_label, stages_text, threshold_key
 from cloud_bridge.rollout.store import NewRollout, RolloutStore
 
 _THRESHOLDS_HELP = (
@@ -48,7 +48,11 @@ def add_subparsers(sub: Commands) -> None:
     start = rsub.add_parser("start", help="start a rollout (the running bridge drives it)")
     start.add_argument("--model", required=True, help="registered model name (`cloud-bridge models list`)")
     start.add_argument("--version", required=True, help="registered model version to roll out")
-    start.add_argument("--stages", default="5,25,100", help="cumulative fleet percentages (default 5,25,100)")
+    start.add_argument(
+        "--stages",
+        default="5,25,100",
+        help="cumulative fleet percentages (default 5,25,100), optionally led by a shadow stage: shadow:100,25,100",
+    )
     start.add_argument("--fleet", default=None, help="fleet id (default: the only fleet the registry knows)")
     start.add_argument("--window-s", type=float, default=None, help="watch window per stage ([rollout] window_s)")
     start.add_argument("--thresholds", action="append", default=[], help=_THRESHOLDS_HELP)
@@ -86,7 +90,7 @@ async def _with_registry(args: argparse.Namespace, action: Action, create: bool)
 async def _start(args: argparse.Namespace, config: BridgeConfig, registry: Registry) -> int:
     stages = parse_stages(args.stages)
     overrides = parse_thresholds(args.thresholds)
-    unknown = sorted(k for k in overrides if k != "*" and int(k) not in stages)
+    unknown = sorted(k for k in overrides if k != "*" and k not in {threshold_key(s) for s in stages})
     if unknown:
         raise UsageError(f"--thresholds name stages {', '.join(unknown)} that are not in --stages {args.stages}")
     window_s = config.rollout.window_s if args.window_s is None else args.window_s
@@ -99,7 +103,7 @@ async def _start(args: argparse.Namespace, config: BridgeConfig, registry: Regis
     print(rollout_id)
     print(
         f"started rollout of {record.name} {record.version} (sha256 {record.sha256[:12]}) to fleet {fleet_id}: "
-        f"stages {','.join(map(str, stages))}%, window {window_s:g}s; the running bridge drives it "
+        f"stages {stages_text(stages)}%, window {window_s:g}s; the running bridge drives it "
         f"(`cloud-bridge rollout status {rollout_id}`)",
         file=sys.stderr,
     )
@@ -156,8 +160,8 @@ def _summary_rows(rollouts: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 r["id"],
                 r["fleet_id"],
                 f"{r['model_name']} {r['model_version']}",
-                ",".join(map(str, stages)),
-                f"{stages[min(r['stage'], len(stages) - 1)]}%",
+                stages_text(stages),
+                stage_label(stages[min(r["stage"], len(stages) - 1)]),
                 r["state"],
                 r["phase"],
                 _when(r["updated_at"]),
@@ -183,7 +187,7 @@ def _print_detail(rollout: dict[str, Any], devices: list[dict[str, Any]]) -> Non
         rows.append(
             (
                 d["device_id"],
-                str(rollout["stages"][d["stage"]]) + "%",
+                stage_label(rollout["stages"][d["stage"]]),
                 f"{d['previous_name'] or '-'} {d['previous_version'] or ''}".strip(),
                 d["state"],
                 d["rollback_state"] or "-",

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # topic, payload, qos, MQTT 5 message expiry in seconds (None: none)
 Publish = Callable[[str, bytes, int, int | None], Awaitable[None]]
-Action = Literal["model_update", "rollback", "ping"]
+Action = Literal["model_update", "rollback", "ping", "shadow_start", "shadow_stop"]
 
 # A command is finished once the device acks one of these.
 FINAL_STATES = frozenset({"rejected", "done", "failed", "health_failed", "rolled_back"})
@@ -137,6 +137,25 @@ class CommandSender:
     ) -> Command:
         update = self.model_update(fleet_id, record, await self._delta(fleet_id, device_id, record))
         command = self.build(fleet_id, device_id, "model_update", update=update, rollout_id=rollout_id, stage=stage)
+        await self.send(command)
+        return command
+
+    async def send_shadow(
+        self,
+        fleet_id: str,
+        device_id: str,
+        record: ModelRecord | None,
+        *,
+        rollout_id: str | None = None,
+        stage: int | None = None,
+    ) -> Command:
+        """`shadow_start` with `record` (fetched like an update, run beside the active model, never
+        installed), or `shadow_stop` without one. A shadow is a whole download: no patch is offered."""
+        if record is None:
+            command = self.build(fleet_id, device_id, "shadow_stop", rollout_id=rollout_id, stage=stage)
+        else:
+            update = self.model_update(fleet_id, record)
+            command = self.build(fleet_id, device_id, "shadow_start", update=update, rollout_id=rollout_id, stage=stage)
         await self.send(command)
         return command
 

@@ -50,16 +50,17 @@ from cloud_bridge.rollout.policy import (
     judge_window,
     thresholds_for,
 )
-from cloud_bridge.rollout.stages import FleetDevice, select_stage, split_groups
+from cloud_bridge.rollout.records import STATE_CODES as STATE_CODES  # re-exported
+from cloud_bridge.rollout.records import STATES as STATES  # re-exported
+from cloud_bridge.rollout.records import eval_record, rollout_line, stage_tag
+from cloud_bridge.rollout.shadow import ShadowStage
+from cloud_bridge.rollout.stages import FleetDevice, is_shadow, select_stage, split_groups
 from cloud_bridge.rollout.store import RolloutStore
-from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
+from cloud_bridge.tsdb import TsdbWriter
 from schemas.messages import Command
 
 log = logging.getLogger(__name__)
 
-STATES = ("running", "promoted", "done", "rolled_back", "aborted")
-# Numeric codes for the TSDB `state` field (Grafana state timelines map them back to names).
-STATE_CODES = {name: code for code, name in enumerate(STATES, start=1)}
 # Device row states after which the device may run (or soon run) the new model: rollback targets.
 _MAY_RUN_NEW = frozenset({"sent", "received", "downloading", "verifying", "installing", "installed", "done"})
 _TERMINAL = INSTALL_OK | INSTALL_FAILED | {"cancelled"}
@@ -80,6 +81,16 @@ class Sender(Protocol):
 
     async def send_rollback(self, fleet_id: str, device_id: str, *, rollout_id: str | None = None) -> Command: ...
 
+    async def send_shadow(
+        self,
+        fleet_id: str,
+        device_id: str,
+        record: ModelRecord | None,
+        *,
+        rollout_id: str | None = None,
+        stage: int | None = None,
+    ) -> Command: ...
+
 
 class ModelLookup(Protocol):
     async def get(self, name: str, version: str) -> ModelRecord: ...
@@ -89,36 +100,6 @@ def thresholds_from(config: RolloutConfig) -> Thresholds:
     """The stage thresholds the `[rollout]` config section sets: every name Thresholds defines, read
     from the section by that name (the one adapter between the config and the policy)."""
     return Thresholds(**{name: getattr(config, name) for name in THRESHOLD_NAMES})
-
-
-def rollout_line(rollout: dict[str, Any], devices: int, metrics: dict[str, float], now: float) -> str:
-    stages: list[int] = rollout["stages"]
-    tags = {
-        "fleet": rollout["fleet_id"],
-        "rollout": rollout["id"],
-        "model": rollout["model_name"],
-        "version": rollout["model_version"],
-        "stage": str(stages[min(rollout["stage"], len(stages) - 1)]),
-    }
-    fields: dict[str, FieldValue] = {"devices": devices, "state": STATE_CODES[rollout["state"]]}
-    fields.update(metrics)
-    return line("rollout", tags, fields, round(now * 1000))
-
-
-def _eval_record(
-    decision: Decision, now: float, canary: GroupStats | None, control: GroupStats | None
-) -> dict[str, Any]:
-    return {
-        "at": now,
-        "verdict": decision.verdict,
-        "reason": decision.reason,
-        "canary": canary.metrics() if canary else {},
-        "control": control.metrics() if control else {},
-        "checks": [
-            {"metric": c.metric, "canary": c.canary, "control": c.control, "limit": c.limit, "passed": c.passed}
-            for c in decision.checks
-        ],
-    }
 
 
 class RolloutDriver:
@@ -146,6 +127,22 @@ class RolloutDriver:
         self._warned_no_sender = False
         self.ticks = 0
         self.errors = 0
+        self._shadow = ShadowStage(self)
+
+    # What the shadow stage (cloud_bridge/rollout/shadow.py) uses of the driver.
+    @property
+    def sender(self) -> Sender | None:
+        return self._sender
+
+    @property
+    def models(self) -> ModelLookup:
+        return self._models
+
+    def clock(self) -> float:
+        return self._clock()
+
+    def evaluation(self, decision: Decision, now: float, extra: dict[str, float]) -> dict[str, Any]:
+        return eval_record(decision, now, None, None, extra)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Tick until `close()` (from when `ready` is set: commands need the MQTT connection); then
@@ -203,7 +200,12 @@ class RolloutDriver:
             return
         pct = rollout["stages"][rollout["stage"]]
         thresholds = thresholds_for(self._base, rollout["thresholds"], pct)
-        if rollout["phase"] == "deploying":
+        if is_shadow(pct):
+            if rollout["phase"] == "deploying":
+                await self._shadow.deploy(rollout, thresholds)
+            elif rollout["phase"] == "watching":
+                await self._shadow.watch(rollout, thresholds)
+        elif rollout["phase"] == "deploying":
             await self._deploy(rollout, thresholds)
         elif rollout["phase"] == "watching":
             await self._watch(rollout, thresholds)
@@ -218,7 +220,7 @@ class RolloutDriver:
         fleet = await self.store.fleet(fleet_id)
         picked = select_stage(rid, fleet, already, rollout["model_sha256"], pct)
         if not picked and not devices:
-            await self._nobody(rollout, fleet)
+            await self.nobody(rollout, fleet)
             return
         if picked:
             await self.store.add_devices(rid, fleet_id, stage, picked)
@@ -232,27 +234,31 @@ class RolloutDriver:
                 )
                 await self.store.update_device(rid, row["device_id"], cmd_id=command.cmd_id, state="sent")
                 row.update(cmd_id=command.cmd_id, state="sent")
-        await self._refresh(rid, devices)
+        await self.refresh(rid, devices)
         now = self._clock()
         stage_rows = [d for d in devices if d["stage"] == stage]
-        if now - rollout["stage_started_at"] > self._config.install_timeout_s:
-            for row in stage_rows:
-                if row["state"] not in _TERMINAL:
-                    reason = f"no final ack within install_timeout_s={self._config.install_timeout_s:g}"
-                    await self.store.update_device(rid, row["device_id"], state="timeout", reason=reason)
-                    row["state"] = "timeout"
+        await self.expire(rollout, stage_rows, now)
         decision = judge_install(install_outcome(d["state"] for d in stage_rows), t)
         if decision.verdict == "rollback":
-            await self._rollback(rollout, decision, now)
+            await self.rollback(rollout, decision, now)
         elif decision.verdict == "wait":
-            await self._record(rollout, decision, now, len(devices))
+            await self.record(rollout, decision, now, len(devices))
         else:
             log.info("rollout %s stage %d%% installed on %d devices: watching", rid, pct, len(stage_rows))
             await self.store.update(
                 rid, self.owner, phase="watching", watch_from=now, updated_at=now, reason=decision.reason
             )
 
-    async def _nobody(self, rollout: dict[str, Any], fleet: list[FleetDevice]) -> None:
+    async def expire(self, rollout: dict[str, Any], stage_rows: list[dict[str, Any]], now: float) -> None:
+        """Rows of the stage without a final ack within install_timeout_s become "timeout"."""
+        if now - rollout["stage_started_at"] > self._config.install_timeout_s:
+            for row in stage_rows:
+                if row["state"] not in _TERMINAL:
+                    reason = f"no final ack within install_timeout_s={self._config.install_timeout_s:g}"
+                    await self.store.update_device(rollout["id"], row["device_id"], state="timeout", reason=reason)
+                    row["state"] = "timeout"
+
+    async def nobody(self, rollout: dict[str, Any], fleet: list[FleetDevice]) -> None:
         """No device was ever picked and none can be now: end the rollout with the reason, rather than
         wait for devices that may never come (`rollout status` shows it; start another later)."""
         target = f"{rollout['model_name']} {rollout['model_version']}"
@@ -274,13 +280,13 @@ class RolloutDriver:
             rollout["id"],
             self.owner,
             reason=reason,
-            last_eval=_eval_record(Decision("wait", reason), now, None, None),
+            last_eval=eval_record(Decision("wait", reason), now, None, None),
             updated_at=now,
             **values,
         ):
-            self._emit({**rollout, **values}, 0, None, None, now)
+            self.emit({**rollout, **values}, 0, None, None, now)
 
-    async def _refresh(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
+    async def refresh(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
         """Copy each device's latest ack state for its update command into its row."""
         waiting = {d["cmd_id"]: d for d in devices if d["cmd_id"] is not None and d["state"] not in _TERMINAL}
         if not waiting:
@@ -294,7 +300,7 @@ class RolloutDriver:
     # -- watching --
     async def _watch(self, rollout: dict[str, Any], t: Thresholds) -> None:
         devices = await self.store.devices(rollout["id"])
-        await self._refresh(rollout["id"], devices)
+        await self.refresh(rollout["id"], devices)
         now = self._clock()
         canary_ids = {d["device_id"] for d in devices if d["state"] == "done"}
         since = min(float(rollout["watch_from"]), float(rollout["stage_started_at"]) - float(rollout["window_s"]))
@@ -303,13 +309,13 @@ class RolloutDriver:
         elapsed = now >= float(rollout["watch_from"]) + float(rollout["window_s"])
         decision = judge_window(canary, control, t, window_elapsed=elapsed)
         if decision.verdict == "rollback":
-            await self._rollback(rollout, decision, now, canary, control)
+            await self.rollback(rollout, decision, now, canary, control)
         elif decision.verdict == "promote":
             await self._advance(rollout, decision, now, len(devices), canary, control)
         else:
-            await self._record(rollout, decision, now, len(devices), canary, control)
+            await self.record(rollout, decision, now, len(devices), canary, control)
 
-    async def _record(
+    async def record(
         self,
         rollout: dict[str, Any],
         decision: Decision,
@@ -317,27 +323,29 @@ class RolloutDriver:
         devices: int,
         canary: GroupStats | None = None,
         control: GroupStats | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
-        evaluation = _eval_record(decision, now, canary, control)
+        evaluation = eval_record(decision, now, canary, control, extra)
         previous = rollout.get("last_eval") or {}
         if (previous.get("verdict"), previous.get("reason", "")[:40]) != (decision.verdict, decision.reason[:40]):
             # Logged on change only: a stage may wait or hold for many ticks.
             log.info("rollout %s %s: %s", rollout["id"], decision.verdict, decision.reason)
         reason = decision.reason if decision.verdict == "hold" else rollout["reason"]
         await self.store.update(rollout["id"], self.owner, last_eval=evaluation, updated_at=now, reason=reason)
-        self._emit(rollout, devices, canary, control, now)
+        self.emit(rollout, devices, canary, control, now, extra)
 
-    def _emit(
+    def emit(
         self,
         rollout: dict[str, Any],
         devices: int,
         canary: GroupStats | None,
         control: GroupStats | None,
         now: float,
+        extra: dict[str, float] | None = None,
     ) -> None:
         if self._tsdb is None:
             return
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(extra or {})
         for prefix, group in (("canary_", canary), ("control_", control)):
             if group is not None:
                 metrics.update({prefix + k: float(v) for k, v in group.metrics().items()})
@@ -353,7 +361,7 @@ class RolloutDriver:
         control: GroupStats,
     ) -> None:
         rid, stages, stage = rollout["id"], rollout["stages"], rollout["stage"]
-        evaluation = _eval_record(decision, now, canary, control)
+        evaluation = eval_record(decision, now, canary, control)
         if stage + 1 < len(stages):
             log.info(
                 "rollout %s stage %d%% passed (%s): next stage %d%%",
@@ -376,21 +384,21 @@ class RolloutDriver:
         if await self.store.update(
             rid, self.owner, last_eval=evaluation, updated_at=now, reason=decision.reason, **values
         ):
-            self._emit({**rollout, **values, "state": state}, devices, canary, control, now)
+            self.emit({**rollout, **values, "state": state}, devices, canary, control, now)
 
     # -- rolling back --
-    async def _rollback(
+    async def rollback(
         self,
         rollout: dict[str, Any],
         decision: Decision,
         now: float,
         canary: GroupStats | None = None,
         control: GroupStats | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
         rid = rollout["id"]
-        log.warning(
-            "rollout %s rolled back at stage %d%%: %s", rid, rollout["stages"][rollout["stage"]], decision.reason
-        )
+        stage = stage_tag(rollout["stages"][rollout["stage"]])
+        log.warning("rollout %s rolled back at stage %s%%: %s", rid, stage, decision.reason)
         values: dict[str, Any] = {
             "state": "rolled_back",
             "phase": "finished",
@@ -401,13 +409,13 @@ class RolloutDriver:
             rid,
             self.owner,
             reason=decision.reason,
-            last_eval=_eval_record(decision, now, canary, control),
+            last_eval=eval_record(decision, now, canary, control, extra),
             updated_at=now,
             **values,
         ):
             return
         updated = {**rollout, **values}
-        self._emit(updated, len(await self.store.devices(rid)), canary, control, now)
+        self.emit(updated, len(await self.store.devices(rid)), canary, control, now, extra)
         await self._send_rollbacks(updated)
 
     async def _send_rollbacks(self, rollout: dict[str, Any]) -> None:
@@ -422,6 +430,11 @@ class RolloutDriver:
                 continue
             if row["state"] == "selected":
                 await self.store.update_device(rid, row["device_id"], state="cancelled")
+            elif row["state"] in _MAY_RUN_NEW and is_shadow(rollout["stages"][row["stage"]]):
+                # A shadow never replaced the active model: stopping it is the whole way back.
+                command = await self._sender.send_shadow(fleet_id, row["device_id"], None, rollout_id=rid)
+                await self.store.update_device(rid, row["device_id"], rollback_cmd_id=command.cmd_id)
+                sent += 1
             elif row["state"] in _MAY_RUN_NEW:
                 command = await self._sender.send_rollback(fleet_id, row["device_id"], rollout_id=rid)
                 await self.store.update_device(rid, row["device_id"], rollback_cmd_id=command.cmd_id)

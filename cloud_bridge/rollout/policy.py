@@ -57,6 +57,10 @@ class Thresholds:
     max_latency_p95_ratio: float = 2.0
     latency_p95_slack_ms: float = 5.0
     max_install_failure_rate: float = 0.0
+    # The shadow stage (cloud_bridge/rollout/shadow_policy.py): the candidate beside the active model.
+    min_shadow_inputs: int = 200
+    min_shadow_agreement: float = 0.5
+    max_shadow_accuracy_drop: float = 0.02
 
     def with_overrides(self, overrides: Mapping[str, float]) -> Thresholds:
         typed: dict[str, Any] = {k: _typed(k, v) for k, v in overrides.items()}
@@ -77,7 +81,8 @@ def _typed(name: str, value: float) -> float | int:
 
 def parse_thresholds(specs: Iterable[str]) -> dict[str, dict[str, float]]:
     """Parse `--thresholds` values: "name=value[,name=value]" for every stage, "PCT:name=value" for the
-    stage whose percentage is PCT. Returns {"*": {...}, "25": {...}}; raises UsageError naming the bad part."""
+    stage whose percentage is PCT, "shadow:name=value" for the shadow stage. Returns {"*": {...}, "25": {...}};
+    raises UsageError naming the bad part."""
     out: dict[str, dict[str, float]] = {}
     for spec in specs:
         for part in (p.strip() for p in spec.split(",")):
@@ -88,8 +93,10 @@ def parse_thresholds(specs: Iterable[str]) -> dict[str, dict[str, float]]:
             name = name.strip()
             if not sep:
                 raise UsageError(f"threshold {part!r} must look like name=value or PCT:name=value")
-            if stage and not stage.strip().isdigit():
-                raise UsageError(f"threshold {part!r}: the stage before ':' must be a stage percentage like 25")
+            if stage and not (stage.strip().isdigit() or stage.strip() == "shadow"):
+                raise UsageError(
+                    f"threshold {part!r}: the stage before ':' must be a stage percentage like 25, or shadow"
+                )
             try:
                 value = float(raw)
             except ValueError:
@@ -99,9 +106,11 @@ def parse_thresholds(specs: Iterable[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def thresholds_for(base: Thresholds, overrides: Mapping[str, Mapping[str, float]], stage_pct: int) -> Thresholds:
-    """The thresholds of one stage: defaults, then the rollout's "*" overrides, then the stage's own."""
-    return base.with_overrides(overrides.get("*", {})).with_overrides(overrides.get(str(stage_pct), {}))
+def thresholds_for(base: Thresholds, overrides: Mapping[str, Mapping[str, float]], stage: int) -> Thresholds:
+    """The thresholds of one stage (an entry of the rollout's stages: a percentage, or minus the
+    percentage for a shadow stage): defaults, then the rollout's "*" overrides, then the stage's own."""
+    key = "shadow" if stage < 0 else str(stage)  # stages.threshold_key (policy imports no stages)
+    return base.with_overrides(overrides.get("*", {})).with_overrides(overrides.get(key, {}))
 
 
 @dataclass(frozen=True)

@@ -51,14 +51,52 @@ def select_stage(
     return picked
 
 
+def is_shadow(stage: int) -> bool:
+    """A rollout's `stages` holds percentages; a shadow stage is stored as minus its percentage."""
+    return stage < 0
+
+
+def stage_pct(stage: int) -> int:
+    return abs(stage)
+
+
+def stage_label(stage: int) -> str:
+    return f"shadow {-stage}%" if stage < 0 else f"{stage}%"
+
+
+def stages_text(stages: Iterable[int]) -> str:
+    """A rollout's stages as `--stages` takes them: "shadow:100,25,100"."""
+    return ",".join(f"shadow:{-s}" if s < 0 else str(s) for s in stages)
+
+
+def threshold_key(stage: int) -> str:
+    """The key of a stage's own thresholds (`--thresholds PCT:name=value` / `shadow:name=value`)."""
+    return "shadow" if stage < 0 else str(stage)
+
+
 def parse_stages(text: str) -> tuple[int, ...]:
+    """ "5,25,100", optionally led by one shadow stage "shadow:PCT" (stored as -PCT): the candidate runs
+    beside the active model on PCT % of the fleet before any device switches (cloud_bridge/rollout/shadow.py)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    shadow: tuple[int, ...] = ()
+    if parts and parts[0].startswith("shadow:"):
+        raw = parts.pop(0).removeprefix("shadow:")
+        if not raw.isdigit() or not 1 <= int(raw) <= 100:
+            raise UsageError(f"--stages {text!r}: the shadow stage must look like shadow:PCT with PCT in 1..100")
+        shadow = (-int(raw),)
+    if any(p.startswith("shadow") for p in parts):
+        raise UsageError(f"--stages {text!r}: a shadow stage comes first, once (shadow:100,25,100)")
     try:
-        stages = tuple(int(part) for part in text.split(",") if part.strip())
+        stages = tuple(int(part) for part in parts)
     except ValueError:
         raise UsageError(f"--stages {text!r} must be comma-separated percentages, e.g. 5,25,100") from None
+    if shadow and not stages:
+        raise UsageError(
+            f"--stages {text!r}: a shadow stage precedes canary stages, e.g. shadow:100,25,100 (it switches no device)"
+        )
     if not stages or any(not 1 <= s <= 100 for s in stages) or list(stages) != sorted(set(stages)):
         raise UsageError(f"--stages {text!r} must be increasing percentages between 1 and 100, e.g. 5,25,100")
-    return stages
+    return shadow + stages
 
 
 def split_groups(

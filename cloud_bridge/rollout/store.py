@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import JSON, Table, func, or_, select, type_coerce, update
+from sqlalchemy import JSON, Table, delete, func, or_, select, type_coerce, update
 
 from cloud_bridge.errors import RolloutError
 from cloud_bridge.models.store import ModelRecord
@@ -214,3 +214,25 @@ class RolloutStore:
         )
         async with self._engine.connect() as conn:
             return [_row(r) for r in await conn.execute(query)]
+
+    async def bodies(self, fleet_id: str, device_ids: Sequence[str], since: float) -> list[dict[str, Any]]:
+        """Whole telemetry bodies of a few devices since `since` (a shadow stage reads their `shadow`
+        field, which the summary leaves out)."""
+        t = TelemetryRow.__table__
+        query = select(t.c.body).where(t.c.window_end >= since, t.c.fleet_id == fleet_id, t.c.device_id.in_(device_ids))
+        async with self._engine.connect() as conn:
+            return [dict(r.body) for r in await conn.execute(query)]
+
+    async def end_shadow(self, rollout_id: str, owner: str, shadow_stage: int, **values: Any) -> bool:
+        """In one transaction: forget the shadow stage's device rows (the canary stages pick devices
+        afresh) and move the rollout on, if this bridge still owns it and it is still running."""
+        t = self._rollouts
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(t).where(t.c.id == rollout_id, t.c.owner == owner, t.c.state == "running").values(**values)
+            )
+            if result.rowcount != 1:
+                return False  # nothing was changed
+            d = self._devices
+            await conn.execute(delete(d).where(d.c.rollout_id == rollout_id, d.c.stage == shadow_stage))
+            return True

@@ -122,7 +122,35 @@ def telemetry_lines(message: Telemetry) -> list[str]:
         f"class_counts{_class_tag(c)}{tags} count={format_field(n)}{ts}" for c, n in message.class_counts.items()
     )
     out.append(f"device_status{tags} online=1i{ts}")
+    if message.shadow is not None:
+        out.append(shadow_line(message, ts))
     return out
+
+
+def shadow_line(message: Telemetry, ts: str) -> str:
+    """A rollout's shadow model on this device over the window (tags: the shadow model; `active`:
+    the active model's version), its counts as schemas ShadowStats names them."""
+    shadow = message.shadow
+    assert shadow is not None
+    tags = tag_part(
+        {
+            "fleet": message.fleet_id,
+            "device": message.device_id,
+            "model": shadow.model.name,
+            "version": shadow.model.version,
+            "active": message.model.version,
+        }
+    )
+    counts = (
+        *("inputs", "skipped", "errors", "agreed", "labeled", "correct", "active_correct"),
+        *("cloud_answered", "cloud_agreed", "active_cloud_agreed"),
+    )
+    fields = [f"{name}={format_field(getattr(shadow, name))}" for name in counts]
+    if shadow.confidence_mean is not None:
+        fields.append(f"confidence_mean={format_field(shadow.confidence_mean)}")
+    if shadow.latency_p95_ms is not None:
+        fields.append(f"latency_p95_ms={format_field(shadow.latency_p95_ms)}")
+    return f"shadow{tags} {','.join(fields)}{ts}"
 
 
 def _class_tag(label: str) -> str:

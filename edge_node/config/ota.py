@@ -31,6 +31,9 @@ class OtaConfig:
     crash_loop_limit: int = 3
     health_latency_runs: int = 50  # batch-1 runs timed by the health check for the p95
     health_max_latency_budget_ms: float = 0.0  # > 0: caps the command's latency_budget_ms
+    # A rollout's shadow stage (a shadow_start command) runs its candidate beside the active model on
+    # this share of the inputs, in its own thread; its answers are never used, only compared.
+    shadow_share: float = 0.2
 
     def validate(self) -> None:
         for key_id, text in self.trusted_keys.items():
@@ -50,6 +53,7 @@ class OtaConfig:
             (0 <= self.probation_max_confidence_drop <= 1, "probation_max_confidence_drop must be in [0, 1]"),
             (0 <= self.probation_max_error_rate_increase <= 1, "probation_max_error_rate_increase must be in [0, 1]"),
             (self.crash_loop_limit >= 1, "crash_loop_limit must be at least 1"),
+            (0 <= self.shadow_share <= 1, "shadow_share must be in [0, 1]"),
             (self.health_latency_runs >= 1, "health_latency_runs must be at least 1"),
             (self.health_max_latency_budget_ms >= 0, "health_max_latency_budget_ms must be >= 0 (0: no cap)"),
         ):

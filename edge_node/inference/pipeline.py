@@ -36,6 +36,7 @@ from edge_node.inference.checks import check_each, stack_if_clean
 from edge_node.inference.dispatch import run_one_by_one, start_run
 from edge_node.inference.model import Classifier, ModelInfo
 from edge_node.inference.runcost import RunCost
+from edge_node.inference.shadow import ShadowRunner
 from edge_node.inference.stats import ModelActivity, ModelStats
 from edge_node.inference.worker import ModelWorker, Ran
 from edge_node.input.intake import InputItem, Intake, notify_done
@@ -101,7 +102,9 @@ class Pipeline:
         self._window = window
         self._worker = ModelWorker()
         answers = AnswerBuilder(config, sampler, window, wire or device_wire(config, outbox))
-        self._router = Router(config, answers, escalations, outbox, window, online)
+        # A rollout's shadow stage runs its candidate here (edge_node/inference/shadow.py).
+        self.shadow = ShadowRunner(config.ota.shadow_share)
+        self._router = Router(config, answers, escalations, outbox, window, online, self.shadow)
         self.processed = 0
         self._store_errors = 0  # commits (of one batch or a group) the outbox refused, whole or in part
         self._cost = RunCost()
@@ -188,6 +191,7 @@ class Pipeline:
             for taken in [pending.items for pending in started] + [batch.items for batch in uncommitted]:
                 self._task_done(queue, taken)
             self._worker.close()
+            self.shadow.close()
 
     def _start(self, queue: Intake) -> _Started:
         """Take what waits as a batch, check it, and start the model on it (worker or inline)."""

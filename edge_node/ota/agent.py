@@ -7,6 +7,9 @@ edge_node/ota/acks.py) and queued. "ping" is acked "done". "model_update" downlo
 (edge_node/ota/download.py) and hands the verified file to the `Installer`; a newer model_update
 supersedes a queued or downloading one (acked "failed", reason "superseded"). The accepted
 model_update is kept in `state_dir/pending_update.json` until it finishes, so a restart resumes it.
+"shadow_start" downloads the same way and hands the file to the `ShadowHost` (edge_node/ota/shadow.py:
+run beside the active model, never installed); "shadow_stop" stops it. A shadow is not resumed after
+a restart.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ class Installer(Protocol):
     async def rollback(self, command: Command) -> None: ...
 
 
+class ShadowHost(Protocol):
+    """Runs a verified model in shadow (edge_node/ota/shadow.py); sends its own acks."""
+
+    async def start(self, model_path: Path, command: Command) -> None: ...
+
+    async def stop(self, command: Command) -> None: ...
+
+
 @dataclass
 class AgentStats:
     received: int = 0
@@ -63,12 +74,14 @@ class OtaAgent:
         acks: CommandAcks,
         downloader: Downloader,
         installer: Installer | None,
+        shadow: ShadowHost | None = None,
     ) -> None:
         self._pending_path = Path(state_dir) / _PENDING_FILE
         self.guard = guard
         self.acks = acks
         self.downloader = downloader
         self.installer = installer
+        self.shadow = shadow
         self._queue: deque[Command] = deque()
         self._wake = asyncio.Event()
         self._download: asyncio.Task[Path] | None = None
@@ -174,8 +187,24 @@ class OtaAgent:
                 await self._fail(command, "no_installer: this node has no model installer configured")
             else:
                 await self.installer.rollback(command)
+        elif command.action in ("shadow_start", "shadow_stop"):
+            await self._shadow(command)
         else:
             await self._update(command)
+
+    async def _shadow(self, command: Command) -> None:
+        if self.shadow is None:
+            await self._fail(command, "no_shadow: this node cannot run a shadow model")
+        elif command.action == "shadow_stop":
+            await self.shadow.stop(command)
+        else:
+            try:
+                path = await self.downloader.fetch(command)
+            except DownloadError as exc:
+                await self._fail(command, str(exc))
+                return
+            await self.acks.send(command, "verifying", progress=1.0)
+            await self.shadow.start(path, command)
 
     async def _update(self, command: Command) -> None:
         self._download = asyncio.create_task(self.downloader.fetch(command))
@@ -223,6 +252,7 @@ def build_agent(
     subscriptions: ChunkSubscriptions,
     installer: Installer | None,
     local_models: Callable[[], list[Path]] = list,
+    shadow: ShadowHost | None = None,
 ) -> OtaAgent:
     """The command guard, acks, downloader and agent of one node, from its config; `local_models`
     lists model files the node has outside its content store (bases for patches)."""
@@ -253,4 +283,4 @@ def build_agent(
         ota.chunk_timeout_max_s,
         local_models,
     )
-    return OtaAgent(state_dir, guard, acks, downloader, installer)
+    return OtaAgent(state_dir, guard, acks, downloader, installer, shadow)

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from edge_node.config import EdgeConfig
 from edge_node.inference.model import ModelInfo
+from edge_node.inference.shadow import ShadowRunner
 from edge_node.input.intake import InputItem, notify_done
 from edge_node.routing.answers import AnswerBuilder, Final, Row
 from edge_node.routing.budget import RateBudget
@@ -42,8 +43,11 @@ class Router:
         outbox: Outbox,
         window: Callable[[], Window],
         online: Callable[[], bool],
+        shadow: ShadowRunner | None = None,
     ) -> None:
+        """`shadow` (a rollout's shadow stage) sees every scored batch once its answers are known."""
         self.config = config
+        self.shadow = shadow
         self.answers = answers
         up = config.uplink
         self.coalescer = ResultCoalescer(answers, outbox, up.results_max_answers, up.results_max_delay_s)
@@ -71,6 +75,8 @@ class Router:
         # Plain Python lists once per batch: indexing numpy per input costs a scalar object each.
         top1 = decision.top1.tolist()
         confidence = decision.confidence.tolist()  # within [0, 1] (decide)
+        if self.shadow is not None:
+            self.shadow.offer(good, batch, decision.top1, decision.confident, info.labels)
         # Positions in the batch of the edge answers and of `finals`, kept only when both exist.
         edge: list[int] = []
         fallback: list[int] = []
@@ -158,6 +164,8 @@ class Router:
             tally.answered += 1
             if reply.index == row.index:
                 tally.agreed += 1
+            if self.shadow is not None and reply.label is not None:
+                self.shadow.cloud_answer(row.item.input_id, reply.label, reply.index == row.index)
             return Final(row, "cloud", None, reply)
         if result.outcome == "timeout":
             tally.timed_out += 1

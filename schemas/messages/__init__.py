@@ -42,6 +42,7 @@ from schemas.messages.telemetry import (
     Providers,
     Resources,
     SampleCounts,
+    ShadowStats,
     Status,
     Telemetry,
 )
@@ -132,6 +133,7 @@ __all__ = [
     "SampleCounts",
     "SampleReason",
     "Seq",
+    "ShadowStats",
     "Status",
     "Telemetry",
     "Tensor",

@@ -49,7 +49,10 @@ class Command(Envelope, kw_only=True, tag="cmd/1"):
     """A cloud -> device command, Ed25519-signed over its canonical encoding (all fields but `signature`)."""
 
     cmd_id: MsgId
-    action: Literal["model_update", "rollback", "ping"]
+    # shadow_start: fetch and verify `update`'s model like a model_update, then run it beside the
+    # active model on a sampled share of inputs, its answers never used (edge_node/inference/shadow.py);
+    # shadow_stop: stop it. Neither touches the A/B slots.
+    action: Literal["model_update", "rollback", "ping", "shadow_start", "shadow_stop"]
     issued_at: Ts
     expires_at: Ts
     key_id: Annotated[str, Meta(min_length=1, max_length=64)]

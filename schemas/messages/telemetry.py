@@ -155,6 +155,27 @@ class LinkBytes(Struct, frozen=True, kw_only=True, omit_defaults=True):
     budget_left: Annotated[int, Meta(ge=0, description="bytes the daily budget can spend now")] | None = None
 
 
+class ShadowStats(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A candidate model run in shadow beside the active one (a rollout's shadow stage) over the window:
+    on a sampled share of the inputs, its answers never used. Each agreement pair counts the same inputs."""
+
+    model: ModelRef
+    inputs: Annotated[int, Meta(ge=0, description="inputs the shadow model ran")] = 0
+    skipped: Annotated[int, Meta(ge=0, description="sampled inputs dropped: the shadow runner was busy")] = 0
+    errors: Annotated[int, Meta(ge=0, description="inputs whose shadow run raised")] = 0
+    agreed: Annotated[int, Meta(ge=0, description="shadow top-1 equal to the active model's")] = 0
+    labeled: Annotated[int, Meta(ge=0, description="inputs with a known label (truth)")] = 0
+    correct: Annotated[int, Meta(ge=0, description="labeled inputs the shadow answered right")] = 0
+    active_correct: Annotated[
+        int, Meta(ge=0, description="the same labeled inputs the active model answered right")
+    ] = 0
+    cloud_answered: Annotated[int, Meta(ge=0, description="shadowed inputs whose escalation the cloud answered")] = 0
+    cloud_agreed: Annotated[int, Meta(ge=0, description="of those, the shadow's label equal to the cloud's")] = 0
+    active_cloud_agreed: Annotated[int, Meta(ge=0, description="of those, the active's label equal to the cloud's")] = 0
+    confidence_mean: Prob | None = None
+    latency_p95_ms: Annotated[NonNeg | None, Meta(description="the shadow's run per input, its own thread")] = None
+
+
 class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
     """One aggregated window, published every interval_s. `ts` equals `window_end`."""
 
@@ -188,6 +209,7 @@ class Telemetry(Envelope, kw_only=True, tag="telemetry/1"):
         float | None, Meta(description="this device's clock minus the cloud's, estimated from clock/1 round trips")
     ] = None
     link: LinkBytes | None = None
+    shadow: ShadowStats | None = None
 
 
 # ---- inference traffic -------------------------------------------------------------------------
