@@ -56,7 +56,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 from fleetsim.device import Profile  # noqa: E402
 from fleetsim.queries import time_queries  # noqa: E402
-from fleetsim.servers import BridgeSpec, cloud_model, create_database, postgres, write_bridge_config  # noqa: E402
+from fleetsim.servers import BridgeSpec, cloud_model, postgres, write_bridge_config  # noqa: E402
 from fleetsim.sim import child_main  # noqa: E402
 from fleetsim.watch import (  # noqa: E402
     BridgeLog,
@@ -69,6 +69,7 @@ from fleetsim.watch import (  # noqa: E402
 )
 
 from devservers import Mosquitto  # noqa: E402
+from devservers.postgres import create_database  # noqa: E402
 
 SAMPLE_S = 5.0
 PER_SIM = 5000  # devices per simulator process
@@ -128,10 +129,8 @@ class Fleet:
             db = self.work / label / "registry.db"
             db.parent.mkdir(parents=True, exist_ok=True)
             return f"sqlite+aiosqlite:///{db}", db
-        url, port = self.pg
-        name = label.replace("-", "_")
-        create_database(port, name)
-        return f"{url}/{name}", None
+        _, port = self.pg
+        return create_database(port, label.replace("-", "_")), None
 
     async def run(self, label: str, devices: int, bridges: int) -> Outcome:
         run_dir = self.work / label
