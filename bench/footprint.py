@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from demokit.models import build_demo_models, load_split
-from devservers import Mosquitto
+from devservers import ManagedProcess, Mosquitto
+from devservers.programs import ROOT, start_program, write_bridge_config
 from schemas import Input, encode, encode_tensor, new_msg_id
 
 FLEET = "bench"
@@ -186,31 +186,14 @@ class Feeder:
 
 
 # ---- processes -----------------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _spawn(args: list[str], log: Path, root: Path = ROOT) -> subprocess.Popen[bytes]:
-    """`args` run in checkout `root`: its packages first on the path (not an editable install's)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(root)}
-    with log.open("ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_log(path: Path, text: str, proc: ManagedProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and text in path.read_text(errors="replace"):
             return
-        if proc.poll() is not None:
+        if not proc.alive:
             raise RuntimeError(f"process exited ({proc.returncode}) before logging {text!r}; see {path}")
         time.sleep(0.05)
     raise RuntimeError(f"no {text!r} in {path} within {timeout} s")
@@ -232,24 +215,6 @@ path = "{model}"
 path = "{work / device / "outbox.sqlite"}"
 [source]
 {body}"""
-    )
-    return path
-
-
-def _bridge_toml(work: Path, port: int, cloud_model: Path) -> Path:
-    path = work / "cloud.toml"
-    path.write_text(
-        f"""
-state_dir = "{work / "bridge-state"}"
-[mqtt]
-port = {port}
-[escalation]
-model = "{cloud_model}"
-[drift]
-enabled = false
-[rollout]
-enabled = false
-"""
     )
     return path
 
@@ -284,27 +249,27 @@ class Bench:
         device = f"{source}-{self.runs}"
         config = _edge_toml(self.work, device, self.port, self.model, source, self.rate_hz)
         feeder = Feeder(self.port, device, self.rate_hz, self.inputs) if source == "mqtt" else None
-        args = [sys.executable, "-m", "edge_node.cli", "run", "--config", str(config)]
+        args = ["run", "--config", str(config)]
         log = self.work / f"{device}.log"
         try:
             exec_at = time.monotonic()
-            proc = _spawn(args, log, root)
+            proc = start_program("edge_node.cli", args, log, root=root)
             try:
                 first = self.watcher.wait_first(device, 60) - exec_at
                 early = memory = None
                 if seconds > 0:
                     early_at = min(10.0, seconds / 2)
                     time.sleep(max(0.0, exec_at + early_at - time.monotonic()))
-                    early = Memory.of_pid(proc.pid)
+                    early = Memory.of_pid(proc.pid or 0)
                     time.sleep(max(0.0, exec_at + seconds - time.monotonic()))
-                    if proc.poll() is not None:
+                    if not proc.alive:
                         raise RuntimeError(f"edge node exited early ({proc.returncode}); see {log}")
-                    memory = Memory.of_pid(proc.pid)
+                    memory = Memory.of_pid(proc.pid or 0)
             finally:
                 if feeder is not None:  # first: an older node (a --baseline) does not stop while inputs flow
                     feeder.close()
                     feeder = None
-                _stop(proc)
+                proc.terminate(30)
         finally:
             if feeder is not None:
                 feeder.close()
@@ -398,14 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         broker = Mosquitto(work / "broker")
         broker.start()
         bridge_log = work / "bridge.log"
-        bridge_args = [
-            "-m",
-            "cloud_bridge.cli",
-            "run",
-            "--config",
-            str(_bridge_toml(work, broker.port, models["cloud"].path)),
-        ]
-        bridge = _spawn([sys.executable, *bridge_args], bridge_log)
+        bridge_config = write_bridge_config(
+            work,
+            broker,
+            escalation={"model": models["cloud"].path},
+            drift={"enabled": False},
+            rollout={"enabled": False},
+        )
+        bridge = start_program("cloud_bridge.cli", ["run", "--config", str(bridge_config)], bridge_log)
         watcher = Watcher(broker.port)
         try:
             _wait_log(bridge_log, "mqtt connected", bridge, 60)
@@ -419,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measured the {source} source", file=sys.stderr, flush=True)
         finally:
             watcher.close()
-            _stop(bridge)
+            bridge.terminate(30)
             broker.stop()
     print(report(rows, args.seconds, args.rate, max(1, args.starts)))
     return 0

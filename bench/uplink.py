@@ -23,9 +23,6 @@ Run: `.venv/bin/python bench/uplink.py` (about 3.5 minutes; `--seconds` shortens
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demokit.models import build_demo_models
-from devservers import Mosquitto, TcpProxy
+from devservers import ManagedProcess, Mosquitto, TcpProxy
 from devservers.mqttwire import WireCounter
+from devservers.programs import start_program, write_bridge_config
 
 DAY_S = 86_400
 RATES = (0.0, 1.0, 20.0, 100.0)  # 0 = idle
@@ -87,45 +85,13 @@ path = "{work / name / "outbox.sqlite"}"
     return path
 
 
-def _bridge_toml(work: Path, port: int, cloud_model: Path) -> Path:
-    path = work / "cloud.toml"
-    path.write_text(
-        f"""
-state_dir = "{work / "bridge-state"}"
-[mqtt]
-port = {port}
-[escalation]
-model = "{cloud_model}"
-[drift]
-enabled = false
-[rollout]
-enabled = false
-"""
-    )
-    return path
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @dataclass
 class _Running:
     run: tuple[str, str, float]
     name: str
     counter: WireCounter
     proxy: TcpProxy
-    node: subprocess.Popen[bytes]
+    node: ManagedProcess
     before: tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]] = ({}, {})
     started: float = 0.0
 
@@ -137,7 +103,7 @@ def _start(work: Path, broker: Mosquitto, model: Path, run: tuple[str, str, floa
     proxy.start()
     name = f"{encoding}-{mode}-{int(rate_hz)}hz"
     config = _edge_toml(work, name, proxy.port, model, rate_hz, encoding, mode)
-    node = _spawn([sys.executable, "-m", "edge_node.cli", "run", "--config", str(config)], work / f"{name}.log")
+    node = start_program("edge_node.cli", ["run", "--config", str(config)], work / f"{name}.log")
     return _Running(run, name, counter, proxy, node)
 
 
@@ -153,7 +119,7 @@ def measure_all(
             running.append(_start(work, broker, model, run))
         time.sleep(warmup)
         for r in running:
-            if r.node.poll() is not None:
+            if not r.node.alive:
                 raise RuntimeError(f"edge node exited early ({r.node.returncode}); see {work / f'{r.name}.log'}")
             r.before = (r.counter.snapshot(), r.counter.packet_snapshot())
             r.started = time.monotonic()
@@ -179,7 +145,7 @@ def measure_all(
         return out
     finally:
         for r in running:
-            _stop(r.node)
+            r.node.terminate(30)
             r.proxy.stop()
 
 
@@ -255,17 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         models = build_demo_models(work / "models")
         broker = Mosquitto(work / "broker")
         broker.start()
-        bridge = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "cloud_bridge.cli",
-                "run",
-                "--config",
-                str(_bridge_toml(work, broker.port, models["cloud"].path)),
-            ],
-            work / "bridge.log",
+        config = write_bridge_config(
+            work,
+            broker,
+            escalation={"model": models["cloud"].path},
+            drift={"enabled": False},
+            rollout={"enabled": False},
         )
+        bridge = start_program("cloud_bridge.cli", ["run", "--config", str(config)], work / "bridge.log")
         try:
             print(
                 f"running {len(runs)} nodes at once ({args.warmup:g} s warm-up, {args.seconds:g} s window)",
@@ -274,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             results = measure_all(work, broker, models["edge"].path, runs, args.warmup, args.seconds)
         finally:
-            _stop(bridge)
+            bridge.terminate(30)
             broker.stop()
     if args.detail:
         for m in results:

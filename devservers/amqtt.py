@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from devservers._process import ManagedProcess
+from devservers._server import LocalServer
 from devservers.ports import free_port, tail, wait_for_port
 
 
@@ -25,7 +24,10 @@ def find_amqtt() -> Path:
     return path
 
 
-class Amqtt:
+class Amqtt(LocalServer):
+    start_timeout_s = 20.0
+    stop_timeout_s = 10.0  # SIGTERM: amqtt keeps nothing
+
     def __init__(self, work_dir: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.work_dir = Path(work_dir)
         self.host = host
@@ -36,7 +38,8 @@ class Amqtt:
     def conf_path(self) -> Path:
         return self.work_dir / "amqtt.yaml"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        timeout = self.start_timeout_s if timeout is None else timeout
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(
             "listeners:\n"
@@ -54,17 +57,5 @@ class Amqtt:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        self._process.terminate()
-
     def log_text(self) -> str:
         return tail(self._process.console_log)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -29,10 +29,10 @@ import urllib.request
 from base64 import b64encode
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from devservers._process import ManagedProcess
+from devservers._server import LocalServer
 from devservers.ports import PortWaitError, free_port, tail, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,14 @@ def find_influxd() -> Path:
     return Path(found)
 
 
-class InfluxDB:
+class InfluxDB(LocalServer):
     """An influxd storing into `work_dir`, HTTP on 127.0.0.1:<free port>, kept across restarts.
 
     Not thread-safe for lifecycle calls; the HTTP helpers may be called from any thread.
     """
+
+    start_timeout_s = 20.0
+    stop_timeout_s = 15.0  # SIGTERM: influxd closes its shards and WAL cleanly on the way out
 
     def __init__(
         self,
@@ -94,14 +97,6 @@ class InfluxDB:
     @property
     def log_path(self) -> Path:
         return self._process.console_log
-
-    @property
-    def alive(self) -> bool:
-        return self._process.alive
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
 
     def render_config(self) -> str:
         root = self.work_dir
@@ -142,8 +137,9 @@ bind-address = "{self.host}:{self.rpc_port}"
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
         """Start and return once `/ping` answers 204 (and, with `auth`, the admin user exists)."""
+        timeout = self.start_timeout_s if timeout is None else timeout
         binary = self._binary if self._binary is not None else find_influxd()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.render_config(), encoding="utf-8")
@@ -183,29 +179,6 @@ bind-address = "{self.host}:{self.rpc_port}"
             return
         password = self.admin_password.replace("'", "\\'")
         self.query(f"CREATE USER \"{self.admin_user}\" WITH PASSWORD '{password}' WITH ALL PRIVILEGES", auth=False)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM and wait: influxd closes its shards and WAL cleanly."""
-        self._process.terminate(timeout)
-
-    def kill(self) -> None:
-        self._process.kill()
-
-    def restart(self, timeout: float = 20.0) -> None:
-        self.stop()
-        self.start(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"InfluxDB(name={self.name!r}, url={self.url!r}, alive={self.alive})"

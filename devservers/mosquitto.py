@@ -21,10 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from devservers._process import ManagedProcess
+from devservers._server import LocalServer
 from devservers.ports import PortWaitError, free_port, tail, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def find_mosquitto() -> Path:
     raise MosquittoError(f"mosquitto binary not found on PATH nor at {_FALLBACK_BINARY}: {_INSTALL_HINT}")
 
 
-class Mosquitto:
+class Mosquitto(LocalServer):
     """A mosquitto process with its own config, log and persistence in `work_dir`.
 
     Not thread-safe: one owner starts and stops it. Use as a context manager (or call `stop()`) so the
@@ -78,6 +77,9 @@ class Mosquitto:
       shipped config file with test paths and ports, see devservers/mosquitto_conf.py). It must keep
       a listener on `host:port` and log to `log_path`, which `start()` waits on.
     """
+
+    start_timeout_s = 10.0
+    stop_timeout_s = 10.0  # SIGTERM: mosquitto saves its persistence file on the way out
 
     def __init__(
         self,
@@ -138,14 +140,6 @@ class Mosquitto:
     def persistence_file(self) -> Path:
         return self.persistence_dir / "mosquitto.db"
 
-    @property
-    def alive(self) -> bool:
-        return self._process.alive
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
     # -- config ------------------------------------------------------------------------------------
 
     def add_listener(self, port: int | None = None, lines: tuple[str, ...] = (), host: str = "127.0.0.1") -> int:
@@ -190,8 +184,9 @@ class Mosquitto:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
         """Start the broker and return once it accepts connections and reports it is running."""
+        timeout = self.start_timeout_s if timeout is None else timeout
         binary = self._binary if self._binary is not None else find_mosquitto()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.persistence_dir.mkdir(parents=True, exist_ok=True)
@@ -231,18 +226,6 @@ class Mosquitto:
             f"--- console ({self.console_log_path}) ---\n{tail(self.console_log_path)}"
         )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait: mosquitto saves its persistence file on the way out."""
-        self._process.terminate(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: only what the last autosave wrote survives."""
-        self._process.kill()
-
-    def restart(self, timeout: float = 10.0) -> None:
-        self.stop()
-        self.start(timeout)
-
     # -- inspection --------------------------------------------------------------------------------
 
     def log_text(self) -> str:
@@ -253,18 +236,6 @@ class Mosquitto:
     def dropped_messages_logged(self) -> bool:
         """Whether the broker discarded queued messages for some client (docs/traps.md #1)."""
         return DROPPED_LINE in self.log_text()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"Mosquitto(name={self.name!r}, host={self.host!r}, port={self.port}, alive={self.alive})"

@@ -29,10 +29,9 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from devservers._process import ManagedProcess
+from devservers._server import LocalServer
 from devservers.ports import PortWaitError, free_port, tail, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,15 @@ def find_victoria_metrics() -> Path:
     return Path(found)
 
 
-class VictoriaMetrics:
+class VictoriaMetrics(LocalServer):
     """A victoria-metrics process storing into `work_dir`, listening on 127.0.0.1:<free port>.
 
     The port and the data dir are kept across `stop()`/`kill()` and `start()`. Not thread-safe for
     lifecycle calls; the HTTP helpers may be called from any thread.
     """
+
+    start_timeout_s = 15.0
+    stop_timeout_s = 15.0  # SIGTERM: victoria-metrics flushes what it holds in memory to disk on the way out
 
     def __init__(
         self,
@@ -117,14 +119,6 @@ class VictoriaMetrics:
     def log_path(self) -> Path:
         return self._process.console_log
 
-    @property
-    def alive(self) -> bool:
-        return self._process.alive
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
     def argv(self, binary: Path) -> list[str]:
         return [
             str(binary),
@@ -140,8 +134,9 @@ class VictoriaMetrics:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
         """Start and return once `/health` answers OK."""
+        timeout = self.start_timeout_s if timeout is None else timeout
         binary = self._binary if self._binary is not None else find_victoria_metrics()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         proc = self._process.launch(self.argv(binary))
@@ -167,30 +162,6 @@ class VictoriaMetrics:
                 last_error = str(exc)
             time.sleep(_POLL_INTERVAL_S)
         raise VictoriaError(f"{self.name} not healthy before the deadline: {last_error}")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM and wait: victoria-metrics flushes everything it holds in memory to disk."""
-        self._process.terminate(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: samples not yet on disk (the last ~5 s unless `persist()` ran) are lost."""
-        self._process.kill()
-
-    def restart(self, timeout: float = 15.0) -> None:
-        self.stop()
-        self.start(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"VictoriaMetrics(name={self.name!r}, url={self.url!r}, alive={self.alive})"

@@ -9,16 +9,13 @@ runs a program as a process writes the same dict as a file with `write_toml` ins
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from devservers import Mosquitto
+# Shared with bench/ scripts, which write the programs' configs the same way.
+from devservers.programs import toml_text, write_bridge_config, write_toml
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+__all__ = ["edge_tables", "toml_text", "write_bridge_config", "write_edge_config", "write_toml"]
 
 
 def edge_tables(tmp_path: Path, port: int, model: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -45,66 +42,3 @@ def edge_tables(tmp_path: Path, port: int, model: Path, **sections: dict[str, An
 def write_edge_config(tmp_path: Path, port: int, model: Path, **sections: dict[str, Any]) -> Path:
     """`edge_tables(...)` as tmp_path/edge.toml, for `edge-node run --config`."""
     return write_toml(tmp_path / "edge.toml", edge_tables(tmp_path, port, model, **sections))
-
-
-def write_bridge_config(tmp_path: Path, broker: Mosquitto | None = None, **values: Any) -> Path:
-    """tmp_path/cloud.toml for a `cloud-bridge` command: its state in tmp_path/state, [mqtt] on
-    `broker` (when given), then `values` (top-level keys, or tables that update a section)."""
-    tables: dict[str, Any] = {"state_dir": tmp_path / "state"}
-    if broker is not None:
-        tables["mqtt"] = {"host": broker.host, "port": broker.port}
-    for name, value in values.items():
-        if isinstance(value, Mapping) and isinstance(tables.get(name), dict):
-            tables[name].update(value)
-        else:
-            tables[name] = value
-    return write_toml(tmp_path / "cloud.toml", tables)
-
-
-def write_toml(path: Path, tables: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml_text(tables), encoding="utf-8")
-    return path
-
-
-def toml_text(tables: Mapping[str, Any]) -> str:
-    """TOML for the dict form: scalars (str, Path, bool, int, float, lists of them) as key = value,
-    dicts as tables (nested ones as [a.b]); None is left out, which leaves a key at its default."""
-    lines: list[str] = []
-    _table(lines, (), tables)
-    return "\n".join(lines) + "\n"
-
-
-def _table(lines: list[str], name: tuple[str, ...], values: Mapping[str, Any]) -> None:
-    scalars = {k: v for k, v in values.items() if v is not None and not isinstance(v, Mapping)}
-    tables = {k: v for k, v in values.items() if isinstance(v, Mapping)}
-    if name and (scalars or not tables):
-        lines.append(f"[{'.'.join(_key(part) for part in name)}]")
-    lines.extend(f"{_key(k)} = {_value(v)}" for k, v in scalars.items())
-    for key, table in tables.items():
-        _table(lines, (*name, key), table)
-
-
-def _key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else _string(key)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):  # before int: a bool is an int
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, str | Path):
-        return _string(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r} ({type(value).__name__})")
-
-
-def _string(text: str) -> str:
-    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
