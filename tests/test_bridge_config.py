@@ -92,6 +92,7 @@ bucket = "b1"
         ("", {"CLOUD_BRIDGE__IMPROVE__AUTO": "maybe"}, "[improve] auto = 'maybe' (from the environment) must be true"),
         ("", {"CLOUD_BRIDGE__IMPROVE__MIN_GAIN": "lots"}, "[improve] min_gain = 'lots' (from the environment)"),
         ("[improve]\nautomatic = true\n", {}, "unknown key(s) [improve] automatic: known keys are auto"),
+        ("[improve]\nthresholds = ['max_agreement_drop']\n", {}, "[improve] thresholds = ['max_agreement_drop']: "),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
@@ -101,13 +102,18 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], nee
 
 
 def test_the_improve_section_from_the_file_and_the_environment(tmp_path: Path) -> None:
-    path = write(tmp_path, "[improve]\nauto = true\nfleets = ['f1']\nstages = 'shadow:50,25,100'\nhidden = [64]\n")
+    path = write(
+        tmp_path,
+        "[improve]\nauto = true\nfleets = ['f1']\nstages = 'shadow:50,25,100'\nhidden = [64]\n"
+        "thresholds = ['max_agreement_drop=0.5', 'shadow:min_shadow_inputs=50']\n",
+    )
     env = {"CLOUD_BRIDGE__IMPROVE__IN_BRIDGE": "true", "CLOUD_BRIDGE__IMPROVE__MIN_HUMAN": "120"}
     improve = load_config(path, env=env).improve
     assert (improve.auto, improve.in_bridge, improve.fleets, improve.min_human) == (True, True, ("f1",), 120)
     options = improve.loop_options()
     # The stages as a loop records them (a shadow stage as minus its share); the built-in trainer unnamed.
     assert options["stages"] == [-50, 25, 100] and options["hidden"] == [64] and "trainer" not in options
+    assert options["thresholds"] == {"*": {"max_agreement_drop": 0.5}, "shadow": {"min_shadow_inputs": 50.0}}
     mine = load_config(None, env={"CLOUD_BRIDGE__IMPROVE__TRAINER": "python -m mine.train"}).improve
     assert mine.loop_options()["trainer"] == ["python", "-m", "mine.train"]
     # The loop's own defaults are [improve]'s, with a shadow stage before the canary stages.

@@ -68,7 +68,7 @@ def add_subparsers(sub: Commands) -> None:
         "--thresholds",
         action="append",
         default=[],
-        help="canary threshold overrides for the rollout, as `rollout start --thresholds` takes them",
+        help="threshold overrides for the rollout, as `rollout start --thresholds` takes them ([improve] thresholds)",
     )
     start.add_argument("--window-s", type=float, default=None, help="rollout watch window, seconds ([improve], 600)")
     start.add_argument(
@@ -183,7 +183,10 @@ def _start(args: argparse.Namespace) -> int:
         "trainer": args.trainer,
     }
     settings = dataclasses.replace(config.improve, **{k: v for k, v in flags.items() if v is not None})
-    options: dict[str, Any] = {**settings.loop_options(), "thresholds": parse_thresholds(args.thresholds)}
+    if args.thresholds:
+        parse_thresholds(args.thresholds)  # a bad value is named as the flag's
+        settings = dataclasses.replace(settings, thresholds=tuple(args.thresholds))
+    options = settings.loop_options()
     min_human = settings.min_human
 
     async def run() -> str:

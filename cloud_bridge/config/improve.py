@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloud_bridge.errors import UsageError
+from cloud_bridge.rollout.policy import parse_thresholds
 from cloud_bridge.rollout.stages import parse_stages
 from schemas.errors import TopicError
 from schemas.topics import validate_id
@@ -42,6 +43,9 @@ class ImproveConfig:
     # then canary stages (cloud_bridge/rollout/stages.py `parse_stages`).
     stages: str = "shadow:100,25,100"
     window_s: float = 600.0  # each rollout stage's watch window
+    # The loop's rollouts' threshold overrides, as `rollout start --thresholds` takes them, e.g.
+    # ["max_agreement_drop=0.2", "shadow:min_shadow_inputs=500"]; the rest are [rollout]'s.
+    thresholds: tuple[str, ...] = ()
     trainer: str = ""  # the trainer command; "": python -m demokit.retrain (cloud_bridge/improve/trainer.py)
     hidden: tuple[int, ...] = (32,)  # hidden layers of the retrained model; []: the base model's
     oversample: int = 2  # times the field samples are repeated beside the base training data
@@ -83,6 +87,10 @@ class ImproveConfig:
                 validate_id("fleets", fleet)
             except TopicError as exc:
                 raise ValueError(str(exc)) from None
+        try:
+            parse_thresholds(self.thresholds)
+        except UsageError as exc:
+            raise ValueError(f"thresholds = {list(self.thresholds)}: {exc}") from None
         if self.trainer and not self.trainer.split():
             raise ValueError("trainer = ' ' must be a command, or empty for the built-in trainer")
 
@@ -101,6 +109,7 @@ class ImproveConfig:
             "calibration": self.calibration,
             "stages": list(parse_stages(self.stages)),
             "window_s": self.window_s,
+            "thresholds": parse_thresholds(self.thresholds),
             "oversample": self.oversample,
             "hidden": list(self.hidden),
         }

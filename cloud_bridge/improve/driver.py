@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 # both orientations, demokit/retrain.py), plus what only a loop sets.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "trainer": list(DEFAULT_TRAINER),
-    "thresholds": {},  # rollout threshold overrides, as `rollout start --thresholds` gives them
     "seed": None,
     **ImproveConfig().loop_options(),
 }
