@@ -289,10 +289,14 @@ def _run_fleet(
             return
         now = time.monotonic()
         taken = set(loop.loop["devices"]) if loop.loop is not None else set()
-        new = desk.step(now, {d: since for d, since in watch.firing().items() if d not in taken})
-        if now >= next_poll:
-            new += loop.poll()
-            next_poll = now + 1.0
+        new: list[str] = []
+        try:
+            new += desk.step(now, {d: since for d, since in watch.firing().items() if d not in taken})
+            if now >= next_poll:
+                next_poll = now + 1.0
+                new += loop.poll()
+        except RuntimeError as exc:  # a command that failed (e.g. the registry busy past its timeout)
+            new.append(f"{exc}; tried again shortly")
         for event in new:
             events.append(f"t={elapsed:5.1f}s {event}")
             if not interactive:

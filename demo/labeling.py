@@ -37,6 +37,7 @@ class LabelingDesk:
     labeled_refs: dict[str, set[str]] = field(default_factory=dict)  # device -> source_ref of each labeled input
     _last_export: float = float("-inf")
     _refs: dict[str, tuple[str, str]] = field(default_factory=dict)  # msg_id -> (device, source_ref)
+    _answered: list[list[dict[str, Any]]] = field(default_factory=list)  # the team's answers, not yet imported
 
     def step(self, now: float, devices: Mapping[str, float]) -> list[str]:
         """Export for `devices` (device -> unix time its samples are wanted from; due every `every_s`), import
@@ -46,8 +47,10 @@ class LabelingDesk:
             self._last_export = now
             for device, since in sorted(devices.items()):
                 events += self._export(device, since, now)
-        for answered in self.team.finished(now):
-            events.append(self._import(answered))
+        self._answered += self.team.finished(now)
+        while self._answered:  # oldest first; one that fails (a busy registry) stays for the next step
+            events.append(self._import(self._answered[0]))
+            self._answered.pop(0)
         return events
 
     def _export(self, device: str, since: float, now: float) -> list[str]:
@@ -71,10 +74,10 @@ class LabelingDesk:
         return [f"exported {len(tasks)} samples of {device} to the stand-in labeling team"]
 
     def _import(self, answered: list[dict[str, Any]]) -> str:
-        self.imports += 1
-        path = self.out / f"answers-{self.imports:03d}.json"
+        path = self.out / f"answers-{self.imports + 1:03d}.json"
         path.write_text(json.dumps(answered), encoding="utf-8")
         self.cli("samples", "labels", "import", "--config", str(self.config), str(path))
+        self.imports += 1
         labeled = [task for task in answered if task.get("annotations")]
         for task in labeled:
             device, ref = self._refs.get(str(task["data"]["msg_id"]), ("", ""))

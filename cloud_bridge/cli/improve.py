@@ -1,8 +1,10 @@
 """`cloud-bridge improve start|status|abort|run`: the improvement loop (cloud_bridge/improve).
 
-`start` records a loop in the registry; `run` is the worker that drives loops (training runs there,
-not in the ingesting bridge); `start --wait` drives it in the same process until it waits for its
-rollout (which the bridges' rollout drivers run) or ends. State lives in the registry only: a worker
+`start` records a loop in the registry (its options default to the config's `[improve]`); `run` is the
+worker that drives loops, and with `[improve] auto` (or `--auto`) starts them (training runs there, not
+in the ingesting bridge, unless `[improve] in_bridge` puts the same worker in the bridge); `start --wait`
+drives it in the same process until it waits for its rollout (which the bridges' rollout drivers run)
+or ends. State lives in the registry only: a worker
 killed at any point is replaced by the next `run`, which resumes the loop at the phase it recorded.
 """
 
