@@ -26,6 +26,7 @@ from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
 from cloud_bridge.improve.escalation_value import EscalationAdvice
+from cloud_bridge.improve.worker import ImproveWorker
 from cloud_bridge.ingest.admission import ingest_filters
 from cloud_bridge.ingest.confirm import Confirmer
 from cloud_bridge.ingest.ingestor import Ingestor
@@ -81,6 +82,7 @@ class Bridge:
         # None when no [ota] signing_key is configured: OTA commands are disabled.
         self.commands: CommandSender | None = None
         self.rollouts: RolloutDriver | None = None
+        self.improver: ImproveWorker | None = None  # [improve] in_bridge: loops driven here
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._rates = _Rates(time.monotonic(), 0)
@@ -113,6 +115,9 @@ class Bridge:
             # (or at once, since a clean stop releases its leases).
             owner = f"{cfg.mqtt.client_id}:{uuid.uuid4().hex[:8]}"
             self.rollouts = RolloutDriver(self.registry, self.models, self.commands, cfg.rollout, owner, self.tsdb)
+        if cfg.improve.in_bridge:
+            owner = f"{cfg.mqtt.client_id}:improve:{uuid.uuid4().hex[:8]}"
+            self.improver = ImproveWorker.for_bridge(cfg, self.registry, self.models, owner, self.tsdb)
         await self._setup_drift()
         self.ingestor = Ingestor(
             self.topics,
@@ -150,6 +155,9 @@ class Bridge:
                     workers.append(tg.create_task(self.escalator.run()))
                 if self.rollouts is not None:
                     workers.append(tg.create_task(self.rollouts.run(self.ready), name="rollouts"))
+                if self.improver is not None:  # stops after its pass once _stop is set; hands its leases back
+                    improve = self.improver.run(self._stop, contain_errors=True)
+                    workers.append(tg.create_task(improve, name="improve"))
                 tsdb_task = tg.create_task(self.tsdb.run()) if self.tsdb is not None else None
                 status_task = tg.create_task(self._status_loop())
                 confirm_task = tg.create_task(self.confirmer.run(), name="confirmations")

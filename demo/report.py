@@ -1,5 +1,6 @@
-"""The demo's report: PNG plots of accuracy, escalation and confidence over time per device, with
-drift alerts and model switches marked, and an HTML page that shows them with the summary.
+"""The demo's report: the drifted device's recovery (its edge-only accuracy over time, with the drift's
+start, the alert, the improvement loop's start and the retrained model's first answer marked), PNG plots
+of accuracy, escalation and confidence over time per device, and an HTML page with the summary.
 
 matplotlib renders off-screen (the Agg backend): the demo runs on headless machines.
 """
@@ -16,13 +17,17 @@ matplotlib.use("Agg")  # before pyplot is imported: headless machines have no di
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from demo.recovery import Recovery
 from demo.watch import BUCKET_S, FleetWatch
 
+RECOVERY_BUCKET_S = 4.0  # the recovery plot's points: ~160 answers each at the demo's 40 inputs/s
 
-def write_report(watch: FleetWatch, summary: Sequence[str], out_dir: Path) -> Path:
+
+def write_report(watch: FleetWatch, summary: Sequence[str], out_dir: Path, recovery: Recovery | None = None) -> Path:
     """Write report.html and its PNGs into `out_dir`; return the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = [_accuracy_plot(watch, out_dir / "accuracy.png"), _confidence_plot(watch, out_dir / "confidence.png")]
+    images = [] if recovery is None else [_recovery_plot(watch, recovery, out_dir / "recovery.png")]
+    images += [_accuracy_plot(watch, out_dir / "accuracy.png"), _confidence_plot(watch, out_dir / "confidence.png")]
     page = out_dir / "report.html"
     page.write_text(_html(watch, summary, [p.name for p in images]), encoding="utf-8")
     return page
@@ -36,6 +41,44 @@ def _mark_events(ax: Axes, watch: FleetWatch, device: str | None = None) -> None
     for ack in watch.acks:
         if (device is None or ack.device == device) and ack.state in ("installed", "rolled_back"):
             ax.axvline(ack.at, color="tab:purple", linestyle=":", linewidth=1.5)
+
+
+def _recovery_plot(watch: FleetWatch, r: Recovery, path: Path) -> Path:
+    """The drifted device's edge-only accuracy and escalation rate per RECOVERY_BUCKET_S, events marked."""
+    buckets: dict[int, list[int]] = {}  # bucket -> [answers, edge right, unsure]
+    for answer in watch.snapshot(r.device):
+        b = buckets.setdefault(int(answer.at // RECOVERY_BUCKET_S), [0, 0, 0])
+        b[0] += 1
+        b[1] += answer.edge_right
+        b[2] += answer.unsure
+    keys = sorted(buckets)
+    xs = [(k + 0.5) * RECOVERY_BUCKET_S for k in keys]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.plot(
+        xs, [buckets[k][1] / buckets[k][0] for k in keys], marker=".", color="tab:orange", label="accuracy edge-only"
+    )
+    ax.plot(xs, [buckets[k][2] / buckets[k][0] for k in keys], color="tab:gray", alpha=0.7, label="escalation rate")
+    if r.before.accuracy is not None:
+        ax.axhline(r.before.accuracy, color="tab:orange", linestyle=":", linewidth=1, label="before drift")
+    events = (
+        (r.drift_at, "drift starts", "black", "-"),
+        (r.alert_at, "drift alert", "tab:red", "--"),
+        (r.loop_at, "loop started", "tab:blue", "--"),
+        (r.installed_at, f"new model ({r.candidate})", "tab:green", "-"),
+        (r.promoted_at, "promoted", "tab:green", ":"),
+    )
+    for at, label, color, style in events:
+        if at is not None:
+            ax.axvline(at, color=color, linestyle=style, linewidth=1.5, label=label)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{r.device}: recovery through the improvement loop")
+    ax.set_xlabel(f"seconds since start (points: {RECOVERY_BUCKET_S:g} s)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 0.22), fontsize=7, ncol=4)  # the band no line crosses
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _accuracy_plot(watch: FleetWatch, path: Path) -> Path:

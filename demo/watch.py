@@ -39,6 +39,25 @@ class Bucket:
     escalated: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One answer whose true label the replay knew: when it came (seconds since the watch started), which
+    model version gave it, which input (the replay's source_ref: "replay:drift:17" is the rotated copy
+    of held-out digit 17), whether the edge's and the final answer were right, and whether the edge was
+    unsure of it (escalated, or answered locally for want of the cloud: path is not "edge")."""
+
+    at: float
+    version: str
+    ref: str
+    edge_right: bool
+    final_right: bool
+    unsure: bool
+
+    @property
+    def drifted(self) -> bool:
+        return ":drift:" in self.ref
+
+
 @dataclass(frozen=True)
 class AlertEvent:
     at: float
@@ -48,6 +67,7 @@ class AlertEvent:
     score: float
     threshold: float
     model: str
+    window_start: float = 0.0  # unix time: the start of the windows the alert's score covers
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,7 @@ class DeviceView:
     recent: list[float] = field(default_factory=list)
     buckets: dict[int, Bucket] = field(default_factory=lambda: defaultdict(Bucket))
     models_seen: dict[str, int] = field(default_factory=dict)  # model version -> results
+    scored: list[Scored] = field(default_factory=list)  # every answer with a known truth, as they came
     first_result_at: float | None = None  # seconds since the watch started
 
 
@@ -107,7 +128,8 @@ class FleetWatch:
         self.client.loop_stop()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.endswith(("/escalate", "/reply", "/model/request")) or "/models/" in msg.topic:
+        # samples/json is the bridge's JSON copy of each archived sample (same msg_id): not a device message.
+        if msg.topic.endswith(("/escalate", "/reply", "/model/request", "/samples/json")) or "/models/" in msg.topic:
             return
         try:
             message = decode_for_topic(self.topics, msg.topic, msg.payload)
@@ -129,6 +151,7 @@ class FleetWatch:
                         message.score,
                         message.threshold,
                         message.model.version,
+                        message.window_start,
                     )
                 )
                 return
@@ -141,7 +164,7 @@ class FleetWatch:
             elif isinstance(message, Status):
                 dev.state = message.state
                 if message.model is not None:
-                    dev.model = f"{message.model.name}:{message.model.version}"
+                    dev.model = message.model.version  # one model name in the demo: its versions differ
             elif isinstance(message, Results):
                 for answer in message.answers:
                     self._result(dev, message.model.version, message.ts, answer)
@@ -170,6 +193,10 @@ class FleetWatch:
             bucket.with_truth += 1
             bucket.edge_right += r.edge_label == r.truth
             bucket.final_right += r.label == r.truth
+            at = ts - self.started
+            dev.scored.append(
+                Scored(at, version, r.source_ref or "", r.edge_label == r.truth, r.label == r.truth, r.path != "edge")
+            )
         dev.results += 1
         dev.result_ids.add(r.inference_id)
         dev.recent.append(time.monotonic())
@@ -180,11 +207,30 @@ class FleetWatch:
             dev.edge_right += r.edge_label == r.truth
             dev.final_right += r.label == r.truth
 
+    def snapshot(self, device: str) -> list[Scored]:
+        """A copy of a device's scored answers (the MQTT thread keeps appending)."""
+        with self._lock:
+            return list(self.devices[device].scored) if device in self.devices else []
+
+    def firing(self) -> dict[str, float]:
+        """Devices with a data-drift alert firing (latency alerts are not a data problem labels fix), each
+        with the earliest start of a firing alert's windows (unix time): when its inputs began to look drifted."""
+        latest: dict[tuple[str, str], AlertEvent] = {}
+        with self._lock:
+            for alert in self.alerts:
+                if alert.kind != "latency":
+                    latest[(alert.device, alert.kind)] = alert
+        since: dict[str, float] = {}
+        for (device, _), alert in latest.items():
+            if alert.state == "firing":
+                since[device] = min(since.get(device, alert.window_start), alert.window_start)
+        return since
+
     def render(self, elapsed: float, total: float) -> str:
         now = time.monotonic()
         lines = [
             f"fleet view  t={elapsed:5.1f}s/{total:.0f}s  (invalid={self.invalid} duplicates={self.duplicates})",
-            f"{'device':<10}{'state':<9}{'model':<22}{'inf/s':>7}{'acc edge':>10}{'acc final':>10}"
+            f"{'device':<10}{'state':<9}{'model version':<23}{'inf/s':>7}{'acc edge':>10}{'acc final':>10}"
             f"{'escal':>7}{'fallbk':>7}{'samples':>8}{'p95 ms':>8}{'conf':>6}{'outbox':>7}",
         ]
         with self._lock:
@@ -194,7 +240,7 @@ class FleetWatch:
                 acc_e = d.edge_right / d.with_truth if d.with_truth else 0.0
                 acc_f = d.final_right / d.with_truth if d.with_truth else 0.0
                 lines.append(
-                    f"{name:<10}{d.state:<9}{d.model:<22}{len(d.recent) / 5.0:>7.1f}{acc_e:>10.3f}{acc_f:>10.3f}"
+                    f"{name:<10}{d.state:<9}{d.model:<23}{len(d.recent) / 5.0:>7.1f}{acc_e:>10.3f}{acc_f:>10.3f}"
                     f"{d.escalated:>7}{d.fallbacks:>7}{d.samples:>8}{d.last_p95_ms:>8.2f}{d.last_conf:>6.2f}"
                     f"{d.outbox_depth:>7}"
                 )

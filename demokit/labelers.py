@@ -5,6 +5,9 @@ export --format label-studio` writes) from the dataset's ground truth, wrong on 
 `error_rate` (a uniformly drawn other label), and writes what Label Studio's Export -> JSON would give:
 the tasks with an `annotations` list of `choices` results (labelstud.io/guide/export). Nothing here
 is a labeler: it knows the answers because the demo's data set does.
+
+People take time: with `delay_s`, tasks handed over with `receive` come back from `finished` only once
+that long has passed (the demo's labeling round trip: export, wait for the team, import).
 """
 
 from __future__ import annotations
@@ -28,11 +31,38 @@ class StandInLabelingTeam:
     error_rate: float = 0.02
     seed: int = 0
     budget: int | None = None  # at most this many tasks answered over the team's life
+    delay_s: float = 0.0  # between `receive` and the answers from `finished`
     answered: int = 0
     mistakes: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"error_rate = {self.error_rate} must be between 0 and 1")
+        if self.delay_s < 0:
+            raise ValueError(f"delay_s = {self.delay_s} must be >= 0")
         self._rng = np.random.default_rng(self.seed)
+        self._truth = dict(self.truth)
+        self._inbox: list[tuple[float, list[Mapping[str, Any]]]] = []  # (due, tasks), oldest first
+
+    def learn(self, truth: Mapping[str, str]) -> None:
+        """More ground truth by msg_id (the demo learns it from each export's manifest)."""
+        self._truth.update(truth)
+
+    def receive(self, tasks: Sequence[Mapping[str, Any]], now: float) -> None:
+        """Take a batch of tasks (a `label-studio.json`'s list) to answer `delay_s` after `now`."""
+        if tasks:
+            self._inbox.append((now + self.delay_s, list(tasks)))
+
+    @property
+    def pending(self) -> int:
+        """Tasks received and not yet answered."""
+        return sum(len(tasks) for _, tasks in self._inbox)
+
+    def finished(self, now: float) -> list[list[dict[str, Any]]]:
+        """The answered exports of every batch due by `now`, oldest first (each as Label Studio exports it)."""
+        due = [tasks for at, tasks in self._inbox if at <= now]
+        self._inbox = [(at, tasks) for at, tasks in self._inbox if at > now]
+        return [self.annotate(tasks) for tasks in due]
 
     def annotate(self, tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The tasks as Label Studio exports them after annotation (tasks over budget stay unannotated)."""
@@ -47,8 +77,8 @@ class StandInLabelingTeam:
             }
             exported["predictions"] = list(task.get("predictions", []))
             msg_id = task["data"]["msg_id"]
-            if msg_id in self.truth and (self.budget is None or self.answered < self.budget):
-                label = self._answer(self.truth[msg_id])
+            if msg_id in self._truth and (self.budget is None or self.answered < self.budget):
+                label = self._answer(self._truth[msg_id])
                 exported["annotations"].append(
                     {
                         "id": number,

@@ -81,12 +81,46 @@ bucket = "b1"
         ("[influx]\nurl = 'tsdb:8086'\n", {}, "[influx] url = 'tsdb:8086' must start with http://"),
         ("[mqtt\n", {}, "is not valid TOML"),
         ("colour = 1\n", {}, "unknown key(s) or section(s) colour: known are [drift]"),
+        ("[improve]\nstages = '25,100,shadow:5'\n", {}, "[improve] stages = '25,100,shadow:5': a shadow stage comes"),
+        ("[improve]\nstages = 'shadow:100'\n", {}, "[improve] stages = 'shadow:100': a shadow stage precedes"),
+        ("[improve]\nholdout = 1.0\n", {}, "[improve] holdout = 1.0 must be between 0 and 1"),
+        ("[improve]\nmin_human = 0\n", {}, "[improve] min_human = 0 must be at least 1"),
+        ("[improve]\nteacher = 'digits-cloud'\n", {}, "[improve] teacher = 'digits-cloud' must be NAME@VERSION"),
+        ("[improve]\nfleets = ['a/b']\n", {}, "[improve] fleets 'a/b' contains '/'"),
+        ("[improve]\ntick_s = 400.0\n", {}, "[improve] lease_s = 600.0 must exceed 2 x tick_s (400.0)"),
+        ("[improve]\nhidden = [0]\n", {}, "[improve] hidden = [0] must list layer sizes"),
+        ("", {"CLOUD_BRIDGE__IMPROVE__AUTO": "maybe"}, "[improve] auto = 'maybe' (from the environment) must be true"),
+        ("", {"CLOUD_BRIDGE__IMPROVE__MIN_GAIN": "lots"}, "[improve] min_gain = 'lots' (from the environment)"),
+        ("[improve]\nautomatic = true\n", {}, "unknown key(s) [improve] automatic: known keys are auto"),
+        ("[improve]\nthresholds = ['max_agreement_drop']\n", {}, "[improve] thresholds = ['max_agreement_drop']: "),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env=env)
     assert needle in str(info.value)
+
+
+def test_the_improve_section_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[improve]\nauto = true\nfleets = ['f1']\nstages = 'shadow:50,25,100'\nhidden = [64]\n"
+        "thresholds = ['max_agreement_drop=0.5', 'shadow:min_shadow_inputs=50']\n",
+    )
+    env = {"CLOUD_BRIDGE__IMPROVE__IN_BRIDGE": "true", "CLOUD_BRIDGE__IMPROVE__MIN_HUMAN": "120"}
+    improve = load_config(path, env=env).improve
+    assert (improve.auto, improve.in_bridge, improve.fleets, improve.min_human) == (True, True, ("f1",), 120)
+    options = improve.loop_options()
+    # The stages as a loop records them (a shadow stage as minus its share); the built-in trainer unnamed.
+    assert options["stages"] == [-50, 25, 100] and options["hidden"] == [64] and "trainer" not in options
+    assert options["thresholds"] == {"*": {"max_agreement_drop": 0.5}, "shadow": {"min_shadow_inputs": 50.0}}
+    mine = load_config(None, env={"CLOUD_BRIDGE__IMPROVE__TRAINER": "python -m mine.train"}).improve
+    assert mine.loop_options()["trainer"] == ["python", "-m", "mine.train"]
+    # The loop's own defaults are [improve]'s, with a shadow stage before the canary stages.
+    from cloud_bridge.improve.driver import DEFAULT_OPTIONS
+
+    defaults = load_config(None, env={}).improve.loop_options()
+    assert {k: DEFAULT_OPTIONS[k] for k in defaults} == defaults and defaults["stages"] == [-100, 25, 100]
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

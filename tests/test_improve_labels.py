@@ -163,3 +163,23 @@ async def test_json_min_exports_import_too(
             await import_labels(registry, tmp_path / "bad-min.json")
     finally:
         await registry.close()
+
+
+def test_the_stand_in_team_answers_after_its_turnaround_with_its_error_rate() -> None:
+    tasks = [{"data": {"msg_id": f"m{i}"}, "meta": {}} for i in range(200)]
+    team = StandInLabelingTeam({}, [str(d) for d in range(10)], error_rate=0.1, delay_s=4.0, seed=3)
+    team.learn({f"m{i}": str(i % 10) for i in range(150)})  # no truth for the last 50: left unannotated
+    team.receive(tasks, now=100.0)
+    assert team.finished(103.9) == [] and team.pending == 200
+    (answered,) = team.finished(104.0)
+    assert team.pending == 0 and team.finished(200.0) == []
+    labels = {
+        t["data"]["msg_id"]: t["annotations"][0]["result"][0]["value"]["choices"][0]
+        for t in answered
+        if t["annotations"]
+    }
+    assert len(labels) == team.answered == 150
+    wrong = sum(label != str(int(m[1:]) % 10) for m, label in labels.items())
+    assert wrong == team.mistakes and 5 <= wrong <= 30  # 10% of 150, seeded
+    with pytest.raises(ValueError, match=r"error_rate = 1\.5"):
+        StandInLabelingTeam({}, ["0", "1"], error_rate=1.5)

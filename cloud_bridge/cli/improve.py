@@ -1,8 +1,10 @@
 """`cloud-bridge improve start|status|abort|run`: the improvement loop (cloud_bridge/improve).
 
-`start` records a loop in the registry; `run` is the worker that drives loops (training runs there,
-not in the ingesting bridge); `start --wait` drives it in the same process until it waits for its
-rollout (which the bridges' rollout drivers run) or ends. State lives in the registry only: a worker
+`start` records a loop in the registry (its options default to the config's `[improve]`); `run` is the
+worker that drives loops, and with `[improve] auto` (or `--auto`) starts them (training runs there, not
+in the ingesting bridge, unless `[improve] in_bridge` puts the same worker in the bridge); `start --wait`
+drives it in the same process until it waits for its rollout (which the bridges' rollout drivers run)
+or ends. State lives in the registry only: a worker
 killed at any point is replaced by the next `run`, which resumes the loop at the phase it recorded.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -21,11 +24,10 @@ from typing import Any
 from cloud_bridge.cli.common import Commands, add_config, command, open_registry, print_table
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import UsageError
-from cloud_bridge.improve.driver import DEFAULT_OPTIONS, ImproveDriver
 from cloud_bridge.improve.escalation_value import EscalationValue, assess, record_advice
-from cloud_bridge.improve.policy import AutoPolicy, auto_start
 from cloud_bridge.improve.store import ImproveError, LoopStore, NewLoop
 from cloud_bridge.improve.trigger import drifted_devices, human_labels
+from cloud_bridge.improve.worker import ImproveWorker
 from cloud_bridge.models.lineage import get_lineage
 from cloud_bridge.models.store import ModelStore
 from cloud_bridge.registry import Registry
@@ -54,36 +56,26 @@ def add_subparsers(sub: Commands) -> None:
     )
     start.add_argument("--base", required=True, help="the model to improve, NAME@VERSION (the devices' current)")
     start.add_argument("--teacher", default=None, help="NAME@VERSION to pseudo-label unlabeled samples with")
+    start.add_argument("--min-confidence", type=float, default=None, help="of pseudo-labels ([improve], 0.95)")
+    start.add_argument("--min-human", type=int, default=None, help="human labels needed ([improve], 50)")
+    start.add_argument("--holdout", type=float, default=None, help="human labels kept for the gate ([improve], 0.3)")
     start.add_argument(
-        "--min-confidence", type=float, default=DEFAULT_OPTIONS["min_confidence"], help="of pseudo-labels (0.95)"
-    )
-    start.add_argument("--min-human", type=int, default=DEFAULT_OPTIONS["min_human"], help="human labels needed (50)")
-    start.add_argument(
-        "--holdout", type=float, default=DEFAULT_OPTIONS["holdout"], help="human labels kept for the gate"
-    )
-    start.add_argument(
-        "--min-gain",
-        type=float,
-        default=DEFAULT_OPTIONS["min_gain"],
-        help="accuracy gain needed on the drifted holdout (0.02)",
+        "--min-gain", type=float, default=None, help="accuracy gain needed on the drifted holdout ([improve], 0.02)"
     )
     start.add_argument(
-        "--max-loss",
-        type=float,
-        default=DEFAULT_OPTIONS["max_loss"],
-        help="accuracy loss allowed on the original test set (0.005)",
+        "--max-loss", type=float, default=None, help="accuracy loss allowed on the original test set ([improve], 0.005)"
     )
-    start.add_argument("--stages", default="25,100", help="canary rollout stages, percent (default 25,100)")
+    start.add_argument("--stages", default=None, help="rollout stages, percent ([improve], default shadow:100,25,100)")
     start.add_argument(
         "--thresholds",
         action="append",
         default=[],
-        help="canary threshold overrides for the rollout, as `rollout start --thresholds` takes them",
+        help="threshold overrides for the rollout, as `rollout start --thresholds` takes them ([improve] thresholds)",
     )
+    start.add_argument("--window-s", type=float, default=None, help="rollout watch window, seconds ([improve], 600)")
     start.add_argument(
-        "--window-s", type=float, default=DEFAULT_OPTIONS["window_s"], help="rollout watch window, seconds (600)"
+        "--trainer", default=None, help="trainer command ([improve]; default: python -m demokit.retrain)"
     )
-    start.add_argument("--trainer", default=None, help="trainer command (default: python -m demokit.retrain)")
     start.add_argument("--wait", action="store_true", help="drive the loop here until it waits for its rollout")
     command(start, "improve start", _start)
     status = isub.add_parser("status", help="every loop, or one in detail (phase, dataset, gate, rollout)")
@@ -95,19 +87,28 @@ def add_subparsers(sub: Commands) -> None:
     add_config(abort, "state_dir, [registry]")
     abort.add_argument("loop", help="a loop id or unique prefix")
     command(abort, "improve abort", _abort)
-    run = isub.add_parser("run", help="the worker: drive every running loop until stopped (Ctrl-C)")
-    add_config(run, "state_dir, [registry], [ota] model_store")
-    run.add_argument("--tick-s", type=float, default=5.0, help="seconds between passes (default 5)")
+    run = isub.add_parser(
+        "run",
+        help="the worker: drive every running loop until stopped (Ctrl-C); [improve] auto starts them too",
+    )
+    add_config(run, "state_dir, [registry], [ota] model_store, [improve]")
+    run.add_argument("--tick-s", type=float, default=None, help="seconds between passes ([improve] tick_s, 5)")
     run.add_argument("--once", action="store_true", help="one pass, then exit")
     run.add_argument(
         "--auto",
         action="store_true",
-        help="also start loops by themselves: devices of --fleet with a firing drift alert and --min-human labels",
+        help="also start loops by themselves (as [improve] auto = true): devices with a firing drift alert and "
+        "--min-human labels",
     )
-    run.add_argument("--fleet", default=None, help="the fleet --auto watches")
-    run.add_argument("--min-human", type=int, default=DEFAULT_OPTIONS["min_human"], help="labels --auto needs (50)")
     run.add_argument(
-        "--cooldown-s", type=float, default=3600.0, help="--auto waits this long after a loop of a model ended"
+        "--fleet", action="append", default=None, help="a fleet --auto watches ([improve] fleets; default: every one)"
+    )
+    run.add_argument("--min-human", type=int, default=None, help="labels --auto needs ([improve] min_human, 50)")
+    run.add_argument(
+        "--cooldown-s",
+        type=float,
+        default=None,
+        help="--auto waits this long after a loop of a model ended ([improve] cooldown_s, 3600)",
     )
     command(run, "improve run", _run)
     value = isub.add_parser(
@@ -133,10 +134,16 @@ def add_subparsers(sub: Commands) -> None:
     command(value, "improve escalation", _escalation)
 
 
-def _driver(config: BridgeConfig, registry: Registry, tsdb: TsdbWriter | None = None) -> ImproveDriver:
+def _worker(config: BridgeConfig, registry: Registry, tsdb: TsdbWriter | None = None, **improve: Any) -> ImproveWorker:
+    """A worker of this process; `improve` overrides `[improve]` keys (the command line's flags)."""
     owner = f"improve-{socket.gethostname()}-{os.getpid()}"
-    store = ModelStore(config.model_store_dir, registry)
-    return ImproveDriver(registry, store, Path(config.state_dir) / "improve", owner, tsdb=tsdb)
+    settings = dataclasses.replace(config.improve, **{k: v for k, v in improve.items() if v is not None})
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise UsageError(f"[improve] with the command line's flags: {exc}") from None
+    models = ModelStore(config.model_store_dir, registry)
+    return ImproveWorker.for_bridge(config, registry, models, owner, tsdb, settings)
 
 
 def _tsdb(config: BridgeConfig) -> TsdbWriter | None:
@@ -161,21 +168,28 @@ def _start(args: argparse.Namespace) -> int:
         _ref(args.teacher, "--teacher")
     if bool(args.device) == args.from_alerts:
         raise UsageError("give the drifted devices with --device, or --from-alerts to take them from drift alerts")
-    if not 0.0 < args.holdout < 1.0:
+    if args.holdout is not None and not 0.0 < args.holdout < 1.0:
         raise UsageError(f"--holdout {args.holdout} must be in (0, 1)")
-    options: dict[str, Any] = {
+    if args.stages is not None:
+        parse_stages(args.stages)  # a bad value is named as the flag, not as [improve] stages
+    # Each flag given overrides its [improve] key for this loop; the rest are the config's.
+    flags = {
         "teacher": args.teacher,
         "min_confidence": args.min_confidence,
         "min_human": args.min_human,
         "holdout": args.holdout,
         "min_gain": args.min_gain,
         "max_loss": args.max_loss,
-        "stages": list(parse_stages(args.stages)),
+        "stages": args.stages,
         "window_s": args.window_s,
-        "thresholds": parse_thresholds(args.thresholds),
+        "trainer": args.trainer,
     }
-    if args.trainer:
-        options["trainer"] = args.trainer.split()
+    settings = dataclasses.replace(config.improve, **{k: v for k, v in flags.items() if v is not None})
+    if args.thresholds:
+        parse_thresholds(args.thresholds)  # a bad value is named as the flag's
+        settings = dataclasses.replace(settings, thresholds=tuple(args.thresholds))
+    options = settings.loop_options()
+    min_human = settings.min_human
 
     async def run() -> str:
         async with open_registry(config) as registry:
@@ -184,14 +198,14 @@ def _start(args: argparse.Namespace) -> int:
             if not devices:
                 return f"no drift alert on {name} {version} is firing in fleet {args.fleet}: nothing to improve"
             labels = await human_labels(registry, args.fleet, devices)
-            if labels < args.min_human:
+            if labels < min_human:
                 raise ImproveError(
                     f"{len(devices)} drifted device(s) ({', '.join(devices)}) have {labels} human labels, "
-                    f"{args.min_human} needed: export their samples, label them, `cloud-bridge samples labels import`"
+                    f"{min_human} needed: export their samples, label them, `cloud-bridge samples labels import`"
                 )
             loop_id = await LoopStore(registry).create(NewLoop(args.fleet, tuple(devices), name, version, options))
             if args.wait:
-                driver = _driver(config, registry)
+                driver = _worker(config, registry).driver
                 try:
                     await driver.run_until_settled()
                 finally:
@@ -334,9 +348,14 @@ def _escalation(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if args.auto and not args.fleet:
-        raise UsageError("--auto needs --fleet: the fleet whose drift alerts start loops")
-    policy = AutoPolicy(args.fleet, args.min_human, args.cooldown_s) if args.auto else None
+    if args.tick_s is not None and args.tick_s <= 0:
+        raise UsageError(f"--tick-s {args.tick_s} must be > 0")
+    if args.cooldown_s is not None and args.cooldown_s < 0:
+        raise UsageError(f"--cooldown-s {args.cooldown_s} must be >= 0")
+    if args.min_human is not None and args.min_human < 1:
+        raise UsageError(f"--min-human {args.min_human} must be at least 1")
+    if args.tick_s is not None and config.improve.lease_s <= 2 * args.tick_s:
+        raise UsageError(f"--tick-s {args.tick_s}: [improve] lease_s = {config.improve.lease_s} must exceed 2 x it")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -347,20 +366,19 @@ def _run(args: argparse.Namespace) -> int:
         async with open_registry(config) as registry, asyncio.TaskGroup() as group:
             if tsdb is not None:
                 group.create_task(tsdb.run())
-            driver = _driver(config, registry, tsdb)
+            worker = _worker(
+                config,
+                registry,
+                tsdb,
+                auto=True if args.auto else None,
+                fleets=tuple(args.fleet) if args.fleet else None,
+                min_human=args.min_human,
+                cooldown_s=args.cooldown_s,
+                tick_s=args.tick_s,
+            )
             try:
-                while not stop.is_set():
-                    if policy is not None:
-                        await auto_start(registry, driver.models, policy, time.time())
-                    await driver.tick()
-                    if args.once:
-                        break
-                    try:
-                        await asyncio.wait_for(stop.wait(), args.tick_s)
-                    except TimeoutError:
-                        continue
+                await worker.run(stop, once=args.once)
             finally:
-                await driver.store.release(driver.owner)
                 if tsdb is not None:
                     await tsdb.flush(10.0)
                     await tsdb.close()

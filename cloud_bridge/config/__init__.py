@@ -3,7 +3,7 @@ overridden by `CLOUD_BRIDGE__SECTION__KEY` variables, validated section by secti
 
 One module per group of sections, each section validated next to its fields: broker ([mqtt],
 [fleet]), storage ([registry], [influx], [samples]), processing ([ingest], [escalation], [drift]),
-ota ([ota], [rollout]). The older variable form `CLOUD_BRIDGE_SECTION__KEY` still works, with a
+ota ([ota], [rollout]), improve ([improve]). The older variable form `CLOUD_BRIDGE_SECTION__KEY` still works, with a
 deprecation warning.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud_bridge.config.broker import FleetConfig, MqttConfig
+from cloud_bridge.config.improve import ImproveConfig
 from cloud_bridge.config.ota import OtaConfig, RolloutConfig
 from cloud_bridge.config.processing import DriftConfig, EscalationConfig, IngestConfig
 from cloud_bridge.config.storage import InfluxConfig, RegistryConfig, SamplesConfig
@@ -39,6 +40,7 @@ class BridgeConfig:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    improve: ImproveConfig = field(default_factory=ImproveConfig)
 
     @property
     def model_store_dir(self) -> Path:
@@ -74,6 +76,7 @@ __all__ = [
     "DriftConfig",
     "EscalationConfig",
     "FleetConfig",
+    "ImproveConfig",
     "InfluxConfig",
     "IngestConfig",
     "MqttConfig",

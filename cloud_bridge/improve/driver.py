@@ -11,8 +11,9 @@ mid-phase leaves the row at that phase and the next worker (after the lease runs
   and its lineage (a registered candidate is reused, never trained again);
 * gate: cloud_bridge/improve/gate.py; a failing candidate ends the loop `gate_failed` and is never
   rolled out;
-* rollout: a canary rollout of the candidate (cloud_bridge/rollout), driven by the bridges' rollout
-  drivers like any other; one of this loop's version already there is adopted, not duplicated;
+* rollout: a rollout of the candidate (cloud_bridge/rollout; by default a shadow stage, then canary
+  stages), driven by the bridges' rollout drivers like any other; one of this loop's version already
+  there is adopted, not duplicated;
 * watch: the rollout's end decides: promoted/done -> `promoted`, rolled back or aborted -> `rolled_back`.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud_bridge.config.improve import ImproveConfig
 from cloud_bridge.errors import BridgeError, ModelStoreError
 from cloud_bridge.improve.gate import judge
 from cloud_bridge.improve.store import FINAL_STATES, PHASES, LoopStore
@@ -42,23 +44,13 @@ from cloud_bridge.tsdb import FieldValue, TsdbWriter, line
 
 log = logging.getLogger(__name__)
 
+# Every loop's options when neither the loop nor `[improve]` sets them: [improve]'s defaults, defined once
+# in cloud_bridge/config/improve.py (its `hidden` = [32]: the demo edge model's 12 units cannot hold
+# both orientations, demokit/retrain.py), plus what only a loop sets.
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "min_human": 50,
-    "holdout": 0.3,
-    "teacher": None,  # NAME@VERSION of a registered model for pseudo-labels, or None
-    "min_confidence": 0.95,
-    "min_gain": 0.02,
-    "max_loss": 0.005,
-    "base_data": "digits",
-    "original_eval": "digits",
-    "calibration": "digits",
-    "stages": [25, 100],
-    "window_s": 600.0,
-    "thresholds": {},  # rollout threshold overrides, as `rollout start --thresholds` gives them
     "trainer": list(DEFAULT_TRAINER),
-    "oversample": 2,
-    "hidden": [32],  # the demo edge model's 12 units cannot hold both orientations (demokit/retrain.py)
     "seed": None,
+    **ImproveConfig().loop_options(),
 }
 # Numeric codes for the TSDB fields (Grafana value mappings turn them back into names).
 PHASE_CODES = {name: code for code, name in enumerate(PHASES, start=1)}

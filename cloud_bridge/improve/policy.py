@@ -1,8 +1,9 @@
-"""The automatic trigger (`cloud-bridge improve run --auto --fleet F`): each pass, start a loop for every
-model version of the fleet that has devices with a firing data-drift alert (cloud_bridge/improve/trigger.py)
-and at least `min_human` human labels on their samples, unless a loop of that model is running, or one
-for that base version ended less than `cooldown_s` ago (a gate that failed waits for more labels, not
-for the next pass). A model version that is not registered cannot be retrained and is skipped, logged.
+"""The automatic trigger (`[improve] auto = true`, or `cloud-bridge improve run --auto`): on each pass of
+the worker (cloud_bridge/improve/worker.py), per watched fleet, start a loop for every model version of
+the fleet that has devices with a firing data-drift alert (cloud_bridge/improve/trigger.py) and at least
+`min_human` human labels on their samples, unless a loop of that model is running, or one for that base
+version ended less than `cooldown_s` ago (a gate that failed waits for more labels, not for the next
+pass). A model version that is not registered cannot be retrained and is skipped, logged.
 """
 
 from __future__ import annotations
