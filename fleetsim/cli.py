@@ -5,7 +5,8 @@ machines) speak the wire contract of schemas/ in the compact encoding over a few
 at the profile's rates; every `--report-s` a line says what went out, how the escalations fared
 (sent -> answered, at the simulator), what the bridges confirmed stored (confirm/1, the devices'
 own receipts) and how far the simulator is behind its schedule. At the end (after up to
-`--drain-s` for the last confirmations) a summary and a verdict: the cloud side kept up when
+`--drain-s` for the last confirmations) a summary and a verdict (with `--json`, also the final counts
+as one JSON line): the cloud side kept up when
 >= 99% of escalations were answered within the devices' timeout, no message stayed unconfirmed
 longer than `--max-unconfirmed-s`, the broker refused nothing and nothing undecodable came back.
 Exit status 0 when it kept up, 1 when not, 2 for an unusable option or a broker or bridge that is
@@ -27,7 +28,7 @@ from pathlib import Path
 from fleetsim import __version__
 from fleetsim.options import BrokerOptions, OptionsError, Spec
 from fleetsim.profile import Profile
-from fleetsim.report import Run, Snapshot
+from fleetsim.report import Run, Snapshot, pct
 from fleetsim.runner import Fleet, SimulatorError
 from schemas.errors import TopicError
 from schemas.topics import validate_id
@@ -175,6 +176,12 @@ async def run(args: argparse.Namespace, spec: Spec, processes: int) -> bool:
     lines = result.summary(start, final, confirms=spec.track_confirms, max_unconfirmed_s=args.max_unconfirmed_s)
     for line in lines:
         print(line, flush=True)
+    if args.json:
+        summary = {"final": True, "sent": dict(final.sent), **final.values, "verdict": lines[-1]}
+        summary["refused"] = dict(final.refused)
+        summary["latency_p50_ms"] = pct(result.latencies_ms, 0.5)
+        summary["late_s"] = result.late_s
+        print(json.dumps(summary), flush=True)
     return lines[-1] == "verdict: kept up"
 
 

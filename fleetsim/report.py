@@ -11,6 +11,7 @@ from typing import Any
 # Counters every worker line carries, cumulative since the worker started.
 CUMULATIVE = (
     "acked",
+    "answers",
     "escalations",
     "answered",
     "timed_out",

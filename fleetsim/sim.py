@@ -36,6 +36,7 @@ class Counts:
     """What one process did (cumulative) and saw since its last report (`latencies_ms`, `late_s`)."""
 
     sent: Counter[str] = field(default_factory=Counter)
+    answers: int = 0  # answers in the result/2 messages sent
     escalations: int = 0
     answered: int = 0
     timed_out: int = 0
@@ -157,6 +158,7 @@ class Simulator:
         for i in slot.tolist():
             d = devices[i]
             if d.pending and (now - d.pending_since >= delay or len(d.pending) >= limit):
+                self.counts.answers += min(limit, len(d.pending))
                 self.publish(d, Channel.RESULTS, d.results(now, limit, self.track), "results")
         due = slot[now - pop.window_start[slot] >= prof.telemetry_s]
         if len(due):

@@ -34,6 +34,7 @@ def report(sim: Simulator, final: bool) -> None:
         "devices": len(sim.devices),
         "sent": dict(c.sent),
         "acked": sum(k.acked for k in sim.links),
+        "answers": c.answers,
         "refused": refused,
         "in_flight": sum(len(k.inflight) + len(k.queued) for k in sim.links),
         "escalations": c.escalations,
