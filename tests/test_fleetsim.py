@@ -1,7 +1,8 @@
 """`python -m fleetsim` against a real Mosquitto and a real `cloud-bridge run` (SQLite registry, the
 demo cloud model answering escalations): what the registry stored is, type by type, what the
 simulator says it sent; its escalations were answered; every stored message was confirmed back to
-its device; and a broker that is not there is one line and exit status 2."""
+its device; over TLS with a client certificate too; and a broker that is not there, or a bad
+option or CA file, is one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import pytest
 
 from demokit.models import DemoModel
 from devservers import Mosquitto
+from tests.broker_stack import start_cloud
 from tests.config_files import write_bridge_config
+from tests.pki import BRIDGE, GATEWAY, Pki
+from tests.plugin_servers import MosquittoFactory
 from tests.processes import run_cloud_bridge, stop, wait_logged
 
 pytestmark = pytest.mark.timeout(150)
@@ -92,3 +96,49 @@ def test_bad_options_are_named(tmp_path: Path) -> None:
     run = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "--devices 0" in run.stderr and "--escalations 2" in run.stderr
+
+
+def test_over_tls_with_a_client_certificate(
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, pki: Pki, demo_models: dict[str, DemoModel]
+) -> None:
+    """The shipped cloud broker (mosquitto/cloud.conf): the simulator on its client-certificate
+    listener with a gateway's identity (the ACL lets a gateway speak for every device; the listener
+    makes the identity the client id, so one connection), the bridge with its account over TLS."""
+    cloud = start_cloud(mosquitto_factory, pki)
+    config = write_bridge_config(
+        tmp_path,
+        mqtt={
+            "host": "127.0.0.1",
+            "port": cloud.tls_port,
+            "client_id": BRIDGE,
+            "username": BRIDGE,
+            "password": pki.password(BRIDGE),
+            "tls_ca": pki.ca,
+        },
+        escalation={"model": demo_models["cloud"].path},
+        ingest={"confirm_interval_s": 1.0},
+    )
+    with run_cloud_bridge(config, tmp_path / "bridge.log") as bridge:
+        wait_logged(bridge, "mqtt connected")
+        certs = pki.dir / "gateways"
+        argv = [sys.executable, "-m", "fleetsim", "--port", str(cloud.gateway_port), "--ca", str(pki.ca)]
+        argv += ["--cert", str(certs / f"{GATEWAY}.crt"), "--key", str(certs / f"{GATEWAY}.key")]
+        argv += ["--connections", "1", "--devices", "20", "--duration", "4", "--drain-s", "15", "--json"]
+        argv += ["--telemetry-s", "2", "--results-delay-s", "1", "--escalations", "0.3"]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+        stop(bridge)
+    assert run.returncode == 0, f"fleetsim exited {run.returncode}:\n{run.stdout}\n{run.stderr}"
+    final = json.loads(run.stdout.splitlines()[-1])
+    assert final["answered"] > 0 and final["confirmed"] == sum(
+        n for kind, n in final["sent"].items() if kind not in ("escalate", "clock")
+    )
+
+
+def test_a_wrong_ca_is_named(tmp_path: Path, mosquitto_factory: MosquittoFactory, pki: Pki) -> None:
+    cloud = start_cloud(mosquitto_factory, pki)
+    other = tmp_path / "other-ca.pem"
+    other.write_text("not a certificate\n")
+    argv = [sys.executable, "-m", "fleetsim", "--port", str(cloud.tls_port), "--ca", str(other)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "other-ca.pem holds no PEM CA certificate" in run.stderr
