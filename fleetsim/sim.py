@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetsim.device import CLASSES, Device, Population
+from fleetsim.inbound import Inbound
 from fleetsim.mqtt5 import Connection, LinkError, flush_all, pump, pump_until
 from fleetsim.options import Spec
 from fleetsim.wire import float32
@@ -78,9 +79,6 @@ class Simulator:
         self.track = spec.track_confirms
         self.encoding_ok = False
         self.drift_started = False
-        # Imported here: inbound handling needs this simulator (replies feed its devices' answers).
-        from fleetsim.inbound import Inbound
-
         self.inbound = Inbound(self)
         n = max(1, min(spec.connections, spec.devices))
         client = f"{spec.client_prefix}-{spec.fleet}-{spec.first}-{os.getpid()}"
