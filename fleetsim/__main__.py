@@ -1,0 +1,7 @@
+"""`python -m fleetsim`: see fleetsim/cli.py."""
+
+import sys
+
+from fleetsim.cli import main
+
+sys.exit(main())
