@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 
 from cloud_bridge.config import MqttConfig
 from cloud_bridge.errors import ConfigError, MqttError
+from cloud_bridge.mqtt_receive import BridgeClient
 from common.backoff import Backoff
 from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
 from common.tls import client_context
@@ -123,7 +124,10 @@ class MqttConnection:
             password=cfg.password,
             tls=self._tls,
             max_inflight=max(20, cfg.publish_window),
+            client_class=BridgeClient,
         )
+        assert isinstance(client, BridgeClient)
+        client.on_incoming = self._on_incoming
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -346,22 +350,30 @@ class MqttConnection:
             log.warning("mqtt disconnected reason=%s", reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self._probe is not None and msg.topic == self._probe.topic:
-            self._probe_seen.set()
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        response_topic: str | None = None
-        correlation: bytes | None = None
+        # What BridgeClient leaves to paho (cloud_bridge/mqtt_receive.py): QoS 2, unusual properties.
         props = getattr(msg, "properties", None)
-        if props is not None:
-            response_topic = getattr(props, "ResponseTopic", None)
-            correlation = getattr(props, "CorrelationData", None)
-        if msg.qos:
+        response_topic: str | None = getattr(props, "ResponseTopic", None)
+        correlation: bytes | None = getattr(props, "CorrelationData", None)
+        self._on_incoming(msg.topic, msg.payload, msg.qos, msg.mid, msg.retain, response_topic, correlation)
+
+    def _on_incoming(
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        qos: int,
+        mid: int,
+        retain: bool,
+        response_topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        if self._probe is not None and topic == self._probe.topic:
+            self._probe_seen.set()
+            if qos:
+                self._client.ack(mid, qos)
+            return
+        if qos:
             self.unacked += 1
-        self._on_message_cb(
-            Incoming(msg.topic, msg.payload, msg.qos, msg.mid, self._generation, response_topic, correlation)
-        )
+        self._on_message_cb(Incoming(topic, payload, qos, mid, self._generation, response_topic, correlation))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         future = self._pending_publishes.pop(mid, None)
