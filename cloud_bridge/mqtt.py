@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_bridge.config import MqttConfig
 from cloud_bridge.errors import ConfigError, MqttError
-from cloud_bridge.mqtt_receive import BridgeClient
+from cloud_bridge.paho_client import BridgeClient, publish_properties
 from common.backoff import Backoff
-from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
+from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client
 from common.tls import client_context
 from schemas.topics import Topics
 
@@ -295,13 +294,11 @@ class MqttConnection:
         async with self._window:
             if not self._connected.is_set():
                 raise MqttError(f"not connected: cannot publish to {topic}")
-            props: Properties | None = None
-            if self._v5 and (correlation_data is not None or message_expiry_s is not None):
-                props = new_properties(PacketTypes.PUBLISH)
-                if correlation_data is not None:
-                    props.CorrelationData = correlation_data
-                if message_expiry_s is not None:
-                    props.MessageExpiryInterval = max(1, message_expiry_s)
+            props = (
+                publish_properties(correlation_data, message_expiry_s and max(1, message_expiry_s))
+                if self._v5
+                else None
+            )
             info = self._client.publish(topic, payload, qos=qos, properties=props)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
@@ -350,7 +347,7 @@ class MqttConnection:
             log.warning("mqtt disconnected reason=%s", reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        # What BridgeClient leaves to paho (cloud_bridge/mqtt_receive.py): QoS 2, unusual properties.
+        # What BridgeClient leaves to paho (cloud_bridge.paho_client.py): QoS 2, unusual properties.
         props = getattr(msg, "properties", None)
         response_topic: str | None = getattr(props, "ResponseTopic", None)
         correlation: bytes | None = getattr(props, "CorrelationData", None)

@@ -212,7 +212,7 @@ class LoopDriver:
             if sock is None:
                 return
             # TLS may hold decrypted bytes that the file descriptor will never signal again, and a
-            # client that buffers its reads (`buffered`, cloud_bridge/mqtt_receive.py) bytes of its own.
+            # client that buffers its reads (`buffered`, cloud_bridge.paho_client.py) bytes of its own.
             pending = getattr(client, "buffered", 0) > 0 or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
             if reads >= self._reads_per_wakeup:
                 if pending:

@@ -1,4 +1,4 @@
-"""The bridge's own receive path on paho (cloud_bridge/mqtt_receive.py): every PUBLISH a real broker
+"""The bridge's own receive path on paho (cloud_bridge.paho_client.py): every PUBLISH a real broker
 sends arrives with its topic, payload and the MQTT 5 properties the bridge uses, whatever other
 properties it carries, over MQTT 5 and 3.1.1, in packets split across socket reads; QoS 2 still
 goes through paho; acknowledgements written together all reach the broker."""
@@ -18,7 +18,7 @@ from paho.mqtt.properties import Properties
 
 from cloud_bridge.config import MqttConfig
 from cloud_bridge.mqtt import Incoming, MqttConnection
-from cloud_bridge.mqtt_receive import _coalesce, _properties
+from cloud_bridge.paho_client import _coalesce, _properties, publish_properties
 from devservers import Mosquitto
 
 TOPIC = "fleet/f1/dev-1/results"
@@ -52,6 +52,67 @@ def test_properties_are_read_as_paho_packs_them(values: dict[str, Any]) -> None:
     response, correlation, end = _properties(packed, 0)
     assert (response, correlation) == (values.get("ResponseTopic"), values.get("CorrelationData"))
     assert packed[end:] == b"payload"
+
+
+@pytest.mark.parametrize(
+    ("correlation", "expiry"), [(None, None), (b"req-1", None), (None, 86_400), (b"\x00" * 300, 1), (b"", 30)]
+)
+def test_packed_publish_properties_are_the_bytes_paho_packs(correlation: bytes | None, expiry: int | None) -> None:
+    packed = publish_properties(correlation, expiry)
+    if correlation is None and expiry is None:
+        assert packed is None
+        return
+    values: dict[str, Any] = {}
+    if expiry is not None:
+        values["MessageExpiryInterval"] = expiry
+    if correlation is not None:
+        values["CorrelationData"] = correlation
+    assert packed is not None
+    assert packed.pack() == _props(**values).pack()  # type: ignore[no-untyped-call]
+
+
+async def test_published_properties_and_pubacks_go_through(mosquitto: Mosquitto) -> None:
+    """What the bridge publishes reaches an MQTT 5 subscriber with its Correlation Data and expiry,
+    and every publish completes on its PUBACK (the fast PUBACK path), many in flight at once."""
+    got: list[tuple[bytes, Any]] = []
+    done = threading.Event()
+
+    def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        got.append((msg.payload, msg.properties))
+        if len(got) == 300:
+            done.set()
+
+    subscribed = threading.Event()
+    subscriber = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    subscriber.on_message = on_message
+    subscriber.on_subscribe = lambda *_: subscribed.set()
+    subscriber.connect(mosquitto.host, mosquitto.port)
+    subscriber.subscribe("out/#", qos=1)
+    subscriber.loop_start()
+    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, client_id="publisher", publish_window=64)
+    connection = MqttConnection(config, [], _Collector())
+    ready = asyncio.Event()
+    task = asyncio.create_task(connection.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        assert await asyncio.to_thread(subscribed.wait, 10)
+        sends = [
+            connection.publish(
+                f"out/{i}", str(i).encode(), 1, f"c{i}".encode() if i % 2 else None, message_expiry_s=600
+            )
+            for i in range(300)
+        ]
+        await asyncio.wait_for(asyncio.gather(*sends), 30)
+        assert await asyncio.to_thread(done.wait, 10)
+    finally:
+        subscriber.loop_stop()
+        subscriber.disconnect()
+        await connection.close()
+        await task
+    for payload, props in got:
+        i = int(payload)
+        assert getattr(props, "CorrelationData", None) == (f"c{i}".encode() if i % 2 else None)
+        assert 0 < props.MessageExpiryInterval <= 600
 
 
 def test_coalescing_keeps_qos0_publishes_and_disconnects_on_their_own() -> None:
