@@ -38,6 +38,7 @@ _MISC_INTERVAL_S = 0.5
 _READS_PER_WAKEUP = 256
 _RECONNECT_MIN_S = 0.2
 _RECONNECT_MAX_S = 10.0
+_SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +346,17 @@ class MqttConnection:
         self._pending_publishes.clear()
         if was_connected and not self._closing:
             log.warning("mqtt disconnected reason=%s", reason)
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            # Another connection took this client id: two bridges configured alike, or a broker that
+            # makes the username the client id (use_username_as_clientid) giving the escalation
+            # session and the main one the same id, so that each keeps taking the other's session.
+            log.error(
+                "mqtt session taken over client_id=%s username=%s: another connection uses this client id; give each "
+                "bridge its own [mqtt] client_id, and with use_username_as_clientid give the escalation session an "
+                'account of its own ([escalation] username/password) or set [escalation] session = "shared"',
+                self._config.client_id,
+                self._config.username,
+            )
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         # What BridgeClient leaves to paho (cloud_bridge.paho_client.py): QoS 2, unusual properties.
