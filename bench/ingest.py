@@ -59,6 +59,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+# This checkout's packages, not the editable install's (a venv shared by several worktrees points
+# at one of them): run from a worktree, the bench measures that worktree's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import load_config
 from cloud_bridge.ingest.admission import ingest_filters

@@ -1,4 +1,6 @@
-"""The bridge process: one MQTT connection feeding ingestion and escalation, under one TaskGroup.
+"""The bridge process: one MQTT connection feeding ingestion (and OTA, clock, alerts) and, by default,
+a second one for escalation requests and replies (cloud_bridge/escalation/session.py), under one
+TaskGroup.
 
 Shutdown (`stop()`, or SIGTERM/SIGINT via `run_bridge`) drains in order: stop taking new work, store
 what has arrived, answer the escalations in flight, flush agreement counts and the TSDB buffer, then
@@ -25,6 +27,7 @@ from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
+from cloud_bridge.escalation.session import escalation_connection
 from cloud_bridge.improve.escalation_value import EscalationAdvice
 from cloud_bridge.improve.worker import ImproveWorker
 from cloud_bridge.ingest.admission import ingest_filters
@@ -75,6 +78,8 @@ class Bridge:
         self.feed = SampleFeed(config.topics, self._publish_chunk)
         self.clock: ClockServer | None = None
         self.mqtt: MqttConnection | None = None
+        # Escalations' own session ([escalation] session = "own"); None: they share `mqtt`.
+        self.escalation_mqtt: MqttConnection | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.models = ModelStore(config.model_store_dir, self.registry)
         self.deltas = DeltaStore(self.models, config.ota.delta_max_fraction)
@@ -100,7 +105,10 @@ class Bridge:
         model: CloudModel | None = None
         if cfg.escalation.model is not None:
             model = await asyncio.to_thread(CloudModel, Path(cfg.escalation.model), cfg.escalation.providers)
-            subscriptions.append((escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
+            if cfg.escalation.session == "own":
+                self.escalation_mqtt = escalation_connection(cfg, self._submit_escalation)
+            else:
+                subscriptions.append((escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
         subscriptions.append((delivery_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
         subscriptions.append((clock_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
         probe = SharedProbe(
@@ -131,7 +139,8 @@ class Bridge:
             on_samples=self.feed.stored,
         )
         if model is not None:
-            self.escalator = Escalator(self.topics, model, cfg.escalation, self._publish, self.mqtt.ack)
+            session = self.escalation_mqtt or self.mqtt
+            self.escalator = Escalator(self.topics, model, cfg.escalation, session.publish, session.ack)
             # Where labeled samples showed the cloud model no better than a device's (cloud-bridge
             # improve escalation --apply), replies tell the device to stop asking (pause_s).
             self.escalator.pause_for = self.advice.pause_for
@@ -145,7 +154,11 @@ class Bridge:
         await self.refresh_advice()  # before the first reply: a restart keeps the pauses
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.mqtt.run(self.ready))
+                connections = [self.mqtt] + ([self.escalation_mqtt] if self.escalation_mqtt is not None else [])
+                readies = [asyncio.Event() for _ in connections]
+                for connection, ready in zip(connections, readies, strict=True):
+                    tg.create_task(connection.run(ready))
+                tg.create_task(self._ready_when(readies))
                 workers = [tg.create_task(self.ingestor.run())]
                 if self.alerts is not None:
                     self._alerts_task = tg.create_task(self.alerts.run(), name="alerts")
@@ -174,10 +187,6 @@ class Bridge:
                 self.tsdb.dispose()
             await self.registry.close()
         log.info("bridge stopped")
-
-    async def _publish(self, topic: str, payload: bytes, qos: int, correlation: bytes | None) -> None:
-        assert self.mqtt is not None
-        await self.mqtt.publish(topic, payload, qos, correlation)
 
     async def _publish_expiring(self, topic: str, payload: bytes, qos: int, expiry_s: int | None) -> None:
         assert self.mqtt is not None
@@ -241,6 +250,17 @@ class Bridge:
         assert self.mqtt is not None
         await self.mqtt.publish(topic, payload, qos, message_expiry_s=expiry_s)
 
+    async def _ready_when(self, readies: list[asyncio.Event]) -> None:
+        """`ready` once every connection is subscribed (the first time)."""
+        for ready in readies:
+            await ready.wait()
+        self.ready.set()
+
+    def _submit_escalation(self, incoming: Incoming) -> None:
+        # The escalation session delivers only requests (its probe is handled by the connection).
+        assert self.escalator is not None  # made before the connections run
+        self.escalator.submit(incoming)
+
     def _dispatch(self, incoming: Incoming) -> None:
         if incoming.topic.endswith(_ESCALATE_SUFFIX) and self.escalator is not None:
             self.escalator.submit(incoming)
@@ -283,6 +303,8 @@ class Bridge:
             if not await self.tsdb.flush(deadline_s=_DRAIN_TIMEOUT_S):
                 log.warning("tsdb flush timed out pending=%d", self.tsdb.pending)
             await asyncio.wait({tsdb_task}, timeout=_DRAIN_TIMEOUT_S)
+        if self.escalation_mqtt is not None:
+            await self.escalation_mqtt.close()
         await self.mqtt.close()
         self.log_status()
 
@@ -355,7 +377,8 @@ class Bridge:
         log.info(
             "bridge status msgs_per_s=%.1f received=%d stored=%d dead_letters=%d dups=%d backlog=%d "
             "escalations_answered=%d escalations_expired=%d %s connected=%s unacked=%d escalation_backlog=%d "
-            "ingest_s idle=%.1f plan=%.1f commit=%.1f commit_wait=%.1f after=%.1f batches=%d largest_batch=%d",
+            "ingest_s idle=%.1f plan=%.1f commit=%.1f commit_wait=%.1f after=%.1f batches=%d largest_batch=%d "
+            "escalation_session=%s escalation_connected=%s escalation_unacked=%d",
             rate,
             received,
             ing.stored if ing else 0,
@@ -375,6 +398,9 @@ class Bridge:
             ing.after_s if ing else 0.0,
             ing.batches if ing else 0,
             ing.largest_batch if ing else 0,
+            "own" if self.escalation_mqtt is not None else "shared",
+            (self.escalation_mqtt or self.mqtt).connected if self.mqtt is not None else False,
+            self.escalation_mqtt.unacked if self.escalation_mqtt is not None else 0,
         )
 
 

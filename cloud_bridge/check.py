@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from cloud_bridge.config import BridgeConfig, load_config
 from cloud_bridge.errors import ConfigError, ModelError, ReferenceModelError
+from cloud_bridge.escalation.session import session_config
 from cloud_bridge.ota.keys import load_signer
 from cloud_bridge.registry import Base
 from cloud_bridge.registry.migrations import NEW_COLUMNS
@@ -39,6 +40,7 @@ from schemas.topics import Topics
 CONFIG, STATE_DIR, MODEL_STORE, SIGNING_KEY = "config", "state dir", "model store", "signing key"
 ESCALATION_MODEL, REFERENCE_MODELS, REGISTRY, TSDB = "escalation model", "reference models", "registry", "tsdb"
 BROKER, TLS, LOGIN, SHARED = "broker reachable", "tls", "mqtt login", "shared subscription"
+ESCALATION_SESSION = "escalation session"
 ALL = (
     CONFIG,
     STATE_DIR,
@@ -52,6 +54,7 @@ ALL = (
     TLS,
     LOGIN,
     SHARED,
+    ESCALATION_SESSION,
 )
 SHARED_WAIT_S = 3.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -78,9 +81,11 @@ async def diagnose(path: Path) -> Checklist:
     probe = await _broker(checks, config)
     if probe is None:
         checks.skip(SHARED, "no MQTT connection")
+        checks.skip(ESCALATION_SESSION, "no MQTT connection")
         return checks
     try:
         await _shared(checks, config, probe)
+        await _escalation_session(checks, config, probe)
     finally:
         await probe.close()
     return checks
@@ -264,18 +269,61 @@ async def _broker(checks: Checklist, config: BridgeConfig) -> MqttProbe | None:
     return None if isinstance(result, Failure) else result
 
 
-async def _shared(checks: Checklist, config: BridgeConfig, probe: MqttProbe) -> None:
+async def _escalation_session(checks: Checklist, config: BridgeConfig, main: MqttProbe) -> None:
+    """The escalation session's login (its own account, if it has one) and its $share check. A broker
+    that makes the username the client id gives it the [mqtt] login's session: the second login takes
+    the first over, and the running bridge's two sessions would keep taking each other's."""
+    esc = config.escalation
+    if esc.model is None or esc.session != "own":
+        why = "no [escalation] model" if esc.model is None else "on the [mqtt] session ([escalation] session = shared)"
+        checks.ok(ESCALATION_SESSION, f"no session of its own: {why}")
+        return
+    m = session_config(config)
+    tls = None if m.tls_ca is None else client_context(m.tls_ca, error=ConfigError)
+    where = f"{m.host}:{m.port}"
+    result = await MqttProbe.connect(
+        host=m.host,
+        port=m.port,
+        client_id=m.client_id,
+        username=m.username,
+        password=m.password,
+        tls=tls,
+        v5=m.protocol == "mqtt5",
+    )
+    if isinstance(result, Failure):
+        checks.add(login_finding(ESCALATION_SESSION, result, f"{m.username or '(anonymous)'}@{where}", "[escalation]"))
+        return
+    try:
+        try:
+            await main.publish(f"{config.fleet.prefix}/_check/{_UNSAFE.sub('_', m.client_id)}/alive", b"")
+        except (ConnectionError, TimeoutError):
+            checks.fail(
+                ESCALATION_SESSION,
+                f"logging in as {m.username or '(anonymous)'} for the escalation session ended the [mqtt] login: the "
+                "broker gives both one client id (e.g. Mosquitto's use_username_as_clientid)",
+                "give the escalation session an account of its own ([escalation] username and password, a user "
+                'block in mosquitto/acl), or set [escalation] session = "shared"',
+            )
+            return
+        await _shared(checks, config, result, ESCALATION_SESSION, m.client_id)
+    finally:
+        await result.close()
+
+
+async def _shared(
+    checks: Checklist, config: BridgeConfig, probe: MqttProbe, name: str = SHARED, client_id: str | None = None
+) -> None:
     fleet = config.fleet
     if not fleet.shared:
-        checks.ok(SHARED, "not used ([fleet] shared = false): every bridge takes every message")
+        checks.ok(name, "not used ([fleet] shared = false): every bridge takes every message")
         return
-    me = _UNSAFE.sub("_", config.mqtt.client_id)
+    me = _UNSAFE.sub("_", client_id or config.mqtt.client_id)
     # A topic and a share group of this bridge's own: no device or other bridge sees the probe.
     topic = f"{fleet.prefix}/_check/{me}/{uuid.uuid4().hex}"
     group = f"{fleet.share_group}-check-{me}"
     if not await probe.subscribe(Topics.shared(group, topic)):
         checks.fail(
-            SHARED,
+            name,
             f"the broker refused the subscription $share/{group}/{topic}",
             f"allow the bridge's user to read and write {fleet.prefix}/# (mosquitto/acl), and a broker with shared "
             "subscriptions (MQTT 5; Mosquitto 1.6+)",
@@ -290,7 +338,7 @@ async def _shared(checks: Checklist, config: BridgeConfig, probe: MqttProbe) -> 
             found += "; the bridge will subscribe without $share ([fleet] shared_fallback = true)"
         checks.add(
             Finding(
-                SHARED,
+                name,
                 "warn" if fleet.shared_fallback else "fail",
                 found,
                 f"let the bridge's user read and write {fleet.prefix}/# (mosquitto/acl: a broker grants a subscription "
@@ -299,4 +347,4 @@ async def _shared(checks: Checklist, config: BridgeConfig, probe: MqttProbe) -> 
             )
         )
         return
-    checks.ok(SHARED, f"$share/{fleet.share_group}/... delivers (probe on $share/{group}/)")
+    checks.ok(name, f"$share/{fleet.share_group}/... delivers (probe on $share/{group}/)")

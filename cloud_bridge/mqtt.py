@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_bridge.config import MqttConfig
 from cloud_bridge.errors import ConfigError, MqttError
+from cloud_bridge.paho_client import BridgeClient, publish_properties
 from common.backoff import Backoff
-from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client, new_properties
+from common.mqtt import LoopDriver, classify_connack, classify_error, connect_properties, new_client
 from common.tls import client_context
 from schemas.topics import Topics
 
@@ -38,6 +38,7 @@ _MISC_INTERVAL_S = 0.5
 _READS_PER_WAKEUP = 256
 _RECONNECT_MIN_S = 0.2
 _RECONNECT_MAX_S = 10.0
+_SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,10 @@ class MqttConnection:
             password=cfg.password,
             tls=self._tls,
             max_inflight=max(20, cfg.publish_window),
+            client_class=BridgeClient,
         )
+        assert isinstance(client, BridgeClient)
+        client.on_incoming = self._on_incoming
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -291,13 +295,11 @@ class MqttConnection:
         async with self._window:
             if not self._connected.is_set():
                 raise MqttError(f"not connected: cannot publish to {topic}")
-            props: Properties | None = None
-            if self._v5 and (correlation_data is not None or message_expiry_s is not None):
-                props = new_properties(PacketTypes.PUBLISH)
-                if correlation_data is not None:
-                    props.CorrelationData = correlation_data
-                if message_expiry_s is not None:
-                    props.MessageExpiryInterval = max(1, message_expiry_s)
+            props = (
+                publish_properties(correlation_data, message_expiry_s and max(1, message_expiry_s))
+                if self._v5
+                else None
+            )
             info = self._client.publish(topic, payload, qos=qos, properties=props)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
@@ -344,24 +346,43 @@ class MqttConnection:
         self._pending_publishes.clear()
         if was_connected and not self._closing:
             log.warning("mqtt disconnected reason=%s", reason)
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            # Another connection took this client id: two bridges configured alike, or a broker that
+            # makes the username the client id (use_username_as_clientid) giving the escalation
+            # session and the main one the same id, so that each keeps taking the other's session.
+            log.error(
+                "mqtt session taken over client_id=%s username=%s: another connection uses this client id; give each "
+                "bridge its own [mqtt] client_id, and with use_username_as_clientid give the escalation session an "
+                'account of its own ([escalation] username/password) or set [escalation] session = "shared"',
+                self._config.client_id,
+                self._config.username,
+            )
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self._probe is not None and msg.topic == self._probe.topic:
-            self._probe_seen.set()
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        response_topic: str | None = None
-        correlation: bytes | None = None
+        # What BridgeClient leaves to paho (cloud_bridge.paho_client.py): QoS 2, unusual properties.
         props = getattr(msg, "properties", None)
-        if props is not None:
-            response_topic = getattr(props, "ResponseTopic", None)
-            correlation = getattr(props, "CorrelationData", None)
-        if msg.qos:
+        response_topic: str | None = getattr(props, "ResponseTopic", None)
+        correlation: bytes | None = getattr(props, "CorrelationData", None)
+        self._on_incoming(msg.topic, msg.payload, msg.qos, msg.mid, msg.retain, response_topic, correlation)
+
+    def _on_incoming(
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        qos: int,
+        mid: int,
+        retain: bool,
+        response_topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        if self._probe is not None and topic == self._probe.topic:
+            self._probe_seen.set()
+            if qos:
+                self._client.ack(mid, qos)
+            return
+        if qos:
             self.unacked += 1
-        self._on_message_cb(
-            Incoming(msg.topic, msg.payload, msg.qos, msg.mid, self._generation, response_topic, correlation)
-        )
+        self._on_message_cb(Incoming(topic, payload, qos, mid, self._generation, response_topic, correlation))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         future = self._pending_publishes.pop(mid, None)

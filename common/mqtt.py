@@ -95,6 +95,7 @@ def new_client(
     tls: ssl.SSLContext | None = None,
     max_inflight: int = 0,
     connect_timeout_s: float | None = None,
+    client_class: type[mqtt.Client] = mqtt.Client,
 ) -> mqtt.Client:
     """A paho client for MQTT 5 (`v5`) or 3.1.1, acking received QoS 1 messages by hand (`client.ack`).
 
@@ -102,8 +103,9 @@ def new_client(
     the CONNECT's clean start and session expiry (`connect_properties`). `max_inflight` 0 means no
     limit of paho's own. paho never queues past its in-flight limit (it would hide messages from
     us) and never reconnects by itself (that would block the loop): the caller reconnects.
+    `client_class`: a subclass of paho's client (the bridge's has a cheaper receive path).
     """
-    client = mqtt.Client(
+    client = client_class(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=None if v5 else not persistent,
@@ -209,8 +211,9 @@ class LoopDriver:
             sock = self._sock
             if sock is None:
                 return
-            # TLS may hold decrypted bytes that the file descriptor will never signal again.
-            pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            # TLS may hold decrypted bytes that the file descriptor will never signal again, and a
+            # client that buffers its reads (`buffered`, cloud_bridge.paho_client.py) bytes of its own.
+            pending = getattr(client, "buffered", 0) > 0 or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
             if reads >= self._reads_per_wakeup:
                 if pending:
                     self.loop.call_soon(self._readable)

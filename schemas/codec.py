@@ -132,21 +132,31 @@ def decode(data: bytes | bytearray | memoryview | str, message_type: type[M], *,
     return result
 
 
+@functools.cache
+def _versions(
+    current: type[Envelope], older: tuple[type[Envelope], ...]
+) -> tuple[tuple[type[Envelope], ...], tuple[str, ...], int, Any, str]:
+    """The versions a channel accepts, their schema names, their size limit, their union and the
+    names joined for errors: the same for every message of a channel, so computed once."""
+    versions: tuple[type[Envelope], ...] = (current, *older)
+    names = tuple(schema_name(t) for t in versions)
+    limit = max(max_bytes_for(t) for t in versions)
+    return versions, names, limit, functools.reduce(operator.or_, older, current), " or ".join(names)
+
+
 def _decode_versions(
     data: bytes | bytearray | memoryview | str, current: type[Envelope], older: tuple[type[Envelope], ...]
 ) -> Envelope:
     """Decode the current version of a message, or one of the older versions still accepted."""
-    versions: tuple[type[Envelope], ...] = (current, *older)
-    names = [schema_name(t) for t in versions]
-    limit = max(max_bytes_for(t) for t in versions)
-    obj = _loads(data, limit, " or ".join(names))
+    versions, names, limit, union, either = _versions(current, older)
+    obj = _loads(data, limit, either)
     # An error inside a known version names that version; an unknown tag names every accepted one.
     declared = obj.get("schema") if isinstance(obj, dict) else None
-    expected = declared if declared in names else " or ".join(names)
+    expected = declared if declared in names else either
     # The version the payload names, converted as that type alone: what the tagged union would
     # pick, at half the cost (msgspec converts to a union of Structs in ~5 µs, to one in ~3).
     target = next((t for t, name in zip(versions, names, strict=True) if name == declared), None)
-    message: Envelope = _convert(obj, target or functools.reduce(operator.or_, older, current), expected)
+    message: Envelope = _convert(obj, target or union, expected)
     limit = max_bytes_for(type(message))
     if len(data) > limit:
         raise DecodeError(f"payload is {len(data)} bytes, the limit is {limit}", schema=schema_name(type(message)))

@@ -66,6 +66,8 @@ _CHANNELS = {c.value: c for c in Channel}
 
 def validate_id(kind: str, value: str) -> str:
     """Return `value` if it is a valid fleet or device id, else raise TopicError naming the problem."""
+    if isinstance(value, str) and _ID_RE.match(value):
+        return value  # the pattern admits none of _FORBIDDEN: the checks below only name the problem
     if not isinstance(value, str) or not value:
         raise TopicError(f"{kind} must be a non-empty string, got {value!r}")
     for char, name in _FORBIDDEN.items():

@@ -445,6 +445,31 @@ async def test_bridge_shared_subscription_starved_by_the_acl(
     assert shared.status == "fail" and "did not arrive" in shared.found
 
 
+async def test_bridge_escalation_session_on_the_main_login_is_found_out(
+    tmp_path: Path, mosquitto_factory: MosquittoFactory, demo_models: dict[str, DemoModel]
+) -> None:
+    """With the username as client id (mosquitto/cloud.conf), an escalation session logging in as the
+    [mqtt] user would take over the bridge's main session (and back, forever): a failure with the fix.
+    With an account of its own it passes, its $share probe included."""
+    passwords = write_passwords(tmp_path / "passwords", ("cloud-bridge", "pw"), ("cloud-bridge-esc", "pw2"))
+    broker = mosquitto_factory(start=False, allow_anonymous=False, extra_conf=f"password_file {passwords}\n")
+    port = broker.add_listener(lines=("use_username_as_clientid true",))  # a listener option
+    broker.start()
+    mqtt = 'username = "cloud-bridge"\npassword = "pw"\n'
+    found = by_name(await bridge_diagnose(bridge_config(tmp_path, demo_models["cloud"].path, port, mqtt=mqtt)))
+    assert found["mqtt login"].status == "ok" and found["shared subscription"].status == "ok"
+    esc = found["escalation session"]
+    assert esc.status == "fail" and "use_username_as_clientid" in esc.found
+    assert "[escalation] username" in esc.fix and 'session = "shared"' in esc.fix
+    own = 'username = "cloud-bridge-esc"\npassword = "pw2"\n'  # lands in [escalation]
+    config = bridge_config(tmp_path, demo_models["cloud"].path, port, mqtt=mqtt, extra=own)
+    esc = by_name(await bridge_diagnose(config))["escalation session"]
+    assert esc.status == "ok" and "delivers" in esc.found
+    config = bridge_config(tmp_path, demo_models["cloud"].path, port, mqtt=mqtt, extra='session = "shared"\n')
+    esc = by_name(await bridge_diagnose(config))["escalation session"]
+    assert esc.status == "ok" and "no session of its own" in esc.found
+
+
 async def test_bridge_closed_broker_port(tmp_path: Path, demo_models: dict[str, DemoModel]) -> None:
     checks = await bridge_diagnose(bridge_config(tmp_path, demo_models["cloud"].path, free_port()))
     assert statuses(checks)["broker reachable"] == "fail"

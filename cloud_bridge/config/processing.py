@@ -42,9 +42,22 @@ class EscalationConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     max_concurrency: int = 2
     max_batch: int = 64
+    # Escalation requests and replies on an MQTT session of their own ("own"), so that answers are
+    # not late while ingestion holds the main session's in-flight window (a commit, a backlog) or
+    # its event-loop turn; "shared": on the [mqtt] session, as before. The own session connects with
+    # `client_id` (default: [mqtt] client_id + "-escalation") and `username`/`password` (default:
+    # [mqtt]'s). A broker that makes the username the client id (Mosquitto's
+    # use_username_as_clientid, as mosquitto/cloud.conf does) needs an account of its own for it.
+    session: Literal["own", "shared"] = "own"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    replies_in_flight: int = 256  # replies awaiting their PUBACKs on the own session at once
 
     def validate(self) -> None:
-        for name in ("max_concurrency", "max_batch"):
+        if self.client_id == "":
+            raise ValueError("client_id must not be empty: leave it out for [mqtt] client_id + '-escalation'")
+        for name in ("max_concurrency", "max_batch", "replies_in_flight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be greater than 0")
         if self.model is not None and not self.model.is_file():

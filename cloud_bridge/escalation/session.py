@@ -1,0 +1,46 @@
+"""The MQTT session escalations travel on ([escalation] session = "own", the default).
+
+Ingestion acknowledges a message only after its batch committed, so the broker's in-flight window
+of the bridge's session (Receive Maximum; max_inflight_messages under 3.1.1) fills with device
+messages whenever a commit is slow or a backlog drains, and the broker then sends that session
+nothing else: an escalation request queued behind them waited for the backlog, its answer came
+after the device had given up (2 s). Requests on a session of their own have a window of their own
+(replies bounded by `[escalation] replies_in_flight`, the model by `max_concurrency`), and their
+socket is read on its own event-loop callback, not after a batch of device messages.
+
+The session is an ordinary `MqttConnection`: a persistent session subscribed to
+`$share/{group}/{prefix}/+/+/escalate` only, checked at every connect that the broker delivers
+`$share` (SharedProbe, with its own probe topic), MQTT 5 or 3.1.1 as `[mqtt] protocol` says.
+Replies go to the device's escalate/reply topic with the request's Correlation Data (MQTT 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cloud_bridge.config import BridgeConfig, MqttConfig
+from cloud_bridge.escalation.escalator import escalation_filter
+from cloud_bridge.mqtt import MessageHandler, MqttConnection, SharedProbe
+
+SUFFIX = "-escalation"
+
+
+def session_config(config: BridgeConfig) -> MqttConfig:
+    """[mqtt] with the escalation session's identity and reply window."""
+    mqtt, esc = config.mqtt, config.escalation
+    return replace(
+        mqtt,
+        client_id=esc.client_id or f"{mqtt.client_id}{SUFFIX}",
+        username=esc.username if esc.username is not None else mqtt.username,
+        password=esc.password if esc.password is not None else mqtt.password,
+        publish_window=esc.replies_in_flight,
+    )
+
+
+def escalation_connection(config: BridgeConfig, on_message: MessageHandler) -> MqttConnection:
+    """The escalation session's connection (not yet running: `run()` it)."""
+    mqtt = session_config(config)
+    fleet, topics = config.fleet, config.topics
+    probe = SharedProbe(fleet.share_group, f"{topics.prefix}/_probe/{mqtt.client_id}", fleet.shared_fallback)
+    subscriptions = [(escalation_filter(topics, fleet.share_group, fleet.shared), 1)]
+    return MqttConnection(mqtt, subscriptions, on_message, probe)
