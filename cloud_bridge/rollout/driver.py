@@ -54,7 +54,7 @@ from cloud_bridge.rollout.records import STATE_CODES as STATE_CODES  # re-export
 from cloud_bridge.rollout.records import STATES as STATES  # re-exported
 from cloud_bridge.rollout.records import eval_record, rollout_line, stage_tag
 from cloud_bridge.rollout.shadow import ShadowStage
-from cloud_bridge.rollout.stages import FleetDevice, is_shadow, select_stage, split_groups
+from cloud_bridge.rollout.stages import FleetDevice, is_shadow, select_stage
 from cloud_bridge.rollout.store import RolloutStore
 from cloud_bridge.tsdb import TsdbWriter
 from schemas.messages import Command
@@ -302,10 +302,8 @@ class RolloutDriver:
         devices = await self.store.devices(rollout["id"])
         await self.refresh(rollout["id"], devices)
         now = self._clock()
-        canary_ids = {d["device_id"] for d in devices if d["state"] == "done"}
-        since = min(float(rollout["watch_from"]), float(rollout["stage_started_at"]) - float(rollout["window_s"]))
-        rows = await self.store.telemetry(rollout["fleet_id"], since)
-        canary, control = split_groups(rows, rollout, canary_ids)
+        # Canary: the rollout's devices in state "done", as refresh() just wrote them.
+        canary, control = await self.store.group_stats(rollout)
         elapsed = now >= float(rollout["watch_from"]) + float(rollout["window_s"])
         decision = judge_window(canary, control, t, window_elapsed=elapsed)
         if decision.verdict == "rollback":
