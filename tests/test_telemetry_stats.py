@@ -22,6 +22,7 @@ from cloud_bridge.cli.devices import fleet_devices
 from cloud_bridge.ingest.rows import add_message
 from cloud_bridge.models.store import ModelRecord
 from cloud_bridge.registry import Batch, Registry, TelemetryRow
+from cloud_bridge.registry.telemetry_stats import has_old_rows
 from cloud_bridge.rollout.policy import GroupStats, Thresholds, judge_window
 from cloud_bridge.rollout.stages import FleetDevice, split_groups
 from cloud_bridge.rollout.store import NewRollout, RolloutStore
@@ -138,7 +139,8 @@ async def check(url: str) -> None:
             for d in DEVICES
         ]  # fmt: skip
         await write(registry, statuses, "now")
-        windows = {d: device_windows(d, 0, 60) for d in DEVICES}
+        # d8 and d9 went silent before the upgrade: the last 250 s hold new rows only.
+        windows = {d: device_windows(d, 0, 35 if d in ("d8", "d9") else 60) for d in DEVICES}
         # Oldest first, as the releases followed each other: body only, then summaries, then columns.
         mixed = DEVICES[:8]
         await write(registry, [w for d in mixed for w in windows[d][:20]] + windows["d9"], "body")
@@ -159,10 +161,17 @@ async def check(url: str) -> None:
         rollout = await store.get(rid)
         assert rollout is not None
         # Watching began after the stage started (the canary's windows since then), and at the stage's start
-        # (the control reaches back past every kind of row).
-        for watch_from in (WATCH_FROM, STAGE_STARTED):
-            rollout = {**rollout, "watch_from": watch_from}
-            since = min(watch_from, STAGE_STARTED - WINDOW_S)
+        # (the control reaches back past every kind of row); and a range of new rows only (the SQL then
+        # reads the columns alone).
+        for watch_from, started, window_s in (
+            (WATCH_FROM, STAGE_STARTED, WINDOW_S),
+            (STAGE_STARTED, STAGE_STARTED, WINDOW_S),
+            (WATCH_FROM, WATCH_FROM, 0.0),
+        ):
+            rollout = {**rollout, "watch_from": watch_from, "stage_started_at": started, "window_s": window_s}
+            since = min(watch_from, started - window_s)
+            async with registry.engine.connect() as conn:
+                assert await has_old_rows(conn, since, FLEET) == (watch_from != WATCH_FROM or window_s > 0)
             before = split_groups(await store.telemetry(FLEET, since), rollout, {"d0", "d1", "d2"})
             now = await store.group_stats(rollout)
             assert before[0].windows > 0 and before[1].windows > 0
@@ -172,15 +181,20 @@ async def check(url: str) -> None:
                 decisions = [judge_window(*groups, t, window_elapsed=True) for groups in (now, before)]
                 assert decisions[0].verdict == decisions[1].verdict and decisions[0].reason == decisions[1].reason
 
-        listed = {d["device_id"]: d for d in await fleet_devices(registry, NOW + 1, 300.0)}
-        assert sorted(listed) == DEVICES
-        for d in DEVICES:
-            recent = [w for w in windows[d] if w.window_end >= NOW + 1 - 300.0]
-            span = sum(w.window_end - w.window_start for w in recent)
-            got = listed[d]
-            assert got["inputs_per_s"] == round(sum(w.count for w in recent) / span, 3)
-            assert got["escalations_per_s"] == round(sum(w.escalations.sent for w in recent) / span, 3)
-            assert got["outbox_depth"] == recent[-1].outbox.depth
+        # 300 s reach back to rows of the release before; 200 s hold new rows only (d8 and d9: none).
+        for recent_s in (300.0, 200.0):
+            listed = {d["device_id"]: d for d in await fleet_devices(registry, NOW + 1, recent_s)}
+            assert sorted(listed) == DEVICES
+            for d in DEVICES:
+                recent = [w for w in windows[d] if w.window_end >= NOW + 1 - recent_s]
+                got = listed[d]
+                if recent_s < 300 and d in ("d8", "d9"):
+                    assert (got["inputs_per_s"], got["outbox_depth"]) == (None, None)
+                    continue
+                span = sum(w.window_end - w.window_start for w in recent)
+                assert got["inputs_per_s"] == round(sum(w.count for w in recent) / span, 3)
+                assert got["escalations_per_s"] == round(sum(w.escalations.sent for w in recent) / span, 3)
+                assert got["outbox_depth"] == recent[-1].outbox.depth
     finally:
         await registry.close()
 

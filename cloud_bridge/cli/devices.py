@@ -1,10 +1,11 @@
 """`cloud-bridge devices`: the fleet as the registry sees it, one line per device.
 
 Online state, model and last-seen time come from the `devices` table; outbox depth and rates from
-the device's telemetry windows of the last `--recent` seconds. One SQL statement does the work: sums
-per device over the recent windows (from the covering index ix_telemetry_stats, never the rows'
-bodies), the latest window's depth by one index seek per device, joined to the devices. Measured
-at 10,000 devices (300,000 recent windows) in docs/scaling.md "Query times".
+the device's telemetry windows of the last `--recent` seconds. One SQL statement does the work (after
+one that asks whether the range holds rows stored before the summary columns): sums per device over
+the recent windows (from the covering index ix_telemetry_stats, never the rows' bodies:
+registry/telemetry_stats.py), the latest window's depth by one index seek per device, joined to the
+devices. Measured at 10,000 devices (300,000 recent windows) in docs/scaling.md "Query times".
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cloud_bridge.cli.common import Commands, add_config, command, open_registry
 from cloud_bridge.config import load_config
 from cloud_bridge.errors import UsageError
 from cloud_bridge.registry import Device, Registry
-from cloud_bridge.registry.telemetry_stats import TELEMETRY, stat
+from cloud_bridge.registry.telemetry_stats import TELEMETRY, has_old_rows, stat, windows
 
 
 def add_subparsers(sub: Commands) -> None:
@@ -65,55 +66,54 @@ async def fleet_devices(
 ) -> list[dict[str, Any]]:
     """Every device (of `fleet`; online or not) with its telemetry rates over the last `recent_s`."""
     d = cast(Table, Device.__table__)
-    t = TELEMETRY
-    # Sums per device in SQL over the recent windows, read from the covering index ix_telemetry_stats
-    # alone (rows stored before the summary columns: their JSON, telemetry_stats.stat).
-    totals = select(
-        t.c.fleet_id,
-        t.c.device_id,
-        func.sum(t.c.count).label("inputs"),
-        func.sum(stat("escalations_sent")).label("escalated"),
-        func.sum(t.c.window_end - t.c.window_start).label("span"),
-        func.max(t.c.window_end).label("last"),
-    ).where(t.c.window_end >= now - recent_s)
-    if fleet is not None:
-        totals = totals.where(t.c.fleet_id == fleet)
-    recent = totals.group_by(t.c.fleet_id, t.c.device_id).subquery()
-    # The latest window's outbox depth: one index seek per device (window_end, fleet_id, device_id
-    # lead the same index), not a sort of every recent window by device and time.
-    latest = t.alias("latest")
-    depth = (
-        select(stat("outbox_depth", latest))
-        .where(
-            latest.c.window_end == recent.c.last,
-            latest.c.fleet_id == recent.c.fleet_id,
-            latest.c.device_id == recent.c.device_id,
-        )
-        .limit(1)
-        .scalar_subquery()
-    )
-    query = (
-        select(
-            d.c.fleet_id,
-            d.c.device_id,
-            d.c.online,
-            d.c.last_seen,
-            d.c.model_name,
-            d.c.model_version,
-            recent.c.inputs,
-            recent.c.escalated,
-            recent.c.span,
-            depth.label("outbox_depth"),
-        )
-        .select_from(d)
-        .outerjoin(recent, and_(recent.c.fleet_id == d.c.fleet_id, recent.c.device_id == d.c.device_id))
-        .order_by(d.c.fleet_id, d.c.device_id)
-    )
-    if fleet is not None:
-        query = query.where(d.c.fleet_id == fleet)
-    if online is not None:
-        query = query.where(d.c.online.is_(online))
+    since = now - recent_s
     async with registry.engine.connect() as conn:
+        # Sums per device in SQL over the recent windows: from the covering index alone, unless the
+        # range still holds rows stored before the summary columns (telemetry_stats.windows).
+        w = windows(since, fleet, old_rows=await has_old_rows(conn, since, fleet))
+        totals = select(
+            w.c.fleet_id,
+            w.c.device_id,
+            func.sum(w.c.count).label("inputs"),
+            func.sum(w.c.escalations_sent).label("escalated"),
+            func.sum(w.c.window_end - w.c.window_start).label("span"),
+            func.max(w.c.window_end).label("last"),
+        )
+        recent = totals.group_by(w.c.fleet_id, w.c.device_id).subquery()
+        # The latest window's outbox depth: one index seek per device (window_end, fleet_id, device_id
+        # lead ix_telemetry_stats), not a sort of every recent window by device and time.
+        latest = TELEMETRY.alias("latest")
+        depth = (
+            select(stat("outbox_depth", latest))
+            .where(
+                latest.c.window_end == recent.c.last,
+                latest.c.fleet_id == recent.c.fleet_id,
+                latest.c.device_id == recent.c.device_id,
+            )
+            .limit(1)
+            .scalar_subquery()
+        )
+        query = (
+            select(
+                d.c.fleet_id,
+                d.c.device_id,
+                d.c.online,
+                d.c.last_seen,
+                d.c.model_name,
+                d.c.model_version,
+                recent.c.inputs,
+                recent.c.escalated,
+                recent.c.span,
+                depth.label("outbox_depth"),
+            )
+            .select_from(d)
+            .outerjoin(recent, and_(recent.c.fleet_id == d.c.fleet_id, recent.c.device_id == d.c.device_id))
+            .order_by(d.c.fleet_id, d.c.device_id)
+        )
+        if fleet is not None:
+            query = query.where(d.c.fleet_id == fleet)
+        if online is not None:
+            query = query.where(d.c.online.is_(online))
         result = await conn.execute(query)
         out: list[dict[str, Any]] = []
         for r in result:

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from cloud_bridge.errors import RolloutError
 from cloud_bridge.models.store import ModelRecord
 from cloud_bridge.registry import CommandAckRow, Device, Registry, RolloutDeviceRow, RolloutRow, TelemetryRow
-from cloud_bridge.registry.telemetry_stats import TELEMETRY, stat
+from cloud_bridge.registry.telemetry_stats import has_old_rows, windows
 from cloud_bridge.rollout.policy import GroupStats
 from cloud_bridge.rollout.stages import FleetDevice
 
@@ -285,35 +285,33 @@ class RolloutStore:
         Canary devices are the rollout's rows in state "done" (the driver refreshed them from their
         acks just before). The weighted means are sums of mean x count over sums of count, taken over
         the windows that have the mean, as policy.aggregate weighs them."""
-        t, d = TELEMETRY, self._devices
+        d = self._devices
         watch_from = float(rollout["watch_from"])
         control_from = float(rollout["stage_started_at"]) - float(rollout["window_s"])
-        target = and_(t.c.model_name == rollout["model_name"], t.c.model_version == rollout["model_version"])
-        canary_ids = select(d.c.device_id).where(d.c.rollout_id == rollout["id"], d.c.state == "done")
-        group = case(
-            (and_(t.c.window_end >= watch_from, target, t.c.device_id.in_(canary_ids)), _CANARY),
-            (and_(t.c.window_end >= control_from, not_(target)), _CONTROL),
-        ).label("grp")
-        n, confidence, latency = t.c.count, stat("confidence_mean"), stat("latency_p95_ms")
-        query = (
-            select(
+        since, fleet_id = min(watch_from, control_from), rollout["fleet_id"]
+        async with self._engine.connect() as conn:
+            w = windows(since, fleet_id, old_rows=await has_old_rows(conn, since, fleet_id))
+            target = and_(w.c.model_name == rollout["model_name"], w.c.model_version == rollout["model_version"])
+            canary_ids = select(d.c.device_id).where(d.c.rollout_id == rollout["id"], d.c.state == "done")
+            group = case(
+                (and_(w.c.window_end >= watch_from, target, w.c.device_id.in_(canary_ids)), _CANARY),
+                (and_(w.c.window_end >= control_from, not_(target)), _CONTROL),
+            ).label("grp")
+            n, confidence, latency = w.c.count, w.c.confidence_mean, w.c.latency_p95_ms
+            query = select(
                 group,
-                func.count(distinct(t.c.device_id)),
+                func.count(distinct(w.c.device_id)),
                 func.count(),
                 func.sum(n),
-                func.sum(stat("rejected")),
-                func.sum(stat("escalations_sent")),
-                func.sum(stat("escalations_answered")),
-                func.sum(stat("escalations_agreed")),
+                func.sum(w.c.rejected),
+                func.sum(w.c.escalations_sent),
+                func.sum(w.c.escalations_answered),
+                func.sum(w.c.escalations_agreed),
                 func.sum(confidence * n),
                 func.sum(case((confidence.is_not(None), n))),
                 func.sum(latency * n),
                 func.sum(case((latency.is_not(None), n))),
-            )
-            .where(t.c.fleet_id == rollout["fleet_id"], t.c.window_end >= min(watch_from, control_from))
-            .group_by(group)
-        )
-        async with self._engine.connect() as conn:
+            ).group_by(group)
             found = {r[0]: _group(r[1:]) for r in await conn.execute(query)}
         return found.get(_CANARY, GroupStats()), found.get(_CONTROL, GroupStats())
 
