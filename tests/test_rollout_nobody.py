@@ -5,6 +5,7 @@ registry knows no device of the fleet."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from sqlalchemy import insert
 
 from cloud_bridge.config import RolloutConfig
 from cloud_bridge.models.store import ModelRecord
+from cloud_bridge.ota.commands import Action
 from cloud_bridge.registry import Device, Registry
 from cloud_bridge.rollout.driver import RolloutDriver
 from cloud_bridge.rollout.store import NewRollout, RolloutStore
@@ -26,20 +28,21 @@ class Sender:
     def __init__(self) -> None:
         self.updates: list[str] = []
 
-    async def send_update(
+    async def build_many(
         self,
         fleet_id: str,
-        device_id: str,
-        record: ModelRecord,
+        action: Action,
+        devices: Sequence[tuple[str, str | None]],
+        record: ModelRecord | None = None,
         *,
         rollout_id: str | None = None,
         stage: int | None = None,
-    ) -> Command:
-        self.updates.append(device_id)
-        raise AssertionError(f"no device should be updated, got {device_id}")
+    ) -> list[Command]:
+        self.updates.extend(device for device, _ in devices)
+        raise AssertionError(f"no command expected, got {action} for {devices}")
 
-    async def send_rollback(self, fleet_id: str, device_id: str, *, rollout_id: str | None = None) -> Command:
-        raise AssertionError("no rollback expected")
+    async def send_all(self, commands: Sequence[Command]) -> tuple[list[Command], Exception | None]:
+        raise AssertionError("no command expected")
 
 
 class Models:

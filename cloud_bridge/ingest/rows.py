@@ -112,6 +112,21 @@ def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
         "count": m.count,
         "body": body,
         "summary": telemetry_summary(body),
+        **telemetry_columns(m),
+    }
+
+
+def telemetry_columns(m: Telemetry) -> dict[str, object]:
+    """The numbers of a window that fleet-wide queries sum in SQL (TelemetryRow's summary columns)."""
+    latency = m.edge_latency_ms or m.latency_ms  # the device's own speed where it sends it (own_latency)
+    return {
+        "rejected": m.rejected,
+        "escalations_sent": m.escalations.sent,
+        "escalations_answered": m.escalations.answered,
+        "escalations_agreed": m.escalations.agreed,
+        "confidence_mean": None if m.confidence is None else m.confidence.mean,
+        "latency_p95_ms": None if latency is None else latency.p95,
+        "outbox_depth": m.outbox.depth,
     }
 
 

@@ -9,6 +9,7 @@ registry *before* it is published, so an ack (stored by ingestion in `command_ac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import insert, select
 
 from cloud_bridge.models.store import ModelRecord, ModelStore
-from cloud_bridge.ota.deltas import DeltaArtifact, DeltaStore, delta_for_device
+from cloud_bridge.ota.deltas import DeltaArtifact, DeltaStore, delta_for_device, delta_from
 from cloud_bridge.registry import CommandAckRow, CommandRow, Registry
 from schemas.codec import encode
 from schemas.messages import Command, ModelDelta, ModelUpdate
@@ -126,6 +127,71 @@ class CommandSender:
             )
             return None
 
+    async def _delta_from(self, current: str | None, record: ModelRecord) -> DeltaArtifact | None:
+        if self._registry is None or self._models is None or self._deltas is None:
+            return None
+        try:
+            return await delta_from(self._deltas, self._models, current, record)
+        except (OSError, ValueError, MemoryError) as exc:  # bsdiff4 raises ValueError on bad input
+            base = "?" if current is None else current[:12]
+            log.error("no delta from %s to %s: %s; sending the whole model", base, record.sha256[:12], exc)
+            return None
+
+    async def build_many(
+        self,
+        fleet_id: str,
+        action: Action,
+        devices: Sequence[tuple[str, str | None]],
+        record: ModelRecord | None = None,
+        *,
+        rollout_id: str | None = None,
+        stage: int | None = None,
+    ) -> list[Command]:
+        """Signed commands (not sent) of one action for many (device_id, sha256 of the model it runs)
+        pairs: `record` is the model of a model_update or shadow_start; an update offers each device
+        the patch from the model it runs (one lookup per distinct model, not per device)."""
+        if action in ("model_update", "shadow_start") and record is None:
+            raise ValueError(f"{action} needs the model record")
+        # An update per distinct model the devices run (its patch differs); a shadow is a whole download.
+        updates: dict[str | None, ModelUpdate] = {}
+        commands: list[Command] = []
+        for device_id, current in devices:
+            update: ModelUpdate | None = None
+            if record is not None and action in ("model_update", "shadow_start"):
+                base = current if action == "model_update" else None
+                update = updates.get(base)
+                if update is None:
+                    delta = await self._delta_from(base, record) if base is not None else None
+                    update = updates[base] = self.model_update(fleet_id, record, delta)
+            commands.append(self.build(fleet_id, device_id, action, update=update, rollout_id=rollout_id, stage=stage))
+        return commands
+
+    async def send_all(
+        self, commands: Sequence[Command], in_flight: int = 64
+    ) -> tuple[list[Command], Exception | None]:
+        """Record every command in one statement, then publish them `in_flight` at a time (a rollout
+        stage at 10,000 devices was 10,000 transactions and round trips one after another). Stops after
+        the first group with a failure; returns the commands published and that failure (None: all
+        were), so the caller records what went out and retries the rest."""
+        if self._registry is not None and commands:
+            await record_commands(self._registry, commands)
+        published: list[Command] = []
+        for start in range(0, len(commands), in_flight):
+            group = commands[start : start + in_flight]
+            outcomes = await asyncio.gather(*(self._publish_command(c) for c in group), return_exceptions=True)
+            failure: Exception | None = None
+            for command, outcome in zip(group, outcomes, strict=True):
+                if outcome is None:
+                    published.append(command)
+                elif isinstance(outcome, Exception):
+                    failure = failure or outcome
+                else:  # CancelledError, KeyboardInterrupt: not a publish failure
+                    raise outcome
+            self.sent += sum(o is None for o in outcomes)
+            if failure is not None:
+                return published, failure
+        return published, None
+
     async def send_update(
         self,
         fleet_id: str,
@@ -173,30 +239,41 @@ class CommandSender:
         """Record (if a registry is set), then publish QoS 1, not retained, expiring with the command."""
         if self._registry is not None:
             await record_command(self._registry, command)
+        await self._publish_command(command)
+        self.sent += 1
+
+    async def _publish_command(self, command: Command) -> None:
         topic = self.topics.device(command.fleet_id, command.device_id, Channel.CMD)
         expiry = max(1, math.ceil(command.expires_at - time.time()))
         await self._publish(topic, encode(command), 1, expiry)
-        self.sent += 1
 
 
 async def record_command(registry: Registry, command: Command) -> None:
-    model = command.update.model if command.update is not None else None
-    async with registry.engine.begin() as conn:
-        await conn.execute(
-            insert(CommandRow).values(
-                cmd_id=command.cmd_id,
-                fleet_id=command.fleet_id,
-                device_id=command.device_id,
-                action=command.action,
-                model_name=model.name if model else None,
-                model_version=model.version if model else None,
-                model_sha256=model.sha256 if model else None,
-                rollout_id=command.rollout_id,
-                stage=command.stage,
-                sent_at=command.issued_at,
-                expires_at=command.expires_at,
-            )
+    await record_commands(registry, [command])
+
+
+async def record_commands(registry: Registry, commands: Sequence[Command]) -> None:
+    """The `commands` rows of `commands`, in one statement."""
+    rows = []
+    for command in commands:
+        model = command.update.model if command.update is not None else None
+        rows.append(
+            {
+                "cmd_id": command.cmd_id,
+                "fleet_id": command.fleet_id,
+                "device_id": command.device_id,
+                "action": command.action,
+                "model_name": model.name if model else None,
+                "model_version": model.version if model else None,
+                "model_sha256": model.sha256 if model else None,
+                "rollout_id": command.rollout_id,
+                "stage": command.stage,
+                "sent_at": command.issued_at,
+                "expires_at": command.expires_at,
+            }
         )
+    async with registry.engine.begin() as conn:
+        await conn.execute(insert(CommandRow), rows)
 
 
 @dataclass(frozen=True)

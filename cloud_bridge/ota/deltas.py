@@ -117,7 +117,13 @@ async def delta_for_device(
 ) -> DeltaArtifact | None:
     """The patch to offer a device for `target`: from the model the registry says it runs, if the
     store has that model and the patch is worth it."""
-    current = await registry.device_model(fleet_id, device_id)
+    return await delta_from(deltas, models, await registry.device_model(fleet_id, device_id), target)
+
+
+async def delta_from(
+    deltas: DeltaStore, models: ModelStore, current: str | None, target: ModelRecord
+) -> DeltaArtifact | None:
+    """The patch to offer a device running the model of sha256 `current` (None: unknown) for `target`."""
     if current is None or current == target.sha256:
         return None
     base = await models.get_by_sha(current)

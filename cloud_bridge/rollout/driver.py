@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from cloud_bridge.config import RolloutConfig
 from cloud_bridge.errors import MqttError
 from cloud_bridge.models.store import ModelRecord
-from cloud_bridge.ota.commands import command_states
+from cloud_bridge.ota.commands import Action
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.policy import (
     INSTALL_FAILED,
@@ -53,43 +53,17 @@ from cloud_bridge.rollout.policy import (
 from cloud_bridge.rollout.records import STATE_CODES as STATE_CODES  # re-exported
 from cloud_bridge.rollout.records import STATES as STATES  # re-exported
 from cloud_bridge.rollout.records import eval_record, rollout_line, stage_tag
+from cloud_bridge.rollout.sending import Sender, few, send_commands
 from cloud_bridge.rollout.shadow import ShadowStage
-from cloud_bridge.rollout.stages import FleetDevice, is_shadow, select_stage, split_groups
+from cloud_bridge.rollout.stages import FleetDevice, is_shadow, select_stage
 from cloud_bridge.rollout.store import RolloutStore
 from cloud_bridge.tsdb import TsdbWriter
-from schemas.messages import Command
 
 log = logging.getLogger(__name__)
 
 # Device row states after which the device may run (or soon run) the new model: rollback targets.
 _MAY_RUN_NEW = frozenset({"sent", "received", "downloading", "verifying", "installing", "installed", "done"})
 _TERMINAL = INSTALL_OK | INSTALL_FAILED | {"cancelled"}
-
-
-class Sender(Protocol):
-    """What the driver needs of cloud_bridge.ota.commands.CommandSender."""
-
-    async def send_update(
-        self,
-        fleet_id: str,
-        device_id: str,
-        record: ModelRecord,
-        *,
-        rollout_id: str | None = None,
-        stage: int | None = None,
-    ) -> Command: ...
-
-    async def send_rollback(self, fleet_id: str, device_id: str, *, rollout_id: str | None = None) -> Command: ...
-
-    async def send_shadow(
-        self,
-        fleet_id: str,
-        device_id: str,
-        record: ModelRecord | None,
-        *,
-        rollout_id: str | None = None,
-        stage: int | None = None,
-    ) -> Command: ...
 
 
 class ModelLookup(Protocol):
@@ -224,16 +198,17 @@ class RolloutDriver:
             return
         if picked:
             await self.store.add_devices(rid, fleet_id, stage, picked)
-            log.info("rollout %s stage %d%% selected devices=%s", rid, pct, ",".join(d.device_id for d in picked))
+            log.info("rollout %s stage %d%% selected devices=%s", rid, pct, few(d.device_id for d in picked))
             devices = await self.store.devices(rid)
-        for row in devices:
-            if row["state"] == "selected":
-                record = await self._models.get(rollout["model_name"], rollout["model_version"])
-                command = await self._sender.send_update(
-                    fleet_id, row["device_id"], record, rollout_id=rid, stage=stage
-                )
-                await self.store.update_device(rid, row["device_id"], cmd_id=command.cmd_id, state="sent")
-                row.update(cmd_id=command.cmd_id, state="sent")
+        selected = [row for row in devices if row["state"] == "selected"]
+        if selected:
+            record = await self._models.get(rollout["model_name"], rollout["model_version"])
+            running = {d.device_id: d.model_sha256 for d in fleet}  # each gets the patch from its model
+            targets = [(row["device_id"], running.get(row["device_id"])) for row in selected]
+            commands = await self._sender.build_many(
+                fleet_id, "model_update", targets, record, rollout_id=rid, stage=stage
+            )
+            await send_commands(self.store, self._sender, rid, selected, commands, "cmd_id", state="sent")
         await self.refresh(rid, devices)
         now = self._clock()
         stage_rows = [d for d in devices if d["stage"] == stage]
@@ -252,11 +227,14 @@ class RolloutDriver:
     async def expire(self, rollout: dict[str, Any], stage_rows: list[dict[str, Any]], now: float) -> None:
         """Rows of the stage without a final ack within install_timeout_s become "timeout"."""
         if now - rollout["stage_started_at"] > self._config.install_timeout_s:
-            for row in stage_rows:
-                if row["state"] not in _TERMINAL:
-                    reason = f"no final ack within install_timeout_s={self._config.install_timeout_s:g}"
-                    await self.store.update_device(rollout["id"], row["device_id"], state="timeout", reason=reason)
-                    row["state"] = "timeout"
+            change = {
+                "state": "timeout",
+                "reason": f"no final ack within install_timeout_s={self._config.install_timeout_s:g}",
+            }
+            late = [row for row in stage_rows if row["state"] not in _TERMINAL]
+            await self.store.update_devices(rollout["id"], [(row["device_id"], change) for row in late])
+            for row in late:
+                row.update(change)
 
     async def nobody(self, rollout: dict[str, Any], fleet: list[FleetDevice]) -> None:
         """No device was ever picked and none can be now: end the rollout with the reason, rather than
@@ -287,25 +265,25 @@ class RolloutDriver:
             self.emit({**rollout, **values}, 0, None, None, now)
 
     async def refresh(self, rollout_id: str, devices: list[dict[str, Any]]) -> None:
-        """Copy each device's latest ack state for its update command into its row."""
-        waiting = {d["cmd_id"]: d for d in devices if d["cmd_id"] is not None and d["state"] not in _TERMINAL}
+        """Copy each device's latest ack state for its update command into its row (one read, one write)."""
+        waiting = {d["device_id"]: d for d in devices if d["cmd_id"] is not None and d["state"] not in _TERMINAL}
         if not waiting:
             return
-        for state in await command_states(self.store.registry, cmd_ids=list(waiting)):
-            row = waiting[state.cmd_id]
-            if state.state is not None and state.state != row["state"]:
-                await self.store.update_device(rollout_id, row["device_id"], state=state.state, reason=state.reason)
-                row.update(state=state.state, reason=state.reason)
+        changes: list[tuple[str, dict[str, Any]]] = []
+        for device_id, (state, reason) in (await self.store.latest_acks(rollout_id, _TERMINAL)).items():
+            row = waiting.get(device_id)
+            if row is not None and state != row["state"]:
+                changes.append((device_id, {"state": state, "reason": reason}))
+                row.update(state=state, reason=reason)
+        await self.store.update_devices(rollout_id, changes)
 
     # -- watching --
     async def _watch(self, rollout: dict[str, Any], t: Thresholds) -> None:
         devices = await self.store.devices(rollout["id"])
         await self.refresh(rollout["id"], devices)
         now = self._clock()
-        canary_ids = {d["device_id"] for d in devices if d["state"] == "done"}
-        since = min(float(rollout["watch_from"]), float(rollout["stage_started_at"]) - float(rollout["window_s"]))
-        rows = await self.store.telemetry(rollout["fleet_id"], since)
-        canary, control = split_groups(rows, rollout, canary_ids)
+        # Canary: the rollout's devices in state "done", as refresh() just wrote them.
+        canary, control = await self.store.group_stats(rollout)
         elapsed = now >= float(rollout["watch_from"]) + float(rollout["window_s"])
         decision = judge_window(canary, control, t, window_elapsed=elapsed)
         if decision.verdict == "rollback":
@@ -424,20 +402,19 @@ class RolloutDriver:
         if self._sender is None:
             log.error("rollout %s cannot send rollback commands: set [ota] signing_key", rid)
             return
-        sent = 0
-        for row in await self.store.devices(rid):
-            if row["rollback_cmd_id"] is not None:
-                continue
-            if row["state"] == "selected":
-                await self.store.update_device(rid, row["device_id"], state="cancelled")
-            elif row["state"] in _MAY_RUN_NEW and is_shadow(rollout["stages"][row["stage"]]):
-                # A shadow never replaced the active model: stopping it is the whole way back.
-                command = await self._sender.send_shadow(fleet_id, row["device_id"], None, rollout_id=rid)
-                await self.store.update_device(rid, row["device_id"], rollback_cmd_id=command.cmd_id)
-                sent += 1
-            elif row["state"] in _MAY_RUN_NEW:
-                command = await self._sender.send_rollback(fleet_id, row["device_id"], rollout_id=rid)
-                await self.store.update_device(rid, row["device_id"], rollback_cmd_id=command.cmd_id)
-                sent += 1
+        rows = [row for row in await self.store.devices(rid) if row["rollback_cmd_id"] is None]
+        await self.store.update_devices(
+            rid, [(r["device_id"], {"state": "cancelled"}) for r in rows if r["state"] == "selected"]
+        )
+        back = [row for row in rows if row["state"] in _MAY_RUN_NEW]
+        # A shadow never replaced the active model: stopping it is the whole way back.
+        stop = [row for row in back if is_shadow(rollout["stages"][row["stage"]])]
+        rest = [row for row in back if not is_shadow(rollout["stages"][row["stage"]])]
+        actions: tuple[tuple[Action, list[dict[str, Any]]], ...] = (("shadow_stop", stop), ("rollback", rest))
+        for action, group in actions:
+            if group:
+                targets = [(row["device_id"], None) for row in group]
+                commands = await self._sender.build_many(fleet_id, action, targets, rollout_id=rid)
+                await send_commands(self.store, self._sender, rid, group, commands, "rollback_cmd_id")
         await self.store.update(rid, self.owner, expect_state=None, rollback_pending=False)
-        log.info("rollout %s rollback commands sent=%d", rid, sent)
+        log.info("rollout %s rollback commands sent=%d", rid, len(back))

@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from cloud_bridge.rollout.policy import Decision, GroupStats, Thresholds, aggregate, install_outcome, judge_install
+from cloud_bridge.rollout.sending import few, send_commands
 from cloud_bridge.rollout.shadow_policy import aggregate_shadow, judge_shadow
 from cloud_bridge.rollout.stages import select_stage, stage_pct
 
@@ -49,14 +50,14 @@ class ShadowStage:
             return
         if picked:
             await d.store.add_devices(rid, fleet_id, stage, picked)
-            log.info("rollout %s shadow %d%% selected devices=%s", rid, pct, ",".join(p.device_id for p in picked))
+            log.info("rollout %s shadow %d%% selected devices=%s", rid, pct, few(p.device_id for p in picked))
             devices = await d.store.devices(rid)
-        record = await d.models.get(rollout["model_name"], rollout["model_version"])
-        for row in devices:
-            if row["state"] == "selected":
-                command = await sender.send_shadow(fleet_id, row["device_id"], record, rollout_id=rid, stage=stage)
-                await d.store.update_device(rid, row["device_id"], cmd_id=command.cmd_id, state="sent")
-                row.update(cmd_id=command.cmd_id, state="sent")
+        selected = [row for row in devices if row["state"] == "selected"]
+        if selected:
+            record = await d.models.get(rollout["model_name"], rollout["model_version"])
+            targets = [(row["device_id"], None) for row in selected]
+            commands = await sender.build_many(fleet_id, "shadow_start", targets, record, rollout_id=rid, stage=stage)
+            await send_commands(d.store, sender, rid, selected, commands, "cmd_id", state="sent")
         await d.refresh(rid, devices)
         now = d.clock()
         await d.expire(rollout, devices, now)
@@ -95,10 +96,11 @@ class ShadowStage:
         sender = d.sender
         assert sender is not None
         rid, stages, stage = rollout["id"], rollout["stages"], rollout["stage"]
-        for row in devices:
-            if row["cmd_id"] is not None and row["rollback_cmd_id"] is None:
-                command = await sender.send_shadow(rollout["fleet_id"], row["device_id"], None, rollout_id=rid)
-                await d.store.update_device(rid, row["device_id"], rollback_cmd_id=command.cmd_id)
+        running = [row for row in devices if row["cmd_id"] is not None and row["rollback_cmd_id"] is None]
+        if running:
+            targets = [(row["device_id"], None) for row in running]
+            commands = await sender.build_many(rollout["fleet_id"], "shadow_stop", targets, rollout_id=rid)
+            await send_commands(d.store, sender, rid, running, commands, "rollback_cmd_id")
         evaluation = d.evaluation(decision, now, metrics)
         if stage + 1 < len(stages):
             log.info("rollout %s %s: next stage %d%%", rid, decision.reason, stages[stage + 1])
