@@ -19,7 +19,7 @@ import orjson
 
 from cloud_bridge.drift.windows import Floats, Pool, WindowStats
 
-_SCORE_LIMIT = 1e12  # alerts carry finite numbers only (JSON has no infinity)
+SCORE_LIMIT = 1e12  # alerts carry finite numbers only (JSON has no infinity)
 # About 2 KB each with 64 pooled features: ~40 MB for the recent windows of a few thousand devices.
 _CODEC_CACHE = 20_000
 
@@ -191,4 +191,4 @@ def finite(value: float) -> float:
     """A score as JSON can carry it: NaN as 0, infinities clamped."""
     if math.isnan(value):
         return 0.0
-    return max(-_SCORE_LIMIT, min(_SCORE_LIMIT, value))
+    return max(-SCORE_LIMIT, min(SCORE_LIMIT, value))
