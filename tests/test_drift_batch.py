@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from cloud_bridge.drift.batch import Job, WindowCache, score_batch
+from cloud_bridge.drift.batch import Job, Scored, WindowCache, score_batch
 from cloud_bridge.drift.scoring import DriftSettings, complete_baseline, reference_baseline, score_all
 from cloud_bridge.drift.store import DriftStore
 from cloud_bridge.drift.windows import WindowStats, pool
@@ -58,16 +59,59 @@ def test_batched_scores_equal_the_per_window_scores(seed: int) -> None:
     cache = WindowCache()
     for _ in range(2):  # the second pass reads every window from the cache
         batched = score_batch(SETTINGS, jobs, cache)
+        assert_scores_equal(batched, jobs)
         for job, got in zip(jobs, batched, strict=True):
             recent = pool(job.windows)
-            want = score_all(SETTINGS, job.baseline, recent)
-            assert [s.kind for s in got.scores] == [s.kind for s in want]
-            for g, w in zip(got.scores, want, strict=True):
-                assert (g.high, g.low) == (w.high, w.low)
-                assert math.isclose(g.score, w.score, rel_tol=1e-9, abs_tol=1e-12), (g.kind, g.score, w.score)
             assert (got.window_start, got.window_end) == (recent.window_start, recent.window_end)
     kinds = {s.kind for r in score_batch(SETTINGS, jobs, cache) for s in r.scores}
     assert kinds == {"prediction_drift", "confidence_drift", "feature_drift", "latency"}
+
+
+def assert_scores_equal(got: list[Scored], jobs: list[Job]) -> None:
+    for job, result in zip(jobs, got, strict=True):
+        recent = pool(job.windows)
+        want = score_all(SETTINGS, job.baseline, recent)
+        assert [s.kind for s in result.scores] == [s.kind for s in want]
+        for g, w in zip(result.scores, want, strict=True):
+            assert (g.high, g.low) == (w.high, w.low)
+            assert math.isclose(g.score, w.score, rel_tol=1e-9, abs_tol=1e-12), (g.kind, g.score, w.score)
+
+
+def test_a_small_cache_evicts_forgets_and_compacts_without_mixing_windows_up() -> None:
+    """Devices' pools move on a window per batch, as at the bridge: rows are reused after `forget`
+    and eviction, and label runs are compacted when their array fills; every batch must still read
+    its own windows' numbers."""
+    rng = np.random.default_rng(11)
+    cache = WindowCache(capacity=200)
+    jobs = jobs_of(4)
+    runs = cache.label_runs
+    moved = False
+    for t in range(40):  # ~200 label pairs a batch: the 4,096-pair array fills and is compacted
+        pools = []
+        for d, job in enumerate(jobs):
+            new = window(rng, 200.0 + 10 * t, dims=[0, 8, 16][d % 3], labels=3 + d % 5)
+            pools.append(Job(job.baseline, [*job.windows[-5:], new]))
+            cache.forget(job.windows[:-5])
+        jobs = pools
+        assert_scores_equal(score_batch(SETTINGS, jobs, cache), jobs)
+        moved = moved or cache.label_runs is not runs
+    assert moved, "the label runs were never compacted: the test does not test that"
+    assert len(cache.windows) <= 200 + sum(len(job.windows) for job in jobs)
+
+
+def test_a_vocabulary_of_many_labels_scores_the_same() -> None:
+    """Thousands of labels (many models): only the labels a batch uses get a PSI column."""
+    rng = np.random.default_rng(5)
+    jobs = []
+    for d in range(30):
+        labels = [f"m{d}-class-{i}" for i in range(200)]
+        first = []
+        for i in range(11):
+            w = window(rng, 10.0 * i, dims=0)
+            counts = rng.multinomial(w.count, np.ones(len(labels)) / len(labels))
+            first.append(replace(w, classes={lb: int(n) for lb, n in zip(labels, counts, strict=True) if n}))
+        jobs.append(Job(complete_baseline(None, first[:10]), first[4:]))
+    assert_scores_equal(score_batch(SETTINGS, jobs, WindowCache()), jobs)
 
 
 def telemetry_row(device: str, index: int, w: WindowStats) -> dict[str, Any]:

@@ -136,41 +136,22 @@ class _Gathered:
 
 
 def _gather(cache: WindowCache, jobs: Sequence[Job]) -> _Gathered:
-    windows = cache.windows
-    baselines = cache.baselines
-    rows: list[int] = []
-    labels: list[np.ndarray] = []
-    lens: list[int] = []
-    base_rows: list[int] = []
-    mixes: list[np.ndarray] = []
-    try:
-        for job in jobs:
-            b = baselines.get(id(job.baseline)) or cache.baseline(job.baseline)
-            base_rows.append(b[1])
-            mixes.append(b[2])
-            ws = job.windows
-            lens.append(len(ws))
-            for w in ws:
-                e = windows.get(id(w)) or cache.window(w)
-                rows.append(e[1])
-                labels.append(e[2])
-    except (ValueError, TypeError, ArithmeticError):
-        cache.discard()
-        raise
-    cache.flush()
+    rows, base_rows, mixes = cache.rows(jobs)
     m = len(jobs)
-    n = np.array(lens, dtype=np.intp)
+    n = np.fromiter((len(job.windows) for job in jobs), dtype=np.intp, count=m)
     if not n.all():
         raise ValueError("a drift job needs at least one window")
     ends = np.cumsum(n)
+    index = np.array(rows, dtype=np.intp)
+    label_col, label_count = cache.label_pairs(index)
     return _Gathered(
         m=m,
         lens=n,
         offsets=ends - n,
         job_of=np.repeat(np.arange(m), n),
-        w=cache.window_rows.data[rows],
+        w=cache.window_rows.data[index],
         b=cache.base_rows.data[base_rows],
-        labels=np.concatenate(labels, axis=1),
+        labels=np.array((label_col, label_count)),
         mix=np.concatenate(mixes, axis=1),
     )
 

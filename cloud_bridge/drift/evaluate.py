@@ -50,46 +50,50 @@ def step_scores(
     """Advance every job's kinds by its scores; append a drift line per score; the transitions."""
     values = scores.values
     with np.errstate(invalid="ignore"):  # NaN compares false, as in step_at
-        over = (values > scores.high).tolist()
-        under = (values < scores.low).tolist()
+        over = (values > scores.high).ravel().tolist()
+        under = (values < scores.low).ravel().tolist()
     shown = np.clip(np.nan_to_num(values, nan=0.0, posinf=SCORE_LIMIT, neginf=-SCORE_LIMIT), -SCORE_LIMIT, SCORE_LIMIT)
-    present = scores.present.tolist()
-    raw, finite_scores = values.tolist(), shown.tolist()
-    high, low = scores.high.tolist(), scores.low.tolist()
+    # Flat lists (job i, kind k at i * 4 + k): a list per job would be thousands of objects per
+    # batch for the garbage collector to count and visit.
+    present = scores.present.ravel().tolist()
+    raw, finite_scores = values.ravel().tolist(), shown.ravel().tolist()
+    high, low = scores.high.ravel().tolist(), scores.low.ravel().tolist()
     starts, ends = scores.window_start.tolist(), scores.window_end.tolist()
-    stamps = [round(end * 1000) for end in ends]
     fire_after, resolve_after, cooldown = settings.fire_after, settings.resolve_after, settings.cooldown_s
     out: list[Stepped] = []
     add_line = lines.append
+    width = len(KINDS)
     for i, (key, st, job) in enumerate(items):
         head, tail = _tags(key, st)
-        end, stamp = ends[i], stamps[i]
-        has, shown_i = present[i], finite_scores[i]
+        end = ends[i]
+        stamp = round(end * 1000)
+        base = i * width
         for k, kind, metric in _COLUMNS:
-            if not has[k]:
+            at = base + k
+            if not present[at]:
                 continue
             ks = st.kinds.get(kind) or kind_state(st, kind)
-            ks.score = score = shown_i[k]
+            ks.score = score = finite_scores[at]
             ks.window_end = end
             if not ks.firing:
-                ks.above = ks.above + 1 if over[i][k] else 0
+                ks.above = ks.above + 1 if over[at] else 0
                 if ks.above >= fire_after and end >= ks.cooldown_until:
                     ks.firing, ks.above, ks.below = True, 0, 0
                     ks.episode += 1
                     ks.fired_at = end
-                    sc = Score(kind, raw[i][k], high[i][k], low[i][k], "")
+                    sc = Score(kind, raw[at], high[at], low[at], "")
                     out.append((key, job, Transition(kind, "firing", ks.episode, sc, starts[i], end)))
             else:
-                ks.below = ks.below + 1 if under[i][k] else 0
+                ks.below = ks.below + 1 if under[at] else 0
                 if ks.below >= resolve_after:
                     ks.firing, ks.above, ks.below = False, 0, 0
                     ks.cooldown_until = end + cooldown
-                    sc = Score(kind, raw[i][k], high[i][k], low[i][k], "")
+                    sc = Score(kind, raw[at], high[at], low[at], "")
                     out.append((key, job, Transition(kind, "resolved", ks.episode, sc, ks.fired_at, end)))
             if ks.firing:
-                add_line(f"drift{head}{metric}{tail} score={score!r},threshold={low[i][k]!r},firing=1i {stamp}")
+                add_line(f"drift{head}{metric}{tail} score={score!r},threshold={low[at]!r},firing=1i {stamp}")
             else:
-                add_line(f"drift{head}{metric}{tail} score={score!r},threshold={high[i][k]!r},firing=0i {stamp}")
+                add_line(f"drift{head}{metric}{tail} score={score!r},threshold={high[at]!r},firing=0i {stamp}")
     return out
 
 

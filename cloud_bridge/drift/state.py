@@ -226,6 +226,7 @@ class StateRows:
         light: list[tuple[Any, ...]] = []  # kinds, last window end, token, now, key
         full: list[dict[str, Any]] = []
         token = random.getrandbits
+        sqlite = conn.dialect.name == "sqlite"
         for key, st in evaluated.items():
             kept = st.windows
             if st.added:
@@ -241,10 +242,11 @@ class StateRows:
             if _baseline_text(st) or st.rewrite:
                 full.append(_state_values(key, st, now))
             else:
-                light.append((st.kinds, st.last_window_end, st.token, now, *key))
-        if conn.dialect.name == "sqlite":
-            # KindState is a dataclass: orjson writes its fields as an object, in declaration order.
-            sqlite_rows.save(conn, windows, dropped, [(orjson.dumps(v[0]).decode(), *v[1:]) for v in light])
+                # KindState is a dataclass: orjson writes its fields as an object, in declaration order.
+                kinds = orjson.dumps(st.kinds).decode() if sqlite else st.kinds
+                light.append((kinds, st.last_window_end, st.token, now, *key))
+        if sqlite:
+            sqlite_rows.save(conn, windows, dropped, light)
         else:
             self._save_generic(conn, windows, dropped, light)
         if full:

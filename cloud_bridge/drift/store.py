@@ -272,7 +272,9 @@ class DriftRun:
             if baseline is not None:
                 job = Job(baseline, windows[-s.recent_windows :])
         if st.baseline is not None and st.baseline.stats is not None and len(windows) > s.recent_windows:
-            del windows[: len(windows) - s.recent_windows]
+            gone = len(windows) - s.recent_windows
+            self.store.window_cache.forget(windows[:gone])
+            del windows[:gone]
             st.dropped = True
         return job
 

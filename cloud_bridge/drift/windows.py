@@ -26,7 +26,7 @@ def own_latency(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return lat if isinstance(lat, Mapping) else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: one object fewer per window for the GC to visit
 class WindowStats:
     window_start: float
     window_end: float
