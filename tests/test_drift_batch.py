@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 
 from cloud_bridge.drift.batch import Job, Scored, WindowCache, score_batch
 from cloud_bridge.drift.scoring import DriftSettings, complete_baseline, reference_baseline, score_all
 from cloud_bridge.drift.store import DriftStore
 from cloud_bridge.drift.windows import WindowStats, pool
 from cloud_bridge.registry import Batch, DriftEpisodeRow, DriftStateRow, DriftWindowRow, Registry, TelemetryRow
+from devservers.postgres import create_database
 
 SETTINGS = DriftSettings()
 
@@ -140,11 +142,12 @@ def telemetry_row(device: str, index: int, w: WindowStats) -> dict[str, Any]:
     }
 
 
-async def run_store(path: Path, batched: bool, batches: list[list[dict[str, Any]]], bridges: int = 1) -> dict[str, Any]:
+async def run_store(url: str, batched: bool, batches: list[list[dict[str, Any]]], bridges: int = 1) -> dict[str, Any]:
     """Drift over `batches`; with 2 `bridges`, two stores (each with its own cache) take turns."""
-    registry = Registry(f"sqlite+aiosqlite:///{path}")
+    registry = Registry(url)
     await registry.create()
-    stores = [DriftStore(SETTINGS, "sqlite", {}, batched=batched) for _ in range(bridges)]
+    dialect = registry.engine.dialect.name
+    stores = [DriftStore(SETTINGS, dialect, {}, batched=batched) for _ in range(bridges)]
     lines: list[str] = []
     try:
         for n, rows in enumerate(batches):
@@ -183,7 +186,21 @@ def assert_same_lines(got: list[str], want: list[str]) -> None:
         assert math.isclose(float(g_score), float(w_score), rel_tol=1e-9, abs_tol=1e-12), (g, w)
 
 
-async def test_the_bridge_path_alerts_the_same_batched_or_per_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_the_bridge_path_alerts_the_same_batched_or_per_window(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    if database == "postgresql":
+        port = make_url(request.getfixturevalue("postgres_url")).port
+        assert port is not None
+
+        def url_for(name: str) -> str:
+            return create_database(port, name)
+    else:
+
+        def url_for(name: str) -> str:
+            return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+
     rng = np.random.default_rng(7)
     devices = [f"dev-{d}" for d in range(12)]
     streams = {
@@ -196,13 +213,13 @@ async def test_the_bridge_path_alerts_the_same_batched_or_per_window(tmp_path: P
         rows = [telemetry_row(d, j, streams[d][j]) for d in devices for j in (i, i + 1)]
         order.shuffle(rows)
         batches.append(rows)
-    per_window = await run_store(tmp_path / "a.db", False, batches)
-    batched = await run_store(tmp_path / "b.db", True, batches)
+    per_window = await run_store(url_for("a"), False, batches)
+    batched = await run_store(url_for("b"), True, batches)
     want_lines = per_window.pop("lines")
     assert_same_lines(batched.pop("lines"), want_lines)
     assert batched == per_window
     # Two bridges taking turns read each other's state from the rows (their caches miss).
-    two = await run_store(tmp_path / "c.db", True, batches, bridges=2)
+    two = await run_store(url_for("c"), True, batches, bridges=2)
     assert_same_lines(two.pop("lines"), want_lines)
     assert two == per_window
     assert any(state == "firing" for _, _, _, state in batched["episodes"])

@@ -12,7 +12,7 @@ statements for all such keys together.
 Windows are rows of their own (`drift_windows`): each is written once, when it arrives, and deleted
 once it leaves the recent pool, so scoring a window writes about one window's bytes instead of the
 whole pool's. `save` writes the new windows, the deletions and the state rows in one executemany
-each (on SQLite through the driver, cloud_bridge/drift/sqlite_rows.py). Rows made before
+each (as plain SQL to the driver, cloud_bridge/drift/driver_sql.py). Rows made before
 `drift_windows` existed hold their windows as JSON text in `drift_states.windows`; they are read
 from there once and moved.
 """
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import JSON, bindparam, delete, select, tuple_, update
+from sqlalchemy import JSON, bindparam, select, tuple_, update
 from sqlalchemy.engine import Connection
 
-from cloud_bridge.drift import sqlite_rows
+from cloud_bridge.drift import driver_sql
 from cloud_bridge.drift.codec import WindowCodec, pack_window, pool_to_json, unpack_window
 from cloud_bridge.drift.scoring import Baseline, Kind, KindState, reference_baseline
 from cloud_bridge.drift.windows import WindowStats
@@ -136,29 +136,17 @@ class StateRows:
         return found
 
     def _tokens(self, conn: Connection, keys: list[Key]) -> dict[Key, int | None]:
-        if conn.dialect.name == "sqlite":  # no row locks: the batch holds the database's write lock
-            return {
-                (r[0], r[1], r[2], r[3]): r[4] for r in sqlite_rows.keyed_rows(conn, "drift_states", ["version"], keys)
-            }
-        t = DriftStateRow
-        query = (
-            select(*_key_columns(t), t.version)
-            .where(_keys_in(t, keys))
-            # Key order: bridges lock the rows they share in the same order, so they cannot deadlock.
-            .order_by(*_key_columns(t))
-            .with_for_update()
-        )
-        return {(r[0], r[1], r[2], r[3]): r[4] for r in conn.execute(query)}
+        return driver_sql.tokens(conn, keys)
 
     def _select(self, conn: Connection, keys: list[Key]) -> dict[Key, KeyState]:
         """Whole state rows and their windows (cache misses: another bridge wrote them, or a restart)."""
         t = DriftStateRow
         if conn.dialect.name == "sqlite":
             rows = [
-                (*r[:6], sqlite_rows.json_value(r[6]), *r[7:10], sqlite_rows.json_value(r[10]), *r[11:])
-                for r in sqlite_rows.keyed_rows(conn, "drift_states", _STATE_COLUMNS, keys)
+                (*r[:6], driver_sql.json_value(r[6]), *r[7:10], driver_sql.json_value(r[10]), *r[11:])
+                for r in driver_sql.keyed_rows(conn, "drift_states", _STATE_COLUMNS, keys)
             ]
-            stored = sqlite_rows.keyed_rows(conn, "drift_windows", _STORED_WINDOW_COLUMNS, keys, _WINDOW_ORDER)
+            stored = driver_sql.keyed_rows(conn, "drift_windows", _STORED_WINDOW_COLUMNS, keys, _WINDOW_ORDER)
         else:
             query = (
                 select(*_key_columns(t), *(getattr(t, c) for c in _STATE_COLUMNS))
@@ -226,7 +214,6 @@ class StateRows:
         light: list[tuple[Any, ...]] = []  # kinds, last window end, token, now, key
         full: list[dict[str, Any]] = []
         token = random.getrandbits
-        sqlite = conn.dialect.name == "sqlite"
         for key, st in evaluated.items():
             kept = st.windows
             if st.added:
@@ -243,12 +230,8 @@ class StateRows:
                 full.append(_state_values(key, st, now))
             else:
                 # KindState is a dataclass: orjson writes its fields as an object, in declaration order.
-                kinds = orjson.dumps(st.kinds).decode() if sqlite else st.kinds
-                light.append((kinds, st.last_window_end, st.token, now, *key))
-        if sqlite:
-            sqlite_rows.save(conn, windows, dropped, light)
-        else:
-            self._save_generic(conn, windows, dropped, light)
+                light.append((orjson.dumps(st.kinds).decode(), st.last_window_end, st.token, now, *key))
+        driver_sql.save(conn, windows, dropped, light)
         if full:
             t = DriftStateRow
             conn.execute(
@@ -270,36 +253,6 @@ class StateRows:
         for key, st in evaluated.items():
             st.added, st.dropped, st.rewrite = [], False, False
             self.cache.put(key, st)
-
-    def _save_generic(
-        self,
-        conn: Connection,
-        windows: list[tuple[Any, ...]],
-        dropped: list[tuple[str, str, str, str, float]],
-        light: list[tuple[Any, ...]],
-    ) -> None:
-        if windows:
-            rows = [dict(zip(sqlite_rows.WINDOW_COLUMNS, w, strict=True)) for w in windows]
-            conn.execute(self._insert(DriftWindowRow).on_conflict_do_nothing(), rows)
-        if dropped:
-            w = DriftWindowRow
-            conn.execute(
-                delete(w).where(*_key_params(w), w.window_end < bindparam("cutoff")),
-                [{**_key_binds(d[:4]), "cutoff": d[4]} for d in dropped],
-            )
-        if light:
-            t = DriftStateRow
-            conn.execute(
-                update(t)
-                .where(*_key_params(t))
-                .values(
-                    kinds=bindparam("v_kinds", type_=JSON),
-                    last_window_end=bindparam("v_last"),
-                    version=bindparam("v_token"),
-                    updated_at=bindparam("v_now"),
-                ),
-                [{"v_kinds": v[0], "v_last": v[1], "v_token": v[2], "v_now": v[3], **_key_binds(v[4:])} for v in light],
-            )
 
 
 _STATE_COLUMNS = (

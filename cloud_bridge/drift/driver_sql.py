@@ -1,8 +1,11 @@
-"""The drift state's statements on SQLite, through the driver (cloud_bridge/drift/state.py uses them).
+"""The drift state's hot statements as plain SQL with tuples for parameters (cloud_bridge/drift/state.py
+uses them): SQLAlchemy's statement building and parameter processing cost more per row than the
+database takes to write the row (the same trade as Registry._insert_sqlite). `save` writes windows,
+deletions and states in one executemany each; `tokens` reads (and on PostgreSQL locks) the state
+rows' tokens.
 
-SQLAlchemy's statement building and parameter processing cost more per row than SQLite takes to
-write the row (the same trade as Registry._insert_sqlite), so the hot statements are plain SQL with
-tuples for parameters.
+On PostgreSQL the keys go as four arrays (`unnest`), locked `FOR UPDATE` in key order as before;
+statements go through SQLAlchemy's connection (`exec_driver_sql`: asyncpg's own executemany).
 
 Rows of many keys are read by joining a VALUES list on the primary key: SQLite scans the whole table
 for a row-value `IN (VALUES ...)` (SQLAlchemy's rendering of `tuple_(...).in_(...)`), which at
@@ -30,19 +33,42 @@ from sqlalchemy.util import await_only
 Key = tuple[str, str, str, str]  # fleet, device, model name, model version
 
 _KEY_COLUMNS = ("fleet_id", "device_id", "model_name", "model_version")
-_KEY_WHERE = " AND ".join(f"{c} = ?" for c in _KEY_COLUMNS)
 # Keys per statement: 4 parameters each, well under SQLite's 32,766 (3.32+).
 _CHUNK = 2000
 
 WINDOW_COLUMNS = (*_KEY_COLUMNS, "window_end", "msg_id", "window_start", "count", "stats")
 _QUOTED_WINDOW_COLUMNS = ", ".join(f'"{c}"' for c in WINDOW_COLUMNS)
-INSERT_WINDOWS = (
-    f"INSERT INTO drift_windows ({_QUOTED_WINDOW_COLUMNS}) "
-    f"VALUES ({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING"
-)
-DELETE_WINDOWS = f"DELETE FROM drift_windows WHERE {_KEY_WHERE} AND window_end < ?"
-UPDATE_STATES = (
-    f"UPDATE drift_states SET kinds = ?, last_window_end = ?, version = ?, updated_at = ? WHERE {_KEY_WHERE}"
+
+
+def _marks(dialect: str, first: int, n: int) -> list[str]:
+    return ["?"] * n if dialect == "sqlite" else [f"${i}" for i in range(first, first + n)]
+
+
+def _statements(dialect: str) -> tuple[str, str, str]:
+    """INSERT of windows (WINDOW_COLUMNS), DELETE of a key's windows before a cutoff, UPDATE of a
+    state (kinds JSON text, last window end, token, now, then the key)."""
+    m = _marks(dialect, 1, len(WINDOW_COLUMNS))
+    insert = f"INSERT INTO drift_windows ({_QUOTED_WINDOW_COLUMNS}) VALUES ({', '.join(m)}) ON CONFLICT DO NOTHING"
+    k = _marks(dialect, 1, 5)
+    where = " AND ".join(f"{c} = {mark}" for c, mark in zip(_KEY_COLUMNS, k, strict=False))
+    delete = f"DELETE FROM drift_windows WHERE {where} AND window_end < {k[4]}"
+    u = _marks(dialect, 1, 8)
+    where = " AND ".join(f"{c} = {mark}" for c, mark in zip(_KEY_COLUMNS, u[4:], strict=True))
+    update = (
+        f"UPDATE drift_states SET kinds = {u[0]}, last_window_end = {u[1]}, version = {u[2]}, "
+        f"updated_at = {u[3]} WHERE {where}"
+    )
+    return insert, delete, update
+
+
+_SQLITE = _statements("sqlite")
+_POSTGRESQL = _statements("postgresql")
+_PG_TOKENS = (
+    "SELECT s.fleet_id, s.device_id, s.model_name, s.model_version, s.version "
+    "FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[]) AS k(f, d, m, v) "
+    "JOIN drift_states s ON s.fleet_id = k.f AND s.device_id = k.d AND s.model_name = k.m AND s.model_version = k.v "
+    # Key order: bridges lock the rows they share in the same order, so they cannot deadlock.
+    "ORDER BY s.fleet_id, s.device_id, s.model_name, s.model_version FOR UPDATE OF s"
 )
 
 
@@ -102,6 +128,17 @@ def json_value(text: str | bytes | None) -> Any:
         return json.loads(text)
 
 
+def tokens(conn: Connection, keys: list[Key]) -> dict[Key, int | None]:
+    """The token (`version`) of every state row among `keys`, locked on PostgreSQL (on SQLite the
+    batch already holds the database's write lock)."""
+    if conn.dialect.name == "sqlite":
+        rows = keyed_rows(conn, "drift_states", ["version"], keys)
+    else:
+        columns = tuple([key[i] for key in keys] for i in range(4))
+        rows = [tuple(r) for r in conn.exec_driver_sql(_PG_TOKENS, columns)]
+    return {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
+
+
 def save(
     conn: Connection,
     windows: list[tuple[Any, ...]],
@@ -110,10 +147,19 @@ def save(
 ) -> None:
     """`StateRows.save`'s three executemany: new windows (WINDOW_COLUMNS), windows older than a
     cutoff (key, cutoff), state rows (kinds JSON text, last window end, token, now, key)."""
-    driver = Driver(conn)
+    if conn.dialect.name == "sqlite":
+        driver = Driver(conn)
+        run = driver.executemany
+        insert, delete, update = _SQLITE
+    else:
+        insert, delete, update = _POSTGRESQL
+
+        def run(sql: str, rows: list[tuple[Any, ...]]) -> None:
+            conn.exec_driver_sql(sql, rows)
+
     if windows:
-        driver.executemany(INSERT_WINDOWS, windows)
+        run(insert, windows)
     if dropped:
-        driver.executemany(DELETE_WINDOWS, dropped)
+        run(delete, dropped)
     if states:
-        driver.executemany(UPDATE_STATES, states)
+        run(update, states)
