@@ -142,16 +142,15 @@ def _gather(cache: WindowCache, jobs: Sequence[Job]) -> _Gathered:
     if not n.all():
         raise ValueError("a drift job needs at least one window")
     ends = np.cumsum(n)
-    index = np.array(rows, dtype=np.intp)
-    label_col, label_count = cache.label_pairs(index)
+    w = cache.window_rows.data.take(rows, axis=0)
     return _Gathered(
         m=m,
         lens=n,
         offsets=ends - n,
         job_of=np.repeat(np.arange(m), n),
-        w=cache.window_rows.data[index],
-        b=cache.base_rows.data[base_rows],
-        labels=np.array((label_col, label_count)),
+        w=w,
+        b=cache.base_rows.data.take(base_rows, axis=0),
+        labels=cache.label_pairs(w),
         mix=np.concatenate(mixes, axis=1),
     )
 
@@ -278,15 +277,20 @@ def _feature_fractions(
     scored = enough & (job_dims > 0) & (job_dims == b[:, B_DIMS])
     fractions = np.full(g.m, np.nan)
     pooled = scored[g.job_of] & (window_dims == job_dims[g.job_of])
+    # Jobs x windows of slab rows (row 0 of a feature slab is all zeros: padding adds nothing); a
+    # sum over the windows' axis is ~2x cheaper than np.add.reduceat over rows of a 2-D array.
+    position = np.arange(n) - np.repeat(g.offsets, g.lens)
+    width = int(g.lens.max())
     for dims in np.unique(job_dims[scored]):
         d = int(dims)
         members = np.flatnonzero(scored & (job_dims == dims))
-        rows = np.flatnonzero(pooled & (window_dims == dims))  # grouped by job, in job order
-        runs = np.bincount(g.job_of[rows], minlength=g.m)[members]
-        starts = np.cumsum(runs) - runs
-        moments = cache.window_features[d].data[w[rows, W_FROW].astype(np.intp)]
-        sums = np.add.reduceat(moments, starts, axis=0)
-        total = np.add.reduceat(w[rows, W_FN], starts)
+        rows = np.flatnonzero(pooled & (window_dims == dims))
+        slab_rows = np.zeros((g.m, width), dtype=np.intp)
+        slab_rows[g.job_of[rows], position[rows]] = w[rows, W_FROW]
+        counts = np.zeros((g.m, width))
+        counts[g.job_of[rows], position[rows]] = w[rows, W_FN]
+        sums = cache.window_features[d].data[slab_rows[members]].sum(axis=1)
+        total = counts[members].sum(axis=1)
         base = cache.base_features[d].data[b[members, B_FROW].astype(np.intp)]
         base_mean, base_std = base[:, :d], base[:, d:]
         base_n = b[members, B_FN]

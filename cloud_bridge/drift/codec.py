@@ -66,8 +66,9 @@ def window_from_json(window_start: float, window_end: float, count: int, data: M
 def pack_window(w: WindowStats) -> bytes:
     """A window as a `drift_windows.stats` value: its small fields as JSON, a newline, then the feature
     means and standard deviations as raw little-endian float64 (bit-identical, nothing to parse)."""
+    classes = w.classes if type(w.classes) is dict else dict(w.classes)
     head = orjson.dumps(
-        {"classes": dict(w.classes), "confidence": w.confidence, "latency_p95": w.latency_p95, "feature_n": w.feature_n}
+        {"classes": classes, "confidence": w.confidence, "latency_p95": w.latency_p95, "feature_n": w.feature_n}
     )
     if w.feature_mean is None or w.feature_std is None:
         return head

@@ -109,14 +109,14 @@ class WindowCache:
             mixes.append(entry[2])
         return rows, base_rows, mixes  # type: ignore[return-value]  # no None left
 
-    def label_pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The (column, count) pairs of these window rows' labels, run after run."""
-        data = self.window_rows.data
-        lens = data[rows, W_NLAB].astype(np.intp)
-        starts = data[rows, W_LABELS].astype(np.intp)
+    def label_pairs(self, table: np.ndarray) -> np.ndarray:
+        """The (column, count) pairs (2 x n) of the labels of these window rows (gathered from
+        `window_rows.data`), run after run."""
+        lens = table[:, W_NLAB].astype(np.intp)
         ends = np.cumsum(lens)
-        index = np.repeat(starts - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)
-        return self.label_runs[0, index], self.label_runs[1, index]
+        total = int(ends[-1]) if len(ends) else 0
+        index = np.repeat(table[:, W_LABELS].astype(np.intp) - (ends - lens), lens) + np.arange(total)
+        return self.label_runs[:, index]
 
     # ---- windows ---------------------------------------------------------------------------------
     def _add(self, w: WindowStats) -> int:
@@ -189,6 +189,7 @@ class WindowCache:
             rows = self.window_features.get(dims)
             if rows is None:
                 rows = self.window_features[dims] = Rows(2 * dims)
+                rows.take()  # row 0 stays zeros: batch.py pads with it
             frows = [rows.take() for _ in members]
             taken.extend((rows, r) for r in frows)
             n = table[members, W_FN][:, None]
@@ -211,17 +212,17 @@ class WindowCache:
         live = np.fromiter((r for r in self.windows.values() if r not in pending), dtype=np.intp)
         data = self.window_rows.data
         if len(live):
-            pairs_of_live = self.label_pairs(live)
-            kept = len(pairs_of_live[0])
+            pairs_of_live = self.label_pairs(data[live])
+            kept = int(pairs_of_live.shape[1])
             lens = data[live, W_NLAB]
             data[live, W_LABELS] = np.cumsum(lens) - lens
         else:
-            pairs_of_live, kept = (np.zeros(0), np.zeros(0)), 0
+            pairs_of_live, kept = _EMPTY, 0
         capacity = self.label_runs.shape[1]
         while kept + size > capacity // 2:
             capacity *= 2
         runs = np.zeros((2, capacity))
-        runs[0, :kept], runs[1, :kept] = pairs_of_live
+        runs[:, :kept] = pairs_of_live
         self.label_runs = runs
         self._label_end = kept
         return kept

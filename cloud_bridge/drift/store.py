@@ -250,30 +250,32 @@ class DriftRun:
     # ---- pure part --------------------------------------------------------------------------------
     def _advance(self, key: Key, st: KeyState, w: NewWindow) -> Job | None:
         """Add one new window to the device's state; the evaluation it calls for, if any."""
-        s = self.store.settings
+        store = self.store
+        recent = store.settings.recent_windows
         stats = w.stats
+        end = stats.window_end
         windows = st.windows
-        if not windows or stats.window_end >= windows[-1].window_end:
+        if not windows or end >= windows[-1].window_end:
             windows.append(stats)  # the usual case: insort would put it last as well
         else:
             bisect.insort(windows, stats, key=_window_end)
         st.added.append((w.msg_id, stats))
         job: Job | None = None
-        if stats.window_end < st.last_window_end:
+        baseline = st.baseline
+        if end < st.last_window_end:
             # A late redelivery joins the pool it belongs to but is not scored: hysteresis only
             # moves forward in window time.
-            self.store.stats.late_windows += 1
+            store.stats.late_windows += 1
         else:
-            st.last_window_end = stats.window_end
-            baseline = st.baseline
-            if (baseline is None or baseline.stats is None) and baseline_complete(s, windows):
+            st.last_window_end = end
+            if (baseline is None or baseline.stats is None) and baseline_complete(store.settings, windows):
                 baseline = st.baseline = complete_baseline(baseline, windows)
                 log.info("drift baseline frozen fleet=%s device=%s model=%s version=%s windows=%d", *key, len(windows))
             if baseline is not None:
-                job = Job(baseline, windows[-s.recent_windows :])
-        if st.baseline is not None and st.baseline.stats is not None and len(windows) > s.recent_windows:
-            gone = len(windows) - s.recent_windows
-            self.store.window_cache.forget(windows[:gone])
+                job = Job(baseline, windows[-recent:])
+        if baseline is not None and baseline.stats is not None and len(windows) > recent:
+            gone = len(windows) - recent
+            store.window_cache.forget(windows[:gone])
             del windows[:gone]
             st.dropped = True
         return job
