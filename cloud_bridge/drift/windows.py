@@ -21,7 +21,8 @@ Floats = npt.NDArray[np.float64]
 
 def _floats(values: Sequence[float]) -> Floats:
     if isinstance(values, list):
-        return np.frombuffer(array.array("d", values), dtype=np.float64)
+        # A copy: the array.array (a container the collector tracks) must not live on with the window.
+        return np.frombuffer(array.array("d", values), dtype=np.float64).copy()
     return np.asarray(values, dtype=np.float64)
 
 
