@@ -17,7 +17,15 @@ from cloud_bridge.drift.batch import Job, Scored, WindowCache, score_batch
 from cloud_bridge.drift.scoring import DriftSettings, complete_baseline, reference_baseline, score_all
 from cloud_bridge.drift.store import DriftStore
 from cloud_bridge.drift.windows import WindowStats, pool
-from cloud_bridge.registry import Batch, DriftEpisodeRow, DriftStateRow, DriftWindowRow, Registry, TelemetryRow
+from cloud_bridge.registry import (
+    Batch,
+    DriftBaselineRow,
+    DriftEpisodeRow,
+    DriftStateRow,
+    DriftWindowRow,
+    Registry,
+    TelemetryRow,
+)
 from devservers.postgres import create_database
 
 SETTINGS = DriftSettings()
@@ -186,6 +194,27 @@ def assert_same_lines(got: list[str], want: list[str]) -> None:
         assert math.isclose(float(g_score), float(w_score), rel_tol=1e-9, abs_tol=1e-12), (g, w)
 
 
+DEVICES = 12
+
+
+def fleet_batches() -> list[list[dict[str, Any]]]:
+    """40 windows of 12 devices, half of them drifting from the 20th, two windows of a device per
+    batch in shuffled order."""
+    rng = np.random.default_rng(7)
+    devices = [f"dev-{d}" for d in range(DEVICES)]
+    streams = {
+        d: [window(rng, 10.0 * i, shift=0.7 if (i >= 20 and n % 2 == 0) else 0.0) for i in range(40)]
+        for n, d in enumerate(devices)
+    }
+    order = random.Random(3)
+    batches: list[list[dict[str, Any]]] = []
+    for i in range(0, 40, 2):
+        rows = [telemetry_row(d, j, streams[d][j]) for d in devices for j in (i, i + 1)]
+        order.shuffle(rows)
+        batches.append(rows)
+    return batches
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 async def test_the_bridge_path_alerts_the_same_batched_or_per_window(
     tmp_path: Path, database: str, request: pytest.FixtureRequest
@@ -201,18 +230,7 @@ async def test_the_bridge_path_alerts_the_same_batched_or_per_window(
         def url_for(name: str) -> str:
             return f"sqlite+aiosqlite:///{tmp_path / name}.db"
 
-    rng = np.random.default_rng(7)
-    devices = [f"dev-{d}" for d in range(12)]
-    streams = {
-        d: [window(rng, 10.0 * i, shift=0.7 if (i >= 20 and n % 2 == 0) else 0.0) for i in range(40)]
-        for n, d in enumerate(devices)
-    }
-    order = random.Random(3)
-    batches: list[list[dict[str, Any]]] = []
-    for i in range(0, 40, 2):  # two windows of a device in some batches, devices in shuffled order
-        rows = [telemetry_row(d, j, streams[d][j]) for d in devices for j in (i, i + 1)]
-        order.shuffle(rows)
-        batches.append(rows)
+    batches = fleet_batches()
     per_window = await run_store(url_for("a"), False, batches)
     batched = await run_store(url_for("b"), True, batches)
     want_lines = per_window.pop("lines")
@@ -224,4 +242,29 @@ async def test_the_bridge_path_alerts_the_same_batched_or_per_window(
     assert two == per_window
     assert any(state == "firing" for _, _, _, state in batched["episodes"])
     # Once the baseline is frozen only the newest windows are kept.
-    assert len(batched["windows"]) == len(devices) * SETTINGS.recent_windows
+    assert len(batched["windows"]) == DEVICES * SETTINGS.recent_windows
+
+
+async def test_a_baseline_kept_in_the_state_row_by_an_earlier_version_is_read_and_moved(tmp_path: Path) -> None:
+    batches = fleet_batches()
+    want = await run_store(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", True, batches)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    await run_store(url, True, batches[:10])  # every baseline frozen (20 windows a device)
+    registry = Registry(url)
+    try:
+        async with registry.engine.begin() as conn:  # where rows made before drift_baselines keep it
+            await conn.exec_driver_sql(
+                "UPDATE drift_states SET baseline = (SELECT b.baseline FROM drift_baselines b WHERE "
+                "b.fleet_id = drift_states.fleet_id AND b.device_id = drift_states.device_id AND "
+                "b.model_name = drift_states.model_name AND b.model_version = drift_states.model_version)"
+            )
+            assert (await conn.exec_driver_sql("DELETE FROM drift_baselines")).rowcount == DEVICES
+        rest = await run_store(url, True, batches[10:])  # a restarted bridge: it reads every row
+        states = await registry.rows(DriftStateRow)
+        baselines = await registry.rows(DriftBaselineRow)
+    finally:
+        await registry.close()
+    assert {k: rest[k] for k in ("episodes", "kinds", "windows")} == {
+        k: want[k] for k in ("episodes", "kinds", "windows")
+    }
+    assert all(s["baseline"] is None for s in states) and len(baselines) == DEVICES

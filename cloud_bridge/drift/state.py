@@ -5,9 +5,9 @@ locked, then written back, inside the ingest batch's transaction (cloud_bridge/d
 UPDATE` on PostgreSQL, in key order so bridges cannot deadlock), creating the missing ones first. It
 reads only each row's `version`: a random token written with every change. A bridge keeps the state
 it last wrote for each key (`StateCache`, bounded); when the token matches, nobody else changed the
-row since, and neither the row's baseline nor its windows are read again. Otherwise (another bridge
-scored the device last, or this bridge restarted) the row and its windows are read in two more
-statements for all such keys together.
+row since, and neither its baseline nor its windows are read again. Otherwise (another bridge
+scored the device last, or this bridge restarted) the row, its baseline and its windows are read in
+three more statements for all such keys together.
 
 Windows are rows of their own (`drift_windows`): each is written once, when it arrives, and deleted
 once it leaves the recent pool, so scoring a window writes about one window's bytes instead of the
@@ -15,6 +15,12 @@ whole pool's. `save` writes the new windows, the deletions and the state rows in
 each (as plain SQL to the driver, cloud_bridge/drift/driver_sql.py). Rows made before
 `drift_windows` existed hold their windows as JSON text in `drift_states.windows`; they are read
 from there once and moved.
+
+The frozen baseline (~1.6 KB with 64 features) is a row of `drift_baselines`, written once: in the
+state row, rewritten with every scored window, it made that row a database page of its own (on
+SQLite ~10 us per window of updates and WAL). Rows made before keep it in `drift_states.baseline`,
+read from there once and moved. (A bridge of an earlier version sharing the registry would not see
+a baseline frozen by this one: upgrade all bridges together.)
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from cloud_bridge.drift import driver_sql
 from cloud_bridge.drift.codec import WindowCodec, pack_window, pool_to_json, unpack_window
 from cloud_bridge.drift.scoring import Baseline, Kind, KindState, reference_baseline
 from cloud_bridge.drift.windows import WindowStats
-from cloud_bridge.registry import DriftStateRow, DriftWindowRow, ModelRow
+from cloud_bridge.registry import DriftBaselineRow, DriftStateRow, DriftWindowRow, ModelRow
 
 Key = tuple[str, str, str, str]  # fleet, device, model name, model version
 
@@ -62,6 +68,7 @@ class KeyState:
     added: list[tuple[str, WindowStats]] = field(default_factory=list)
     dropped: bool = False
     rewrite: bool = False  # the baseline columns changed (or the row moves off its JSON windows)
+    move_baseline: bool = False  # baseline_text goes to drift_baselines at save (just frozen, or moved)
     tags: tuple[str, str] | None = None  # the key's escaped TSDB tags (tsdb.lines.drift_tags), made once
 
 
@@ -164,16 +171,18 @@ class StateRows:
                     .order_by(*_key_columns(w), *(getattr(w, c) for c in _WINDOW_ORDER))
                 )
             ]
+        frozen = self._baselines(conn, [(r[0], r[1], r[2], r[3]) for r in rows if r[8] is None])
         out: dict[Key, KeyState] = {}
         for r in rows:
             sha256, source, class_mix, class_samples, baseline, windows, kinds, last_window_end, version = r[4:]
+            key = (r[0], r[1], r[2], r[3])
             legacy = self._codec.decode(windows)
             st = KeyState(
                 sha256=sha256,
                 source=source,
                 class_mix=class_mix,
                 class_samples=class_samples,
-                baseline_text=baseline,
+                baseline_text=baseline if baseline is not None else frozen.get(key),
                 windows=legacy,
                 # Sorted by kind, as they are stored (KeyState.kinds).
                 kinds={kind: KindState(**values) for kind, values in sorted((kinds or {}).items())},
@@ -184,8 +193,10 @@ class StateRows:
                 # Made before drift_windows: move the windows there with this batch's save.
                 st.added = [(f"legacy-{i}", w) for i, w in enumerate(legacy)]
                 st.rewrite = True
+            if baseline is not None:  # made before drift_baselines: move it there with this batch's save
+                st.rewrite = st.move_baseline = True
             st.baseline = _baseline_of(st, self._codec)
-            out[(r[0], r[1], r[2], r[3])] = st
+            out[key] = st
         for r in stored:
             owner = out.get((r[0], r[1], r[2], r[3]))
             if owner is not None:
@@ -194,6 +205,17 @@ class StateRows:
             if owner.added:  # legacy and stored windows together: keep them in window order
                 owner.windows.sort(key=lambda x: x.window_end)
         return out
+
+    def _baselines(self, conn: Connection, keys: list[Key]) -> dict[Key, str]:
+        """The frozen baselines of these keys (those that have one) from drift_baselines."""
+        if not keys:
+            return {}
+        if conn.dialect.name == "sqlite":
+            rows = driver_sql.keyed_rows(conn, "drift_baselines", ["baseline"], keys)
+        else:
+            b = DriftBaselineRow
+            rows = [tuple(r) for r in conn.execute(select(*_key_columns(b), b.baseline).where(_keys_in(b, keys)))]
+        return {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
 
     def _reference_mixes(self, conn: Connection, shas: set[str]) -> dict[str, dict[str, float]]:
         mixes = {sha: dict(self._references[sha]) for sha in shas if sha in self._references}
@@ -232,6 +254,19 @@ class StateRows:
                 # KindState is a dataclass: orjson writes its fields as an object, in declaration order.
                 light.append((orjson.dumps(st.kinds).decode(), st.last_window_end, st.token, now, *key))
         driver_sql.save(conn, windows, dropped, light)
+        baselines = [
+            {**dict(zip(_KEY_NAMES, key, strict=True)), "baseline": st.baseline_text, "created_at": now}
+            for key, st in evaluated.items()
+            if st.move_baseline
+        ]
+        if baselines:
+            # A key's baseline is written once (the state row is locked meanwhile); the upsert only
+            # matters if a row was left behind, and then the state's own baseline wins.
+            stmt = self._insert(DriftBaselineRow)
+            conn.execute(
+                stmt.on_conflict_do_update(index_elements=list(_KEY_NAMES), set_={"baseline": stmt.excluded.baseline}),
+                baselines,
+            )
         if full:
             t = DriftStateRow
             conn.execute(
@@ -251,7 +286,7 @@ class StateRows:
                 full,
             )
         for key, st in evaluated.items():
-            st.added, st.dropped, st.rewrite = [], False, False
+            st.added, st.dropped, st.rewrite, st.move_baseline = [], False, False, False
             self.cache.put(key, st)
 
 
@@ -267,6 +302,7 @@ _STATE_COLUMNS = (
     "version",
 )
 _STORED_WINDOW_COLUMNS = ("window_start", "window_end", "count", "stats")
+_KEY_NAMES = ("fleet_id", "device_id", "model_name", "model_version")
 _WINDOW_ORDER = ("window_end", "msg_id")
 
 
@@ -320,7 +356,7 @@ def _baseline_text(st: KeyState) -> bool:
     if base is None or base.stats is None or st.baseline_text is not None:
         return False
     st.baseline_text = json.dumps(pool_to_json(base.stats), separators=(",", ":"))
-    st.rewrite = True
+    st.rewrite = st.move_baseline = True
     return True
 
 
@@ -336,5 +372,5 @@ def _state_values(key: Key, st: KeyState, now: float) -> dict[str, Any]:
         "v_source": base.source if base is not None else st.source,
         "v_mix": base.class_mix if base is not None else st.class_mix,
         "v_samples": base.class_samples if base is not None else st.class_samples,
-        "v_baseline": st.baseline_text,
+        "v_baseline": None,  # in drift_baselines (a legacy row's text is moved there in the same save)
     }

@@ -5,9 +5,10 @@ are dealt to whichever bridge is free, and no single bridge sees a device's whol
 than partitioning devices over bridges (which needs coordination and breaks when a bridge dies),
 every piece of drift state lives in the registry database that all bridges already share:
 
-* `drift_states`: one row per (device, model version) holding the frozen baseline, the windows it
-  is scored on (all of them until the baseline is frozen, then the newest `recent_windows`), each
-  kind's hysteresis counters, episode number and cool-down, and the newest window evaluated;
+* `drift_states`: one row per (device, model version) holding each kind's hysteresis counters,
+  episode number and cool-down, the baseline's class mix and the newest window evaluated; the
+  windows it is scored on (all of them until the baseline is frozen, then the newest
+  `recent_windows`) are rows of `drift_windows`, the frozen baseline a row of `drift_baselines`;
 * `drift_episodes`: one row per alert transition, keyed (device, model, version, kind, episode,
   state): the alert's dedup key, its encoded payload and whether it was published.
 
