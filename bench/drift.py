@@ -14,18 +14,26 @@ false-alert rate (firing alerts per 1000 windows). Baseline: the first windows (
 model's reference class mix (`--reference`).
 
 The last line is the headline: `ratio D.DD detected/injected` over every drifted run, with the false
-alerts in stationary runs just above it. Run: `python bench/drift.py` (about 20 s).
+alerts in stationary runs just above it. Run: `python bench/drift.py` (about a minute).
+
+Above it, what drift costs the bridge per telemetry window (bench/drift_cost.py says how it is
+measured). `--cost` runs only that, `--repeat` times (default 5), and ends with its own headline,
+`ratio R.RR CPU per window with drift / without`, with the line on drift's CPU per window against
+the 100 us target above it; `--database postgresql` runs it on a private PostgreSQL server
+(devservers/postgres.py):
+
+    .venv/bin/python bench/drift.py --cost
+    .venv/bin/python bench/drift.py --cost --database postgresql
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
+import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,13 +45,13 @@ import numpy.typing as npt
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.drift_cost import measure, tmp_sqlite
+from bench.drift_cost import report as cost_report
 from cloud_bridge.drift.scoring import Detector, DriftSettings, Transition
-from cloud_bridge.drift.store import DriftStore
 from cloud_bridge.drift.windows import WindowStats
-from cloud_bridge.ingest.rows import telemetry_row
-from cloud_bridge.registry import Batch, Registry, TelemetryRow
 from demokit.drift import DriftSpec
 from demokit.models import build_demo_models, load_split, read_model_card
+from devservers.postgres import create_database, postgres_server
 from edge_node.inference.model import Classifier
 from edge_node.routing.confidence import decide
 from edge_node.telemetry import TelemetryContext, Window, build_telemetry
@@ -222,42 +230,9 @@ def report(results: list[CaseResult], spec: StreamSpec, settings: DriftSettings,
     return "\n".join(lines)
 
 
-# ---- the bridge path: drift inside the ingest transaction --------------------------------------------
-def telemetry_batch(messages: Sequence[Telemetry]) -> Batch:
-    """A registry batch holding these telemetry messages, as ingestion builds it."""
-    batch = Batch()
-    for m in messages:
-        batch.seen.append({"msg_id": m.msg_id, "received_at": time.time()})
-        base = {"msg_id": m.msg_id, "fleet_id": m.fleet_id, "device_id": m.device_id}
-        batch.add_row(TelemetryRow, telemetry_row(base, m))
-    return batch
-
-
-async def commit_seconds(url: str, batches: list[list[Telemetry]], store: DriftStore | None) -> tuple[float, float]:
-    """Wall and CPU seconds (the process's, so the database thread's too) to commit the batches."""
-    registry = Registry(url)
-    await registry.create()
-    wall = cpu = 0.0
-    try:
-        for messages in batches:
-            batch = telemetry_batch(messages)
-            began, began_cpu = time.perf_counter(), time.process_time()
-            if store is not None:
-                store.start(batch)
-            await registry.commit_batch(batch)
-            wall += time.perf_counter() - began
-            cpu += time.process_time() - began_cpu
-    finally:
-        await registry.close()
-    return wall, cpu
-
-
-def bridge_cost(
-    stream: DigitsStream, settings: DriftSettings, devices: int, windows: int
-) -> dict[str, tuple[float, float]]:
-    """(wall, CPU) seconds per telemetry window committed without drift, with drift scored window by
-    window, and with drift scored in batches (SQLite file, a window of each device per batch, as a
-    bridge sees a fleet reporting every interval)."""
+# ---- the bridge path: drift inside the ingest transaction (bench/drift_cost.py) -----------------------
+def fleet_messages(stream: DigitsStream, devices: int, windows: int) -> list[list[Telemetry]]:
+    """`windows` batches, each holding one telemetry window of every device (stationary digits)."""
     per_device = [
         list(
             DigitsStream(stream.classifier, stream.X, stream.y, "bench", f"dev-{d}").telemetry(
@@ -266,18 +241,23 @@ def bridge_cost(
         )
         for d in range(devices)
     ]
-    batches = [[per_device[d][i] for d in range(devices)] for i in range(windows)]
-    out: dict[str, tuple[float, float]] = {}
-    n = devices * windows
-    with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
-        for name, store in (
-            ("plain", None),
-            ("per-window", DriftStore(settings, "sqlite", {}, batched=False)),
-            ("batched", DriftStore(settings, "sqlite", {}, batched=True)),
-        ):
-            wall, cpu = asyncio.run(commit_seconds(f"sqlite+aiosqlite:///{tmp}/{name}.db", batches, store))
-            out[name] = (wall / n, cpu / n)
-    return out
+    return [[per_device[d][i] for d in range(devices)] for i in range(windows)]
+
+
+def bridge_cost(
+    stream: DigitsStream, settings: DriftSettings, devices: int, windows: int, repeat: int, database: str
+) -> list[str]:
+    """The cost lines of bench/drift_cost.py (its headline ratio last)."""
+    messages = fleet_messages(stream, devices, windows)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if database == "postgresql":
+        with postgres_server() as port:
+            result = measure(messages, settings, repeat, database, lambda name: create_database(port, name), port)
+    else:
+        tmp, url_for = tmp_sqlite()
+        with tmp:
+            result = measure(messages, settings, repeat, database, url_for, None)
+    return cost_report(result, load)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -289,11 +269,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window-size", type=int, default=100, help="inferences per telemetry window")
     parser.add_argument("--reference", action="store_true", help="baseline class mix from the model's metadata")
     parser.add_argument("--stationary-seeds", type=int, default=20, help="runs of the stationary case")
+    parser.add_argument("--devices", type=int, default=200, help="devices per batch in the bridge-path timing")
+    parser.add_argument("--cost", action="store_true", help="only the bridge-path timing (its ratio is the headline)")
+    parser.add_argument("--repeat", type=int, default=None, help="bridge-path timings (default: 5 with --cost, else 1)")
     parser.add_argument(
-        "--devices",
-        type=int,
-        default=200,
-        help="devices per batch in the bridge-path timing",
+        "--batches", type=int, default=40, help="batches (windows per device) in the bridge-path timing"
+    )
+    parser.add_argument(
+        "--database", choices=("sqlite", "postgresql"), default="sqlite", help="registry of the bridge-path timing"
     )
     return parser.parse_args(argv)
 
@@ -305,30 +288,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = build_demo_models(args.models)["edge"]
     split = load_split()
     stream = DigitsStream(Classifier.load(demo.path), np.asarray(split.X_test), np.asarray(split.y_test))
+    settings = DriftSettings()
+    repeat = args.repeat if args.repeat is not None else (5 if args.cost else 1)
+    cost = bridge_cost(stream, settings, args.devices, args.batches, repeat, args.database)
+    if args.cost:
+        print("\n".join(cost))
+        return 0
     mix = read_model_card(demo.path).reference_class_mix if args.reference else None
     spec = StreamSpec(args.window_size, args.windows, args.drift_at)
-    settings = DriftSettings()
     results = [
         run_case(stream, name, drift, spec, settings, args.stationary_seeds if drift == "none" else args.seeds, mix)
         for name, drift in CASES.items()
     ]
-    cost = bridge_cost(stream, settings, args.devices, 40)
-    plain = cost["plain"]
     baseline = "reference class mix + first windows" if mix else "first windows"
     lines = report(results, spec, settings, baseline, time.perf_counter() - started).splitlines()
-    extra = {name: (cost[name][1] - plain[1]) * 1e6 for name in ("per-window", "batched")}
-    lines[-1:-1] = [
-        f"bridge path, drift in the ingest transaction (SQLite file, batches of {args.devices} devices' windows), "
-        "per telemetry window (other messages add nothing):",
-        f"  without drift: wall {plain[0] * 1e6:.0f} us, CPU {plain[1] * 1e6:.0f} us",
-        *(
-            f"  {name + ' path:':<17} wall {cost[name][0] * 1e6:.0f} us, CPU {cost[name][1] * 1e6:.0f} us "
-            f"(drift +{extra[name]:.0f} us CPU per window)"
-            for name in ("per-window", "batched")
-        ),
-        f"  drift CPU per window, batched / per-window: {extra['batched'] / max(extra['per-window'], 1e-9):.2f} "
-        f"({extra['batched']:.0f} vs {extra['per-window']:.0f} us)",
-    ]
+    lines[-1:-1] = cost[:-1]  # the cost's own headline would compete with the detection ratio
     print("\n".join(lines))
     return 0
 

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 
-from cloud_bridge.drift.batch import Job, WindowCache, score_batch
+from cloud_bridge.drift.batch import Job, Scored, WindowCache, score_batch
 from cloud_bridge.drift.scoring import DriftSettings, complete_baseline, reference_baseline, score_all
 from cloud_bridge.drift.store import DriftStore
 from cloud_bridge.drift.windows import WindowStats, pool
-from cloud_bridge.registry import Batch, DriftEpisodeRow, DriftStateRow, DriftWindowRow, Registry, TelemetryRow
+from cloud_bridge.registry import (
+    Batch,
+    DriftBaselineRow,
+    DriftEpisodeRow,
+    DriftStateRow,
+    DriftWindowRow,
+    Registry,
+    TelemetryRow,
+)
+from devservers.postgres import create_database
 
 SETTINGS = DriftSettings()
 
@@ -57,16 +69,59 @@ def test_batched_scores_equal_the_per_window_scores(seed: int) -> None:
     cache = WindowCache()
     for _ in range(2):  # the second pass reads every window from the cache
         batched = score_batch(SETTINGS, jobs, cache)
+        assert_scores_equal(batched, jobs)
         for job, got in zip(jobs, batched, strict=True):
             recent = pool(job.windows)
-            want = score_all(SETTINGS, job.baseline, recent)
-            assert [s.kind for s in got.scores] == [s.kind for s in want]
-            for g, w in zip(got.scores, want, strict=True):
-                assert (g.high, g.low) == (w.high, w.low)
-                assert math.isclose(g.score, w.score, rel_tol=1e-9, abs_tol=1e-12), (g.kind, g.score, w.score)
             assert (got.window_start, got.window_end) == (recent.window_start, recent.window_end)
     kinds = {s.kind for r in score_batch(SETTINGS, jobs, cache) for s in r.scores}
     assert kinds == {"prediction_drift", "confidence_drift", "feature_drift", "latency"}
+
+
+def assert_scores_equal(got: list[Scored], jobs: list[Job]) -> None:
+    for job, result in zip(jobs, got, strict=True):
+        recent = pool(job.windows)
+        want = score_all(SETTINGS, job.baseline, recent)
+        assert [s.kind for s in result.scores] == [s.kind for s in want]
+        for g, w in zip(result.scores, want, strict=True):
+            assert (g.high, g.low) == (w.high, w.low)
+            assert math.isclose(g.score, w.score, rel_tol=1e-9, abs_tol=1e-12), (g.kind, g.score, w.score)
+
+
+def test_a_small_cache_evicts_forgets_and_compacts_without_mixing_windows_up() -> None:
+    """Devices' pools move on a window per batch, as at the bridge: rows are reused after `forget`
+    and eviction, and label runs are compacted when their array fills; every batch must still read
+    its own windows' numbers."""
+    rng = np.random.default_rng(11)
+    cache = WindowCache(capacity=200)
+    jobs = jobs_of(4)
+    runs = cache.label_runs
+    moved = False
+    for t in range(40):  # ~200 label pairs a batch: the 4,096-pair array fills and is compacted
+        pools = []
+        for d, job in enumerate(jobs):
+            new = window(rng, 200.0 + 10 * t, dims=[0, 8, 16][d % 3], labels=3 + d % 5)
+            pools.append(Job(job.baseline, [*job.windows[-5:], new]))
+            cache.forget(job.windows[:-5])
+        jobs = pools
+        assert_scores_equal(score_batch(SETTINGS, jobs, cache), jobs)
+        moved = moved or cache.label_runs is not runs
+    assert moved, "the label runs were never compacted: the test does not test that"
+    assert len(cache.windows) <= 200 + sum(len(job.windows) for job in jobs)
+
+
+def test_a_vocabulary_of_many_labels_scores_the_same() -> None:
+    """Thousands of labels (many models): only the labels a batch uses get a PSI column."""
+    rng = np.random.default_rng(5)
+    jobs = []
+    for d in range(30):
+        labels = [f"m{d}-class-{i}" for i in range(200)]
+        first = []
+        for i in range(11):
+            w = window(rng, 10.0 * i, dims=0)
+            counts = rng.multinomial(w.count, np.ones(len(labels)) / len(labels))
+            first.append(replace(w, classes={lb: int(n) for lb, n in zip(labels, counts, strict=True) if n}))
+        jobs.append(Job(complete_baseline(None, first[:10]), first[4:]))
+    assert_scores_equal(score_batch(SETTINGS, jobs, WindowCache()), jobs)
 
 
 def telemetry_row(device: str, index: int, w: WindowStats) -> dict[str, Any]:
@@ -95,11 +150,12 @@ def telemetry_row(device: str, index: int, w: WindowStats) -> dict[str, Any]:
     }
 
 
-async def run_store(path: Path, batched: bool, batches: list[list[dict[str, Any]]], bridges: int = 1) -> dict[str, Any]:
+async def run_store(url: str, batched: bool, batches: list[list[dict[str, Any]]], bridges: int = 1) -> dict[str, Any]:
     """Drift over `batches`; with 2 `bridges`, two stores (each with its own cache) take turns."""
-    registry = Registry(f"sqlite+aiosqlite:///{path}")
+    registry = Registry(url)
     await registry.create()
-    stores = [DriftStore(SETTINGS, "sqlite", {}, batched=batched) for _ in range(bridges)]
+    dialect = registry.engine.dialect.name
+    stores = [DriftStore(SETTINGS, dialect, {}, batched=batched) for _ in range(bridges)]
     lines: list[str] = []
     try:
         for n, rows in enumerate(batches):
@@ -121,29 +177,94 @@ async def run_store(path: Path, batched: bool, batches: list[list[dict[str, Any]
         "episodes": sorted((e["device_id"], e["kind"], e["episode"], e["state"]) for e in episodes),
         "kinds": {s["device_id"]: {k: v["firing"] for k, v in s["kinds"].items()} for s in states},
         "windows": sorted((w["device_id"], w["window_end"]) for w in windows),
-        "lines": len(lines),
+        "lines": lines,
         "evaluations": sum(s.stats.evaluations for s in stores),
     }
 
 
-async def test_the_bridge_path_alerts_the_same_batched_or_per_window(tmp_path: Path) -> None:
+def assert_same_lines(got: list[str], want: list[str]) -> None:
+    """The same TSDB lines in the same order; scores equal up to the last bits (sums ordered otherwise)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        if g == w:
+            continue
+        g_head, g_score, g_tail = re.fullmatch(r"(.*?[ ,]score=)([^,]+)(,.*)", g).groups()  # type: ignore[union-attr]
+        w_head, w_score, w_tail = re.fullmatch(r"(.*?[ ,]score=)([^,]+)(,.*)", w).groups()  # type: ignore[union-attr]
+        assert (g_head, g_tail) == (w_head, w_tail)
+        assert math.isclose(float(g_score), float(w_score), rel_tol=1e-9, abs_tol=1e-12), (g, w)
+
+
+DEVICES = 12
+
+
+def fleet_batches() -> list[list[dict[str, Any]]]:
+    """40 windows of 12 devices, half of them drifting from the 20th, two windows of a device per
+    batch in shuffled order."""
     rng = np.random.default_rng(7)
-    devices = [f"dev-{d}" for d in range(12)]
+    devices = [f"dev-{d}" for d in range(DEVICES)]
     streams = {
         d: [window(rng, 10.0 * i, shift=0.7 if (i >= 20 and n % 2 == 0) else 0.0) for i in range(40)]
         for n, d in enumerate(devices)
     }
     order = random.Random(3)
     batches: list[list[dict[str, Any]]] = []
-    for i in range(0, 40, 2):  # two windows of a device in some batches, devices in shuffled order
+    for i in range(0, 40, 2):
         rows = [telemetry_row(d, j, streams[d][j]) for d in devices for j in (i, i + 1)]
         order.shuffle(rows)
         batches.append(rows)
-    per_window = await run_store(tmp_path / "a.db", False, batches)
-    batched = await run_store(tmp_path / "b.db", True, batches)
+    return batches
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_the_bridge_path_alerts_the_same_batched_or_per_window(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    if database == "postgresql":
+        port = make_url(request.getfixturevalue("postgres_url")).port
+        assert port is not None
+
+        def url_for(name: str) -> str:
+            return create_database(port, name)
+    else:
+
+        def url_for(name: str) -> str:
+            return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+
+    batches = fleet_batches()
+    per_window = await run_store(url_for("a"), False, batches)
+    batched = await run_store(url_for("b"), True, batches)
+    want_lines = per_window.pop("lines")
+    assert_same_lines(batched.pop("lines"), want_lines)
     assert batched == per_window
     # Two bridges taking turns read each other's state from the rows (their caches miss).
-    assert await run_store(tmp_path / "c.db", True, batches, bridges=2) == per_window
+    two = await run_store(url_for("c"), True, batches, bridges=2)
+    assert_same_lines(two.pop("lines"), want_lines)
+    assert two == per_window
     assert any(state == "firing" for _, _, _, state in batched["episodes"])
     # Once the baseline is frozen only the newest windows are kept.
-    assert len(batched["windows"]) == len(devices) * SETTINGS.recent_windows
+    assert len(batched["windows"]) == DEVICES * SETTINGS.recent_windows
+
+
+async def test_a_baseline_kept_in_the_state_row_by_an_earlier_version_is_read_and_moved(tmp_path: Path) -> None:
+    batches = fleet_batches()
+    want = await run_store(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", True, batches)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    await run_store(url, True, batches[:10])  # every baseline frozen (20 windows a device)
+    registry = Registry(url)
+    try:
+        async with registry.engine.begin() as conn:  # where rows made before drift_baselines keep it
+            await conn.exec_driver_sql(
+                "UPDATE drift_states SET baseline = (SELECT b.baseline FROM drift_baselines b WHERE "
+                "b.fleet_id = drift_states.fleet_id AND b.device_id = drift_states.device_id AND "
+                "b.model_name = drift_states.model_name AND b.model_version = drift_states.model_version)"
+            )
+            assert (await conn.exec_driver_sql("DELETE FROM drift_baselines")).rowcount == DEVICES
+        rest = await run_store(url, True, batches[10:])  # a restarted bridge: it reads every row
+        states = await registry.rows(DriftStateRow)
+        baselines = await registry.rows(DriftBaselineRow)
+    finally:
+        await registry.close()
+    assert {k: rest[k] for k in ("episodes", "kinds", "windows")} == {
+        k: want[k] for k in ("episodes", "kinds", "windows")
+    }
+    assert all(s["baseline"] is None for s in states) and len(baselines) == DEVICES

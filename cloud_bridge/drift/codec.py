@@ -19,7 +19,7 @@ import orjson
 
 from cloud_bridge.drift.windows import Floats, Pool, WindowStats
 
-_SCORE_LIMIT = 1e12  # alerts carry finite numbers only (JSON has no infinity)
+SCORE_LIMIT = 1e12  # alerts carry finite numbers only (JSON has no infinity)
 # About 2 KB each with 64 pooled features: ~40 MB for the recent windows of a few thousand devices.
 _CODEC_CACHE = 20_000
 
@@ -66,8 +66,9 @@ def window_from_json(window_start: float, window_end: float, count: int, data: M
 def pack_window(w: WindowStats) -> bytes:
     """A window as a `drift_windows.stats` value: its small fields as JSON, a newline, then the feature
     means and standard deviations as raw little-endian float64 (bit-identical, nothing to parse)."""
+    classes = w.classes if type(w.classes) is dict else dict(w.classes)
     head = orjson.dumps(
-        {"classes": dict(w.classes), "confidence": w.confidence, "latency_p95": w.latency_p95, "feature_n": w.feature_n}
+        {"classes": classes, "confidence": w.confidence, "latency_p95": w.latency_p95, "feature_n": w.feature_n}
     )
     if w.feature_mean is None or w.feature_std is None:
         return head
@@ -191,4 +192,4 @@ def finite(value: float) -> float:
     """A score as JSON can carry it: NaN as 0, infinities clamped."""
     if math.isnan(value):
         return 0.0
-    return max(-_SCORE_LIMIT, min(_SCORE_LIMIT, value))
+    return max(-SCORE_LIMIT, min(SCORE_LIMIT, value))

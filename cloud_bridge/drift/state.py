@@ -5,20 +5,28 @@ locked, then written back, inside the ingest batch's transaction (cloud_bridge/d
 UPDATE` on PostgreSQL, in key order so bridges cannot deadlock), creating the missing ones first. It
 reads only each row's `version`: a random token written with every change. A bridge keeps the state
 it last wrote for each key (`StateCache`, bounded); when the token matches, nobody else changed the
-row since, and neither the row's baseline nor its windows are read again. Otherwise (another bridge
-scored the device last, or this bridge restarted) the row and its windows are read in two more
-statements for all such keys together.
+row since, and neither its baseline nor its windows are read again. Otherwise (another bridge
+scored the device last, or this bridge restarted) the row, its baseline and its windows are read in
+three more statements for all such keys together.
 
 Windows are rows of their own (`drift_windows`): each is written once, when it arrives, and deleted
 once it leaves the recent pool, so scoring a window writes about one window's bytes instead of the
 whole pool's. `save` writes the new windows, the deletions and the state rows in one executemany
-each. Rows made before `drift_windows` existed hold their windows as JSON text in
-`drift_states.windows`; they are read from there once and moved.
+each (as plain SQL to the driver, cloud_bridge/drift/driver_sql.py). Rows made before
+`drift_windows` existed hold their windows as JSON text in `drift_states.windows`; they are read
+from there once and moved.
+
+The frozen baseline (~1.6 KB with 64 features) is a row of `drift_baselines`, written once: in the
+state row, rewritten with every scored window, it made that row a database page of its own (on
+SQLite ~10 us per window of updates and WAL). Rows made before keep it in `drift_states.baseline`,
+read from there once and moved. (A bridge of an earlier version sharing the registry would not see
+a baseline frozen by this one: upgrade all bridges together.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import OrderedDict
@@ -27,13 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import JSON, bindparam, delete, select, tuple_, update
+from sqlalchemy import JSON, bindparam, select, tuple_, update
 from sqlalchemy.engine import Connection
 
-from cloud_bridge.drift.codec import WindowCodec, finite, pack_window, pool_to_json, unpack_window
+from cloud_bridge.drift import driver_sql
+from cloud_bridge.drift.codec import WindowCodec, pack_window, pool_to_json, unpack_window
 from cloud_bridge.drift.scoring import Baseline, Kind, KindState, reference_baseline
 from cloud_bridge.drift.windows import WindowStats
-from cloud_bridge.registry import DriftStateRow, DriftWindowRow, ModelRow
+from cloud_bridge.registry import DriftBaselineRow, DriftStateRow, DriftWindowRow, ModelRow
 
 Key = tuple[str, str, str, str]  # fleet, device, model name, model version
 
@@ -51,7 +60,7 @@ class KeyState:
     class_samples: int
     baseline_text: str | None
     windows: list[WindowStats]
-    kinds: dict[Kind, KindState]
+    kinds: dict[Kind, KindState]  # sorted by kind, as stored (JSON); each score finite
     last_window_end: float
     baseline: Baseline | None = None
     token: int | None = None  # drift_states.version as read (None: never written with one)
@@ -59,6 +68,7 @@ class KeyState:
     added: list[tuple[str, WindowStats]] = field(default_factory=list)
     dropped: bool = False
     rewrite: bool = False  # the baseline columns changed (or the row moves off its JSON windows)
+    move_baseline: bool = False  # baseline_text goes to drift_baselines at save (just frozen, or moved)
     tags: tuple[str, str] | None = None  # the key's escaped TSDB tags (tsdb.lines.drift_tags), made once
 
 
@@ -133,69 +143,79 @@ class StateRows:
         return found
 
     def _tokens(self, conn: Connection, keys: list[Key]) -> dict[Key, int | None]:
-        t = DriftStateRow
-        query = (
-            select(*_key_columns(t), t.version)
-            .where(_keys_in(t, keys))
-            # Key order: bridges lock the rows they share in the same order, so they cannot deadlock.
-            .order_by(*_key_columns(t))
-            .with_for_update()
-        )
-        return {(r[0], r[1], r[2], r[3]): r[4] for r in conn.execute(query)}
+        return driver_sql.tokens(conn, keys)
 
     def _select(self, conn: Connection, keys: list[Key]) -> dict[Key, KeyState]:
+        """Whole state rows and their windows (cache misses: another bridge wrote them, or a restart)."""
         t = DriftStateRow
-        query = (
-            select(
-                *_key_columns(t),
-                t.model_sha256,
-                t.source,
-                t.class_mix,
-                t.class_samples,
-                t.baseline,
-                t.windows,
-                t.kinds,
-                t.last_window_end,
-                t.version,
+        if conn.dialect.name == "sqlite":
+            rows = [
+                (*r[:6], driver_sql.json_value(r[6]), *r[7:10], driver_sql.json_value(r[10]), *r[11:])
+                for r in driver_sql.keyed_rows(conn, "drift_states", _STATE_COLUMNS, keys)
+            ]
+            stored = driver_sql.keyed_rows(conn, "drift_windows", _STORED_WINDOW_COLUMNS, keys, _WINDOW_ORDER)
+        else:
+            query = (
+                select(*_key_columns(t), *(getattr(t, c) for c in _STATE_COLUMNS))
+                .where(_keys_in(t, keys))
+                .order_by(*_key_columns(t))
+                .with_for_update()
             )
-            .where(_keys_in(t, keys))
-            .order_by(*_key_columns(t))
-            .with_for_update()
-        )
+            rows = [tuple(r) for r in conn.execute(query)]
+            w = DriftWindowRow
+            stored = [
+                tuple(r)
+                for r in conn.execute(
+                    select(*_key_columns(w), *(getattr(w, c) for c in _STORED_WINDOW_COLUMNS))
+                    .where(_keys_in(w, keys))
+                    .order_by(*_key_columns(w), *(getattr(w, c) for c in _WINDOW_ORDER))
+                )
+            ]
+        frozen = self._baselines(conn, [(r[0], r[1], r[2], r[3]) for r in rows if r[8] is None])
         out: dict[Key, KeyState] = {}
-        for r in conn.execute(query):
-            legacy = self._codec.decode(r.windows)
+        for r in rows:
+            sha256, source, class_mix, class_samples, baseline, windows, kinds, last_window_end, version = r[4:]
+            key = (r[0], r[1], r[2], r[3])
+            legacy = self._codec.decode(windows)
             st = KeyState(
-                sha256=r.model_sha256,
-                source=r.source,
-                class_mix=r.class_mix,
-                class_samples=r.class_samples,
-                baseline_text=r.baseline,
+                sha256=sha256,
+                source=source,
+                class_mix=class_mix,
+                class_samples=class_samples,
+                baseline_text=baseline if baseline is not None else frozen.get(key),
                 windows=legacy,
-                kinds={kind: KindState(**values) for kind, values in (r.kinds or {}).items()},
-                last_window_end=r.last_window_end,
-                token=r.version,
+                # Sorted by kind, as they are stored (KeyState.kinds).
+                kinds={kind: KindState(**values) for kind, values in sorted((kinds or {}).items())},
+                last_window_end=last_window_end,
+                token=version,
             )
             if legacy:
                 # Made before drift_windows: move the windows there with this batch's save.
                 st.added = [(f"legacy-{i}", w) for i, w in enumerate(legacy)]
                 st.rewrite = True
+            if baseline is not None:  # made before drift_baselines: move it there with this batch's save
+                st.rewrite = st.move_baseline = True
             st.baseline = _baseline_of(st, self._codec)
-            out[(r[0], r[1], r[2], r[3])] = st
-        w = DriftWindowRow
-        rows = conn.execute(
-            select(*_key_columns(w), w.window_start, w.window_end, w.count, w.stats)
-            .where(_keys_in(w, keys))
-            .order_by(*_key_columns(w), w.window_end, w.msg_id)
-        )
-        for r in rows:
+            out[key] = st
+        for r in stored:
             owner = out.get((r[0], r[1], r[2], r[3]))
-            if owner is not None:  # r[6]: Row.count is a method
-                owner.windows.append(unpack_window(r.window_start, r.window_end, r[6], r.stats))
+            if owner is not None:
+                owner.windows.append(unpack_window(r[4], r[5], r[6], bytes(r[7])))
         for owner in out.values():
             if owner.added:  # legacy and stored windows together: keep them in window order
                 owner.windows.sort(key=lambda x: x.window_end)
         return out
+
+    def _baselines(self, conn: Connection, keys: list[Key]) -> dict[Key, str]:
+        """The frozen baselines of these keys (those that have one) from drift_baselines."""
+        if not keys:
+            return {}
+        if conn.dialect.name == "sqlite":
+            rows = driver_sql.keyed_rows(conn, "drift_baselines", ["baseline"], keys)
+        else:
+            b = DriftBaselineRow
+            rows = [tuple(r) for r in conn.execute(select(*_key_columns(b), b.baseline).where(_keys_in(b, keys)))]
+        return {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
 
     def _reference_mixes(self, conn: Connection, shas: set[str]) -> dict[str, dict[str, float]]:
         mixes = {sha: dict(self._references[sha]) for sha in shas if sha in self._references}
@@ -211,42 +231,52 @@ class StateRows:
         if not evaluated:
             return
         now = time.time()
-        windows: list[dict[str, Any]] = []
-        dropped: list[dict[str, Any]] = []
-        light: list[dict[str, Any]] = []
+        windows: list[tuple[Any, ...]] = []
+        dropped: list[tuple[str, str, str, str, float]] = []
+        light: list[tuple[Any, ...]] = []  # kinds, last window end, token, now, key
         full: list[dict[str, Any]] = []
+        token = random.getrandbits
         for key, st in evaluated.items():
+            kept = st.windows
             if st.added:
-                kept = {id(w) for w in st.windows}
-                windows.extend(_window_values(key, msg_id, w) for msg_id, w in st.added if id(w) in kept)
-            if st.dropped and st.windows:
-                dropped.append({**_key_binds(key), "cutoff": st.windows[0].window_end})
-            st.token = random.getrandbits(62)
-            values = _state_values(key, st, now, self._codec)
-            (full if st.rewrite else light).append(values)
-        if conn.dialect.name == "sqlite":
-            _save_sqlite(conn, windows, dropped, light)
-            light = []
-        else:
-            if windows:
-                conn.execute(self._insert(DriftWindowRow).on_conflict_do_nothing(), windows)
-            if dropped:
-                w = DriftWindowRow
-                conn.execute(delete(w).where(*_key_params(w), w.window_end < bindparam("cutoff")), dropped)
-        t = DriftStateRow
-        common = {
-            "kinds": bindparam("v_kinds", type_=JSON),
-            "last_window_end": bindparam("v_last"),
-            "version": bindparam("v_token"),
-            "updated_at": bindparam("v_now"),
-        }
-        if light:
-            conn.execute(update(t).where(*_key_params(t)).values(**common), light)
-        if full:
-            stmt = update(t).where(*_key_params(t))
+                # Windows added and pushed out again in this batch are not written. The pool is in
+                # window order and loses its oldest: a window newer than the oldest kept one stayed.
+                oldest = kept[0].window_end if kept else math.inf
+                for msg_id, w in st.added:
+                    if w.window_end > oldest or any(x is w for x in kept):
+                        windows.append((*key, w.window_end, msg_id, w.window_start, w.count, pack_window(w)))
+            if st.dropped and kept:
+                dropped.append((*key, kept[0].window_end))
+            st.token = token(62)
+            if _baseline_text(st) or st.rewrite:
+                full.append(_state_values(key, st, now))
+            else:
+                # KindState is a dataclass: orjson writes its fields as an object, in declaration order.
+                light.append((orjson.dumps(st.kinds).decode(), st.last_window_end, st.token, now, *key))
+        driver_sql.save(conn, windows, dropped, light)
+        baselines = [
+            {**dict(zip(_KEY_NAMES, key, strict=True)), "baseline": st.baseline_text, "created_at": now}
+            for key, st in evaluated.items()
+            if st.move_baseline
+        ]
+        if baselines:
+            # A key's baseline is written once (the state row is locked meanwhile); the upsert only
+            # matters if a row was left behind, and then the state's own baseline wins.
+            stmt = self._insert(DriftBaselineRow)
             conn.execute(
-                stmt.values(
-                    **common,
+                stmt.on_conflict_do_update(index_elements=list(_KEY_NAMES), set_={"baseline": stmt.excluded.baseline}),
+                baselines,
+            )
+        if full:
+            t = DriftStateRow
+            conn.execute(
+                update(t)
+                .where(*_key_params(t))
+                .values(
+                    kinds=bindparam("v_kinds", type_=JSON),
+                    last_window_end=bindparam("v_last"),
+                    version=bindparam("v_token"),
+                    updated_at=bindparam("v_now"),
                     source=bindparam("v_source"),
                     class_mix=bindparam("v_mix", type_=JSON),
                     class_samples=bindparam("v_samples"),
@@ -256,56 +286,24 @@ class StateRows:
                 full,
             )
         for key, st in evaluated.items():
-            st.added, st.dropped, st.rewrite = [], False, False
+            st.added, st.dropped, st.rewrite, st.move_baseline = [], False, False, False
             self.cache.put(key, st)
 
 
-_KEY_WHERE = "fleet_id = ? AND device_id = ? AND model_name = ? AND model_version = ?"
-_WINDOW_COLUMNS = (
-    "fleet_id",
-    "device_id",
-    "model_name",
-    "model_version",
-    "window_end",
-    "msg_id",
-    "window_start",
-    "count",
-    "stats",
+_STATE_COLUMNS = (
+    "model_sha256",
+    "source",
+    "class_mix",
+    "class_samples",
+    "baseline",
+    "windows",
+    "kinds",
+    "last_window_end",
+    "version",
 )
-_QUOTED_WINDOW_COLUMNS = ", ".join(f'"{c}"' for c in _WINDOW_COLUMNS)
-_SQLITE_INSERT_WINDOWS = (
-    f"INSERT INTO drift_windows ({_QUOTED_WINDOW_COLUMNS}) "
-    f"VALUES ({', '.join('?' * len(_WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING"
-)
-_SQLITE_DELETE_WINDOWS = f"DELETE FROM drift_windows WHERE {_KEY_WHERE} AND window_end < ?"
-_SQLITE_UPDATE_STATES = (
-    f"UPDATE drift_states SET kinds = ?, last_window_end = ?, version = ?, updated_at = ? WHERE {_KEY_WHERE}"
-)
-
-
-def _save_sqlite(
-    conn: Connection, windows: list[dict[str, Any]], dropped: list[dict[str, Any]], light: list[dict[str, Any]]
-) -> None:
-    """`save`'s three executemany through the driver: SQLAlchemy's parameter building cost more per
-    row than SQLite takes to write it (the same trade as Registry._insert_sqlite)."""
-    if windows:
-        conn.exec_driver_sql(_SQLITE_INSERT_WINDOWS, [tuple(w[c] for c in _WINDOW_COLUMNS) for w in windows])
-    if dropped:
-        conn.exec_driver_sql(
-            _SQLITE_DELETE_WINDOWS, [(d["k_0"], d["k_1"], d["k_2"], d["k_3"], d["cutoff"]) for d in dropped]
-        )
-    if light:
-        conn.exec_driver_sql(
-            _SQLITE_UPDATE_STATES,
-            [
-                (orjson.dumps(v["v_kinds"]).decode(), v["v_last"], v["v_token"], v["v_now"], *_key_tuple(v))
-                for v in light
-            ],
-        )
-
-
-def _key_tuple(values: Mapping[str, Any]) -> tuple[str, str, str, str]:
-    return (values["k_0"], values["k_1"], values["k_2"], values["k_3"])
+_STORED_WINDOW_COLUMNS = ("window_start", "window_end", "count", "stats")
+_KEY_NAMES = ("fleet_id", "device_id", "model_name", "model_version")
+_WINDOW_ORDER = ("window_end", "msg_id")
 
 
 def _key_columns(table: Any) -> tuple[Any, Any, Any, Any]:
@@ -352,34 +350,27 @@ def _baseline_of(st: KeyState, codec: WindowCodec) -> Baseline | None:
     return None
 
 
-def _state_values(key: Key, st: KeyState, now: float, codec: WindowCodec) -> dict[str, Any]:
+def _baseline_text(st: KeyState) -> bool:
+    """Whether the baseline froze since the row was last written (its text is made now, once)."""
     base = st.baseline
-    ready = base is not None and base.stats is not None
-    if ready and st.baseline_text is None:
-        assert base is not None and base.stats is not None
-        st.baseline_text = json.dumps(pool_to_json(base.stats), separators=(",", ":"))
-        st.rewrite = True
-    # vars(): KindState holds only numbers and bools, so no deep copy (dataclasses.asdict) is needed.
-    kinds = {kind: {**vars(ks), "score": finite(ks.score)} for kind, ks in sorted(st.kinds.items())}
-    values: dict[str, Any] = {**_key_binds(key), "v_kinds": kinds, "v_last": st.last_window_end}
-    values["v_token"], values["v_now"] = st.token, now
-    if st.rewrite:
-        values["v_source"] = base.source if base is not None else st.source
-        values["v_mix"] = base.class_mix if base is not None else st.class_mix
-        values["v_samples"] = base.class_samples if base is not None else st.class_samples
-        values["v_baseline"] = st.baseline_text
-    return values
+    if base is None or base.stats is None or st.baseline_text is not None:
+        return False
+    st.baseline_text = json.dumps(pool_to_json(base.stats), separators=(",", ":"))
+    st.rewrite = st.move_baseline = True
+    return True
 
 
-def _window_values(key: Key, msg_id: str, w: WindowStats) -> dict[str, Any]:
+def _state_values(key: Key, st: KeyState, now: float) -> dict[str, Any]:
+    """The parameters of a state row rewritten with its baseline columns."""
+    base = st.baseline
     return {
-        "fleet_id": key[0],
-        "device_id": key[1],
-        "model_name": key[2],
-        "model_version": key[3],
-        "window_end": w.window_end,
-        "msg_id": msg_id,
-        "window_start": w.window_start,
-        "count": w.count,
-        "stats": pack_window(w),
+        **_key_binds(key),
+        "v_kinds": st.kinds,  # KindState dataclasses: the JSON serializer (orjson) writes their fields
+        "v_last": st.last_window_end,
+        "v_token": st.token,
+        "v_now": now,
+        "v_source": base.source if base is not None else st.source,
+        "v_mix": base.class_mix if base is not None else st.class_mix,
+        "v_samples": base.class_samples if base is not None else st.class_samples,
+        "v_baseline": None,  # in drift_baselines (a legacy row's text is moved there in the same save)
     }

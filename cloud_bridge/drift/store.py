@@ -5,9 +5,10 @@ are dealt to whichever bridge is free, and no single bridge sees a device's whol
 than partitioning devices over bridges (which needs coordination and breaks when a bridge dies),
 every piece of drift state lives in the registry database that all bridges already share:
 
-* `drift_states`: one row per (device, model version) holding the frozen baseline, the windows it
-  is scored on (all of them until the baseline is frozen, then the newest `recent_windows`), each
-  kind's hysteresis counters, episode number and cool-down, and the newest window evaluated;
+* `drift_states`: one row per (device, model version) holding each kind's hysteresis counters,
+  episode number and cool-down, the baseline's class mix and the newest window evaluated; the
+  windows it is scored on (all of them until the baseline is frozen, then the newest
+  `recent_windows`) are rows of `drift_windows`, the frozen baseline a row of `drift_baselines`;
 * `drift_episodes`: one row per alert transition, keyed (device, model, version, kind, episode,
   state): the alert's dedup key, its encoded payload and whether it was published.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import operator
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,26 +44,31 @@ from typing import Any
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from cloud_bridge.drift.batch import Job, Scored, WindowCache, detail_for, score_batch
+from cloud_bridge.drift.batch import Job, Scored, WindowCache, detail_for, score_arrays
 from cloud_bridge.drift.codec import WindowCodec, finite
+from cloud_bridge.drift.evaluate import Stepped, step_scored, step_scores
 from cloud_bridge.drift.scoring import (
     DriftSettings,
-    KindState,
     Transition,
     baseline_complete,
     complete_baseline,
     score_all,
-    step_at,
 )
 from cloud_bridge.drift.state import Key, KeyState, StateCache, StateRows
 from cloud_bridge.drift.windows import WindowStats, pool
 from cloud_bridge.errors import ReferenceModelError
 from cloud_bridge.registry import AlertRow, Batch, DriftEpisodeRow, SeenMessage, TelemetryRow
-from cloud_bridge.tsdb.lines import alert_line, drift_line_for, drift_tags
+from cloud_bridge.tsdb.lines import alert_line
 from common.onnx import load_model
 from schemas import Alert, ModelRef, encode, new_msg_id
 
 log = logging.getLogger(__name__)
+
+_window_end = operator.attrgetter("window_end")
+
+
+def _window_end_of(w: NewWindow) -> float:
+    return w.stats.window_end
 
 
 def load_reference_mixes(paths: Iterable[str | Path]) -> dict[str, dict[str, float]]:
@@ -88,7 +95,7 @@ def load_reference_mixes(paths: Iterable[str | Path]) -> dict[str, dict[str, flo
     return mixes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per telemetry window: a frozen dataclass costs ~1 us more to make
 class NewWindow:
     key: Key
     sha256: str
@@ -185,45 +192,53 @@ class DriftRun:
         self.lines, self.alerts = [], []
         by_key: dict[Key, list[NewWindow]] = {}
         for w in self.windows:
-            by_key.setdefault(w.key, []).append(w)
+            queue = by_key.get(w.key)
+            if queue is None:
+                by_key[w.key] = [w]
+            else:
+                queue.append(w)
         states = self.store.rows.lock(conn, {k: v[0].sha256 for k, v in by_key.items()})
-        evaluated: dict[Key, KeyState] = {}
-        transitions: list[tuple[Key, Transition]] = []
         # Round r takes each device's r-th new window (in window time): a device's windows are scored
         # in order, and every device with an r-th window is scored in the same numpy pass.
-        queues = {key: sorted(by_key[key], key=lambda n: n.stats.window_end) for key in sorted(by_key)}
-        failed: set[Key] = set()
-        for key in queues:
+        keys = sorted(by_key)
+        rounds = 1
+        now = time.time()
+        for key in keys:
+            queue = by_key[key]
+            if len(queue) > 1:
+                queue.sort(key=_window_end_of)
+                rounds = max(rounds, len(queue))
             # The newest window evaluated can never honestly lie in the bridge's future: if a device's
             # clock put it there, it must not keep later windows from being scored (they would all look
             # like late redeliveries until the bridge's clock caught up).
-            states[key].last_window_end = min(states[key].last_window_end, time.time())
-        for r in range(max(len(q) for q in queues.values())):
-            jobs: list[tuple[Key, Job]] = []
-            for key, queue in queues.items():
+            st = states[key]
+            if st.last_window_end > now:
+                st.last_window_end = now
+        failed: set[Key] = set()
+        transitions: list[Stepped] = []
+        for r in range(rounds):
+            items: list[tuple[Key, KeyState, Job]] = []
+            for key in keys:
+                queue = by_key[key]
                 if r >= len(queue) or key in failed:
                     continue
+                st = states[key]
                 try:
-                    job = self._advance(key, states[key], queue[r])
+                    job = self._advance(key, st, queue[r])
                 except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
                     self._failed(key, exc, failed)
                     continue
                 if job is not None:
-                    jobs.append((key, job))
-            try:
-                scored = self._score([job for _, job in jobs])
-            except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
-                for key, _ in jobs:
-                    self._failed(key, exc, failed)
-                continue
-            for (key, job), result in zip(jobs, scored, strict=True):
-                transitions.extend((key, t) for t in self._evaluate(key, states[key], job, result))
-        for key in queues:
-            if key not in failed:
-                evaluated[key] = states[key]
+                    items.append((key, st, job))
+            if items:
+                self._evaluate(items, failed, transitions)
+        evaluated = {key: states[key] for key in keys if key not in failed}
         self.store.rows.save(conn, evaluated)
-        for key, transition in transitions:
+        s = self.store.settings
+        for key, job, transition in transitions:
             if key not in failed:
+                if not transition.score.detail:
+                    transition = replace(transition, score=detail_for(s, job, transition.score))
                 self._alert(conn, key, states[key].sha256, transition)
         self.store.stats.windows += len(self.windows)
 
@@ -236,59 +251,58 @@ class DriftRun:
     # ---- pure part --------------------------------------------------------------------------------
     def _advance(self, key: Key, st: KeyState, w: NewWindow) -> Job | None:
         """Add one new window to the device's state; the evaluation it calls for, if any."""
-        s = self.store.settings
+        store = self.store
+        recent = store.settings.recent_windows
+        stats = w.stats
+        end = stats.window_end
+        windows = st.windows
+        if not windows or end >= windows[-1].window_end:
+            windows.append(stats)  # the usual case: insort would put it last as well
+        else:
+            bisect.insort(windows, stats, key=_window_end)
+        st.added.append((w.msg_id, stats))
         job: Job | None = None
-        bisect.insort(st.windows, w.stats, key=lambda x: x.window_end)
-        st.added.append((w.msg_id, w.stats))
-        if w.stats.window_end < st.last_window_end:
+        baseline = st.baseline
+        if end < st.last_window_end:
             # A late redelivery joins the pool it belongs to but is not scored: hysteresis only
             # moves forward in window time.
-            self.store.stats.late_windows += 1
+            store.stats.late_windows += 1
         else:
-            st.last_window_end = w.stats.window_end
-            if (st.baseline is None or not st.baseline.ready) and baseline_complete(s, st.windows):
-                st.baseline = complete_baseline(st.baseline, st.windows)
-                log.info(
-                    "drift baseline frozen fleet=%s device=%s model=%s version=%s windows=%d", *key, len(st.windows)
-                )
-            if st.baseline is not None:
-                job = Job(st.baseline, st.windows[-s.recent_windows :])
-        if st.baseline is not None and st.baseline.ready and len(st.windows) > s.recent_windows:
-            del st.windows[: len(st.windows) - s.recent_windows]
+            st.last_window_end = end
+            if (baseline is None or baseline.stats is None) and baseline_complete(store.settings, windows):
+                baseline = st.baseline = complete_baseline(baseline, windows)
+                log.info("drift baseline frozen fleet=%s device=%s model=%s version=%s windows=%d", *key, len(windows))
+            if baseline is not None:
+                job = Job(baseline, windows[-recent:])
+        if baseline is not None and baseline.stats is not None and len(windows) > recent:
+            gone = len(windows) - recent
+            store.window_cache.forget(windows[:gone])
+            del windows[:gone]
             st.dropped = True
         return job
 
-    def _score(self, jobs: list[Job]) -> list[Scored]:
+    def _evaluate(self, items: list[tuple[Key, KeyState, Job]], failed: set[Key], out: list[Stepped]) -> None:
+        """Score one round's jobs and step their hysteresis (a scoring error fails the whole round)."""
         s = self.store.settings
-        if self.store.batched:
-            return score_batch(s, jobs, self.store.window_cache)
-        out = []
-        for job in jobs:
-            recent = pool(job.windows)
-            out.append(Scored(recent.window_start, recent.window_end, score_all(s, job.baseline, recent)))
-        return out
-
-    def _evaluate(self, key: Key, st: KeyState, job: Job, result: Scored) -> list[Transition]:
-        s = self.store.settings
-        out: list[Transition] = []
-        self.store.stats.evaluations += 1
-        tags = st.tags
-        if tags is None:
-            tags = st.tags = drift_tags(*key)
-        for score in result.scores:
-            kind_state = st.kinds.get(score.kind)
-            if kind_state is None:
-                kind_state = st.kinds[score.kind] = KindState()
-            transition = step_at(s, kind_state, score, result.window_start, result.window_end)
-            threshold = score.low if kind_state.firing else score.high
-            self.lines.append(
-                drift_line_for(tags, score.kind, finite(score.score), threshold, kind_state.firing, result.window_end)
-            )
-            if transition is not None:
-                if not transition.score.detail:
-                    transition = replace(transition, score=detail_for(s, job, transition.score))
-                out.append(transition)
-        return out
+        store = self.store
+        try:
+            if store.batched:
+                scores = score_arrays(s, [job for _, _, job in items], store.window_cache)
+            else:
+                scored = []
+                for _, _, job in items:
+                    recent = pool(job.windows)
+                    scored.append(Scored(recent.window_start, recent.window_end, score_all(s, job.baseline, recent)))
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+            for key, _, _ in items:
+                self._failed(key, exc, failed)
+            return
+        store.stats.evaluations += len(items)
+        if store.batched:
+            out.extend(step_scores(s, items, scores, self.lines))
+        else:
+            for (key, st, job), result in zip(items, scored, strict=True):
+                out.extend(step_scored(s, key, st, job, result, self.lines))
 
     def _alert(self, conn: Connection, key: Key, sha256: str, t: Transition) -> None:
         fleet_id, device_id, name, version = key

@@ -289,7 +289,8 @@ class DriftStateRow(Base):
     source: Mapped[str] = mapped_column(String(16))
     class_mix: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
     class_samples: Mapped[int] = mapped_column(Integer, default=0)
-    baseline: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON text of the pooled baseline
+    # JSON text of the pooled baseline in rows made before drift_baselines (moved there when next saved).
+    baseline: Mapped[str | None] = mapped_column(Text, nullable=True)
     # JSON text of the windows: every one so far until the baseline is frozen, then the newest few.
     windows: Mapped[str] = mapped_column(Text, default="[]")
     kinds: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -315,6 +316,21 @@ class DriftWindowRow(Base):
     window_start: Mapped[float] = mapped_column(Float)
     count: Mapped[int] = mapped_column(Integer)
     stats: Mapped[bytes] = mapped_column(LargeBinary)  # cloud_bridge/drift/codec.py pack_window
+
+
+class DriftBaselineRow(Base):
+    """The frozen baseline of one (device, model version): pooled statistics of its first windows as
+    JSON text (cloud_bridge/drift/codec.py pool_to_json), written once when it freezes. Out of
+    `drift_states`, whose row is rewritten with every scored window: ~1.6 KB of baseline made it a
+    page of its own. Rows made before this table keep it in `drift_states.baseline` until moved."""
+
+    __tablename__ = "drift_baselines"
+    fleet_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    baseline: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class DriftEpisodeRow(Base):
