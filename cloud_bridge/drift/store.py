@@ -25,8 +25,9 @@ This module runs the evaluation (`DriftRun`) and records alerts; the state rows 
 written in cloud_bridge/drift/state.py, and encoded as cloud_bridge/drift/codec.py says.
 
 The cost stays off the per-message path: nothing happens for messages other than telemetry, and a
-batch with telemetry adds two statements (read and lock, write back) for all its devices together
-(each statement is a thread hop with aiosqlite), plus three per alert.
+batch with telemetry adds four statements for all its devices together (read and lock the tokens;
+insert new windows, delete old ones, update the states), plus three per alert and three more reads
+when another bridge changed a device's state since this one saved it.
 """
 
 from __future__ import annotations
