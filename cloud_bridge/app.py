@@ -27,7 +27,7 @@ from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.errors import BridgeError
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
-from cloud_bridge.escalation.session import escalation_connection
+from cloud_bridge.escalation.session import escalation_connection, session_config, watch_for_clash
 from cloud_bridge.improve.escalation_value import EscalationAdvice
 from cloud_bridge.improve.worker import ImproveWorker
 from cloud_bridge.ingest.admission import ingest_filters
@@ -173,11 +173,16 @@ class Bridge:
                     workers.append(tg.create_task(improve, name="improve"))
                 tsdb_task = tg.create_task(self.tsdb.run()) if self.tsdb is not None else None
                 status_task = tg.create_task(self._status_loop())
+                clash_task = None
+                if self.escalation_mqtt is not None and session_config(cfg).username == cfg.mqtt.username:
+                    clash_task = tg.create_task(self._escalations_on_main_if_clash(), name="escalation-clash")
                 confirm_task = tg.create_task(self.confirmer.run(), name="confirmations")
                 workers.append(tg.create_task(self.feed.run(), name="samples-feed"))
                 await self._stop.wait()
                 await self._drain(workers, tsdb_task, confirm_task)
                 status_task.cancel()
+                if clash_task is not None:
+                    clash_task.cancel()
         except* BridgeError as group:
             # A task refused to go on (e.g. a broker that ignores $share with fallback off): surface the
             # bridge's own error, which the CLI prints with its fix, not an exception group.
@@ -187,6 +192,25 @@ class Bridge:
                 self.tsdb.dispose()
             await self.registry.close()
         log.info("bridge stopped")
+
+    async def _escalations_on_main_if_clash(self) -> None:
+        """Move escalations to the [mqtt] session if the broker keeps the two sessions of one login
+        from coexisting (session.watch_for_clash): answers on the shared session beat no answers."""
+        assert self.mqtt is not None and self.escalation_mqtt is not None and self.escalator is not None
+        own, cfg = self.escalation_mqtt, self.config
+        await watch_for_clash(self.mqtt, own)
+        log.error(
+            "mqtt sessions clash username=%s: the escalation session and the [mqtt] session keep closing each "
+            "other (the broker makes the username the client id, e.g. use_username_as_clientid); escalations "
+            "moved to the [mqtt] session for this run. Fix: give the escalation session an account of its own "
+            "([escalation] username and password, a user block in the broker's ACL) or set "
+            '[escalation] session = "shared"',
+            cfg.mqtt.username,
+        )
+        self.escalation_mqtt = None
+        await own.close()
+        self.escalator.use_session(self.mqtt.publish, self.mqtt.ack)
+        self.mqtt.add_subscriptions([(escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1)])
 
     async def _publish_expiring(self, topic: str, payload: bytes, qos: int, expiry_s: int | None) -> None:
         assert self.mqtt is not None

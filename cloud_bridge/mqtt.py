@@ -267,6 +267,14 @@ class MqttConnection:
         if self._disconnected.is_set() and not event.is_set():
             raise MqttError(self._connect_error or "connection closed by the broker")
 
+    def add_subscriptions(self, subscriptions: list[tuple[str, int]]) -> None:
+        """Subscribe to more filters: now if connected, and at every later connect."""
+        self._subscriptions.extend(subscriptions)
+        if self._connected.is_set():
+            result, _mid = self._client.subscribe(subscriptions)
+            if result != paho.MQTT_ERR_SUCCESS:
+                log.warning("mqtt subscribe failed filters=%s error=%s", subscriptions, paho.error_string(result))
+
     async def wait_subscribed(self, generation: int) -> None:
         """Wait until connection number `generation` (1 = first) is up and subscribed."""
         async with self._session_ready:

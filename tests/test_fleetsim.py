@@ -103,7 +103,10 @@ def test_over_tls_with_a_client_certificate(
 ) -> None:
     """The shipped cloud broker (mosquitto/cloud.conf): the simulator on its client-certificate
     listener with a gateway's identity (the ACL lets a gateway speak for every device; the listener
-    makes the identity the client id, so one connection), the bridge with its account over TLS."""
+    makes the identity the client id, so one connection), the bridge with its account over TLS. That
+    listener makes the username the client id too, so the bridge's default own escalation session
+    and its main one keep taking each other over: the bridge sees it and moves escalations to the
+    main session, and nothing is lost on the way."""
     cloud = start_cloud(mosquitto_factory, pki)
     config = write_bridge_config(
         tmp_path,
@@ -119,7 +122,8 @@ def test_over_tls_with_a_client_certificate(
         ingest={"confirm_interval_s": 1.0},
     )
     with run_cloud_bridge(config, tmp_path / "bridge.log") as bridge:
-        wait_logged(bridge, "mqtt connected")
+        # Devices that escalate while the two sessions fight get their local fallback: start after it.
+        wait_logged(bridge, "escalations moved to the [mqtt] session")
         certs = pki.dir / "gateways"
         argv = [sys.executable, "-m", "fleetsim", "--port", str(cloud.gateway_port), "--ca", str(pki.ca)]
         argv += ["--cert", str(certs / f"{GATEWAY}.crt"), "--key", str(certs / f"{GATEWAY}.key")]

@@ -47,7 +47,9 @@ class EscalationConfig:
     # its event-loop turn; "shared": on the [mqtt] session, as before. The own session connects with
     # `client_id` (default: [mqtt] client_id + "-escalation") and `username`/`password` (default:
     # [mqtt]'s). A broker that makes the username the client id (Mosquitto's
-    # use_username_as_clientid, as mosquitto/cloud.conf does) needs an account of its own for it.
+    # use_username_as_clientid, as mosquitto/cloud.conf does) needs an account of its own for it:
+    # without one the two sessions keep taking each other over, and the bridge, seeing that, moves
+    # escalations to the [mqtt] session and logs the fix (cloud_bridge/escalation/session.py).
     session: Literal["own", "shared"] = "own"
     client_id: str | None = None
     username: str | None = None

@@ -186,6 +186,12 @@ class Escalator:
         # the registry's escalation advice in).
         self.pause_for: Callable[[str, str, str], float | None] = _no_pause
 
+    def use_session(self, publish: Publish, ack: Ack) -> None:
+        """Reply and acknowledge on another session from now on (the bridge moved escalations to its
+        [mqtt] session); requests taken on the old one and not yet acknowledged come again there."""
+        self._publish = publish
+        self._ack = ack
+
     def submit(self, incoming: Incoming) -> None:
         """Called from the MQTT callback: validate cheaply and queue; bad requests are acked and dropped."""
         self.stats.received += 1

@@ -16,6 +16,7 @@ Replies go to the device's escalate/reply topic with the request's Correlation D
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 from cloud_bridge.config import BridgeConfig, MqttConfig
@@ -44,3 +45,30 @@ def escalation_connection(config: BridgeConfig, on_message: MessageHandler) -> M
     probe = SharedProbe(fleet.share_group, f"{topics.prefix}/_probe/{mqtt.client_id}", fleet.shared_fallback)
     subscriptions = [(escalation_filter(topics, fleet.share_group, fleet.shared), 1)]
     return MqttConnection(mqtt, subscriptions, on_message, probe)
+
+
+# Both sessions reconnecting this often within the window, on one login: the broker gives them one
+# client id. A broker restart or a link drop reconnects each once, not three times in ten seconds.
+CLASH_RECONNECTS = 3
+CLASH_WINDOW_S = 10.0
+_CLASH_POLL_S = 0.5
+
+
+async def watch_for_clash(main: MqttConnection, own: MqttConnection) -> None:
+    """Return once the two sessions keep taking each other over: a broker that makes the username the
+    client id (Mosquitto's use_username_as_clientid, as mosquitto/cloud.conf does) gives both logins
+    of one account the same session, so each connect closes the other. `cloud-bridge check` says so
+    before a start; this is for a bridge started without it. A counter read twice a second, not an
+    event: a takeover reaches paho as a DISCONNECT reason on some brokers and as a closed socket on
+    others (Mosquitto 2.0.11 over TLS), but either way the generation counts the reconnect."""
+    history: list[tuple[float, int, int]] = []
+    loop = asyncio.get_running_loop()
+    while True:
+        now = loop.time()
+        history.append((now, main.generation, own.generation))
+        while history and history[0][0] < now - CLASH_WINDOW_S:
+            history.pop(0)
+        _, main_then, own_then = history[0]
+        if main.generation - main_then >= CLASH_RECONNECTS and own.generation - own_then >= CLASH_RECONNECTS:
+            return
+        await asyncio.sleep(_CLASH_POLL_S)
