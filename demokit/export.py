@@ -94,6 +94,8 @@ def set_metadata(
     labels: tuple[str, ...],
     accuracy: float,
     class_mix: dict[str, float],
+    *,
+    temperature: float | None = None,
 ) -> None:
     from onnx import helper
 
@@ -123,6 +125,8 @@ def set_metadata(
         "seed": str(config.seed),
         "train_config": config.to_json(),
     }
+    if temperature is not None:  # the logits were divided by it (demokit/training.py, calibration)
+        props["calibration"] = json.dumps({"method": "temperature", "temperature": round(temperature, 6)})
     helper.set_model_props(model, dict(sorted(props.items())))
 
 

@@ -119,6 +119,9 @@ def edge_config(
         seed=seed,
         max_iter=max_iter,
         shuffle_labels=shuffle_labels,
+        # Calibrated logits (demokit/training.py); not the deliberately wrong model, whose confident
+        # wrong answers the rollback tests count on.
+        calibrate=not shuffle_labels,
     )
 
 
@@ -176,11 +179,12 @@ def build_model(out_dir: Path, config: TrainConfig, split: DigitsSplit, *, force
             logger.info("reusing cached model path=%s", path)
             return cached
     started = time.perf_counter()
-    layers = train(config, split)
-    model = to_onnx(config, layers, split.labels)
+    trained = train(config, split)
+    model = to_onnx(config, trained.layers, split.labels)
     predictions = predict(model.SerializeToString(), path, split.X_test)
     accuracy = float(np.mean(predictions == split.y_test))
-    set_metadata(model, config, split.labels, accuracy, class_mix(predictions, split.labels))
+    mix = class_mix(predictions, split.labels)
+    set_metadata(model, config, split.labels, accuracy, mix, temperature=trained.temperature)
     set_health_reference(model, path, config.output_kind, split)
     data = model.SerializeToString()
     write_atomic(path, data)  # a reader (or a cache check) never sees a half-written model

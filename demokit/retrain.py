@@ -51,6 +51,7 @@ def _base_config(base_model: Path, name: str, version: str, seed: int | None, hi
         output_kind=card.output_kind,
         seed=int(recorded.get("seed", 0)),
         max_iter=int(recorded.get("max_iter", 200)),
+        calibrate=bool(recorded.get("calibrate", False)),
     )
     return config if seed is None else replace(config, seed=seed)
 
@@ -79,11 +80,15 @@ def retrain(job: dict[str, Any], root: Path) -> dict[str, Any]:
         X_test=split.X_test,
         y_test=split.y_test,
     )
-    layers = train(config, combined)
-    model = to_onnx(config, layers, split.labels)
+    # The copies of one field sample share a calibration fold (demokit/training.py).
+    base = len(split.y_train)
+    groups = np.concatenate([np.arange(base), *([base + np.arange(len(x))] * repeat)]) if len(x) else None
+    trained = train(config, combined, groups)
+    model = to_onnx(config, trained.layers, split.labels)
     predictions = predict(model.SerializeToString(), out, split.X_test)
     accuracy = float(np.mean(predictions == split.y_test))
-    set_metadata(model, config, split.labels, accuracy, class_mix(predictions, split.labels))
+    mix = class_mix(predictions, split.labels)
+    set_metadata(model, config, split.labels, accuracy, mix, temperature=trained.temperature)
     set_health_reference(model, out, config.output_kind, split)
     metrics = {
         "trainer": "demokit.retrain",
@@ -93,6 +98,7 @@ def retrain(job: dict[str, Any], root: Path) -> dict[str, Any]:
         "pseudo": sources.count("pseudo"),
         "oversample": repeat,
         "hidden": list(config.hidden),
+        "temperature": trained.temperature,
         "seconds": round(time.perf_counter() - started, 3),
     }
     from onnx import helper
