@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set the machine up first,
-# installing Python packages only from requirements.lock (exact versions with hashes).
+# installing Python packages only from requirements.lock (exact versions with hashes), and for the
+# tests Label Studio into .venv-label-studio from requirements-label-studio.lock.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The lock resolves for every platform (x86_64 and aarch64 devices) and Python >= 3.11.
