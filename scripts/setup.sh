@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare this machine for `make demo` / `make test`: system servers the demo and the tests start
 # (Mosquitto; victoria-metrics for the InfluxDB v2 write API; Debian's InfluxDB 1.x, whose InfluxQL
-# runs the dashboard's queries), then the venv.
-# Idempotent: installs only what is missing, rebuilds the venv only when the lock or the project changed.
+# runs the dashboard's queries), then the venv, then (unless WITH_LABEL_STUDIO=0) Label Studio in a
+# venv of its own for tests/test_label_studio.py.
+# Idempotent: installs only what is missing, rebuilds a venv only when its lock or the project changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,4 +69,28 @@ if [ ! -x "$VENV/bin/python" ]; then
   # The project itself, editable, built by the locked setuptools (no download at build time).
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
+fi
+
+# Label Studio, for tests/test_label_studio.py's round trip through a real server: its own venv from
+# its own lock (about 160 pins that would fight requirements.lock's; ~1 GB). Not for `make demo`.
+if [ "${WITH_LABEL_STUDIO:-1}" != 0 ]; then
+  LS_VENV=.venv-label-studio
+  LS_LOCK=requirements-label-studio.lock
+  if [ ! -f "$LS_LOCK" ]; then
+    echo "setup: $LS_LOCK is missing: restore it (git checkout -- $LS_LOCK), or resolve a new one with 'make lock-label-studio'" >&2
+    exit 1
+  fi
+  ls_want="$(sha256sum "$LS_LOCK" | cut -d' ' -f1)"
+  ls_stamp="$LS_VENV/.installed"
+  # A venv without the stamp is a half-finished install (interrupted, or failed): start it over.
+  if [ -e "$LS_VENV" ] && [ "$(cat "$ls_stamp" 2>/dev/null)" != "$ls_want" ]; then
+    echo "setup: $LS_LOCK changed (or its last install did not finish): rebuilding $LS_VENV"
+    rm -rf "$LS_VENV"
+  fi
+  if [ ! -e "$LS_VENV" ]; then
+    echo "setup: installing Label Studio for its round-trip test (about 2 minutes)"
+    "$PYTHON" -m venv "$LS_VENV"
+    "$LS_VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$LS_LOCK"
+    echo "$ls_want" > "$ls_stamp"
+  fi
 fi

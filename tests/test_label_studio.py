@@ -3,16 +3,20 @@ wrote, annotate them through its API (answers from the labeling stand-in), expor
 and import those labels.
 
 Label Studio is not a dependency of the project: its ~1 GB of pinned packages would fight the
-project's, and `make test` installs only what requirements.lock pins. The test runs when
-LABEL_STUDIO_BIN names the `label-studio` program of its own venv (`python -m venv /opt/ls &&
-/opt/ls/bin/pip install label-studio`, about 105 s; the server answers /health about 45 s after it
-starts), and is skipped otherwise; the documented-format tests (tests/test_improve_labels.py) always run.
+project's. `make test` (scripts/setup.sh) installs it into a venv of its own, `.venv-label-studio`,
+from requirements-label-studio.lock (hashed; about 2 minutes the first time, and again only when
+that lock changes), and this test starts `.venv-label-studio/bin/label-studio` on a free port with
+its data, and HOME, in a temp dir (it answers /health about 45 s after it starts). LABEL_STUDIO_BIN
+names another `label-studio` program instead; with neither (`WITH_LABEL_STUDIO=0 scripts/setup.sh`)
+the test is skipped and says how to install it. The documented-format tests
+(tests/test_improve_labels.py) always run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +40,17 @@ from tests.config_files import write_bridge_config
 from tests.loop_helpers import archive_samples
 from tests.poll import wait_for
 
-BIN = os.environ.get("LABEL_STUDIO_BIN")
+ROOT = Path(__file__).resolve().parents[1]
+# The venv scripts/setup.sh builds (unless WITH_LABEL_STUDIO=0); LABEL_STUDIO_BIN overrides it.
+_INSTALLED = ROOT / ".venv-label-studio" / "bin" / "label-studio"
+BIN = os.environ.get("LABEL_STUDIO_BIN") or (str(_INSTALLED) if _INSTALLED.exists() else None)
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 pytestmark = [
-    pytest.mark.skipif(not BIN, reason="LABEL_STUDIO_BIN is not set: no Label Studio server to round-trip through"),
+    pytest.mark.skipif(
+        not BIN,
+        reason=f"no Label Studio server to round-trip through: {_INSTALLED.relative_to(ROOT)} is missing; "
+        "`make test` (scripts/setup.sh without WITH_LABEL_STUDIO=0) installs it, or set LABEL_STUDIO_BIN",
+    ),
     pytest.mark.timeout(300),
 ]
 LABEL_CONFIG = (
@@ -62,22 +73,45 @@ class LabelStudio:
             return json.loads(response.read() or b"null")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
+    """A Label Studio server for this module (stopped after it, freeing its ~300 MB for the rest)."""
     assert BIN is not None
+    found = shutil.which(BIN)  # a name on PATH or a path; absolute, since the server runs in its temp dir
+    if found is None:
+        pytest.fail(f"LABEL_STUDIO_BIN={BIN!r} is not an executable program: name a venv's bin/label-studio")
+    program = os.path.abspath(found)
     base = tmp_path_factory.mktemp("label-studio")
     port = free_port()
+    # A minimal environment: Label Studio also reads unprefixed names (HOST, PORT, USERNAME, DEBUG...)
+    # that a developer's shell may hold. Its database, media and settings go to the temp dir, and so
+    # does what it writes under HOME (~/.config/label-studio) or the working directory: nothing lands
+    # in the user's home or the checkout. No version check against pypi.org, no usage telemetry.
+    # Label Studio asks git for its own version from its package directory, which sits inside this
+    # checkout: it would take the project's commit and write a version_.py into its venv. GIT_DIR
+    # names no repository, so it finds none. Unbuffered: a failure's log tail shows all it printed.
     env = {
-        **os.environ,
-        "LABEL_STUDIO_BASE_DATA_DIR": str(base),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LC_ALL": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "GIT_DIR": str(base / "no-repository"),
+        "HOME": str(base),
+        "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
     }
-    argv = [BIN, "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port)]
+    # --internal-host is the address it listens on (default 0.0.0.0); its --host is a public URL.
+    argv = [program, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
     argv += ["--username", "labeler@example.com", "--password", "labeler-pass-1", "--user-token", TOKEN]
     with ManagedProcess("label-studio", base / "server.log") as proc:
-        proc.launch(argv, env=env)
+        proc.launch(argv, env=env, cwd=base)
 
         def healthy() -> bool:
+            if not proc.alive:
+                raise AssertionError(
+                    f"Label Studio exited with {proc.returncode} before it answered\n{proc.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                     return response.status == 200

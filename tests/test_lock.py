@@ -2,7 +2,8 @@
 
 `make demo`, `make test`, CI and the Docker image install only from the locks; pyproject keeps the
 ranges for people who install the packages as libraries. When someone edits a range or adds a
-dependency without running `make lock`, this fails and names the package.
+dependency without running `make lock`, this fails and names the package. Label Studio's own lock
+(requirements-label-studio.lock, for its venv) must pin what requirements-label-studio.in asks for.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "edgefleet"
 # lock file -> the extras it must cover (the main dependencies and the `build` group always)
 LOCKS = {"requirements.lock": ("dev",), "docker/requirements.lock": ("demo", "postgres")}
+# Label Studio's own venv (.venv-label-studio, for tests/test_label_studio.py): its input and its lock.
+LABEL_STUDIO_IN, LABEL_STUDIO_LOCK = "requirements-label-studio.in", "requirements-label-studio.lock"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
@@ -80,8 +83,20 @@ def test_every_requirement_is_pinned_within_its_range(lock: str) -> None:
     assert not problems, "pyproject.toml and the lock disagree; run `make lock`:\n" + "\n".join(problems)
 
 
+def test_the_label_studio_lock_pins_what_its_input_asks_for() -> None:
+    pins = _pins(ROOT / LABEL_STUDIO_LOCK)
+    problems = []
+    for line in (ROOT / LABEL_STUDIO_IN).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pinned = pins.get(canonicalize_name(req.name))
+            if pinned is None or not req.specifier.contains(pinned, prereleases=True):
+                problems.append(f"{LABEL_STUDIO_IN} asks for {req}; {LABEL_STUDIO_LOCK} pins {pinned}")
+    assert not problems, "run `make lock-label-studio`:\n" + "\n".join(problems)
+
+
 def test_every_pin_has_a_hash() -> None:
-    for lock in LOCKS:
+    for lock in (*LOCKS, LABEL_STUDIO_LOCK):
         text = (ROOT / lock).read_text()
         entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
         unhashed = [e.split("==")[0] for e in entries if "==" in e and "--hash=sha256:" not in e]
