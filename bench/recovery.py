@@ -119,7 +119,7 @@ async def run(args: argparse.Namespace, root: Path, seed: int) -> dict[str, floa
         teacher = "digits-cloud@1.0.0" if args.teacher else None
         options_loop = {"stages": [25, 100], "min_human": 20, "holdout": args.holdout, "teacher": teacher}
         loop_id = await LoopStore(registry).create(NewLoop(FLEET, (DEVICE,), edge.name, edge.version, options_loop))
-        driver = ImproveDriver(registry, store, root / "improve", "bench")
+        driver = ImproveDriver(registry, store, root / "improve", "bench", cloud_model=cloud.path)
         started = time.perf_counter()
         await driver.run_until_settled()
         loop_s = time.perf_counter() - started
@@ -159,6 +159,18 @@ async def run(args: argparse.Namespace, root: Path, seed: int) -> dict[str, floa
         f"after loop {esc_after:.3f}"
     )
     print(f"clean devices: base {pre:.4f}  candidate {clean_after:.4f}  loss {100 * (pre - clean_after):+.2f} points")
+    # What the device sends: where the gate found the cloud no better than the candidate on the inputs
+    # the candidate is unsure of, replies tell the device to pause escalations for pause_s; it then asks
+    # once per pause (the first unsure input after it), at `--hz` inferences a second.
+    advice = gate.get("escalation") or {}
+    pause_s = advice.get("pause_s")
+    esc_sent = min(esc_after, 1.0 / (pause_s * args.hz)) if pause_s else esc_after
+    print(
+        f"escalation advice for the candidate: {advice.get('verdict', 'none')} (candidate "
+        f"{advice.get('edge_accuracy', float('nan')):.3f}, cloud {advice.get('cloud_accuracy', float('nan')):.3f} on "
+        f"{advice.get('labeled', 0)} {advice.get('slice', '')} holdout inputs); escalations sent after the loop "
+        f"{esc_sent:.3f} of inferences at {args.hz:g} Hz"
+    )
     return {
         "pre": pre,
         "drifted": drifted,
@@ -166,6 +178,7 @@ async def run(args: argparse.Namespace, root: Path, seed: int) -> dict[str, floa
         "clean_loss": pre - clean_after,
         "esc_drift": esc_drift,
         "esc_after": esc_after,
+        "esc_sent": esc_sent,
         "human": team.answered,
         "pseudo": counts.get("pseudo", 0),
     }
@@ -188,7 +201,10 @@ async def run_all(args: argparse.Namespace, root: Path) -> None:
         f"pseudo {median('pseudo'):.0f})"
     )
     print(f"clean devices' loss {100 * median('clean_loss'):+.2f} points (negative: the candidate is better there)")
-    print(f"drifted device escalation rate {median('esc_drift'):.3f} after drift, {median('esc_after'):.3f} after loop")
+    print(
+        f"drifted device escalation rate {median('esc_drift'):.3f} after drift; after the loop "
+        f"{median('esc_after'):.3f} of inputs under 0.8, {median('esc_sent'):.3f} sent (with the loop's advice)"
+    )
     print(f"ratios per run: {', '.join(f'{x:.3f}' for x in ratios)}")
     print(f"ratio {float(np.median(ratios)):.3f} recovered/pre-drift accuracy")
 
@@ -204,6 +220,7 @@ def main() -> int:
     parser.add_argument("--teacher", action="store_true", help="pseudo-label the rest with the cloud model")
     parser.add_argument("--seed", type=int, default=0, help="first seed (stream, labelers)")
     parser.add_argument("--runs", type=int, default=3, help="whole loops, one per seed; the headline is the median")
+    parser.add_argument("--hz", type=float, default=1.0, help="the device's inferences per second (the fleet's 1)")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of human labels the gate keeps (0.2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # onnxruntime.quantization advises pre-processing on every call

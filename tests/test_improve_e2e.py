@@ -19,7 +19,7 @@ from cloud_bridge.config import BridgeConfig, EscalationConfig, MqttConfig, OtaC
 from cloud_bridge.improve.driver import ImproveDriver
 from cloud_bridge.improve.store import LoopStore, NewLoop
 from cloud_bridge.ota.keys import generate
-from cloud_bridge.registry import SampleRow
+from cloud_bridge.registry import EscalationAdviceRow, SampleRow
 from cloud_bridge.samples.export import read_manifest
 from demokit.labelers import StandInLabelingTeam
 from demokit.models import DemoModel
@@ -106,9 +106,22 @@ async def test_drift_to_labels_to_a_promoted_model_on_a_live_fleet(
             options = {"stages": [50, 100], "window_s": 3.0, "thresholds": LOOSE, "min_gain": 0.02, "max_loss": 0.03}
             loops = LoopStore(db.registry)
             loop_id = await loops.create(NewLoop(FLEET, (DRIFTED,), edge.name, edge.version, options))
-            await ImproveDriver(db.registry, db.models, tmp_path / "work", "test-worker").run_until_settled()
+            cloud = demo_models["cloud"].path
+            await ImproveDriver(
+                db.registry, db.models, tmp_path / "work", "test-worker", cloud_model=cloud
+            ).run_until_settled()
             loop = await loops.get(loop_id)
             assert loop is not None and loop["phase"] == "watch", json.dumps(loop, default=str)
+            # The cloud model is poor on rotated digits: the gate found it no better than the candidate
+            # and told the drifted device to pause escalations on the candidate's version.
+            advice = loop["gate"]["escalation"]
+            assert advice["verdict"] == "does_not_help" and advice["cloud_accuracy"] < advice["edge_accuracy"], advice
+            async with db.registry.engine.connect() as conn:
+                t = EscalationAdviceRow
+                rows = (await conn.execute(select(t.device_id, t.model_version, t.pause_s))).all()
+            assert [(r.device_id, r.model_version, r.pause_s) for r in rows] == [
+                (DRIFTED, loop["candidate_version"], advice["pause_s"])
+            ]
             rollout = await db.wait_rollout(loop["rollout_id"], lambda r: r["state"] != "running", limit_s=150)
             assert rollout["state"] == "promoted", rollout["reason"]
             await ImproveDriver(db.registry, db.models, tmp_path / "work", "test-worker").tick()

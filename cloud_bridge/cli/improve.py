@@ -228,6 +228,13 @@ def _summary(loop: dict[str, Any]) -> str:
             f"{gate['drifted_candidate']:.3f} (n={gate['holdout_size']}), original test {gate['original_current']:.3f}"
             f" -> {gate['original_candidate']:.3f}"
         )
+        esc = gate.get("escalation")
+        if esc:
+            said = {"does_not_help": "cloud no better: escalations paused", "helps": "cloud helps", "unknown": "?"}
+            text += (
+                f"; escalation on {esc['slice']} holdout (n={esc['labeled']}): candidate {esc['edge_accuracy']:.3f},"
+                f" cloud {esc['cloud_accuracy']:.3f}, {said.get(esc['verdict'], esc['verdict'])}"
+            )
     if loop.get("reason") and loop["state"] != "running":
         text += f"; {loop['reason']}"
     return text

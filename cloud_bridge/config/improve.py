@@ -52,6 +52,12 @@ class ImproveConfig:
     base_data: str = "digits"  # the trainer's name for the base model's training data
     original_eval: str = "digits"  # the original test set the gate checks (`digits` or an .npz)
     calibration: str = "digits"  # INT8 calibration inputs beside the field samples
+    # Escalation advice for the candidate, from the gate's holdout (cloud_bridge/improve/
+    # escalation_value.py): where the cloud model is not better than the candidate on the inputs the
+    # candidate is unsure of (top-1 under `escalate_below`, the edge's default threshold), the cohort's
+    # devices are told to pause escalations for `escalation_pause_s` on that version; 0: no advice.
+    escalation_pause_s: float = 600.0
+    escalate_below: float = 0.8
 
     def validate(self) -> None:
         for name in ("min_human", "oversample"):
@@ -71,6 +77,13 @@ class ImproveConfig:
         for name in ("min_confidence", "max_loss"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be between 0 and 1")
+        if not 0.0 <= self.escalation_pause_s <= 86400:
+            raise ValueError(
+                f"escalation_pause_s = {self.escalation_pause_s} must be 0 (no advice) to 86400 "
+                "(what escalate_reply/1 allows)"
+            )
+        if not 0.0 < self.escalate_below <= 1.0:
+            raise ValueError(f"escalate_below = {self.escalate_below} must be a probability above 0, at most 1")
         if not -1.0 <= self.min_gain <= 1.0:
             raise ValueError(f"min_gain = {self.min_gain} must be between -1 and 1 (an accuracy difference)")
         if self.teacher and not all(self.teacher.partition("@")[::2]):
@@ -112,6 +125,8 @@ class ImproveConfig:
             "thresholds": parse_thresholds(self.thresholds),
             "oversample": self.oversample,
             "hidden": list(self.hidden),
+            "escalation_pause_s": self.escalation_pause_s,
+            "escalate_below": self.escalate_below,
         }
         if self.trainer:
             options["trainer"] = self.trainer.split()

@@ -30,6 +30,7 @@ import numpy as np
 
 from cloud_bridge.config.improve import ImproveConfig
 from cloud_bridge.errors import BridgeError, ModelStoreError
+from cloud_bridge.improve.escalation_value import EscalationValue, record_advice, value_on_holdout
 from cloud_bridge.improve.gate import judge
 from cloud_bridge.improve.store import FINAL_STATES, PHASES, LoopStore
 from cloud_bridge.improve.trainer import DEFAULT_TRAINER, TrainJob, run_trainer
@@ -52,6 +53,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "seed": None,
     **ImproveConfig().loop_options(),
 }
+# Unsure holdout inputs needed to judge escalation on them alone (else the whole holdout).
+_ADVICE_MIN_SAMPLES = 20
 # Numeric codes for the TSDB fields (Grafana value mappings turn them back into names).
 PHASE_CODES = {name: code for code, name in enumerate(PHASES, start=1)}
 STATE_CODES = {name: code for code, name in enumerate(("running", *FINAL_STATES), start=1)}
@@ -74,8 +77,10 @@ class ImproveDriver:
         lease_s: float = 600.0,
         clock: Callable[[], float] = time.time,
         tsdb: TsdbWriter | None = None,
+        cloud_model: Path | None = None,
     ) -> None:
         self.registry = registry
+        self.cloud_model = cloud_model  # what escalations reach ([escalation] model): the gate asks if it helps
         self.store = LoopStore(registry)
         self.models = models
         self.rollouts = RolloutStore(registry)
@@ -229,11 +234,60 @@ class ImproveDriver:
             max_loss=float(opts["max_loss"]),
         )
         if result.passed:
-            await self._advance(loop, f"gate passed: {result.reason}", phase="rollout", gate=result.as_json())
+            gate = result.as_json()
+            advice = await self._escalation_advice(loop, opts, candidate, holdout, base)
+            if advice is not None:
+                gate["escalation"] = advice
+            await self._advance(loop, f"gate passed: {result.reason}", phase="rollout", gate=gate)
         else:
             await self._advance(
                 loop, "gate failed", state="gate_failed", gate=result.as_json(), reason=f"gate: {result.reason}"
             )
+
+    async def _escalation_advice(
+        self, loop: dict[str, Any], opts: dict[str, Any], candidate: ModelRecord, holdout: EvalSet, base: ModelRecord
+    ) -> dict[str, Any] | None:
+        """Does escalating help the candidate where it is unsure? Judged on the gate's holdout against the
+        cloud model; where it does not, the cohort's devices are told to pause escalations on the
+        candidate's version (escalation_value.py), so a recovered device stops paying for worse answers.
+        Recorded in the gate's JSON, shown by `improve status`."""
+        pause_s = float(opts["escalation_pause_s"])
+        if self.cloud_model is None or pause_s <= 0 or len(holdout.y) == 0:
+            return None
+        labels = [base.labels[int(i)] for i in holdout.y]
+        n, edge_acc, cloud_acc, verdict, where = await asyncio.to_thread(
+            value_on_holdout,
+            candidate.path,
+            self.cloud_model,
+            holdout.x,
+            labels,
+            below=float(opts["escalate_below"]),
+            min_samples=_ADVICE_MIN_SAMPLES,
+            min_gain=0.0,
+        )
+        values = [
+            EscalationValue(loop["fleet_id"], device, candidate.version, n, edge_acc, cloud_acc, verdict)
+            for device in loop["devices"]
+        ]
+        paused = await record_advice(self.registry, values, pause_s)
+        log.info(
+            "improve loop %s: escalation on %s holdout (%d): candidate %.3f, cloud %.3f -> %s; %d device(s) paused",
+            loop["id"],
+            where,
+            n,
+            edge_acc,
+            cloud_acc,
+            verdict,
+            paused,
+        )
+        return {
+            "slice": where,
+            "labeled": n,
+            "edge_accuracy": round(edge_acc, 4),
+            "cloud_accuracy": round(cloud_acc, 4),
+            "verdict": verdict,
+            "pause_s": pause_s if verdict == "does_not_help" else None,
+        }
 
     async def _rollout(self, loop: dict[str, Any], opts: dict[str, Any]) -> None:
         candidate = await self.models.get(loop["base_name"], loop["candidate_version"])

@@ -81,8 +81,40 @@ async def assess(
     return out
 
 
+def value_on_holdout(
+    candidate: Path,
+    cloud_model: Path,
+    x: np.ndarray,
+    labels: list[str],
+    *,
+    below: float,
+    min_samples: int,
+    min_gain: float,
+) -> tuple[int, float, float, str, str]:
+    """Would the cloud help a candidate model? On a loop's human-labeled holdout (drifted inputs the
+    candidate never trained on): its accuracy and the cloud model's, on the inputs the candidate is
+    unsure of (top-1 under `below`, the ones a device would escalate) when there are `min_samples` of
+    them, else on the whole holdout. Returns (labeled, edge accuracy, cloud accuracy, verdict, slice)."""
+    edge_probs, edge_labels = probabilities(candidate, x)
+    cloud_probs, cloud_labels = probabilities(cloud_model, x)
+    unsure = edge_probs.max(axis=1) < below
+    where = "unsure" if int(unsure.sum()) >= min_samples else "all"
+    keep = unsure if where == "unsure" else np.ones(len(labels), dtype=bool)
+    truth = np.asarray(labels, dtype=object)[keep]
+    edge_answers = np.asarray(edge_labels, dtype=object)[edge_probs[keep].argmax(axis=1)]
+    cloud_answers = np.asarray(cloud_labels, dtype=object)[cloud_probs[keep].argmax(axis=1)]
+    n = int(keep.sum())
+    if n == 0:
+        return 0, 0.0, 0.0, "unknown", where
+    edge_acc, cloud_acc = float(np.mean(edge_answers == truth)), float(np.mean(cloud_answers == truth))
+    verdict = "helps" if cloud_acc - edge_acc >= max(min_gain, 1e-12) else "does_not_help"
+    return n, edge_acc, cloud_acc, verdict, where
+
+
 async def record_advice(registry: Registry, values: list[EscalationValue], pause_s: float) -> int:
-    """Replace the stored advice with these verdicts; returns how many rows say pause."""
+    """Store these verdicts, replacing the advice for the same (fleet, device, model version) and
+    leaving the rest (an improvement loop's advice for a version nobody labeled yet stays); returns
+    how many rows say pause."""
     now = time.time()
     rows = [
         {
@@ -98,8 +130,14 @@ async def record_advice(registry: Registry, values: list[EscalationValue], pause
         }
         for v in values
     ]
+    t = EscalationAdviceRow
     async with registry.engine.begin() as conn:
-        await conn.execute(delete(EscalationAdviceRow))
+        for v in values:
+            await conn.execute(
+                delete(t).where(
+                    t.fleet_id == v.fleet_id, t.device_id == v.device_id, t.model_version == v.model_version
+                )
+            )
         if rows:
             await conn.execute(insert(EscalationAdviceRow), rows)
     return sum(1 for r in rows if r["pause_s"] is not None)

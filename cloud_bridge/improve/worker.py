@@ -50,7 +50,10 @@ class ImproveWorker:
         command line's version of it) for the policy and the lease."""
         settings = improve or config.improve
         work = Path(config.state_dir) / "improve"
-        driver = ImproveDriver(registry, models, work, owner, lease_s=settings.lease_s, tsdb=tsdb)
+        cloud = config.escalation.model
+        cloud_model = Path(cloud) if cloud else None
+        lease_s = settings.lease_s
+        driver = ImproveDriver(registry, models, work, owner, lease_s=lease_s, tsdb=tsdb, cloud_model=cloud_model)
         return cls(driver, settings)
 
     async def pass_once(self) -> list[str]:
