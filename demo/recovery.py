@@ -78,10 +78,16 @@ class Phase:
     answers: int
     edge_right: int
     unsure: int
+    sent: int = 0
 
     @classmethod
     def of(cls, answers: Sequence[Scored]) -> Phase:
-        return cls(len(answers), sum(a.edge_right for a in answers), sum(a.unsure for a in answers))
+        right, unsure = sum(a.edge_right for a in answers), sum(a.unsure for a in answers)
+        return cls(len(answers), right, unsure, sum(a.sent for a in answers))
+
+    @property
+    def sent_rate(self) -> float | None:
+        return self.sent / self.answers if self.answers else None
 
     @property
     def accuracy(self) -> float | None:
@@ -165,6 +171,19 @@ def _after(at: float | None, since: float | None) -> str:
     return "never" if at is None or since is None else f"+{at - since:.0f}s"
 
 
+def _advice(detail: dict[str, Any] | None) -> str:
+    """The gate's escalation verdict for the candidate (cloud_bridge/improve/driver.py), if it made one."""
+    esc = ((detail or {}).get("gate") or {}).get("escalation")
+    if not esc:
+        return ""
+    if esc["verdict"] == "does_not_help":
+        return (
+            f" (the gate found the cloud no better where the new model is unsure: {esc['cloud_accuracy']:.2f} vs "
+            f"{esc['edge_accuracy']:.2f} on {esc['labeled']} held-out labels, so the device pauses escalations)"
+        )
+    return f" (the gate found the cloud {esc['verdict'].replace('_', ' ')} where the new model is unsure)"
+
+
 def recovery_lines(r: Recovery, detail: dict[str, Any] | None) -> list[str]:
     """The summary's account of the loop: accuracies, times, labels, escalation."""
     lines = [
@@ -175,6 +194,8 @@ def recovery_lines(r: Recovery, detail: dict[str, Any] | None) -> list[str]:
         f"; on the {r.unlabeled.answers} never labeled (so never trained on): {_pct(r.unlabeled.accuracy)}",
         f"    escalation rate (edge unsure): before drift {_pct(r.before.escalation_rate)}, after drift "
         f"{_pct(r.drifted.escalation_rate)}, after recovery {_pct(r.recovered.escalation_rate)}",
+        f"    escalations sent to the cloud: before drift {_pct(r.before.sent_rate)}, after drift "
+        f"{_pct(r.drifted.sent_rate)}, after recovery {_pct(r.recovered.sent_rate)}" + _advice(detail),
         f"    timeline from the drift's start: alert {_after(r.alert_at, r.drift_at)}, loop started "
         f"{_after(r.loop_at, r.drift_at)}, retrained model answering {_after(r.installed_at, r.drift_at)}, "
         f"promoted {_after(r.promoted_at, r.drift_at)}",

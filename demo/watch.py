@@ -44,7 +44,8 @@ class Scored:
     """One answer whose true label the replay knew: when it came (seconds since the watch started), which
     model version gave it, which input (the replay's source_ref: "replay:drift:17" is the rotated copy
     of held-out digit 17), whether the edge's and the final answer were right, and whether the edge was
-    unsure of it (escalated, or answered locally for want of the cloud: path is not "edge")."""
+    unsure of it (escalated, or answered locally for want of the cloud: path is not "edge"), and whether
+    it was sent to the cloud (path "cloud"; not when paused, offline, over budget or shed)."""
 
     at: float
     version: str
@@ -52,6 +53,7 @@ class Scored:
     edge_right: bool
     final_right: bool
     unsure: bool
+    sent: bool = False
 
     @property
     def drifted(self) -> bool:
@@ -194,9 +196,9 @@ class FleetWatch:
             bucket.edge_right += r.edge_label == r.truth
             bucket.final_right += r.label == r.truth
             at = ts - self.started
-            dev.scored.append(
-                Scored(at, version, r.source_ref or "", r.edge_label == r.truth, r.label == r.truth, r.path != "edge")
-            )
+            edge_right, final_right = r.edge_label == r.truth, r.label == r.truth
+            unsure, sent = r.path != "edge", r.path == "cloud"
+            dev.scored.append(Scored(at, version, r.source_ref or "", edge_right, final_right, unsure, sent))
         dev.results += 1
         dev.result_ids.add(r.inference_id)
         dev.recent.append(time.monotonic())
