@@ -181,6 +181,20 @@ async def check(url: str) -> None:
                 decisions = [judge_window(*groups, t, window_elapsed=True) for groups in (now, before)]
                 assert decisions[0].verdict == decisions[1].verdict and decisions[0].reason == decisions[1].reason
 
+        # control "devices": the canary devices' own windows before they switched, not the fleet's.
+        canary = {"d0", "d1", "d2"}
+        own = {**rollout, "watch_from": WATCH_FROM, "stage_started_at": STAGE_STARTED, "window_s": WINDOW_S}
+        own["control"] = "devices"
+        since = min(WATCH_FROM, STAGE_STARTED - WINDOW_S)
+        theirs = [r for r in await store.telemetry(FLEET, since) if r["device_id"] in canary]
+        before = split_groups(theirs, own, canary)
+        now = await store.group_stats(own)
+        assert now[1].devices == 3 and now[1].windows > 0
+        for sql, python in zip(now, before, strict=True):
+            assert_same(sql, python)
+        fleet_control = (await store.group_stats({**own, "control": "fleet"}))[1]
+        assert fleet_control.devices == len(DEVICES) and fleet_control.windows > now[1].windows
+
         # 300 s reach back to rows of the release before; 200 s hold new rows only (d8 and d9: none).
         for recent_s in (300.0, 200.0):
             listed = {d["device_id"]: d for d in await fleet_devices(registry, NOW + 1, recent_s)}

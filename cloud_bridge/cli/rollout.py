@@ -23,7 +23,7 @@ from cloud_bridge.ota.commands import command_states
 from cloud_bridge.registry import Registry
 from cloud_bridge.rollout.policy import THRESHOLD_NAMES, parse_thresholds
 from cloud_bridge.rollout.stages import parse_stages, stage_label, stages_text, threshold_key
-from cloud_bridge.rollout.store import NewRollout, RolloutStore
+from cloud_bridge.rollout.store import CONTROLS, NewRollout, RolloutStore
 
 _THRESHOLDS_HELP = (
     "override a threshold for every stage (name=value) or for one stage (PCT:name=value, PCT a value of "
@@ -56,6 +56,13 @@ def add_subparsers(sub: Commands) -> None:
     start.add_argument("--fleet", default=None, help="fleet id (default: the only fleet the registry knows)")
     start.add_argument("--window-s", type=float, default=None, help="watch window per stage ([rollout] window_s)")
     start.add_argument("--thresholds", action="append", default=[], help=_THRESHOLDS_HELP)
+    start.add_argument(
+        "--control",
+        choices=CONTROLS,
+        default="fleet",
+        help="judge the canary against every device on another model (fleet, the default), or against the "
+        "canary devices' own telemetry before they switched (devices: for a model made for some devices only)",
+    )
     add_config(start, "state_dir, [registry], [ota], [rollout]")
     command(start, "rollout start", _run(_start))
     status = rsub.add_parser("status", help="list rollouts, or show one with its devices and last evaluation")
@@ -99,11 +106,11 @@ async def _start(args: argparse.Namespace, config: BridgeConfig, registry: Regis
     record = await ModelStore(config.model_store_dir, registry).get(args.model, args.version)
     store = RolloutStore(registry)
     fleet_id = args.fleet or await _only_fleet(store)
-    rollout_id = await store.create(NewRollout(fleet_id, record, stages, window_s, overrides))
+    rollout_id = await store.create(NewRollout(fleet_id, record, stages, window_s, overrides, args.control))
     print(rollout_id)
     print(
         f"started rollout of {record.name} {record.version} (sha256 {record.sha256[:12]}) to fleet {fleet_id}: "
-        f"stages {stages_text(stages)}%, window {window_s:g}s; the running bridge drives it "
+        f"stages {stages_text(stages)}%, window {window_s:g}s, control {args.control}; the running bridge drives it "
         f"(`cloud-bridge rollout status {rollout_id}`)",
         file=sys.stderr,
     )
@@ -174,6 +181,9 @@ def _summary_rows(rollouts: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 def _print_detail(rollout: dict[str, Any], devices: list[dict[str, Any]]) -> None:
     print_table(_summary_rows([rollout]))
     print(f"\nreason: {rollout['reason'] or '-'}")
+    control = rollout.get("control") or "fleet"
+    said = "the canary devices' own telemetry before they switched" if control == "devices" else "the rest of the fleet"
+    print(f"control: {control} ({said})")
     evaluation = rollout.get("last_eval") or {}
     if evaluation:
         print(f"last evaluation ({_when(evaluation.get('at'))}): {evaluation['verdict']}: {evaluation['reason']}")

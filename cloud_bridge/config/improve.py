@@ -12,7 +12,7 @@ bridge itself, for a small fleet whose bridge has a core to spare for training a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cloud_bridge.errors import UsageError
 from cloud_bridge.rollout.policy import parse_thresholds
@@ -58,6 +58,10 @@ class ImproveConfig:
     # devices are told to pause escalations for `escalation_pause_s` on that version; 0: no advice.
     escalation_pause_s: float = 600.0
     escalate_below: float = 0.8
+    # What the loop's rollout judges each canary device against: "devices", its own windows before it
+    # switched (the candidate is made for the drifted cohort, which stays less sure than clean devices
+    # even once recovered); "fleet", every device on another model (cloud_bridge/rollout/store.py).
+    rollout_control: Literal["devices", "fleet"] = "devices"
 
     def validate(self) -> None:
         for name in ("min_human", "oversample"):
@@ -127,6 +131,7 @@ class ImproveConfig:
             "hidden": list(self.hidden),
             "escalation_pause_s": self.escalation_pause_s,
             "escalate_below": self.escalate_below,
+            "rollout_control": self.rollout_control,
         }
         if self.trainer:
             options["trainer"] = self.trainer.split()

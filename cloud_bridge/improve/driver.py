@@ -308,6 +308,7 @@ class ImproveDriver:
                     stages=tuple(int(s) for s in opts["stages"]),
                     window_s=float(opts["window_s"]),
                     thresholds=dict(opts["thresholds"]),
+                    control=str(opts["rollout_control"]),
                 ),
                 now=self.clock(),
             )

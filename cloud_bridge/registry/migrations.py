@@ -60,6 +60,7 @@ NEW_COLUMNS = (
     ("telemetry", "confidence_mean", "FLOAT"),
     ("telemetry", "latency_p95_ms", "FLOAT"),
     ("telemetry", "outbox_depth", "INTEGER"),
+    ("rollouts", "control", "VARCHAR(16)"),
 )
 
 

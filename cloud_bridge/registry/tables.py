@@ -255,6 +255,8 @@ class RolloutRow(Base):
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     rollback_pending: Mapped[bool] = mapped_column(Boolean, default=False)
     last_eval: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Which telemetry the canary is judged against (cloud_bridge/rollout/store.py CONTROLS); NULL: "fleet".
+    control: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class RolloutDeviceRow(Base):

@@ -45,6 +45,7 @@ class NewRollout:
     stages: tuple[int, ...]
     window_s: float
     thresholds: dict[str, dict[str, float]]
+    control: str = "fleet"  # one of CONTROLS
 
 
 def _row(result: Any) -> dict[str, Any]:
@@ -52,6 +53,12 @@ def _row(result: Any) -> dict[str, Any]:
 
 
 _CANARY, _CONTROL = "canary", "control"
+# What a watched stage's canary is compared with. "fleet": telemetry of every device on another
+# model (the rest of the fleet, and the canary devices' own windows before they switched) -- right
+# when the fleet's devices see alike inputs. "devices": the canary devices' own windows before they
+# switched, only -- right for a model made for a cohort (an improvement loop's: a drifted device,
+# recovered, stays less sure than clean devices on clean inputs, and is judged against its past).
+CONTROLS = ("fleet", "devices")
 
 
 def _group(values: Sequence[Any]) -> GroupStats:
@@ -83,6 +90,8 @@ class RolloutStore:
 
     async def create(self, new: NewRollout, now: float | None = None) -> str:
         now = time.time() if now is None else now
+        if new.control not in CONTROLS:
+            raise RolloutError(f"control {new.control!r} is not one of {', '.join(CONTROLS)}")
         rollout_id = str(uuid.uuid4())
         async with self._engine.begin() as conn:
             running = await conn.execute(
@@ -112,6 +121,7 @@ class RolloutStore:
                     reason=None,
                     thresholds=new.thresholds,
                     window_s=new.window_s,
+                    control=new.control,
                     created_at=now,
                     updated_at=now,
                     stage_started_at=now,
@@ -283,8 +293,10 @@ class RolloutStore:
         windows are which), summed in SQL: one statement, one row per group, whatever the fleet's size.
 
         Canary devices are the rollout's rows in state "done" (the driver refreshed them from their
-        acks just before). The weighted means are sums of mean x count over sums of count, taken over
-        the windows that have the mean, as policy.aggregate weighs them."""
+        acks just before). The control is every other model's windows, or with the rollout's
+        `control` "devices" only the canary devices' own (CONTROLS). The weighted means are sums of
+        mean x count over sums of count, taken over the windows that have the mean, as
+        policy.aggregate weighs them."""
         d = self._devices
         watch_from = float(rollout["watch_from"])
         control_from = float(rollout["stage_started_at"]) - float(rollout["window_s"])
@@ -293,9 +305,10 @@ class RolloutStore:
             w = windows(since, fleet_id, old_rows=await has_old_rows(conn, since, fleet_id))
             target = and_(w.c.model_name == rollout["model_name"], w.c.model_version == rollout["model_version"])
             canary_ids = select(d.c.device_id).where(d.c.rollout_id == rollout["id"], d.c.state == "done")
+            own = [w.c.device_id.in_(canary_ids)] if rollout.get("control") == "devices" else []
             group = case(
                 (and_(w.c.window_end >= watch_from, target, w.c.device_id.in_(canary_ids)), _CANARY),
-                (and_(w.c.window_end >= control_from, not_(target)), _CONTROL),
+                (and_(w.c.window_end >= control_from, not_(target), *own), _CONTROL),
             ).label("grp")
             n, confidence, latency = w.c.count, w.c.confidence_mean, w.c.latency_p95_ms
             query = select(
