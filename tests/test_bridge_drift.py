@@ -28,7 +28,17 @@ from cloud_bridge.config import (
     load_config,
 )
 from cloud_bridge.drift.alerts import AlertStats
-from cloud_bridge.drift.scoring import Detector, DriftSettings, KindState, Score, Transition, psi, score_all, step
+from cloud_bridge.drift.scoring import (
+    Detector,
+    DriftSettings,
+    KindState,
+    Score,
+    Transition,
+    psi,
+    psi_noise,
+    score_all,
+    step,
+)
 from cloud_bridge.drift.store import DriftStore, alert_id
 from cloud_bridge.drift.windows import Pool, WindowStats, pool
 from cloud_bridge.errors import ConfigError
@@ -96,6 +106,33 @@ def test_psi_is_zero_for_the_baseline_mix_and_finite_when_a_class_is_empty() -> 
     assert np.isfinite(vanished) and vanished > 2.0
     assert np.isfinite(appeared) and appeared > 0.2
     assert psi({"a": 520, "b": 480}, {"a": 0.5, "b": 0.5}, 1000, 0.5) < SETTINGS.psi_low
+
+
+def test_sampling_noise_is_not_drift_but_a_shift_is() -> None:
+    """Ten digits, 50 inferences on each side (a 1 Hz device with a short baseline): the raw PSI of
+    two samples of one mix mostly crosses the 0.2 threshold; the score, less the noise, rarely does.
+    A real shift (one class from 10% to 40%) still scores far above it."""
+    rng = np.random.default_rng(7)
+    labels = [str(d) for d in range(10)]
+    mix = np.full(10, 0.1)
+
+    def counts(p: np.ndarray, n: int) -> dict[str, int]:
+        return {lb: int(c) for lb, c in zip(labels, rng.multinomial(n, p), strict=True) if c}
+
+    def score(recent: dict[str, int], base: dict[str, int], n: int) -> tuple[float, float]:
+        base_mix = {lb: c / n for lb, c in base.items()}
+        raw = psi(recent, base_mix, n, SETTINGS.psi_pseudocount)
+        classes = len(set(recent) | set(base_mix))
+        return raw, max(raw - psi_noise(classes, sum(recent.values()), n), 0.0)
+
+    same = [score(counts(mix, 50), counts(mix, 50), 50) for _ in range(400)]
+    raw_alarms = np.mean([raw > SETTINGS.psi_high for raw, _ in same])
+    alarms = np.mean([value > SETTINGS.psi_high for _, value in same])
+    assert raw_alarms > 0.6 and alarms < 0.15, (raw_alarms, alarms)
+    shifted = np.full(10, 0.6 / 9)
+    shifted[3] = 0.4
+    found = [score(counts(shifted, 200), counts(mix, 200), 200)[1] for _ in range(50)]
+    assert np.mean([v > SETTINGS.psi_high for v in found]) > 0.9
 
 
 def test_fires_after_k_windows_above_and_resolves_after_m_below() -> None:

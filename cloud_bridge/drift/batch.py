@@ -236,7 +236,11 @@ def _psi(s: DriftSettings, cache: WindowCache, g: _Gathered) -> np.ndarray:
         p = (observed + pc) / (n + pc * classes)[:, None]
         q = (mix * base[:, None] + pc) / (base + pc * classes)[:, None]
         terms = np.where(seen, (p - q) * np.log(p / q), 0.0)
-    return np.asarray(terms.sum(axis=1))
+        # Less what sampling alone gives (scoring.psi_noise): (k - 1)(1/n + 1/m), m infinite for an
+        # exact reference mix.
+        per_sample = 1.0 / np.maximum(n, 1) + np.where(mix_samples > 0, 1.0 / np.maximum(mix_samples, 1), 0.0)
+        noise = np.where(n > 0, np.maximum(classes - 1, 0) * per_sample, 0.0)
+    return np.asarray(np.maximum(terms.sum(axis=1) - noise, 0.0))
 
 
 def _pooled_confidence(counts: np.ndarray, conf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
