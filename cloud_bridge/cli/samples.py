@@ -74,7 +74,8 @@ def _add_export(ssub: Commands) -> None:
         "--format",
         choices=("jsonl", "label-studio"),
         default="jsonl",
-        help="label-studio also writes DIR/label-studio.json (a task list to import) from the whole manifest",
+        help="label-studio also writes DIR/label-studio.json: the tasks of the samples this run added (new since "
+        "the last export into DIR), to import into Label Studio",
     )
     export.add_argument(
         "--image-url-prefix",
