@@ -139,6 +139,24 @@ def tokens(conn: Connection, keys: list[Key]) -> dict[Key, int | None]:
     return {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
 
 
+# Windows per multi-row INSERT on SQLite: 9 columns x 500 rows, well within its 32,766 variables.
+_WINDOWS_PER_INSERT = 500
+
+
+def _insert_windows_sqlite(conn: Connection, windows: list[tuple[Any, ...]]) -> None:
+    """The new windows as multi-row INSERTs: one statement per 500 rows, not one execution per row.
+    On the registry's writer thread (cloud_bridge/registry/registry.py) every execution releases and
+    retakes the GIL, and each retake waits for the event loop's thread to let go of it."""
+    one = f"({', '.join('?' * len(WINDOW_COLUMNS))})"
+    for start in range(0, len(windows), _WINDOWS_PER_INSERT):
+        chunk = windows[start : start + _WINDOWS_PER_INSERT]
+        sql = (
+            f"INSERT INTO drift_windows ({_QUOTED_WINDOW_COLUMNS}) VALUES {', '.join([one] * len(chunk))} "
+            "ON CONFLICT DO NOTHING"
+        )
+        conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
+
+
 def save(
     conn: Connection,
     windows: list[tuple[Any, ...]],
@@ -158,7 +176,10 @@ def save(
             conn.exec_driver_sql(sql, rows)
 
     if windows:
-        run(insert, windows)
+        if conn.dialect.name == "sqlite":
+            _insert_windows_sqlite(conn, windows)
+        else:
+            run(insert, windows)
     if dropped:
         run(delete, dropped)
     if states:
