@@ -26,8 +26,8 @@ from cloud_bridge.config import BridgeConfig
 from cloud_bridge.drift.alerts import AlertPublisher
 from cloud_bridge.drift.store import DriftStore, load_reference_mixes
 from cloud_bridge.errors import BridgeError
+from cloud_bridge.escalation import session as escalation_session
 from cloud_bridge.escalation.escalator import CloudModel, Escalator, escalation_filter
-from cloud_bridge.escalation.session import escalation_connection, session_config, watch_for_clash
 from cloud_bridge.improve.escalation_value import EscalationAdvice
 from cloud_bridge.improve.worker import ImproveWorker
 from cloud_bridge.ingest.admission import ingest_filters
@@ -106,7 +106,7 @@ class Bridge:
         if cfg.escalation.model is not None:
             model = await asyncio.to_thread(CloudModel, Path(cfg.escalation.model), cfg.escalation.providers)
             if cfg.escalation.session == "own":
-                self.escalation_mqtt = escalation_connection(cfg, self._submit_escalation)
+                self.escalation_mqtt = escalation_session.escalation_connection(cfg, self._submit_escalation)
             else:
                 subscriptions.append((escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
         subscriptions.append((delivery_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1))
@@ -174,7 +174,7 @@ class Bridge:
                 tsdb_task = tg.create_task(self.tsdb.run()) if self.tsdb is not None else None
                 status_task = tg.create_task(self._status_loop())
                 clash_task = None
-                if self.escalation_mqtt is not None and session_config(cfg).username == cfg.mqtt.username:
+                if self.escalation_mqtt is not None:  # a watch for the two sessions taking each other over
                     clash_task = tg.create_task(self._escalations_on_main_if_clash(), name="escalation-clash")
                 confirm_task = tg.create_task(self.confirmer.run(), name="confirmations")
                 workers.append(tg.create_task(self.feed.run(), name="samples-feed"))
@@ -197,20 +197,11 @@ class Bridge:
         """Move escalations to the [mqtt] session if the broker keeps the two sessions of one login
         from coexisting (session.watch_for_clash): answers on the shared session beat no answers."""
         assert self.mqtt is not None and self.escalation_mqtt is not None and self.escalator is not None
-        own, cfg = self.escalation_mqtt, self.config
-        await watch_for_clash(self.mqtt, own)
-        log.error(
-            "mqtt sessions clash username=%s: the escalation session and the [mqtt] session keep closing each "
-            "other (the broker makes the username the client id, e.g. use_username_as_clientid); escalations "
-            "moved to the [mqtt] session for this run. Fix: give the escalation session an account of its own "
-            "([escalation] username and password, a user block in the broker's ACL) or set "
-            '[escalation] session = "shared"',
-            cfg.mqtt.username,
-        )
+        own, fleet = self.escalation_mqtt, self.config.fleet
+        await escalation_session.watch_for_clash(self.mqtt, own)
         self.escalation_mqtt = None
-        await own.close()
-        self.escalator.use_session(self.mqtt.publish, self.mqtt.ack)
-        self.mqtt.add_subscriptions([(escalation_filter(self.topics, cfg.fleet.share_group, cfg.fleet.shared), 1)])
+        shared = escalation_filter(self.topics, fleet.share_group, fleet.shared)
+        await escalation_session.move_to_main_session(self.mqtt, own, self.escalator, shared, self.config.mqtt.username)
 
     async def _publish_expiring(self, topic: str, payload: bytes, qos: int, expiry_s: int | None) -> None:
         assert self.mqtt is not None

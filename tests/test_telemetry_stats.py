@@ -194,6 +194,14 @@ async def check(url: str) -> None:
             assert_same(sql, python)
         fleet_control = (await store.group_stats({**own, "control": "fleet"}))[1]
         assert fleet_control.devices == len(DEVICES) and fleet_control.windows > now[1].windows
+        # ...of the devices this stage switched: d2 switched in an earlier stage, judged then.
+        await store.update_devices(rid, [("d2", {"stage": 1})])
+        this_stage = {"d0", "d1"}
+        before = split_groups([r for r in theirs if r["device_id"] in this_stage], own, this_stage)
+        now = await store.group_stats(own)  # its stage: 0
+        assert now[0].devices == 2 and now[1].devices == 2
+        for sql, python in zip(now, before, strict=True):
+            assert_same(sql, python)
 
         # 300 s reach back to rows of the release before; 200 s hold new rows only (d8 and d9: none).
         for recent_s in (300.0, 200.0):

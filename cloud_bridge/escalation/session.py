@@ -17,11 +17,14 @@ Replies go to the device's escalate/reply topic with the request's Correlation D
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 from cloud_bridge.config import BridgeConfig, MqttConfig
-from cloud_bridge.escalation.escalator import escalation_filter
+from cloud_bridge.escalation.escalator import Escalator, escalation_filter
 from cloud_bridge.mqtt import MessageHandler, MqttConnection, SharedProbe
+
+log = logging.getLogger(__name__)
 
 SUFFIX = "-escalation"
 
@@ -72,3 +75,22 @@ async def watch_for_clash(main: MqttConnection, own: MqttConnection) -> None:
         if main.generation - main_then >= CLASH_RECONNECTS and own.generation - own_then >= CLASH_RECONNECTS:
             return
         await asyncio.sleep(_CLASH_POLL_S)
+
+
+async def move_to_main_session(
+    main: MqttConnection, own: MqttConnection, escalator: Escalator, shared_filter: str, username: str | None
+) -> None:
+    """After a clash: close the escalation session, reply and acknowledge on the main one, and
+    subscribe it to the escalation requests (what a not yet acknowledged request came on, the broker
+    sends again there: both logins had one session)."""
+    log.error(
+        "mqtt sessions clash username=%s: the escalation session and the [mqtt] session keep closing each "
+        "other (the broker makes the username the client id, e.g. use_username_as_clientid); escalations "
+        "moved to the [mqtt] session for this run. Fix: give the escalation session an account of its own "
+        "([escalation] username and password, a user block in the broker's ACL) or set "
+        '[escalation] session = "shared"',
+        username,
+    )
+    await own.close()
+    escalator.use_session(main.publish, main.ack)
+    main.add_subscriptions([(shared_filter, 1)])

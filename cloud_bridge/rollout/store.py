@@ -58,7 +58,7 @@ _CANARY, _CONTROL = "canary", "control"
 # when the fleet's devices see alike inputs. "devices": the canary devices' own windows before they
 # switched, only -- right for a model made for a cohort (an improvement loop's: a drifted device,
 # recovered, stays less sure than clean devices on clean inputs, and is judged against its past).
-CONTROLS = ("fleet", "devices")
+CONTROLS = ("fleet", "devices")  # with "devices" a stage judges the devices it switched, before/after
 
 
 def _group(values: Sequence[Any]) -> GroupStats:
@@ -294,7 +294,8 @@ class RolloutStore:
 
         Canary devices are the rollout's rows in state "done" (the driver refreshed them from their
         acks just before). The control is every other model's windows, or with the rollout's
-        `control` "devices" only the canary devices' own (CONTROLS). The weighted means are sums of
+        `control` "devices" only the canary devices' own, the canary then being the devices this
+        stage switched (CONTROLS). The weighted means are sums of
         mean x count over sums of count, taken over the windows that have the mean, as
         policy.aggregate weighs them."""
         d = self._devices
@@ -304,8 +305,14 @@ class RolloutStore:
         async with self._engine.connect() as conn:
             w = windows(since, fleet_id, old_rows=await has_old_rows(conn, since, fleet_id))
             target = and_(w.c.model_name == rollout["model_name"], w.c.model_version == rollout["model_version"])
-            canary_ids = select(d.c.device_id).where(d.c.rollout_id == rollout["id"], d.c.state == "done")
-            own = [w.c.device_id.in_(canary_ids)] if rollout.get("control") == "devices" else []
+            done = [d.c.rollout_id == rollout["id"], d.c.state == "done"]
+            own: list[Any] = []
+            if rollout.get("control") == "devices":
+                # Before and after of the devices this stage switched: those of earlier stages have no
+                # windows before their switch in this stage's control range (they were judged then).
+                done.append(d.c.stage == rollout["stage"])
+                own = [w.c.device_id.in_(select(d.c.device_id).where(*done))]
+            canary_ids = select(d.c.device_id).where(*done)
             group = case(
                 (and_(w.c.window_end >= watch_from, target, w.c.device_id.in_(canary_ids)), _CANARY),
                 (and_(w.c.window_end >= control_from, not_(target), *own), _CONTROL),
