@@ -35,6 +35,8 @@ import pytest
 from bench.drift import DigitsStream, StreamSpec
 from cloud_bridge.app import Bridge, running_bridge
 from cloud_bridge.config import BridgeConfig, EscalationConfig, InfluxConfig, MqttConfig
+from cloud_bridge.improve.driver import PHASE_CODES, loop_line
+from cloud_bridge.improve.driver import STATE_CODES as LOOP_STATES
 from cloud_bridge.rollout.driver import STATE_CODES, rollout_line
 from demokit.dataset import DigitsSplit
 from demokit.models import DEFAULT_VERSION, DemoModel, build_edge_model
@@ -70,6 +72,10 @@ _REGEX_SPECIAL = re.compile(r"[\\^$*+?.()|\[\]{}/]")
 V1 = ModelRef(name="digits-edge", version="1.0.0", sha256="ab" * 32)
 V2 = ModelRef(name="digits-edge", version="1.1.0", sha256="cd" * 32)
 ROLLOUT = {"id": "r-1", "fleet_id": "f1", "model_name": "digits-edge", "model_version": "1.1.0"}
+SHADOW = {"shadow_agreement": 0.9, "shadow_accuracy": 0.95, "active_accuracy": 0.6, "shadow_cloud_agreement": 0.4}
+GATE = {"drifted_current": 0.45, "drifted_candidate": 0.9, "original_current": 0.956, "original_candidate": 0.967}
+LOOP = {"id": "l-1", "fleet_id": "f1", "base_name": "digits-edge", "base_version": "1.0.0", "phase": "watch",
+        "state": "running", "gate": {**GATE, "passed": True}}  # fmt: skip
 # What devices send that the bridge ingests (escalations are answered, and counted, separately).
 UPLINK = (Status, Telemetry, Sample, Results, Result, CommandAck)
 
@@ -256,6 +262,9 @@ async def _drive_bridge(
         await bridge.flush_agreement()
         stages = {"stages": [10, 50, 100], "stage": 1, "state": "running"}
         bridge.tsdb.add([rollout_line({**ROLLOUT, **stages}, 3, {"canary_accuracy": 0.97}, now)])
+        bridge.tsdb.add([loop_line(LOOP, now)])
+        shadow = {"stages": [-100, 50, 100], "stage": 0, "state": "running", "id": "r-0", "model_version": "1.2.0"}
+        bridge.tsdb.add([rollout_line({**ROLLOUT, **shadow}, 4, SHADOW, now)])
         assert await bridge.tsdb.flush(deadline_s=15)
         _assert_clean(bridge)
     telemetry = [m for m in uplink if isinstance(m, Telemetry)]
@@ -440,11 +449,26 @@ def test_agreement_drift_and_rollouts(written: tuple[str, Traffic], influxdb_ses
     drift = run(influxdb_session, db, view, target("Drift"))
     assert by_tags(drift, "device", "metric") == approx(expected)
     assert {d for d, _, _ in expected} == {"dev-drift"}
-    (state,) = run(influxdb_session, db, view, target("Rollout"))
-    assert state["tags"] == {"rollout": "r-1", "version": "1.1.0", "stage": "50"}
-    assert [v for _, v in state["values"]] == [STATE_CODES["running"]]
-    (devices,) = run(influxdb_session, db, view, target("Rollout", "B"))
-    assert devices["tags"] == {"rollout": "r-1", "stage": "50"} and [v for _, v in devices["values"]] == [3]
+    states = {s["tags"]["rollout"]: s for s in run(influxdb_session, db, view, target("Rollout stages"))}
+    assert states["r-1"]["tags"] == {"rollout": "r-1", "version": "1.1.0", "stage": "50"}
+    assert [v for _, v in states["r-1"]["values"]] == [STATE_CODES["running"]]
+    assert states["r-0"]["tags"]["stage"] == "shadow100"
+    devices = {s["tags"]["rollout"]: s for s in run(influxdb_session, db, view, target("Rollout stages", "B"))}
+    assert devices["r-1"]["tags"] == {"rollout": "r-1", "stage": "50"}
+    assert [v for _, v in devices["r-1"]["values"]] == [3]
+    (shadow,) = run(influxdb_session, db, view, target("Shadow stage"))
+    assert shadow["tags"] == {"rollout": "r-0", "version": "1.2.0"}
+    names = ["agreement with active", "candidate accuracy", "active accuracy", "candidate-cloud agreement"]
+    assert shadow["columns"][1:] == names
+    assert [row[1:] for row in shadow["values"]] == [list(SHADOW.values())]
+    (phase,) = run(influxdb_session, db, view, target("Improvement loops"))
+    assert phase["tags"] == {"loop": "l-1", "base": "1.0.0"}
+    assert [v for _, v in phase["values"]] == [PHASE_CODES["watch"]]
+    (state,) = run(influxdb_session, db, view, target("Improvement loops", "B"))
+    assert [v for _, v in state["values"]] == [LOOP_STATES["running"]]
+    (gate,) = run(influxdb_session, db, view, target("Improvement gate"))
+    assert gate["tags"] == {"loop": "l-1"} and gate["columns"][1:] == [k.replace("_", " ") for k in GATE]
+    assert [row[1:] for row in gate["values"]] == [list(GATE.values())]
 
 
 def test_variables_and_the_alert_annotation(written: tuple[str, Traffic], influxdb_session: InfluxDB) -> None:

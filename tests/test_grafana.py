@@ -54,7 +54,8 @@ def test_dashboard_is_wired_to_the_provisioned_influxql_datasource() -> None:
         "link",
     ):
         assert topic in titles, f"no panel about {topic}"
-    assert "rollout" in titles and "budget" in titles and len(dashboard["panels"]) == 14
+    assert "rollout" in titles and "budget" in titles and "improvement" in titles and "shadow" in titles
+    assert len(dashboard["panels"]) == 17
 
 
 def test_every_panel_query_is_raw_influxql_over_the_range_and_the_selection() -> None:
@@ -65,8 +66,9 @@ def test_every_panel_query_is_raw_influxql_over_the_range_and_the_selection() ->
             assert query.startswith("SELECT ") and "|>" not in query and "from(bucket" not in query, where
             assert len(re.findall(r'\bFROM "([a-z_]+)"', query)) == 1, f"{where}: one measurement"
             assert query.count("$timeFilter") == 1 and _FLEET in query, where
-            # Rollouts are per fleet; everything else follows the device selection too.
-            assert (_DEVICE in query) != (panel["title"] == "Rollout stages"), where
+            # Rollouts and improvement loops are per fleet; everything else follows the device selection too.
+            per_fleet = panel["title"] == "Rollout stages" or panel["title"].startswith(("Improvement", "Shadow"))
+            assert (_DEVICE in query) != per_fleet, where
             if "GROUP BY time(" in query:
                 assert query.endswith("fill(none)"), f"{where}: empty steps are not zeros"
 
