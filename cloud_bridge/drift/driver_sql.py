@@ -30,6 +30,8 @@ import orjson
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
 
+from cloud_bridge.registry.registry import insert_rows_sqlite
+
 Key = tuple[str, str, str, str]  # fleet, device, model name, model version
 
 _KEY_COLUMNS = ("fleet_id", "device_id", "model_name", "model_version")
@@ -139,24 +141,6 @@ def tokens(conn: Connection, keys: list[Key]) -> dict[Key, int | None]:
     return {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
 
 
-# Windows per multi-row INSERT on SQLite: 9 columns x 500 rows, well within its 32,766 variables.
-_WINDOWS_PER_INSERT = 500
-
-
-def _insert_windows_sqlite(conn: Connection, windows: list[tuple[Any, ...]]) -> None:
-    """The new windows as multi-row INSERTs: one statement per 500 rows, not one execution per row.
-    On the registry's writer thread (cloud_bridge/registry/registry.py) every execution releases and
-    retakes the GIL, and each retake waits for the event loop's thread to let go of it."""
-    one = f"({', '.join('?' * len(WINDOW_COLUMNS))})"
-    for start in range(0, len(windows), _WINDOWS_PER_INSERT):
-        chunk = windows[start : start + _WINDOWS_PER_INSERT]
-        sql = (
-            f"INSERT INTO drift_windows ({_QUOTED_WINDOW_COLUMNS}) VALUES {', '.join([one] * len(chunk))} "
-            "ON CONFLICT DO NOTHING"
-        )
-        conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
-
-
 def save(
     conn: Connection,
     windows: list[tuple[Any, ...]],
@@ -177,7 +161,7 @@ def save(
 
     if windows:
         if conn.dialect.name == "sqlite":
-            _insert_windows_sqlite(conn, windows)
+            insert_rows_sqlite(conn, "drift_windows", WINDOW_COLUMNS, windows)
         else:
             run(insert, windows)
     if dropped:

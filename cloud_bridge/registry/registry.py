@@ -15,6 +15,7 @@ committing, ~80% of it waiting for the loop, and ingestion fell behind on the co
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sqlite3
@@ -48,10 +49,29 @@ from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, Re
 
 log = logging.getLogger(__name__)
 
-# Rows per multi-row INSERT on SQLite (_insert_rows): bound by the statement's variable limit
+# Rows per multi-row INSERT on SQLite (insert_rows_sqlite): bound by the statement's variable limit
 # (32,766 since SQLite 3.32, 999 before).
 _SQLITE_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _ROWS_PER_INSERT = 500
+
+
+@functools.lru_cache(maxsize=256)
+def _multirow_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
+    names = ", ".join(f'"{c}"' for c in columns)
+    one = f"({', '.join('?' * len(columns))})"
+    return f'INSERT INTO "{table}" ({names}) VALUES {", ".join([one] * rows)} ON CONFLICT DO NOTHING'
+
+
+def insert_rows_sqlite(conn: Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
+    """INSERT ... VALUES (...), (...), ... ON CONFLICT DO NOTHING, up to _ROWS_PER_INSERT rows a
+    statement. One row per execution (executemany) let pysqlite release and retake the GIL for
+    every row; on the registry's writer thread, beside an event loop that holds the GIL, each retake
+    waited its turn: 29 us per result row at 10,000 devices, for SQLite work of a few."""
+    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // len(columns)))
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.exec_driver_sql(_multirow_sql(table, columns, len(chunk)), tuple(v for row in chunk for v in row))
+
 
 _SCHEMA_LOCK = 0x65646765666C74  # PostgreSQL advisory lock key held while the schema is brought up to date
 
@@ -190,8 +210,6 @@ class Registry:
         self.engine: AsyncEngine = create_async_engine(url, json_serializer=_json_dumps, json_deserializer=_json_loads)
         self._dialect = self.engine.dialect.name
         self._device_stmt: Any = None
-        # Multi-row INSERTs by (table, columns, rows) (_insert_rows).
-        self._multirow_sql: dict[tuple[str, tuple[str, ...], int], str] = {}
         # Per (table, columns): each column's bind processor (_insert_sqlite).
         self._sqlite_plans: dict[tuple[type[Base], tuple[str, ...]], list[tuple[int, Callable[[Any], Any]]]] = {}
         # The batch writer of a SQLite file (module docstring): the same file and pragmas through
@@ -205,7 +223,7 @@ class Registry:
                 self._writer = create_engine(sync_url, json_serializer=_json_dumps, json_deserializer=_json_loads)
                 event.listen(self._writer, "connect", _sqlite_writer_pragmas)
                 # SQLAlchemy's executemany of an INSERT (the device upsert, seen ids) as multi-row
-                # INSERTs of up to 1,000 rows, as _insert_rows does by hand (same reason).
+                # INSERTs of up to 1,000 rows, as insert_rows_sqlite does by hand (same reason).
                 self._writer.dialect.use_insertmanyvalues_wo_returning = True
                 self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="registry-writer")
 
@@ -254,7 +272,7 @@ class Registry:
             conn.execute(insert(DeadLetter), batch.dead_letters)
         if batch.results:
             if self._dialect == "sqlite":
-                self._insert_rows(conn, "results", RESULT_COLUMNS, batch.results)
+                insert_rows_sqlite(conn, "results", RESULT_COLUMNS, batch.results)
             else:
                 rows = [dict(zip(RESULT_COLUMNS, values, strict=True)) for values in batch.results]
                 conn.execute(self._insert(ResultRow).on_conflict_do_nothing(), rows)
@@ -269,7 +287,7 @@ class Registry:
             hook(conn)
 
     def _insert_sqlite(self, conn: Connection, table: type[Base], rows: list[dict[str, Any]]) -> None:
-        """INSERT ... ON CONFLICT DO NOTHING of many rows straight through the driver (_insert_rows).
+        """INSERT ... ON CONFLICT DO NOTHING of many rows straight through the driver (insert_rows_sqlite).
 
         SQLAlchemy's executemany spends ~3 µs per row building its parameters, more than SQLite
         takes to store the row (5.2 against 2.3 µs per result row): at 2-3 answers per result/2
@@ -290,27 +308,7 @@ class Registry:
         for i, convert in converts:
             for values in params:
                 values[i] = convert(values[i])
-        self._insert_rows(conn, t.name, columns, params)
-
-    def _insert_rows(
-        self, conn: Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
-    ) -> None:
-        """INSERT ... VALUES (...), (...), ... ON CONFLICT DO NOTHING, up to _ROWS_PER_INSERT rows a
-        statement. One row per execution (executemany) let pysqlite release and retake the GIL for
-        every row; on the writer thread, beside an event loop that holds the GIL, each retake waited
-        its turn: 29 us per result row at 10,000 devices, for SQLite work of a few."""
-        per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // len(columns)))
-        for start in range(0, len(rows), per):
-            chunk = rows[start : start + per]
-            key = (table, columns, len(chunk))
-            sql = self._multirow_sql.get(key)
-            if sql is None:
-                names = ", ".join(f'"{c}"' for c in columns)
-                one = f"({', '.join('?' * len(columns))})"
-                sql = f'INSERT INTO "{table}" ({names}) VALUES {", ".join([one] * len(chunk))} ON CONFLICT DO NOTHING'
-                if len(self._multirow_sql) < 256:  # full chunks and a few remainders per table
-                    self._multirow_sql[key] = sql
-            conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
+        insert_rows_sqlite(conn, t.name, columns, params)
 
     def _device_upsert(self) -> Any:
         """One statement for every device of a batch (executemany): counters add, last_seen takes the
