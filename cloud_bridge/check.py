@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from cloud_bridge.config import BridgeConfig, load_config
+from cloud_bridge.config import BridgeConfig, MqttConfig, load_config
 from cloud_bridge.errors import ConfigError, ModelError, ReferenceModelError
 from cloud_bridge.escalation.session import session_config
 from cloud_bridge.ota.keys import load_signer
@@ -256,7 +256,14 @@ async def _broker(checks: Checklist, config: BridgeConfig) -> MqttProbe | None:
     if not checks.passed(BROKER) or not checks.passed(TLS):
         checks.skip(LOGIN, f"{where} is not reachable" if not checks.passed(BROKER) else "the TLS check failed")
         return None
-    result = await MqttProbe.connect(
+    result = await _login(m, tls)
+    checks.add(login_finding(LOGIN, result, f"{m.username or '(anonymous)'}@{where}", "[mqtt]"))
+    return None if isinstance(result, Failure) else result
+
+
+async def _login(m: MqttConfig, tls: ssl.SSLContext | None) -> MqttProbe | Failure:
+    """Log in as `m` says (the [mqtt] login or the escalation session's)."""
+    return await MqttProbe.connect(
         host=m.host,
         port=m.port,
         client_id=m.client_id,
@@ -265,8 +272,6 @@ async def _broker(checks: Checklist, config: BridgeConfig) -> MqttProbe | None:
         tls=tls,
         v5=m.protocol == "mqtt5",
     )
-    checks.add(login_finding(LOGIN, result, f"{m.username or '(anonymous)'}@{where}", "[mqtt]"))
-    return None if isinstance(result, Failure) else result
 
 
 async def _escalation_session(checks: Checklist, config: BridgeConfig, main: MqttProbe) -> None:
@@ -281,15 +286,7 @@ async def _escalation_session(checks: Checklist, config: BridgeConfig, main: Mqt
     m = session_config(config)
     tls = None if m.tls_ca is None else client_context(m.tls_ca, error=ConfigError)
     where = f"{m.host}:{m.port}"
-    result = await MqttProbe.connect(
-        host=m.host,
-        port=m.port,
-        client_id=m.client_id,
-        username=m.username,
-        password=m.password,
-        tls=tls,
-        v5=m.protocol == "mqtt5",
-    )
+    result = await _login(m, tls)
     if isinstance(result, Failure):
         checks.add(login_finding(ESCALATION_SESSION, result, f"{m.username or '(anonymous)'}@{where}", "[escalation]"))
         return
