@@ -49,7 +49,7 @@ def telemetry_batch(messages: Sequence[Telemetry]) -> Batch:
     for m in messages:
         batch.seen.append({"msg_id": m.msg_id, "received_at": time.time()})
         base = {"msg_id": m.msg_id, "fleet_id": m.fleet_id, "device_id": m.device_id}
-        batch.add_row(TelemetryRow, telemetry_row(base, m))
+        batch.add_row(TelemetryRow, telemetry_row(base, m, batch.features))
     return batch
 
 

@@ -25,6 +25,7 @@ from cloud_bridge.registry import (
 )
 from devservers import Mosquitto
 from schemas import Alert, Answer, Envelope, Result, Results, Sample, Status, Telemetry, encode, new_msg_id
+from schemas.codec import to_builtins
 from schemas.topics import Channel, Topics
 from tests.factories import CHANNEL_OF, examples, topic_for
 
@@ -73,8 +74,14 @@ async def test_every_message_type_is_stored(tmp_path: Path, mosquitto: Mosquitto
         devices = await reg.rows(Device)
         samples = await reg.rows(SampleRow)
         result_rows = await reg.rows(ResultRow)
+        telemetry_rows = await reg.rows(TelemetryRow)
         seen = await reg.count(SeenMessage)
     assert counts == {**dict.fromkeys(counts, 1), "ResultRow": answers}
+    # The window's body as sent, but for its feature statistics: drift_windows keeps those.
+    telemetry = next(m for m in messages if isinstance(m, Telemetry))
+    expected = to_builtins(telemetry)
+    assert expected.pop("features")["n"] > 0
+    assert telemetry_rows[0]["body"] == expected
     assert seen == 7
     (device,) = devices
     sample = next(m for m in messages if isinstance(m, Sample))

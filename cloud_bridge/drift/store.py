@@ -161,7 +161,7 @@ class DriftStore:
             body = row["body"]
             key = (row["fleet_id"], row["device_id"], row["model_name"], row["model_version"])
             try:
-                stats = WindowStats.from_body(body)
+                stats = WindowStats.from_body(body, batch.features.get(row["msg_id"]))
             except (ValueError, TypeError, KeyError) as exc:
                 # The message is valid telemetry (it is stored); only its drift statistics are unusable.
                 self.stats.errors += 1

@@ -47,11 +47,13 @@ class WindowStats:
     feature_std: Floats | None = None
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> WindowStats:
-        """From a telemetry message as builtins (the TelemetryRow body): no second decode on the hot path."""
+    def from_body(cls, body: Mapping[str, Any], features: Mapping[str, Any] | None = None) -> WindowStats:
+        """From a telemetry message as builtins (the TelemetryRow body): no second decode on the hot
+        path. `features`: the window's feature statistics where the body no longer holds them
+        (Batch.features)."""
         conf = body.get("confidence")
         lat = own_latency(body)
-        feats = body.get("features")
+        feats = body.get("features") if features is None else features
         mean = std = None
         n = 0
         if feats and feats.get("n", 0) > 0 and len(feats["mean"]) == len(feats["std"]) and feats["mean"]:

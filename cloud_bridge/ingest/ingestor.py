@@ -290,7 +290,7 @@ class Ingestor:
     def _fill(self, plan: _Plan, messages: list[Envelope]) -> None:
         """(Re)build everything the batch writes for `messages` (drift scoring included)."""
         batch = plan.batch
-        batch.rows, batch.results, batch.devices, batch.hooks = {}, [], {}, []
+        batch.rows, batch.results, batch.devices, batch.hooks, batch.features = {}, [], {}, [], {}
         plan.lines, plan.new_ids = [], []
         plan.samples = [m for m in messages if isinstance(m, Sample)]
         for message in messages:

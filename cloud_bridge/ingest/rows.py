@@ -31,7 +31,7 @@ def add_message(batch: Batch, lines: list[str] | None, message: Envelope, receiv
         # Not `delta.online = True`: status messages alone move a known device's online state.
         # Telemetry can be dealt to another bridge and committed after this device's last will,
         # and would flip it back online (DeviceDelta.online).
-        batch.add_row(TelemetryRow, telemetry_row(base, message))
+        batch.add_row(TelemetryRow, telemetry_row(base, message, batch.features))
         if lines is not None:
             lines.extend(telemetry_lines(message))
     elif isinstance(message, Status):
@@ -100,9 +100,13 @@ def dead_letter_row(incoming: Incoming, exc: DecodeError, now: float, limit: int
     }
 
 
-def telemetry_row(base: dict[str, str], m: Telemetry) -> dict[str, object]:
-    """The registry row of a telemetry window; `base` holds its msg_id, fleet_id and device_id."""
+def telemetry_row(base: dict[str, str], m: Telemetry, features: dict[str, dict[str, Any]]) -> dict[str, object]:
+    """The registry row of a telemetry window; `base` holds its msg_id, fleet_id and device_id. The
+    window's feature statistics go to `features` (Batch.features) instead of the row's body."""
     body: dict[str, Any] = to_builtins(m)
+    feats = body.pop("features", None)
+    if feats is not None:
+        features[m.msg_id] = feats
     return {
         **base,
         "model_name": m.model.name,

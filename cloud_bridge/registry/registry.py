@@ -128,6 +128,10 @@ class Batch:
     # written, so the batch can keep only theirs (rows, device counters, hooks). Called on every
     # attempt: a retried commit may find a different set.
     narrow: Callable[[set[str]], None] | None = None
+    # Feature statistics of the batch's telemetry windows by msg_id, for drift scoring inside the
+    # transaction. The telemetry row's body leaves them out: drift_windows keeps them (packed, for the
+    # windows drift pools), and as JSON they were ~2.4 of a body's ~3.1 KB, the registry's largest write.
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add_row(self, table: type[Base], row: dict[str, Any]) -> None:
         self.rows.setdefault(table, []).append(row)
