@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fleetbench.drain import Drain
+
 SAMPLE_S = 5.0
 
 
@@ -39,6 +41,7 @@ class Outcome:
     rss_per_device: float
     queries: dict[str, float] = field(default_factory=dict)
     lock_waits: int = 0  # PostgreSQL: backends waiting on a lock, summed over the 5 s samples
+    drain: Drain | None = None  # throughput on a backlog, after the run (--drain-s)
     held: bool = False
     why: str = ""
 
@@ -103,4 +106,6 @@ def print_outcome(o: Outcome) -> None:
     )
     if o.queries:
         print("  queries at this size: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in o.queries.items()))
+    if o.drain is not None:
+        print(o.drain.line())
     print(f"  verdict: {'HELD' if o.held else 'not held'} ({o.why})", flush=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from devservers import Mosquitto
 from devservers.postgres import create_database
+from fleetbench.drain import drain
 from fleetbench.outcome import SAMPLE_S, Outcome, pct
 from fleetbench.queries import time_queries
 from fleetbench.servers import BridgeSpec, write_bridge_config
@@ -170,7 +171,14 @@ class FleetRun:
             if self.pg is not None:
                 other["postgresql"] = self._pg_cpu() - pg_cpu0
             last = snaps[-1] if snaps else first
-            snaps.append(await sim.stop())
+            backlog = None
+            if args.drain_s > 0:
+                backlog = await drain(
+                    [p.pid for p in procs], sim.pids, lag, args.drain_s, lambda: self._other_cpu(broker)
+                )
+            final = await sim.stop()
+            if backlog is None:  # after a drain, its answers' latencies include the pause
+                snaps.append(final)
         finally:
             store.close()
             await sim.kill()
@@ -205,18 +213,25 @@ class FleetRun:
             esc_in_time=last["answered"] / asked if asked else 1.0,
             esc_p50=pct(latencies, 0.5),
             esc_p99=pct(latencies, 0.99),
-            sim_late_s=max((s.late_s for s in snaps[:-1]), default=0.0),
+            sim_late_s=max((s.late_s for s in (snaps if backlog is not None else snaps[:-1])), default=0.0),
             sim_runq_share=sim_runq / elapsed / max(1, len(sim.pids)),
             sim_own_us=_own_us(snaps[0] if len(snaps) > 2 else first, last),
-            confirmed=int(snaps[-1]["confirmed"]),
-            unconfirmed=int(snaps[-1]["unconfirmed"]),
+            confirmed=int(final["confirmed"]),
+            unconfirmed=int(final["unconfirmed"]),
             growth_per_device_day=(size1 - size0) / devices * 86400 / elapsed,
             rss_per_device=sum(e.rss - b.rss for b, e in zip(before, end, strict=True)) / devices,
             queries=queries,
             lock_waits=lock_waits,
+            drain=backlog,
         )
         outcome.judge(args.max_lag_s)
         return outcome
+
+    def _other_cpu(self, broker: Mosquitto) -> dict[str, float]:
+        cpu = {"broker": tree_cpu(broker.pid or 0)}
+        if self.pg is not None:
+            cpu["postgresql"] = self._pg_cpu()
+        return cpu
 
     def _pg_cpu(self) -> float:
         if self.pg is None:
