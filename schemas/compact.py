@@ -38,6 +38,10 @@ ENCODING = "msgpack+deflate/1"  # the name devices and bridges announce
 _HEADER = bytes((MARKER, FORMAT_V1))
 _LEVEL = 6  # level 9 gains under 1% on these messages for twice the CPU
 _ENCODER = msgspec.msgpack.Encoder()
+# A compressor already primed with the dictionary, never used itself: copying it costs ~0.5 us against
+# ~9 us for a new one loading DICT_V1, a third of encoding a small message (a confirm/1, an escalation
+# reply: ~1,500 a second at a 10,000-device bridge). The copies produce the same bytes.
+_PRIMED = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, zdict=DICT_V1)
 
 
 def is_compact(data: bytes | bytearray | memoryview | str) -> bool:
@@ -46,7 +50,7 @@ def is_compact(data: bytes | bytearray | memoryview | str) -> bool:
 
 def encode_compact(message: Envelope) -> bytes:
     """The frame of one message (see the module docstring)."""
-    deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, zdict=DICT_V1)
+    deflate = _PRIMED.copy()
     body = _ENCODER.encode(to_columns(msgspec.to_builtins(message, builtin_types=(bytes,))))
     return _HEADER + deflate.compress(body) + deflate.flush()
 
