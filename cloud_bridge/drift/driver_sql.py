@@ -30,7 +30,7 @@ import orjson
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
 
-from cloud_bridge.registry.registry import insert_rows_sqlite
+from cloud_bridge.registry.bulk import insert_rows_sqlite
 
 Key = tuple[str, str, str, str]  # fleet, device, model name, model version
 

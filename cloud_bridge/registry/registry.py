@@ -15,11 +15,9 @@ committing, ~80% of it waiting for the loop, and ingestion fell behind on the co
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,34 +42,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from cloud_bridge.registry.bulk import RESULT_COLUMNS, insert_results_postgresql, insert_rows_sqlite
 from cloud_bridge.registry.migrations import upgrade
-from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, ResultRow, SeenMessage
+from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, SeenMessage
 
 log = logging.getLogger(__name__)
-
-# Rows per multi-row INSERT on SQLite (insert_rows_sqlite): bound by the statement's variable limit
-# (32,766 since SQLite 3.32, 999 before).
-_SQLITE_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-_ROWS_PER_INSERT = 500
-
-
-@functools.lru_cache(maxsize=256)
-def _multirow_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
-    names = ", ".join(f'"{c}"' for c in columns)
-    one = f"({', '.join('?' * len(columns))})"
-    return f'INSERT INTO "{table}" ({names}) VALUES {", ".join([one] * rows)} ON CONFLICT DO NOTHING'
-
-
-def insert_rows_sqlite(conn: Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
-    """INSERT ... VALUES (...), (...), ... ON CONFLICT DO NOTHING, up to _ROWS_PER_INSERT rows a
-    statement. One row per execution (executemany) let pysqlite release and retake the GIL for
-    every row; on the registry's writer thread, beside an event loop that holds the GIL, each retake
-    waited its turn: 29 us per result row at 10,000 devices, for SQLite work of a few."""
-    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // len(columns)))
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        conn.exec_driver_sql(_multirow_sql(table, columns, len(chunk)), tuple(v for row in chunk for v in row))
-
 
 _SCHEMA_LOCK = 0x65646765666C74  # PostgreSQL advisory lock key held while the schema is brought up to date
 
@@ -90,22 +65,6 @@ class DeviceDelta:
     online: bool | None = None
     status_order: int | None = None  # Status.order of the status `online` comes from, if it had one
     model: tuple[str, str, str] | None = None
-
-
-# The columns of a `Batch.results` tuple, in order.
-RESULT_COLUMNS = (
-    "msg_id",
-    "seq",
-    "fleet_id",
-    "device_id",
-    "inference_id",
-    "model_version",
-    "label",
-    "path",
-    "confidence",
-    "truth",
-    "ts",
-)
 
 
 @dataclass
@@ -278,8 +237,7 @@ class Registry:
             if self._dialect == "sqlite":
                 insert_rows_sqlite(conn, "results", RESULT_COLUMNS, batch.results)
             else:
-                rows = [dict(zip(RESULT_COLUMNS, values, strict=True)) for values in batch.results]
-                conn.execute(self._insert(ResultRow).on_conflict_do_nothing(), rows)
+                insert_results_postgresql(conn, batch.results)
         for table, rows in batch.rows.items():
             if self._dialect == "sqlite":
                 self._insert_sqlite(conn, table, rows)
