@@ -87,12 +87,14 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 async def scale(args: argparse.Namespace, work: Path, model: Path) -> None:
+    # A PostgreSQL server of its own for each run: the first run's checkpoints and autovacuum would
+    # otherwise land in the second's CPU figures.
     with postgres() as pg:
-        fleet = FleetRun(args, work, model, pg)
-        one = await fleet.run("one", args.scale, 1)
-        print_outcome(one)
-        two = await fleet.run("two", args.scale, 2)
-        print_outcome(two)
+        one = await FleetRun(args, work, model, pg).run("one", args.scale, 1)
+    print_outcome(one)
+    with postgres() as pg:
+        two = await FleetRun(args, work, model, pg).run("two", args.scale, 2)
+    print_outcome(two)
     # Live: CPU per message each bridge handled (stored, duplicate, escalation), averaged over the
     # bridges; per message *sent* would favour whichever run fell further behind. At an offered load
     # both keep up with, two bridges commit batches half the size: a light-load figure, not the target.
