@@ -40,7 +40,7 @@ from cloud_bridge.ota.delivery import MODEL_REQUEST_SUFFIX, ChunkServer, deliver
 from cloud_bridge.ota.deltas import DeltaStore
 from cloud_bridge.ota.keys import load_signer
 from cloud_bridge.registry import Registry
-from cloud_bridge.registry.retention import prune_results
+from cloud_bridge.registry.retention import prune_registry
 from cloud_bridge.rollout.driver import RolloutDriver
 from cloud_bridge.samples.archive import prune_samples
 from cloud_bridge.samples.feed import SampleFeed
@@ -365,13 +365,12 @@ class Bridge:
             self.log_status()
 
     async def prune(self) -> int:
-        """Drop dedup ids older than `[ingest] seen_retention_s` (returns how many), and bound the samples
-        archive by `[samples] max_rows` / `max_age_days`."""
+        """Drop dedup ids older than `[ingest] seen_retention_s` (returns how many), bound result and
+        telemetry rows by `[registry]` retention and the samples archive by `[samples] max_rows` / `max_age_days`."""
         pruned = await self.registry.prune_seen(time.time() - self.config.ingest.seen_retention_s)
         if pruned:
             log.info("pruned seen message ids count=%d", pruned)
-        reg = self.config.registry
-        await prune_results(self.registry, reg.results_retention_s, reg.results_bucket_s)
+        await prune_registry(self.registry, self.config.registry)
         samples = await prune_samples(self.registry, self.config.samples, time.time())
         if samples:
             log.info(

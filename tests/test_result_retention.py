@@ -1,6 +1,7 @@
 """Result rows past `[registry] results_retention_s` are folded into result_aggregates and deleted:
 the aggregates equal what the deleted rows said, on a real SQLite file and a real PostgreSQL, and
-two bridges pruning one PostgreSQL registry at once count every row once."""
+two bridges pruning one PostgreSQL registry at once count every row once. Telemetry rows past
+`[registry] telemetry_retention_s` are deleted, the recent ones kept."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from cloud_bridge.config import RegistryConfig
-from cloud_bridge.registry import Batch, Registry, ResultAggregate, ResultRow
-from cloud_bridge.registry.retention import id_at, prune_results
-from schemas import new_msg_id
+from cloud_bridge.ingest.rows import telemetry_row
+from cloud_bridge.registry import Batch, Registry, ResultAggregate, ResultRow, TelemetryRow
+from cloud_bridge.registry.retention import id_at, prune_registry, prune_results
+from schemas import Telemetry, new_msg_id
+from tests.factories import examples
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,3 +126,45 @@ def test_bucket_must_divide_a_day() -> None:
         RegistryConfig(results_bucket_s=7).validate()
     with pytest.raises(ValueError, match="results_retention_s"):
         RegistryConfig(results_retention_s=-1).validate()
+    with pytest.raises(ValueError, match="telemetry_retention_s"):
+        RegistryConfig(telemetry_retention_s=-1).validate()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_telemetry_past_retention_is_deleted(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}"
+        if engine == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    template = next(m for m in examples("f1", "d1") if isinstance(m, Telemetry))
+    # One window every 10 s over the last 3 hours, from 4 devices, as ingestion writes them.
+    windows = [
+        msgspec.structs.replace(
+            template,
+            msg_id=new_msg_id(),
+            device_id=f"d{i % 4}",
+            window_start=NOW - 10 * i - 10,
+            window_end=NOW - 10 * i,
+        )
+        for i in range(3 * 360)
+    ]
+    batch = Batch()
+    for m in windows:
+        batch.add_row(
+            TelemetryRow,
+            telemetry_row({"msg_id": m.msg_id, "fleet_id": m.fleet_id, "device_id": m.device_id}, m, batch.features),
+        )
+    registry = Registry(url)
+    try:
+        await registry.create()
+        await registry.commit_batch(batch)
+        config = RegistryConfig(telemetry_retention_s=3600 + 5, results_retention_s=0)
+        await prune_registry(registry, config, now=NOW)
+        kept = {r["msg_id"] for r in await registry.rows(TelemetryRow)}
+        assert kept == {m.msg_id for m in windows if m.window_end >= NOW - 3605}
+        assert len(kept) == 361
+        await prune_registry(registry, RegistryConfig(telemetry_retention_s=0), now=NOW + 86400)
+        assert await registry.count(TelemetryRow) == 361  # 0 keeps every row
+    finally:
+        await registry.close()

@@ -13,10 +13,16 @@ class RegistryConfig:
     # device, model version, path and bucket) and deleted, at the bridge's hourly prune; 0 = keep all.
     results_retention_s: float = 86400.0
     results_bucket_s: float = 300.0
+    # Telemetry rows (one per device per window: 8,640 per device-day at 10 s, ~0.7 KB each) whose
+    # window ended longer ago than this are deleted at the hourly prune; 0 = keep all. Series for
+    # dashboards live in the TSDB; the registry keeps what rollouts, shadows and `devices` read, all of
+    # it recent. Drift keeps its own windows (drift_windows).
+    telemetry_retention_s: float = 7 * 86400.0
 
     def validate(self) -> None:
-        if self.results_retention_s < 0:
-            raise ValueError(f"results_retention_s = {self.results_retention_s} must be >= 0 (0 keeps every row)")
+        for name in ("results_retention_s", "telemetry_retention_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 0 (0 keeps every row)")
         if self.results_bucket_s <= 0 or 86400.0 % self.results_bucket_s:
             raise ValueError(f"results_bucket_s = {self.results_bucket_s} must be > 0 and divide a day (60, 300, 3600)")
         if self.url and not self.url.split(":", 1)[0].startswith(("sqlite", "postgresql")):

@@ -1,4 +1,4 @@
-"""Result rows bounded by retention, their per-bucket aggregates kept.
+"""Result rows bounded by retention, their per-bucket aggregates kept; telemetry rows bounded too.
 
 Every answer a device sends becomes a `results` row: at 1 Hz that is 86,400 rows per device-day,
 most of a registry's growth. Rows older than `[registry] results_retention_s` are folded into
@@ -8,6 +8,10 @@ deleted, in one transaction per slice of `results_bucket_s`, so ingestion waits 
 
 Age is the time in the row's msg_id (UUIDv7, the device's clock when it made the message): the primary
 key (msg_id, seq) is the index the cut uses, so no extra index is written for every answer.
+
+Telemetry rows whose window ended more than `[registry] telemetry_retention_s` ago are deleted, a
+minute of windows per transaction (the `ix_telemetry_stats` index leads with window_end), so a first
+prune of a registry that kept months of windows does not hold SQLite's write lock for minutes.
 
 Several bridges may prune at once (PostgreSQL): there the rows are deleted and aggregated in one
 statement (`WITH gone AS (DELETE ... RETURNING ...) INSERT ... ON CONFLICT DO UPDATE`), so a row
@@ -22,6 +26,7 @@ import time
 
 from sqlalchemy import text
 
+from cloud_bridge.config import RegistryConfig
 from cloud_bridge.registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -93,3 +98,34 @@ async def prune_results(registry: Registry, retention_s: float, bucket_s: float,
     if done:
         log.info("results folded into aggregates rows=%d older_than_s=%g bucket_s=%g", done, retention_s, bucket_s)
     return done
+
+
+_TELEMETRY_SLICE_S = 60.0
+
+
+async def prune_telemetry(registry: Registry, retention_s: float, now: float | None = None) -> int:
+    """Delete telemetry rows whose window ended more than `retention_s` ago; returns how many."""
+    if retention_s <= 0:
+        return 0
+    cutoff = (time.time() if now is None else now) - retention_s
+    async with registry.engine.connect() as conn:
+        oldest = (await conn.execute(text("SELECT min(window_end) FROM telemetry"))).scalar()
+    if oldest is None:
+        return 0
+    done = 0
+    start = float(oldest)
+    while start < cutoff:
+        end = min(cutoff, start + _TELEMETRY_SLICE_S)
+        async with registry.engine.begin() as conn:
+            result = await conn.execute(text("DELETE FROM telemetry WHERE window_end < :end"), {"end": end})
+            done += max(0, int(result.rowcount))
+        start = end
+    if done:
+        log.info("telemetry windows past retention deleted rows=%d older_than_s=%g", done, retention_s)
+    return done
+
+
+async def prune_registry(registry: Registry, config: RegistryConfig, now: float | None = None) -> None:
+    """Everything `[registry]` bounds by age: result rows (folded into aggregates), telemetry rows."""
+    await prune_results(registry, config.results_retention_s, config.results_bucket_s, now)
+    await prune_telemetry(registry, config.telemetry_retention_s, now)
