@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.compiler import SQLCompiler
 
 # Rows per multi-row INSERT on SQLite (insert_rows_sqlite): bound by the statement's variable limit
 # (32,766 since SQLite 3.32, 999 before).
@@ -38,6 +39,37 @@ def insert_rows_sqlite(conn: Connection, table: str, columns: tuple[str, ...], r
     for start in range(0, len(rows), per):
         chunk = rows[start : start + per]
         conn.exec_driver_sql(_multirow_sql(table, columns, len(chunk)), tuple(v for row in chunk for v in row))
+
+
+def upsert_rows_sqlite(conn: Connection, compiled: SQLCompiler, rows: Sequence[dict[str, Any]]) -> None:
+    """A compiled one-row INSERT (an upsert: ON CONFLICT DO UPDATE may follow) run for many rows as
+    multi-row VALUES statements, for the reason insert_rows_sqlite gives. Its bind parameters must
+    all be in the VALUES group (constants elsewhere); values pass through their types' processors."""
+    sql, names = _multirow_plan(compiled)
+    params = [[row[n] for n in names] for row in rows]
+    for i, name in enumerate(names):
+        convert = compiled.binds[name].type.bind_processor(conn.dialect)  # booleans to 0/1, JSON...
+        if convert is not None:
+            for values in params:
+                values[i] = convert(values[i])
+    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // len(names)))
+    for start in range(0, len(params), per):
+        chunk = params[start : start + per]
+        conn.exec_driver_sql(_spliced(sql, len(names), len(chunk)), tuple(v for row in chunk for v in row))
+
+
+def _multirow_plan(compiled: SQLCompiler) -> tuple[str, tuple[str, ...]]:
+    names = tuple(compiled.positiontup or ())
+    sql = str(compiled)
+    if sql.count("?") != len(names) or f"VALUES ({', '.join('?' * len(names))})" not in sql:
+        raise ValueError(f"not a one-row INSERT with every parameter in its VALUES: {sql[:200]}")
+    return sql, names
+
+
+@functools.lru_cache(maxsize=64)
+def _spliced(sql: str, columns: int, rows: int) -> str:
+    one = f"({', '.join('?' * columns)})"
+    return sql.replace(f"VALUES {one}", f"VALUES {', '.join([one] * rows)}", 1)
 
 
 # The columns of a `Batch.results` tuple, in order, with their PostgreSQL types (the unnest arrays').

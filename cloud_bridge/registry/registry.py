@@ -32,17 +32,20 @@ from sqlalchemy import (
     case,
     delete,
     event,
+    false,
     func,
     insert,
     or_,
     select,
     text,
+    true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from cloud_bridge.registry.bulk import RESULT_COLUMNS, insert_results_postgresql, insert_rows_sqlite
+from cloud_bridge.registry.bulk import RESULT_COLUMNS, insert_results_postgresql, insert_rows_sqlite, upsert_rows_sqlite
 from cloud_bridge.registry.migrations import upgrade
 from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, SeenMessage
 
@@ -172,7 +175,8 @@ class Registry:
         # ingest hot path, where stdlib json cost ~6% of the bridge's time.
         self.engine: AsyncEngine = create_async_engine(url, json_serializer=_json_dumps, json_deserializer=_json_loads)
         self._dialect = self.engine.dialect.name
-        self._device_stmt: Any = None
+        self._device_stmts: dict[bool | None, Any] = {}
+        self._device_compiled: dict[bool, SQLCompiler] = {}
         # Per (table, columns): each column's bind processor (_insert_sqlite).
         self._sqlite_plans: dict[tuple[type[Base], tuple[str, ...]], list[tuple[int, Callable[[Any], Any]]]] = {}
         # The batch writer of a SQLite file (module docstring): the same file and pragmas through
@@ -244,7 +248,16 @@ class Registry:
             else:
                 conn.execute(self._insert(table).on_conflict_do_nothing(), rows)
         if batch.devices:
-            conn.execute(self._device_upsert(), [_device_values(key, delta) for key, delta in batch.devices.items()])
+            values = [_device_values(key, delta) for key, delta in batch.devices.items()]
+            if self._dialect == "sqlite":
+                # Multi-row, as insert_rows_sqlite says why; `online_known` is per row in the
+                # statement's SET clause, so the rows go in two statements, one per value of it.
+                for known in (False, True):
+                    rows = [v for v in values if v["online_known"] is known]
+                    if rows:
+                        upsert_rows_sqlite(conn, self._device_upsert_compiled(known, conn), rows)
+            else:
+                conn.execute(self._device_upsert(), values)
         for hook in batch.hooks:
             hook(conn)
 
@@ -272,13 +285,22 @@ class Registry:
                 values[i] = convert(values[i])
         insert_rows_sqlite(conn, t.name, columns, params)
 
-    def _device_upsert(self) -> Any:
+    def _device_upsert_compiled(self, online_known: bool, conn: Connection) -> SQLCompiler:
+        compiled = self._device_compiled.get(online_known)
+        if compiled is None:
+            compiled = cast(SQLCompiler, self._device_upsert(online_known).compile(dialect=conn.dialect))
+            self._device_compiled[online_known] = compiled
+        return compiled
+
+    def _device_upsert(self, online_known: bool | None = None) -> Any:
         """One statement for every device of a batch (executemany): counters add, last_seen takes the
-        max, online and the model change only where the batch says something about them."""
-        if self._device_stmt is None:
+        max, online and the model change only where the batch says something about them. With
+        `online_known` given, that flag is a constant of the statement instead of a parameter."""
+        stmt = self._device_stmts.get(online_known)
+        if stmt is None:
             table = Device.__table__
-            stmt = self._insert(Device)
-            new = stmt.excluded
+            insert_ = self._insert(Device)
+            new = insert_.excluded
             greatest = func.max if self._dialect == "sqlite" else func.greatest
             # Status messages of one device can be committed out of order (several bridges each
             # commit the copy they deduplicated first): the online state follows the status of
@@ -286,7 +308,11 @@ class Registry:
             newer = or_(
                 new.status_order.is_(None), table.c.status_order.is_(None), new.status_order >= table.c.status_order
             )
-            self._device_stmt = stmt.on_conflict_do_update(
+            if online_known is None:
+                known: Any = bindparam("online_known", type_=Boolean)
+            else:
+                known = true() if online_known else false()
+            stmt = self._device_stmts[online_known] = insert_.on_conflict_do_update(
                 index_elements=["fleet_id", "device_id"],
                 set_={
                     "last_seen": greatest(table.c.last_seen, new.last_seen),
@@ -294,9 +320,7 @@ class Registry:
                     "telemetry_windows": table.c.telemetry_windows + new.telemetry_windows,
                     "samples": table.c.samples + new.samples,
                     "results": table.c.results + new.results,
-                    "online": case(
-                        (and_(bindparam("online_known", type_=Boolean), newer), new.online), else_=table.c.online
-                    ),
+                    "online": case((and_(known, newer), new.online), else_=table.c.online),
                     "status_order": case(
                         (new.status_order.is_(None), table.c.status_order),
                         (table.c.status_order.is_(None), new.status_order),
@@ -307,7 +331,7 @@ class Registry:
                     "model_sha256": func.coalesce(new.model_sha256, table.c.model_sha256),
                 },
             )
-        return self._device_stmt
+        return stmt
 
     async def add_agreement(self, counts: Iterable[tuple[tuple[str, str, str], tuple[int, int]]]) -> None:
         """Add (answered, agreed) escalation counts per (fleet, device, edge model version).
