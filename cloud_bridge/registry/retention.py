@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from sqlalchemy import text
 
@@ -72,16 +73,25 @@ def _time_of(msg_id: str) -> float:
     return int(msg_id[:8] + msg_id[9:13], 16) / 1000.0
 
 
+async def _past_retention(
+    registry: Registry, retention_s: float, now: float | None, oldest_sql: str
+) -> tuple[float, Any] | None:
+    """The cutoff time and the table's oldest key (`oldest_sql`), or None: retention off or no rows."""
+    if retention_s <= 0:
+        return None
+    cutoff = (time.time() if now is None else now) - retention_s
+    async with registry.engine.connect() as conn:
+        oldest = (await conn.execute(text(oldest_sql))).scalar()
+    return None if oldest is None else (cutoff, oldest)
+
+
 async def prune_results(registry: Registry, retention_s: float, bucket_s: float, now: float | None = None) -> int:
     """Fold result rows older than `retention_s` into result_aggregates and delete them; returns the
     result rows deleted (SQLite) or the aggregate rows written (PostgreSQL), for the log."""
-    if retention_s <= 0:
+    found = await _past_retention(registry, retention_s, now, "SELECT min(msg_id) FROM results")
+    if found is None:
         return 0
-    cutoff = (time.time() if now is None else now) - retention_s
-    async with registry.engine.connect() as conn:
-        oldest = (await conn.execute(text("SELECT min(msg_id) FROM results"))).scalar()
-    if oldest is None:
-        return 0
+    cutoff, oldest = found
     statements = _POSTGRES if registry.engine.dialect.name == "postgresql" else _SQLITE
     done = 0
     lo = "0"
@@ -105,13 +115,10 @@ _TELEMETRY_SLICE_S = 60.0
 
 async def prune_telemetry(registry: Registry, retention_s: float, now: float | None = None) -> int:
     """Delete telemetry rows whose window ended more than `retention_s` ago; returns how many."""
-    if retention_s <= 0:
+    found = await _past_retention(registry, retention_s, now, "SELECT min(window_end) FROM telemetry")
+    if found is None:
         return 0
-    cutoff = (time.time() if now is None else now) - retention_s
-    async with registry.engine.connect() as conn:
-        oldest = (await conn.execute(text("SELECT min(window_end) FROM telemetry"))).scalar()
-    if oldest is None:
-        return 0
+    cutoff, oldest = found
     done = 0
     start = float(oldest)
     while start < cutoff:
