@@ -390,7 +390,7 @@ class Bridge:
         esc = self.escalator.stats if self.escalator is not None else None
         log.info(
             "bridge status msgs_per_s=%.1f received=%d stored=%d dead_letters=%d dups=%d backlog=%d "
-            "escalations_answered=%d escalations_expired=%d %s connected=%s unacked=%d escalation_backlog=%d "
+            "escalations_answered=%d escalations_expired=%d %s %s connected=%s unacked=%d escalation_backlog=%d "
             "ingest_s idle=%.1f plan=%.1f commit=%.1f commit_wait=%.1f after=%.1f batches=%d largest_batch=%d "
             "escalation_session=%s escalation_connected=%s escalation_unacked=%d",
             rate,
@@ -402,6 +402,7 @@ class Bridge:
             esc.answered if esc else 0,
             esc.expired if esc else 0,
             self.tsdb.status() if self.tsdb is not None else "tsdb=off",
+            " ".join(x.status() for x in (self.drift, self.confirmer) if x is not None),
             self.mqtt.connected if self.mqtt is not None else False,
             self.mqtt.unacked if self.mqtt is not None else 0,
             self.escalator.backlog if self.escalator is not None else 0,

@@ -267,6 +267,10 @@ async def test_v1_api_writes_telemetry_to_influxdb_1x_and_the_status_line_counts
     (status,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bridge status")]
     assert "tsdb_written=4 tsdb_pending=0 tsdb_spill_bytes=0 tsdb_failures=0 tsdb_rejected=0" in status
     assert "tsdb_dropped=0 tsdb_refused=0 tsdb_blocked=no" in status
+    # Drift's window (a new device: its state row created, not a cache miss), and the
+    # confirmations: nothing sent yet, the device's outbox epoch is unknown (it sent no status).
+    assert "drift_windows=1 drift_alerts=0 drift_cache_hits=0 drift_cache_misses=0" in status
+    assert "confirms=0 confirmed_seqs=0 confirms_failed=0" in status
     ts = round(telemetry.window_end * 1000)
     (result,) = influxdb_session.query(
         'SELECT "count", "latency_p99", "edge_latency_p95" FROM "inference" GROUP BY *', db

@@ -149,6 +149,16 @@ class DriftStore:
         self.batched = batched
         self.window_cache = WindowCache()
 
+    def status(self) -> str:
+        """For the bridge's status line. Cache misses are windows whose device state another bridge
+        wrote last (or this one before a restart): read again from the registry, the cost two
+        bridges pay over one."""
+        cache = self.rows.cache
+        return (
+            f"drift_windows={self.stats.windows} drift_alerts={self.stats.alerts} "
+            f"drift_cache_hits={cache.hits} drift_cache_misses={cache.misses}"
+        )
+
     def insert(self, table: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 

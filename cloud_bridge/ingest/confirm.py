@@ -92,6 +92,10 @@ class Confirmer:
         self._waiting: dict[Key, int] = {}  # rounds a device's seqs waited for its epoch
         self.stats = ConfirmStats()
 
+    def status(self) -> str:
+        st = self.stats
+        return f"confirms={st.messages} confirmed_seqs={st.seqs} confirms_failed={st.failed} no_epoch={st.no_epoch}"
+
     def epoch_seen(self, key: Key, epoch: str, order: int | None, accepts: list[str] | None = None) -> None:
         """A status/1 named the device's outbox (and what it reads); a later connection's status
         wins over an earlier one."""
