@@ -108,7 +108,11 @@ def test_telemetry_escalation_and_sample_frames_equal_encode_compact() -> None:
         assert message.features.mean == np.frombuffer(mean, "<f4").tolist()
         assert len(message.features.std) == FEATURES
         assert message.count == sum(counts.classes)
-        assert len(encode_compact(message)) <= len(payload) <= 1.15 * len(encode_compact(message))
+        # The simulator stores the random float32 statistics instead of deflating them; deflating the
+        # whole message finds a few bytes of matches in them, or loses a few to block headers: over
+        # 600 windows -6..+14 B on ~750 B. "Never smaller" failed on a quarter of the runs.
+        reference = len(encode_compact(message))
+        assert 0.98 * reference <= len(payload) <= 1.15 * reference
         assert not device.unconfirmed  # not tracked
     assert pop.classes[:2].sum() == 0  # the windows restarted
     device = _device()
