@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -23,53 +23,67 @@ _SQLITE_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _ROWS_PER_INSERT = 500
 
 
-@functools.lru_cache(maxsize=256)
-def _multirow_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
-    names = ", ".join(f'"{c}"' for c in columns)
-    one = f"({', '.join('?' * len(columns))})"
-    return f'INSERT INTO "{table}" ({names}) VALUES {", ".join([one] * rows)} ON CONFLICT DO NOTHING'
-
-
 def insert_rows_sqlite(conn: Connection, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
     """INSERT ... VALUES (...), (...), ... ON CONFLICT DO NOTHING, up to _ROWS_PER_INSERT rows a
     statement. One row per execution (executemany) let pysqlite release and retake the GIL for
     every row; on the registry's writer thread, beside an event loop that holds the GIL, each retake
     waited its turn: 29 us per result row at 10,000 devices, for SQLite work of a few."""
-    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // len(columns)))
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        conn.exec_driver_sql(_multirow_sql(table, columns, len(chunk)), tuple(v for row in chunk for v in row))
+    _execute_chunks(conn, _one_row_sql(table, columns), len(columns), rows)
 
 
 def upsert_rows_sqlite(conn: Connection, compiled: SQLCompiler, rows: Sequence[dict[str, Any]]) -> None:
     """A compiled one-row INSERT (an upsert: ON CONFLICT DO UPDATE may follow) run for many rows as
     multi-row VALUES statements, for the reason insert_rows_sqlite gives. Its bind parameters must
-    all be in the VALUES group (constants elsewhere); values pass through their types' processors."""
+    all be in the VALUES group (constants elsewhere); values pass through their types' processors
+    (booleans to 0/1, JSON...)."""
     sql, names = _multirow_plan(compiled)
-    params = [[row[n] for n in names] for row in rows]
-    for i, name in enumerate(names):
-        convert = compiled.binds[name].type.bind_processor(conn.dialect)  # booleans to 0/1, JSON...
-        if convert is not None:
-            for values in params:
-                values[i] = convert(values[i])
-    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // len(names)))
-    for start in range(0, len(params), per):
-        chunk = params[start : start + per]
-        conn.exec_driver_sql(_spliced(sql, len(names), len(chunk)), tuple(v for row in chunk for v in row))
+    processors = [compiled.binds[name].type.bind_processor(conn.dialect) for name in names]
+    converts = [(i, convert) for i, convert in enumerate(processors) if convert is not None]
+    _execute_chunks(conn, sql, len(names), bound_values(rows, names, converts))
+
+
+def bound_values(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], converts: Sequence[tuple[int, Callable[[Any], Any]]]
+) -> list[list[Any]]:
+    """Each row's values in `columns` order, the i-th passed through its bind processor where
+    `converts` has one ((i, processor) pairs)."""
+    params = [[row[c] for c in columns] for row in rows]
+    for i, convert in converts:
+        for values in params:
+            values[i] = convert(values[i])
+    return params
+
+
+def _execute_chunks(conn: Connection, one_row_sql: str, width: int, rows: Sequence[Sequence[Any]]) -> None:
+    """`one_row_sql` (VALUES of `width` placeholders) run for `rows`, up to _ROWS_PER_INSERT a statement."""
+    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // width))
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.exec_driver_sql(_spliced(one_row_sql, width, len(chunk)), tuple(v for row in chunk for v in row))
+
+
+@functools.lru_cache(maxsize=64)
+def _one_row_sql(table: str, columns: tuple[str, ...]) -> str:
+    names = ", ".join(f'"{c}"' for c in columns)
+    return f'INSERT INTO "{table}" ({names}) VALUES {_placeholders(len(columns))} ON CONFLICT DO NOTHING'
 
 
 def _multirow_plan(compiled: SQLCompiler) -> tuple[str, tuple[str, ...]]:
     names = tuple(compiled.positiontup or ())
     sql = str(compiled)
-    if sql.count("?") != len(names) or f"VALUES ({', '.join('?' * len(names))})" not in sql:
+    if sql.count("?") != len(names) or f"VALUES {_placeholders(len(names))}" not in sql:
         raise ValueError(f"not a one-row INSERT with every parameter in its VALUES: {sql[:200]}")
     return sql, names
 
 
-@functools.lru_cache(maxsize=64)
-def _spliced(sql: str, columns: int, rows: int) -> str:
-    one = f"({', '.join('?' * columns)})"
-    return sql.replace(f"VALUES {one}", f"VALUES {', '.join([one] * rows)}", 1)
+def _placeholders(width: int) -> str:
+    return f"({', '.join('?' * width)})"
+
+
+@functools.lru_cache(maxsize=256)  # full chunks and a few remainders per statement
+def _spliced(one_row_sql: str, width: int, rows: int) -> str:
+    one = _placeholders(width)
+    return one_row_sql.replace(f"VALUES {one}", f"VALUES {', '.join([one] * rows)}", 1)
 
 
 # The columns of a `Batch.results` tuple, in order, with their PostgreSQL types (the unnest arrays').

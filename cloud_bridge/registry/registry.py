@@ -45,7 +45,13 @@ from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from cloud_bridge.registry.bulk import RESULT_COLUMNS, insert_results_postgresql, insert_rows_sqlite, upsert_rows_sqlite
+from cloud_bridge.registry.bulk import (
+    RESULT_COLUMNS,
+    bound_values,
+    insert_results_postgresql,
+    insert_rows_sqlite,
+    upsert_rows_sqlite,
+)
 from cloud_bridge.registry.migrations import upgrade
 from cloud_bridge.registry.tables import Agreement, Base, DeadLetter, Device, SeenMessage
 
@@ -279,11 +285,7 @@ class Registry:
                 if processor is not None:
                     converts.append((i, processor))
             self._sqlite_plans[(table, columns)] = converts
-        params = [[row[c] for c in columns] for row in rows]
-        for i, convert in converts:
-            for values in params:
-                values[i] = convert(values[i])
-        insert_rows_sqlite(conn, t.name, columns, params)
+        insert_rows_sqlite(conn, t.name, columns, bound_values(rows, columns, converts))
 
     def _device_upsert_compiled(self, online_known: bool, conn: Connection) -> SQLCompiler:
         compiled = self._device_compiled.get(online_known)
