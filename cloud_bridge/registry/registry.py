@@ -195,8 +195,10 @@ class Registry:
             if sync_url.database and sync_url.database != ":memory:":
                 self._writer = create_engine(sync_url, json_serializer=_json_dumps, json_deserializer=_json_loads)
                 event.listen(self._writer, "connect", _sqlite_writer_pragmas)
-                # SQLAlchemy's executemany of an INSERT (the device upsert, seen ids) as multi-row
-                # INSERTs of up to 1,000 rows, as insert_rows_sqlite does by hand (same reason).
+                # SQLAlchemy's executemany of a plain INSERT (dead letters) as multi-row INSERTs of
+                # up to 1,000 rows, as insert_rows_sqlite does by hand (same reason). It does so for
+                # the seen ids' INSERT ... RETURNING anyway, and for no upsert: the devices upsert
+                # goes through bulk.upsert_rows_sqlite (measured with SQLAlchemy 2.0 on SQLite).
                 self._writer.dialect.use_insertmanyvalues_wo_returning = True
                 self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="registry-writer")
 
