@@ -119,8 +119,9 @@ def _derived(better: Path, out: Path) -> dict[str, Path]:
     noisy = numpy_helper.to_array(w) + np.random.default_rng(0).normal(0, 0.5, size=tuple(w.dims)).astype(np.float32)
     w.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), "W1"))
 
-    # ~64M multiply-adds per call that depend on the input (so nothing folds them away) and add
-    # 1e-12 of their mean to the logits: same outputs, much slower.
+    # ~268M multiply-adds per call that depend on the input (so nothing folds them away) and add
+    # 1e-12 of their mean to the logits: same outputs, much slower. (~67M came in under the 1.0 ms
+    # budget on a fast host: a fresh-clone run installed the "slow" model.)
     slow = _add_to_logits(
         onnx.load(str(better)),
         [
@@ -134,7 +135,7 @@ def _derived(better: Path, out: Path) -> dict[str, Path]:
     )
     slow.graph.initializer.extend(
         [
-            numpy_helper.from_array(np.array([1024, 64], np.int64), "big_shape"),
+            numpy_helper.from_array(np.array([4096, 64], np.int64), "big_shape"),
             numpy_helper.from_array(np.random.default_rng(1).random((64, 1024), np.float32), "big_w"),
             numpy_helper.from_array(np.array(1e-12, np.float32), "tiny"),
         ]
