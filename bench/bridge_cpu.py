@@ -47,7 +47,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if "--child-bridge" not in sys.argv:
     sys.path[:0] = [str(ROOT)]
-sys.path.append(str(ROOT / "bench"))
 
 WAIT_S = 300.0
 SESSION_EXPIRY_S = 3600
@@ -283,8 +282,7 @@ def publish(port: int, messages: list[tuple[str, bytes, str]]) -> None:
 
 
 def main_parent(args: argparse.Namespace) -> None:
-    from fleetbench.servers import cloud_model
-
+    from benchkit.servers import cloud_model
     from devservers import Mosquitto
 
     messages = build_messages(args.devices)

@@ -30,7 +30,7 @@ it prints:
 with the sizes not held and why, then `devices held by one bridge: N` (the largest held). `--scale N`
 runs one bridge and then two on `$share` with the registry on PostgreSQL, both at N devices; after each
 run's live phase it pauses the bridges for `--drain-s` seconds while the fleet sends, pauses the fleet
-and times the bridges on that backlog (bench/fleetbench/drain.py). It prints CPU per message at the
+and times the bridges on that backlog (benchkit/drain.py). It prints CPU per message at the
 live load and on the backlog, two over one, and ends with `ratio X two-bridges/one-bridge (postgresql)`:
 throughput on the same backlog. On a 2-core machine the broker, the simulator, PostgreSQL and the bridges
 share the cores: every process's CPU per message is printed so the figures can be judged fairly.
@@ -48,14 +48,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The repository's own packages first (also for the simulator's worker processes), then bench/fleetbench.
+# The repository's own packages first (also for the simulator's worker processes).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT)]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
-from fleetbench.outcome import print_outcome  # noqa: E402
-from fleetbench.run import FleetRun  # noqa: E402
-from fleetbench.servers import cloud_model, postgres  # noqa: E402
+from benchkit.outcome import print_outcome  # noqa: E402
+from benchkit.run import FleetRun  # noqa: E402
+from benchkit.servers import cloud_model, postgres  # noqa: E402
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -2,7 +2,7 @@
 
 For each engine (a SQLite file, and a private PostgreSQL from devservers/postgres.py) the bench fills
 a registry with `--devices` devices' status and `--minutes` of telemetry windows every 10 s, written by
-the bridge's own row-writing code (bench/queryfill.py), then times, side by side on the same rows:
+the bridge's own row-writing code (benchkit/queryfill.py), then times, side by side on the same rows:
 
 - `cloud-bridge devices` (cli/devices.py `fleet_devices`, 300 s of telemetry): before, window
   functions over every recent window's JSON summary; now, sums per device in SQL from the covering
@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT)]
 
-from queryfill import FLEET, FillSpec, fill  # noqa: E402
 from sqlalchemy import case, func, insert, select, text  # noqa: E402
 
+from benchkit.queryfill import FLEET, FillSpec, fill  # noqa: E402
 from cloud_bridge.cli.devices import fleet_devices  # noqa: E402
 from cloud_bridge.cli.rollout import _devices_with_acks  # noqa: E402
 from cloud_bridge.config import RolloutConfig  # noqa: E402

@@ -12,13 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from devservers import Mosquitto
-from devservers.postgres import create_database
-from fleetbench.drain import drain
-from fleetbench.outcome import SAMPLE_S, Outcome, pct
-from fleetbench.queries import time_queries
-from fleetbench.servers import BridgeSpec, write_bridge_config
-from fleetbench.watch import (
+from benchkit.drain import drain
+from benchkit.outcome import SAMPLE_S, Outcome, pct
+from benchkit.queries import time_queries
+from benchkit.servers import BridgeSpec, write_bridge_config
+from benchkit.watch import (
     BridgeLog,
     BrokerStore,
     ProcSample,
@@ -28,6 +26,8 @@ from fleetbench.watch import (
     run_queue_wait,
     tree_cpu,
 )
+from devservers import Mosquitto
+from devservers.postgres import create_database
 from fleetsim.options import BrokerOptions, Spec
 from fleetsim.profile import Profile
 from fleetsim.report import Snapshot

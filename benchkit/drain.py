@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from fleetbench.watch import RegistryLag, proc_sample
+from benchkit.watch import RegistryLag, proc_sample
 
 POLL_S = 0.25
 STILL_POLLS = 8  # the count unchanged for this many polls (2 s): drained

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import msgspec
 import numpy as np
-from fleetbench.typed import typed_devices
 
+from benchkit.typed import typed_devices
 from cloud_bridge.ingest.rows import add_message
 from cloud_bridge.registry import Batch, Registry
 from schemas import ConfidenceStats, Envelope, EscalationCounts, ModelRef, new_msg_id

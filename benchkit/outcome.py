@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fleetbench.drain import Drain
+from benchkit.drain import Drain
 
 SAMPLE_S = 5.0
 
