@@ -8,7 +8,9 @@ device a minute. Then every query of grafana/dashboards/fleet.json (panels and v
 Grafana would send it for the dashboard's default view: last hour, every fleet and device ("All"),
 the graph step Grafana picks for a 1,500-pixel-wide panel. Each query's wall time (median of
 `--rounds`), InfluxDB's CPU for it and the series and points it returned are printed; the last line
-is the slowest query.
+is the slowest query's wall time at `--devices` over the same query's on a `--small` fleet (100
+devices by default) filled beside it in the same server: how the dashboard's cost grows with the fleet
+(linear growth would be the ratio of the fleet sizes).
 
 Run: `.venv/bin/python bench/dashboard.py --devices 10000 --minutes 60` (the fill is most of the run:
 ~60 million lines at 10,000 devices for an hour).
@@ -29,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT)]
 
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
-from fleetbench.typed import typed_devices  # noqa: E402
 
+from benchkit.typed import typed_devices  # noqa: E402
 from cloud_bridge.tsdb.lines import agreement_line, drift_line, status_line, telemetry_lines  # noqa: E402
 from devservers import InfluxDB  # noqa: E402
 from schemas import EscalationCounts  # noqa: E402
@@ -116,58 +118,78 @@ def influx_cpu(server: InfluxDB) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def fill(server: InfluxDB, db: str, devices: int, minutes: float, batch: int, now: float) -> None:
+    server.create_database(db)
+    started, written, pending = time.perf_counter(), 0, []
+    cpu_before = influx_cpu(server)
+    for device_lines in lines(devices, minutes, now):
+        pending += device_lines
+        if len(pending) >= batch:
+            server.write_lines(pending, db)
+            written, pending = written + len(pending), []
+    if pending:
+        server.write_lines(pending, db)
+        written += len(pending)
+    elapsed = time.perf_counter() - started
+    print(
+        f"{db}: {devices} devices, filled {written} lines in {elapsed:.0f} s ({written / elapsed:.0f} lines/s; "
+        f"InfluxDB CPU {influx_cpu(server) - cpu_before:.0f} s)",
+        flush=True,
+    )
+
+
+def timed(server: InfluxDB, db: str, query: str, rounds: int) -> tuple[float, float, int, int, str]:
+    """Median wall and InfluxDB CPU seconds of `query` on `db`, the series and points it returned, and
+    its first error ("" if none)."""
+    walls, cpus, result = [], [], []
+    for _ in range(rounds):
+        cpu, wall = influx_cpu(server), time.perf_counter()
+        result = server.query(query, db)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(influx_cpu(server) - cpu)
+    series = [s for r in result for s in r.get("series", [])]
+    errors = [str(r["error"]) for r in result if "error" in r]
+    points = sum(len(s.get("values", [])) for s in series)
+    return statistics.median(walls), statistics.median(cpus), len(series), points, errors[0] if errors else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument(
+        "--small", type=int, default=100, help="devices of the baseline fleet, in its own database of the same server"
+    )
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=20_000, help="lines per write request")
     args = parser.parse_args()
     print(f"{args.devices} devices, {args.minutes:g} min of series; load average {os.getloadavg()[0]:.1f}", flush=True)
+    small_db = f"{DB}_small"
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp, InfluxDB(Path(tmp)) as server:
-        server.create_database(DB)
         now = time.time()
-        started, written, pending = time.perf_counter(), 0, []
-        cpu_before = influx_cpu(server)
-        for device_lines in lines(args.devices, args.minutes, now):
-            pending += device_lines
-            if len(pending) >= args.batch:
-                server.write_lines(pending, DB)
-                written, pending = written + len(pending), []
-        if pending:
-            server.write_lines(pending, DB)
-            written += len(pending)
-        elapsed = time.perf_counter() - started
-        print(
-            f"filled {written} lines in {elapsed:.0f} s ({written / elapsed:.0f} lines/s; "
-            f"InfluxDB CPU {influx_cpu(server) - cpu_before:.0f} s)",
-            flush=True,
-        )
+        fill(server, small_db, args.small, args.minutes, args.batch, now)
+        fill(server, DB, args.devices, args.minutes, args.batch, now)
         end_ms = round(time.time() * 1000)
         start_ms = end_ms - round(args.minutes * 60_000)
         interval = step_ms(end_ms - start_ms)
         print(f"view: last {args.minutes:g} min, All fleets/devices, step {interval_text(interval)}")
-        print(f"{'query':<58} {'wall s':>8} {'influx cpu s':>12} {'series':>7} {'points':>9}")
-        slowest: tuple[float, str] = (0.0, "")
+        print(
+            f"{'query':<58} {'wall s':>8} {'influx cpu s':>12} {'series':>7} {'points':>9} "
+            f"{'wall s at ' + str(args.small):>14}"
+        )
+        slowest: tuple[float, float, str] = (0.0, 0.0, "")
         for title, query in queries():
             rendered = render(query, start_ms, end_ms, interval)
-            walls, cpus, result = [], [], []
-            for _ in range(args.rounds):
-                cpu, wall = influx_cpu(server), time.perf_counter()
-                result = server.query(rendered, DB)
-                walls.append(time.perf_counter() - wall)
-                cpus.append(influx_cpu(server) - cpu)
-            series = [s for r in result for s in r.get("series", [])]
-            errors = [r["error"] for r in result if "error" in r]
-            points = sum(len(s.get("values", [])) for s in series)
-            wall_s = statistics.median(walls)
-            note = f"  ERROR {errors[0]}" if errors else ""
-            print(f"{title:<58} {wall_s:>8.3f} {statistics.median(cpus):>12.2f} {len(series):>7} {points:>9}{note}")
-            slowest = max(slowest, (wall_s, title))
+            wall_s, cpu_s, series, points, error = timed(server, DB, rendered, args.rounds)
+            small_s = timed(server, small_db, rendered, args.rounds)[0]
+            note = f"  ERROR {error}" if error else ""
+            print(f"{title:<58} {wall_s:>8.3f} {cpu_s:>12.2f} {series:>7} {points:>9} {small_s:>14.3f}{note}")
+            slowest = max(slowest, (wall_s, small_s, title))
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
-        print(
-            f"slowest {slowest[0]:.2f} s dashboard-query ({slowest[1]}, {args.devices} devices, {args.minutes:g} min)"
-        )
+        wall_s, small_s, title = slowest
+        print(f"slowest query: {title}, {wall_s:.2f} s at {args.devices} devices, {small_s:.3f} s at {args.small}")
+        # How the slowest query grows with the fleet: linear growth would be devices/small.
+        print(f"ratio {wall_s / max(small_s, 1e-3):.1f} slowest-query {args.devices}-devices/{args.small}-devices")
 
 
 if __name__ == "__main__":
