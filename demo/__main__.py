@@ -145,8 +145,11 @@ stages = "shadow:100,25,100"
 # is itself wrong on most of them (docs/improve.md: 0.39 on the drifted samples), and a canary that is the
 # drifted device is compared with clean devices' easier escalations. Accuracy on labeled inputs (the
 # shadow stage) and the gate judge the new model; the canary stages still judge escalation rate,
-# confidence, rejections, latency and installs.
-thresholds = ["max_agreement_drop=1.0"]
+# confidence, rejections, latency and installs. Retrained on rotated digits too, the model is less sure
+# of upright ones while as accurate (the gate: 0.956 -> 0.961 on the original test set): a clean canary's
+# mean confidence fell 0.964 -> 0.907 in one run, past the default 0.05 drop, and the loop rolled back.
+# Where labels judge accuracy, confidence is allowed to fall by 0.10.
+thresholds = ["max_agreement_drop=1.0", "max_confidence_drop=0.10"]
 """)
     return config
 
