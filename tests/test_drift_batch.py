@@ -179,6 +179,8 @@ async def run_store(url: str, batched: bool, batches: list[list[dict[str, Any]]]
         "windows": sorted((w["device_id"], w["window_end"]) for w in windows),
         "lines": lines,
         "evaluations": sum(s.stats.evaluations for s in stores),
+        # Misses where a bridge read only what the other changed since it held the state.
+        "refreshed": sum(s.rows.cache.refreshed for s in stores),
     }
 
 
@@ -236,13 +238,44 @@ async def test_the_bridge_path_alerts_the_same_batched_or_per_window(
     want_lines = per_window.pop("lines")
     assert_same_lines(batched.pop("lines"), want_lines)
     assert batched == per_window
-    # Two bridges taking turns read each other's state from the rows (their caches miss).
+    # Two bridges taking turns read each other's state from the rows (their caches miss); once each
+    # holds a device's state, it reads only the windows the other added.
     two = await run_store(url_for("c"), True, batches, bridges=2)
     assert_same_lines(two.pop("lines"), want_lines)
+    assert two.pop("refreshed") >= DEVICES * (len(batches) - 3)
+    per_window.pop("refreshed")
     assert two == per_window
     assert any(state == "firing" for _, _, _, state in batched["episodes"])
     # Once the baseline is frozen only the newest windows are kept.
     assert len(batched["windows"]) == DEVICES * SETTINGS.recent_windows
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_two_bridges_agree_with_one_when_late_windows_land_on_the_other(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    """A window stored late by one bridge lies among the windows the other holds (older than its
+    newest): the other must notice it is not its own and read the device's pool whole again."""
+    batches = fleet_batches()
+    late: list[list[dict[str, Any]]] = [[] for _ in batches]
+    for n, rows in enumerate(batches):
+        for r in rows:
+            # The older window of every third device arrives with the next batch, at the other bridge.
+            moved = int(r["device_id"].split("-")[1]) % 3 == 0 and int(r["msg_id"].split("-")[-1]) % 2 == 0
+            late[min(n + 1, len(batches) - 1) if moved else n].append(r)
+    if database == "postgresql":
+        port = make_url(request.getfixturevalue("postgres_url")).port
+        assert port is not None
+        urls = [create_database(port, "late_one"), create_database(port, "late_two")]
+    else:
+        urls = [f"sqlite+aiosqlite:///{tmp_path / name}.db" for name in ("one", "two")]
+    one = await run_store(urls[0], True, late)
+    two = await run_store(urls[1], True, late, bridges=2)
+    assert_same_lines(two.pop("lines"), one.pop("lines"))
+    assert two.pop("refreshed") > 0
+    one.pop("refreshed")
+    assert two == one
+    assert any(state == "firing" for _, _, _, state in one["episodes"])
 
 
 async def test_a_baseline_kept_in_the_state_row_by_an_earlier_version_is_read_and_moved(tmp_path: Path) -> None:

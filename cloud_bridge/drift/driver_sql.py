@@ -35,7 +35,7 @@ from cloud_bridge.registry.bulk import insert_rows_sqlite
 Key = tuple[str, str, str, str]  # fleet, device, model name, model version
 
 _KEY_COLUMNS = ("fleet_id", "device_id", "model_name", "model_version")
-# Keys per statement: 4 parameters each, well under SQLite's 32,766 (3.32+).
+# Keys per statement: 4 or 5 parameters each, well under SQLite's 32,766 (3.32+).
 _CHUNK = 2000
 
 WINDOW_COLUMNS = (*_KEY_COLUMNS, "window_end", "msg_id", "window_start", "count", "stats")
@@ -71,6 +71,23 @@ _PG_TOKENS = (
     "JOIN drift_states s ON s.fleet_id = k.f AND s.device_id = k.d AND s.model_name = k.m AND s.model_version = k.v "
     # Key order: bridges lock the rows they share in the same order, so they cannot deadlock.
     "ORDER BY s.fleet_id, s.device_id, s.model_name, s.model_version FOR UPDATE OF s"
+)
+
+
+# A key's windows in window order, with their stats only after the key's cut (the reader holds the
+# older ones): `windows_after`.
+_WINDOW_SELECT = (
+    "SELECT s.fleet_id, s.device_id, s.model_name, s.model_version, s.window_start, s.window_end, s.count, "
+    "CASE WHEN s.window_end > k.cut THEN s.stats END "
+)
+_WINDOW_JOIN = (
+    "JOIN drift_windows s ON s.fleet_id = k.f AND s.device_id = k.d AND s.model_name = k.m "
+    "AND s.model_version = k.v "
+    "ORDER BY s.fleet_id, s.device_id, s.model_name, s.model_version, s.window_end, s.msg_id"
+)
+_PG_WINDOWS = (
+    _WINDOW_SELECT + "FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::float8[]) "
+    "AS k(f, d, m, v, cut) " + _WINDOW_JOIN
 )
 
 
@@ -168,3 +185,19 @@ def save(
         run(delete, dropped)
     if states:
         run(update, states)
+
+
+def windows_after(conn: Connection, cuts: Sequence[tuple[Key, float]]) -> list[tuple[Any, ...]]:
+    """(key..., window_start, window_end, count, stats) of every stored window of these keys, in key
+    and window order; `stats` is None for windows not after the key's cut (-inf: all of them)."""
+    if conn.dialect.name != "sqlite":
+        columns = (*([key[i] for key, _ in cuts] for i in range(4)), [cut for _, cut in cuts])
+        return [tuple(r) for r in conn.exec_driver_sql(_PG_WINDOWS, columns)]
+    driver = Driver(conn)
+    out: list[tuple[Any, ...]] = []
+    for at in range(0, len(cuts), _CHUNK):
+        chunk = cuts[at : at + _CHUNK]
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+        sql = f"WITH k(f, d, m, v, cut) AS (VALUES {values}) {_WINDOW_SELECT}FROM k {_WINDOW_JOIN}"
+        out.extend(driver.fetchall(sql, [part for key, cut in chunk for part in (*key, cut)]))
+    return out

@@ -152,11 +152,11 @@ class DriftStore:
     def status(self) -> str:
         """For the bridge's status line. Cache misses are windows whose device state another bridge
         wrote last (or this one before a restart): read again from the registry, the cost two
-        bridges pay over one."""
+        bridges pay over one; refreshed ones are misses where only the other bridge's changes were read."""
         cache = self.rows.cache
         return (
             f"drift_windows={self.stats.windows} drift_alerts={self.stats.alerts} "
-            f"drift_cache_hits={cache.hits} drift_cache_misses={cache.misses}"
+            f"drift_cache_hits={cache.hits} drift_cache_misses={cache.misses} drift_cache_refreshed={cache.refreshed}"
         )
 
     def insert(self, table: Any) -> Any:
