@@ -30,7 +30,7 @@ it prints:
 with the sizes not held and why, then `devices held by one bridge: N` (the largest held). `--scale N`
 runs one bridge and then two on `$share` with the registry on PostgreSQL, both at N devices; after each
 run's live phase it pauses the bridges for `--drain-s` seconds while the fleet sends, pauses the fleet
-and times the bridges on that backlog (benchkit/drain.py). It prints CPU per message at the
+and times the bridges on that backlog, `--drains` times, summed (benchkit/drain.py). It prints CPU per message at the
 live load and on the backlog, two over one, and ends with `ratio X two-bridges/one-bridge (postgresql)`:
 throughput on the same backlog. On a 2-core machine the broker, the simulator, PostgreSQL and the bridges
 share the cores: every process's CPU per message is printed so the figures can be judged fairly.
@@ -141,11 +141,20 @@ def main(argv: list[str] | None = None) -> None:
         "backlog (default 20 with --scale, else off)",
     )
     parser.add_argument(
+        "--drains",
+        type=int,
+        default=2,
+        help="pause-and-drain cycles per run, summed (each bridge's confirmations go out in bursts every "
+        "20 s: more cycles, less of a run's figure is where the bursts fell)",
+    )
+    parser.add_argument(
         "--model-cache", default=str(Path(tempfile.gettempdir()) / "edgefleet-bench-models"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.drain_s is None:
         args.drain_s = 20.0 if args.scale else 0.0
+    if args.drains < 1:
+        parser.error(f"--drains {args.drains}: at least 1")
     if not 0 <= args.drain_s <= 40:
         parser.error(f"--drain-s {args.drain_s:g}: between 0 and 40 s (the bridges' keepalive is 30 s)")
     asyncio.run(main_async(args))

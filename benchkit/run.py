@@ -172,10 +172,9 @@ class FleetRun:
                 other["postgresql"] = self._pg_cpu() - pg_cpu0
             last = snaps[-1] if snaps else first
             backlog = None
-            if args.drain_s > 0:
-                backlog = await drain(
-                    [p.pid for p in procs], sim.pids, lag, args.drain_s, lambda: self._other_cpu(broker)
-                )
+            for _ in range(args.drains if args.drain_s > 0 else 0):
+                one = await drain([p.pid for p in procs], sim.pids, lag, args.drain_s, lambda: self._other_cpu(broker))
+                backlog = one if backlog is None else backlog + one
             final = await sim.stop()
             if backlog is None:  # after a drain, its answers' latencies include the pause
                 snaps.append(final)
