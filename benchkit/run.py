@@ -172,8 +172,9 @@ class FleetRun:
                 other["postgresql"] = self._pg_cpu() - pg_cpu0
             last = snaps[-1] if snaps else first
             backlog = None
-            for _ in range(args.drains if args.drain_s > 0 else 0):
+            for cycle in range(1, (args.drains if args.drain_s > 0 else 0) + 1):
                 one = await drain([p.pid for p in procs], sim.pids, lag, args.drain_s, lambda: self._other_cpu(broker))
+                print(f"[{label}] drain {cycle}:{one.line()}", flush=True)
                 backlog = one if backlog is None else backlog + one
             final = await sim.stop()
             if backlog is None:  # after a drain, its answers' latencies include the pause
