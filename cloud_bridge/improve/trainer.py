@@ -20,8 +20,11 @@ trainer's last output lines as the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +100,18 @@ async def run_trainer(job: TrainJob, dataset: Dataset, command: tuple[str, ...] 
             str(job_file),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # A group of its own: a trainer's workers (joblib, torch dataloaders) are stopped with it.
+            start_new_session=True,
         )
     except OSError as exc:
         raise TrainerError(f"cannot start trainer {' '.join(command)}: {exc}") from None
-    output, _ = await process.communicate()
+    try:
+        output, _ = await process.communicate()
+    except asyncio.CancelledError:
+        # The bridge is stopping (SIGTERM) or the loop's lease was lost: a training left running would
+        # hold CPU and memory with nobody to read its model.
+        await _stop(process)
+        raise
     text = output.decode(errors="replace")[-OUTPUT_TAIL:]
     model, metrics = job.directory / "model.onnx", job.directory / "metrics.json"
     if process.returncode != 0 or not model.is_file() or not metrics.is_file():
@@ -114,3 +125,19 @@ async def run_trainer(job: TrainJob, dataset: Dataset, command: tuple[str, ...] 
         metrics=loaded if isinstance(loaded, dict) else {"value": loaded},
         trainer=" ".join(command[1:]) or command[0],
     )
+
+
+STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the trainer's process group, SIGKILL it if it has not exited within STOP_GRACE_S."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            # Shielded: this runs while the caller is being cancelled.
+            await asyncio.shield(asyncio.wait_for(process.wait(), STOP_GRACE_S))
+            return
+        except TimeoutError:
+            continue
