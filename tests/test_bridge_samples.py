@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import struct
 import time
@@ -139,8 +140,22 @@ def toml(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Path]:
 
 
 async def test_export_writes_npy_png_and_a_manifest_line_per_sample(
-    tmp_path: Path, mosquitto: Mosquitto, toml: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    toml: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Every fsync, by the path it made durable: a manifest line must not reach the disk before the
+    # files it names (a labeler opening them after a power cut would find them missing or empty).
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     now = time.time()
     sent = [
         make_sample(i, f"dev-{i % 2}", now - 60 + i, ["entropy", "margin"] if i % 2 else ["margin"]) for i in range(6)
@@ -174,6 +189,11 @@ async def test_export_writes_npy_png_and_a_manifest_line_per_sample(
         expected = np.rint((x[index] - x[index].min()) * 255.0 / (x[index].max() - x[index].min())).reshape(8, 8)
         assert np.array_equal(pixels[::8, ::8], expected.astype(np.uint8))
         assert np.array_equal(pixels, np.kron(pixels[::8, ::8], np.ones((8, 8), dtype=np.uint8)))
+    manifest_synced = synced.index(str((out / "manifest.jsonl").resolve()))
+    for entry in entries:
+        for name in (entry["npy"], entry["png"]):
+            path = str((out / str(name)).resolve())
+            assert path in synced[:manifest_synced], f"{name} was not fsynced before its manifest line"
 
 
 async def test_reexport_is_idempotent_and_repairs_an_interrupted_run(

@@ -36,7 +36,7 @@ from sqlalchemy import ColumnElement, Select, String, cast, func, select, tuple_
 from cloud_bridge.errors import ExportError
 from cloud_bridge.registry import Registry, SampleRow
 from cloud_bridge.samples.images import encode_png, image_of, zoom
-from common.files import write_atomic
+from common.files import fsync_files, write_atomic
 from schemas.messages import Tensor
 from schemas.tensor import decode_tensor
 
@@ -222,6 +222,14 @@ class ExportWriter:
             lines.append(json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n")
             self.exported.add(row["msg_id"])
         if lines:
+            # A manifest line names files a labeler will open: they are on disk before it is.
+            out = self.options.out_dir
+            fsync_files(
+                out / name
+                for entry in self.new_entries[len(self.new_entries) - len(lines) :]
+                for name in (entry["npy"], entry["png"])
+                if name is not None
+            )
             with (self.options.out_dir / MANIFEST).open("a", encoding="utf-8") as manifest:
                 manifest.writelines(lines)
                 manifest.flush()
@@ -251,9 +259,9 @@ class ExportWriter:
 
 def _write_new(path: Path, data: bytes) -> None:
     """Write a sample's file atomically (common/files.py): a reader, or the next run, never sees half
-    of it. Not fsynced: that made an export ~10x slower; only each page's manifest lines are. One
-    already there is left as it is: same msg_id, same bytes, from a run interrupted before its
-    manifest line."""
+    of it. Not fsynced here: one at a time that made an export ~10x slower; the page's files are
+    fsynced together before its manifest lines (`fsync_files`). One already there is left as it is:
+    same msg_id, same bytes, from a run interrupted before its manifest line."""
     if not path.exists():
         write_atomic(path, data, durable=False)
 
