@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
 
 import aiosqlite
@@ -126,13 +126,24 @@ def keyed_rows(
     on = " AND ".join(f's."{c}" = k.c{i}' for i, c in enumerate(_KEY_COLUMNS))
     by = ", ".join(f's."{c}"' for c in (*_KEY_COLUMNS, *order))
     sort = f" ORDER BY {by}" if order else ""  # (key order itself matters to no caller on SQLite)
+    return _fetch_joined(
+        conn,
+        keys,
+        lambda values: (
+            f"WITH k(c0, c1, c2, c3) AS (VALUES {values}) SELECT {names} FROM k JOIN {table} s ON {on}{sort}"
+        ),
+    )
+
+
+def _fetch_joined(conn: Connection, rows: Sequence[Sequence[Any]], sql: Callable[[str], str]) -> list[tuple[Any, ...]]:
+    """SQLite: run `sql(values)` for each chunk of `rows` (`values` their VALUES list, one `?` per
+    part) through the driver, and the rows all chunks returned."""
     driver = Driver(conn)
     out: list[tuple[Any, ...]] = []
-    for at in range(0, len(keys), _CHUNK):
-        chunk = keys[at : at + _CHUNK]
-        values = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
-        sql = f"WITH k(c0, c1, c2, c3) AS (VALUES {values}) SELECT {names} FROM k JOIN {table} s ON {on}{sort}"
-        out.extend(driver.fetchall(sql, [part for key in chunk for part in key]))
+    for at in range(0, len(rows), _CHUNK):
+        chunk = rows[at : at + _CHUNK]
+        group = "(" + ", ".join(["?"] * len(chunk[0])) + ")"
+        out.extend(driver.fetchall(sql(", ".join([group] * len(chunk))), [part for row in chunk for part in row]))
     return out
 
 
@@ -193,11 +204,8 @@ def windows_after(conn: Connection, cuts: Sequence[tuple[Key, float]]) -> list[t
     if conn.dialect.name != "sqlite":
         columns = (*([key[i] for key, _ in cuts] for i in range(4)), [cut for _, cut in cuts])
         return [tuple(r) for r in conn.exec_driver_sql(_PG_WINDOWS, columns)]
-    driver = Driver(conn)
-    out: list[tuple[Any, ...]] = []
-    for at in range(0, len(cuts), _CHUNK):
-        chunk = cuts[at : at + _CHUNK]
-        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
-        sql = f"WITH k(f, d, m, v, cut) AS (VALUES {values}) {_WINDOW_SELECT}FROM k {_WINDOW_JOIN}"
-        out.extend(driver.fetchall(sql, [part for key, cut in chunk for part in (*key, cut)]))
-    return out
+    return _fetch_joined(
+        conn,
+        [(*key, cut) for key, cut in cuts],
+        lambda values: f"WITH k(f, d, m, v, cut) AS (VALUES {values}) {_WINDOW_SELECT}FROM k {_WINDOW_JOIN}",
+    )
