@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from benchkit.typed import typed_devices  # noqa: E402
 from cloud_bridge.tsdb.lines import agreement_line, drift_line, status_line, telemetry_lines  # noqa: E402
 from devservers import InfluxDB  # noqa: E402
+from devservers.influxdb import InfluxDBError  # noqa: E402
 from schemas import EscalationCounts  # noqa: E402
 from schemas.topics import Topics  # noqa: E402
 
@@ -138,13 +139,23 @@ def fill(server: InfluxDB, db: str, devices: int, minutes: float, batch: int, no
     )
 
 
+# Grafana's data proxy gives up on a query after 30 s ([dataproxy] timeout): a panel slower than that
+# shows an error, so the bench stops waiting there too and says so.
+GRAFANA_TIMEOUT_S = 30.0
+
+
 def timed(server: InfluxDB, db: str, query: str, rounds: int) -> tuple[float, float, int, int, str]:
     """Median wall and InfluxDB CPU seconds of `query` on `db`, the series and points it returned, and
-    its first error ("" if none)."""
+    its first error ("" if none; a query past GRAFANA_TIMEOUT_S counts that long and is not repeated)."""
     walls, cpus, result = [], [], []
     for _ in range(rounds):
         cpu, wall = influx_cpu(server), time.perf_counter()
-        result = server.query(query, db)
+        try:
+            result = server.query(query, db, timeout_s=GRAFANA_TIMEOUT_S)
+        except InfluxDBError as exc:
+            if "timed out" not in str(exc):
+                raise
+            return GRAFANA_TIMEOUT_S, influx_cpu(server) - cpu, 0, 0, f"timed out after {GRAFANA_TIMEOUT_S:g} s"
         walls.append(time.perf_counter() - wall)
         cpus.append(influx_cpu(server) - cpu)
     series = [s for r in result for s in r.get("series", [])]

@@ -196,12 +196,15 @@ bind-address = "{self.host}:{self.rpc_port}"
 
     # -- HTTP --------------------------------------------------------------------------------------
 
-    def query(self, q: str, db: str | None = None, *, auth: bool = True) -> list[dict[str, Any]]:
+    def query(
+        self, q: str, db: str | None = None, *, auth: bool = True, timeout_s: float = _HTTP_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
         """Run InfluxQL (POST /query, epoch=ms); the `results` list. A statement error raises."""
         params = {"q": q, "epoch": "ms"}
         if db is not None:
             params["db"] = db
-        status, body, _ = self._request("POST", "/query", urllib.parse.urlencode(params).encode(), auth=auth)
+        body_in = urllib.parse.urlencode(params).encode()
+        status, body, _ = self._request("POST", "/query", body_in, auth=auth, timeout_s=timeout_s)
         answer = json.loads(body or b"{}")
         if status != 200 or "error" in answer:
             raise InfluxDBError(f"{self.name} query {q!r} -> HTTP {status}: {answer.get('error', body[:300])}")
@@ -223,13 +226,15 @@ bind-address = "{self.host}:{self.rpc_port}"
         if status != 204:
             raise InfluxDBError(f"{self.name} write -> HTTP {status}: {body[:300]!r}")
 
-    def _request(self, method: str, path: str, data: bytes | None, *, auth: bool) -> tuple[int, bytes, str]:
+    def _request(
+        self, method: str, path: str, data: bytes | None, *, auth: bool, timeout_s: float = _HTTP_TIMEOUT_S
+    ) -> tuple[int, bytes, str]:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if auth and self.auth:
             token = b64encode(f"{self.admin_user}:{self.admin_password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return response.status, response.read(), response.headers.get("X-Influxdb-Version", "")
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), exc.headers.get("X-Influxdb-Version", "")
