@@ -148,8 +148,11 @@ stages = "shadow:100,25,100"
 # confidence, rejections, latency and installs. Retrained on rotated digits too, the model is less sure
 # of upright ones while as accurate (the gate: 0.956 -> 0.961 on the original test set): a clean canary's
 # mean confidence fell 0.964 -> 0.907 in one run, past the default 0.05 drop, and the loop rolled back.
-# Where labels judge accuracy, confidence is allowed to fall by 0.10.
-thresholds = ["max_agreement_drop=1.0", "max_confidence_drop=0.10"]
+# Where labels judge accuracy, confidence is allowed to fall by 0.10. Less sure, it also escalates more
+# of them at the demo's fixed 0.8 threshold (a clean canary 0.086 -> 0.206 in one run, past the default
+# +0.10): the demo's devices escalate every unsure input with no budget, so the rise is allowed up to
+# +0.25 here. A billed fleet keeps the default and the edge's escalation budget.
+thresholds = ["max_agreement_drop=1.0", "max_confidence_drop=0.10", "max_escalation_rate_increase=0.25"]
 """)
     return config
 
